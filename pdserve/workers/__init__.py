@@ -1,0 +1,1 @@
+"""Model workers: the torch model runner, KV cache and the prefill/decode gRPC services."""
