@@ -1,0 +1,1 @@
+"""KV transfer backends; import one only through pdserve.kvtransfer.create_agent."""

@@ -1,0 +1,190 @@
+"""The KV transfer interface: one sender and one receiver per (request, transfer).
+
+Lifecycle: the decode side creates a receiver for a transfer id with a known layout and a
+destination buffer (one contiguous region, layer after layer) and publishes its agent's address;
+the prefill side creates a sender to that address, calls `send_layer()` as each layer's KV is
+computed (non-blocking: the backend moves bytes in the background, overlapping later layers'
+compute), then `finish(trailer)`. Both sides `poll()` for a `TransferState`; `abort()` stops a
+transfer from either side, and `failure()` says why a FAILED transfer failed. Every transfer has a
+deadline: nothing waits forever. After DONE or FAILED the backend holds no reference to the caller's
+buffers and the agent has forgotten the transfer.
+"""
+from __future__ import annotations
+
+import abc
+import enum
+import threading
+import zlib
+from dataclasses import dataclass
+
+from pdserve.clock import Clock
+
+
+class TransferState(enum.Enum):
+    BOOTSTRAPPING = "bootstrapping"   # created, peer not reached yet
+    TRANSFERRING = "transferring"     # bytes moving
+    DONE = "done"
+    FAILED = "failed"
+
+
+class KVTransferError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TransferLayout:
+    """What one transfer carries: the byte size of each layer's contiguous KV buffer."""
+
+    transfer_id: int
+    layer_nbytes: tuple[int, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_nbytes)
+
+    @property
+    def total_nbytes(self) -> int:
+        return sum(self.layer_nbytes)
+
+    def layer_offset(self, layer_index: int) -> int:
+        return sum(self.layer_nbytes[:layer_index])
+
+
+def crc32(buf: memoryview) -> int:
+    return zlib.crc32(buf) & 0xFFFFFFFF
+
+
+class TransferStatus:
+    """Thread-safe state shared by a transfer's user and the backend thread that moves its bytes."""
+
+    def __init__(self, clock: Clock, timeout_s: float):
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.deadline_s = clock.now_s() + timeout_s
+        self._timeout_s = timeout_s
+        self._state = TransferState.BOOTSTRAPPING
+        self._failure: str | None = None
+        self.finished = threading.Event()
+
+    def poll(self) -> TransferState:
+        with self._lock:
+            if self._state in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING) \
+                    and self._clock.now_s() > self.deadline_s:
+                self._state = TransferState.FAILED
+                self._failure = f"timed out after {self._timeout_s:.1f} s"
+                self.finished.set()
+            return self._state
+
+    def failure(self) -> str | None:
+        with self._lock:
+            return self._failure
+
+    def mark_transferring(self) -> None:
+        with self._lock:
+            if self._state is TransferState.BOOTSTRAPPING:
+                self._state = TransferState.TRANSFERRING
+
+    def mark_done(self) -> bool:
+        with self._lock:
+            if self._state in (TransferState.DONE, TransferState.FAILED):
+                return False
+            self._state = TransferState.DONE
+            self.finished.set()
+            return True
+
+    def mark_failed(self, reason: str) -> bool:
+        """First failure wins; returns False if the transfer had already ended."""
+        with self._lock:
+            if self._state in (TransferState.DONE, TransferState.FAILED):
+                return False
+            self._state = TransferState.FAILED
+            self._failure = reason
+            self.finished.set()
+            return True
+
+    def remaining_s(self) -> float:
+        return self.deadline_s - self._clock.now_s()
+
+    @property
+    def active(self) -> bool:
+        return self.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING)
+
+
+class BaseKVSender(abc.ABC):
+    def __init__(self, layout: TransferLayout, status: TransferStatus):
+        self.layout = layout
+        self.status = status
+
+    @abc.abstractmethod
+    def send_layer(self, layer_index: int, buf: memoryview) -> None:
+        """Queue one layer (non-blocking). `buf` must stay unchanged until the transfer ends."""
+
+    @abc.abstractmethod
+    def finish(self, trailer: bytes) -> None:
+        """Queue the trailer after the last layer; DONE once the receiver has everything."""
+
+    @abc.abstractmethod
+    def abort(self, reason: str) -> None:
+        """Stop sending, tell the peer if possible, release buffers. Idempotent."""
+
+    def poll(self) -> TransferState:
+        return self.status.poll()
+
+    def failure(self) -> str | None:
+        return self.status.failure()
+
+
+class BaseKVReceiver(abc.ABC):
+    def __init__(self, layout: TransferLayout, status: TransferStatus):
+        self.layout = layout
+        self.status = status
+        self.trailer: bytes | None = None
+        self.num_layers_received = 0
+
+    @abc.abstractmethod
+    def abort(self, reason: str) -> None:
+        """Stop receiving and forget the transfer. Idempotent."""
+
+    def poll(self) -> TransferState:
+        return self.status.poll()
+
+    def failure(self) -> str | None:
+        return self.status.failure()
+
+
+class BaseKVAgent(abc.ABC):
+    """One per worker process and backend: owns the connections and background threads."""
+
+    backend_name: str
+
+    @abc.abstractmethod
+    def address(self) -> bytes:
+        """Opaque address a peer passes to create_sender()."""
+
+    @abc.abstractmethod
+    def create_receiver(
+        self, layout: TransferLayout, dest: memoryview, timeout_s: float
+    ) -> BaseKVReceiver:
+        """Arm a receiver; `dest` is writable, contiguous, layout.total_nbytes long."""
+
+    @abc.abstractmethod
+    def create_sender(
+        self, peer_address: bytes, layout: TransferLayout, timeout_s: float, checksum: bool = False
+    ) -> BaseKVSender:
+        """Start a transfer to the receiver armed under layout.transfer_id at peer_address."""
+
+    @abc.abstractmethod
+    def num_active_transfers(self) -> int:
+        """Senders and receivers not yet forgotten: zero when idle (leak checks use it)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Abort everything in flight and stop background threads."""
+
+
+def as_bytes_view(buf) -> memoryview:
+    """A flat byte view of a contiguous buffer (numpy array, bytearray, memoryview)."""
+    view = memoryview(buf)
+    if not view.c_contiguous:
+        raise ValueError("KV buffers must be contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
