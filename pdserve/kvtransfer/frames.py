@@ -12,8 +12,10 @@ from pdserve.v1 import kvtransfer_pb2 as pb
 
 _LEN = struct.Struct(">I")
 _SLOT_LEN = struct.Struct(">H")
-# Big enough for a header listing thousands of layer sizes or a trailer of a few hundred bytes.
-SLOT_BYTES = 16384
+# Small enough to stay under UCX's eager threshold (one message, no rendezvous round trip) and
+# big enough for any control frame: headers carry totals, not per-layer lists; reasons are clipped.
+SLOT_BYTES = 1024
+MAX_REASON_CHARS = 400
 # Refuse absurd lengths before allocating: a corrupted length prefix must not allocate gigabytes.
 MAX_FRAME_BYTES = 1 << 20
 
@@ -23,7 +25,7 @@ Kind = pb.KVFrameKind
 def header(layout: TransferLayout, checksum: bool) -> pb.KVFrame:
     return pb.KVFrame(
         kind=pb.KV_FRAME_KIND_HEADER, transfer_id=layout.transfer_id, num_layers=layout.num_layers,
-        layer_bytes=list(layout.layer_nbytes),
+        payload_bytes=layout.total_nbytes,
         checksum=pb.CHECKSUM_KIND_CRC32 if checksum else pb.CHECKSUM_KIND_NONE,
     )
 
@@ -38,6 +40,10 @@ def frame_length(prefix: bytes) -> int:
     if n > MAX_FRAME_BYTES:
         raise ValueError(f"frame length {n} exceeds {MAX_FRAME_BYTES}: corrupted stream")
     return n
+
+
+def abort_frame(reason: str) -> pb.KVFrame:
+    return pb.KVFrame(kind=pb.KV_FRAME_KIND_ABORT, reason=reason[:MAX_REASON_CHARS])
 
 
 def encode_slot(frame: pb.KVFrame) -> bytearray:
@@ -69,8 +75,8 @@ def check_header(frame: pb.KVFrame, layout: TransferLayout) -> str | None:
         return f"expected a header frame, got {Kind.Name(frame.kind)}"
     if frame.transfer_id != layout.transfer_id:
         return f"header names transfer {frame.transfer_id}, expected {layout.transfer_id}"
-    if tuple(frame.layer_bytes) != layout.layer_nbytes:
-        return (f"layout mismatch: sender has {frame.num_layers} layers / {sum(frame.layer_bytes)} bytes, "
+    if frame.num_layers != layout.num_layers or frame.payload_bytes != layout.total_nbytes:
+        return (f"layout mismatch: sender has {frame.num_layers} layers / {frame.payload_bytes} bytes, "
                 f"receiver expects {layout.num_layers} layers / {layout.total_nbytes} bytes")
     return None
 

@@ -120,7 +120,7 @@ class TcpSender(BaseKVSender):
     def _pump(self, sock: socket.socket) -> None:
         while (item := self._next_item()) is not None:
             if item[0] == "abort":
-                sock.sendall(frames.encode_stream(pb.KVFrame(kind=pb.KV_FRAME_KIND_ABORT, reason=item[1])))
+                sock.sendall(frames.encode_stream(frames.abort_frame(item[1])))
                 return
             if item[0] == "layer":
                 _, index, buf = item

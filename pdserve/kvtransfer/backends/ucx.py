@@ -200,7 +200,7 @@ class UcxAgent(BaseKVAgent):
             self._track(-1)
 
     async def _send_abort(self, ep, transfer_id: int, reason: str) -> None:
-        frame = pb.KVFrame(kind=pb.KV_FRAME_KIND_ABORT, reason=reason)
+        frame = frames.abort_frame(reason)
         try:
             await asyncio.wait_for(ep.send(frames.encode_slot(frame), tag=tag(transfer_id, ABORT_SLOT),
                                            force_tag=True), 1.0)
