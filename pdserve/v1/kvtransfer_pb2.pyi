@@ -54,3 +54,13 @@ class KVFrame(_message.Message):
     trailer: bytes
     reason: str
     def __init__(self, kind: _Optional[_Union[KVFrameKind, str]] = ..., transfer_id: _Optional[int] = ..., layer_index: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., num_layers: _Optional[int] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., checksum: _Optional[_Union[ChecksumKind, str]] = ..., trailer: _Optional[bytes] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PrefillTrailer(_message.Message):
+    __slots__ = ("req_id", "first_token_id", "num_prompt_tokens")
+    REQ_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    req_id: str
+    first_token_id: int
+    num_prompt_tokens: int
+    def __init__(self, req_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,84 @@
+"""The one typed configuration: YAML file, then PDSERVE_* environment variables on top.
+
+Nested fields are addressed with double underscores: PDSERVE_KVTRANSFER__BACKENDS='["tcp"]',
+PDSERVE_WORKER__PORT=9000. Only this module reads the environment.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV_PREFIX = "PDSERVE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(_Section):
+    name: str = Field("tiny", description="'tiny', 'smollm2-135m' or a local Hugging Face Llama directory")
+    cache_dir: pathlib.Path = Field(
+        pathlib.Path.home() / ".cache" / "pdserve",
+        description="Where converted model weights are cached (the GGUF is dequantised once)")
+    torch_num_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+
+
+class KVTransferSettings(_Section):
+    backends: list[Literal["ucx", "tcp", "fake"]] = Field(
+        ["ucx", "tcp"], description="Backends this worker serves; a sender picks one by name")
+    host: str = Field("127.0.0.1", description="Address the tcp backend listens on")
+    tcp_port: int = Field(0, ge=0, le=65535, description="tcp backend port; 0 picks a free one")
+    ucx_tls: str = Field("tcp,sm,self", description="UCX transports; sm gives shared memory on one host")
+    timeout_s: float = Field(30.0, gt=0, description="Deadline of one whole transfer")
+    stall_timeout_s: float = Field(10.0, gt=0, description="Longest silence from a peer mid-transfer")
+    checksum: bool = Field(False, description="CRC32 every layer (costs ~1 GB/s of CPU per core)")
+
+
+class WorkerSettings(_Section):
+    role: Literal["prefill", "decode", "aggregated"] = Field("aggregated", description="Initial role")
+    worker_id: str = Field("", description="Stable id; empty derives one from host and port")
+    host: str = Field("127.0.0.1", description="gRPC listen address")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    num_kv_blocks: int = Field(512, gt=0, description="Paged KV blocks in the decode pool")
+    block_size_tokens: int = Field(16, gt=0, description="Tokens per KV block")
+    max_batch_size: int = Field(32, gt=0, description="Most sequences in one decode step")
+    reservation_lease_s: float = Field(30.0, gt=0,
+                                       description="A KV reservation with no Generate call is freed after this")
+
+
+class PDServeConfig(_Section):
+    model: ModelSettings = ModelSettings()
+    worker: WorkerSettings = WorkerSettings()
+    kvtransfer: KVTransferSettings = KVTransferSettings()
+
+
+def _set_path(tree: dict, path: list[str], value: str) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    try:
+        tree[path[-1]] = json.loads(value)
+    except json.JSONDecodeError:
+        tree[path[-1]] = value  # plain strings need no JSON quoting
+
+
+def load_config(path: pathlib.Path | None = None, environ: dict[str, str] | None = None,
+                overrides: dict | None = None) -> PDServeConfig:
+    data: dict = {}
+    if path is not None:
+        data = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+    env = os.environ if environ is None else environ
+    for key, value in env.items():
+        if key.startswith(ENV_PREFIX) and "__" in key:
+            _set_path(data, key[len(ENV_PREFIX):].lower().split("__"), value)
+    for dotted, value in (overrides or {}).items():
+        tree = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            tree = tree.setdefault(p, {})
+        tree[leaf] = value
+    return PDServeConfig.model_validate(data)

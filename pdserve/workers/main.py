@@ -1,0 +1,71 @@
+"""Entrypoint of one worker process: config -> model -> KV agents -> gRPC server -> serve.
+
+Prints one line `PDSERVE_WORKER_READY port=<grpc port>` on stdout when it accepts requests, so
+launchers and tests need not guess ports. SIGTERM/SIGINT: stop accepting, give in-flight calls a
+grace period, close transfer agents, exit.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pdserve.clock import WallClock
+from pdserve.config import PDServeConfig
+from pdserve.kvtransfer import BaseKVAgent, create_agent
+from pdserve.workers.engine import Engine
+from pdserve.workers.model.loader import load_model
+from pdserve.workers.service import WorkerService
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
+
+READY_MARKER = "PDSERVE_WORKER_READY"
+_GRACE_S = 5.0
+log = logging.getLogger("pdserve.worker")
+
+
+def build_agents(cfg: PDServeConfig, clock: WallClock) -> dict[str, BaseKVAgent]:
+    kv = cfg.kvtransfer
+    options = {
+        "tcp": {"host": kv.host, "port": kv.tcp_port, "stall_timeout_s": kv.stall_timeout_s},
+        "ucx": {"tls": kv.ucx_tls, "stall_timeout_s": kv.stall_timeout_s},
+        "fake": {},
+    }
+    return {b: create_agent(b, clock, **options[b]) for b in kv.backends}
+
+
+async def serve(cfg: PDServeConfig) -> None:
+    if cfg.model.torch_num_threads:
+        torch.set_num_threads(cfg.model.torch_num_threads)
+    loaded = load_model(cfg.model.name, cfg.model.cache_dir)
+    w = cfg.worker
+    engine = Engine(loaded, w.num_kv_blocks, w.block_size_tokens, w.max_batch_size)
+    clock = WallClock()
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    port = server.add_insecure_port(f"{w.host}:{w.port}")
+    service = WorkerService(engine, build_agents(cfg, clock), clock, worker_id=w.worker_id or f"{w.host}:{port}",
+                            role=w.role, transfer_timeout_s=cfg.kvtransfer.timeout_s,
+                            lease_s=w.reservation_lease_s, checksum=cfg.kvtransfer.checksum)
+    worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name, health.SERVICE_NAME,
+             reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    await server.start()
+    await service.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    print(f"{READY_MARKER} port={port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.0f s", _GRACE_S)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(_GRACE_S)
+    await service.stop()

@@ -1,0 +1,271 @@
+"""gRPC adapter of a model worker (any role: prefill, decode, aggregated).
+
+All engine work runs on one compute thread, in arrival order; the asyncio side only converts
+protobuf to engine calls, waits on KV transfers and streams tokens. A request's lifecycle:
+- Generate(remote_prefill=false): admit -> prefill locally -> join the decode batch -> stream;
+- ReserveKV then Generate(remote_prefill=true): blocks + staging + armed receiver -> wait for the
+  transfer -> import -> join the batch -> stream; a reservation nobody claims expires (lease);
+- Prefill: compute layer by layer, sending each layer's KV as it is ready; answer with the first
+  token once the receiver has acknowledged everything.
+A client that goes away cancels its Generate; the `finally` blocks free its KV on this worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import random
+from dataclasses import dataclass
+
+import grpc
+
+from pdserve.clock import Clock
+from pdserve.kvtransfer import BaseKVAgent, TransferLayout, TransferState, as_bytes_view
+from pdserve.workers.engine import Engine, Reservation
+from pdserve.workers.model.sampling import SamplingConfig
+from pdserve.workers.output import Delta, Finish
+from pdserve.v1 import kvtransfer_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("pdserve.worker")
+
+_FINISH = {None: worker_pb2.FINISH_REASON_UNSPECIFIED, Finish.STOP: worker_pb2.FINISH_REASON_STOP,
+           Finish.LENGTH: worker_pb2.FINISH_REASON_LENGTH, Finish.ABORT: worker_pb2.FINISH_REASON_ABORT}
+_ROLES = {"prefill": worker_pb2.WORKER_ROLE_PREFILL, "decode": worker_pb2.WORKER_ROLE_DECODE,
+          "aggregated": worker_pb2.WORKER_ROLE_AGGREGATED}
+_REAP_INTERVAL_S = 0.5
+
+
+def sampling_from_proto(p: worker_pb2.SamplingParams) -> SamplingConfig:
+    return SamplingConfig(max_tokens=p.max_tokens or 16, temperature=p.temperature,
+                          top_p=p.top_p if p.top_p > 0 else 1.0,
+                          seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop),
+                          ignore_eos=p.ignore_eos)
+
+
+@dataclass
+class _Pending:
+    reservation: Reservation
+    receiver: object
+    created_s: float
+    claimed: bool = False
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, engine: Engine, agents: dict[str, BaseKVAgent], clock: Clock, *, worker_id: str,
+                 role: str, transfer_timeout_s: float, lease_s: float, checksum: bool):
+        self.engine = engine
+        self.agents = agents
+        self.clock = clock
+        self.worker_id = worker_id
+        self.role = role
+        self._transfer_timeout_s = transfer_timeout_s
+        self._lease_s = lease_s
+        self._checksum = checksum
+        self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self._pending: dict[str, _Pending] = {}
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._wakeup = asyncio.Event()
+        # Random start so transfer ids from a restarted worker do not collide with stale ones.
+        self._transfer_ids = itertools.count(random.getrandbits(40))
+        self._loop_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._decode_loop())
+
+    async def stop(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+        for agent in self.agents.values():
+            agent.close()
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
+
+    # ---- info ----
+    async def GetInfo(self, request, context):
+        alloc = self.engine.allocator
+        return worker_pb2.WorkerInfo(
+            worker_id=self.worker_id, role=_ROLES[self.role], model=self.engine.loaded.name,
+            kv_endpoints=[worker_pb2.KVEndpoint(backend=b, address=a.address()) for b, a in self.agents.items()],
+            num_free_kv_blocks=alloc.num_free_blocks, num_total_kv_blocks=alloc.num_blocks,
+            num_active_requests=len(self.engine.running) + len(self._pending),
+            kv_block_size_tokens=alloc.block_size_tokens,
+            max_model_len_tokens=self.engine.config.max_position_tokens,
+            num_pending_transfers=sum(a.num_active_transfers() for a in self.agents.values()))
+
+    # ---- decode side of disaggregation ----
+    async def ReserveKV(self, request, context):
+        agent = self.agents.get(request.backend)
+        if agent is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"backend {request.backend!r} not served here; have {sorted(self.agents)}")
+        if not request.req_id or request.req_id in self._pending or request.req_id in self.engine.running:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS if request.req_id else
+                                grpc.StatusCode.INVALID_ARGUMENT, f"bad or duplicate req_id {request.req_id!r}")
+        try:
+            self.engine.check_prompt(request.num_prompt_tokens, SamplingConfig())
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not await self._run(self.engine.can_admit, request.num_prompt_tokens):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "not enough free KV blocks")
+        res = await self._run(self.engine.reserve, request.req_id, request.num_prompt_tokens)
+        layout = TransferLayout(next(self._transfer_ids), self.engine.layer_nbytes(res.num_prompt_tokens))
+        rx = agent.create_receiver(layout, as_bytes_view(res.staging.numpy()), self._lease_s)
+        self._pending[request.req_id] = _Pending(res, rx, self.clock.now_s())
+        return worker_pb2.ReserveKVResponse(
+            endpoint=worker_pb2.KVEndpoint(backend=request.backend, address=agent.address()),
+            transfer_id=layout.transfer_id, lease_s=self._lease_s)
+
+    async def _await_remote_kv(self, req_id: str, num_prompt_tokens: int, context) -> tuple[Reservation, int]:
+        pending = self._pending.get(req_id)
+        if pending is None or pending.claimed:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown request id {req_id!r}: call ReserveKV first")
+        pending.claimed = True
+        rx = pending.receiver
+        try:
+            if pending.reservation.num_prompt_tokens != num_prompt_tokens:
+                raise ValueError(f"prompt has {num_prompt_tokens} tokens, reservation was for "
+                                 f"{pending.reservation.num_prompt_tokens}")
+            while rx.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING):
+                await asyncio.to_thread(rx.status.finished.wait, _REAP_INTERVAL_S)
+            if rx.poll() is TransferState.FAILED:
+                raise RuntimeError(f"KV transfer failed: {rx.failure()}")
+            trailer = kvtransfer_pb2.PrefillTrailer.FromString(rx.trailer)
+            if trailer.req_id != req_id:
+                raise RuntimeError(f"KV transfer carried request {trailer.req_id!r}, expected {req_id!r}")
+            return pending.reservation, trailer.first_token_id
+        except BaseException:
+            rx.abort("request ended before its KV arrived")
+            await self._run(self.engine.release, req_id)
+            raise
+        finally:
+            self._pending.pop(req_id, None)
+
+    # ---- generation ----
+    async def Generate(self, request, context):
+        req_id = request.req_id
+        params = await self._checked_params(request, context)
+        queue: asyncio.Queue = asyncio.Queue()
+        try:
+            if request.remote_prefill:
+                try:
+                    res, first = await self._await_remote_kv(req_id, len(request.prompt_token_ids), context)
+                except (ValueError, RuntimeError) as exc:
+                    code = grpc.StatusCode.INVALID_ARGUMENT if isinstance(exc, ValueError) else grpc.StatusCode.UNAVAILABLE
+                    await context.abort(code, str(exc))
+                self._streams[req_id] = queue
+                first_delta = await self._run(self.engine.start_remote, res, params, first)
+            else:
+                if not await self._run(self.engine.can_admit, len(request.prompt_token_ids)):
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "not enough free KV blocks")
+                self._streams[req_id] = queue
+                first_delta = await self._run(self.engine.start_local, req_id, list(request.prompt_token_ids), params)
+            self._wakeup.set()
+            delta, num_generated = first_delta, 0
+            while True:
+                num_generated += len(delta.token_ids)
+                yield self._chunk(req_id, delta, len(request.prompt_token_ids), num_generated)
+                if delta.finish is not None:
+                    return
+                delta = await queue.get()
+        finally:
+            self._streams.pop(req_id, None)
+            if req_id in self.engine.running:
+                await self._run(self.engine.release, req_id)
+
+    async def _checked_params(self, request, context) -> SamplingConfig:
+        if not request.req_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "req_id is required")
+        if request.req_id in self._streams:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {request.req_id!r} is already running")
+        params = sampling_from_proto(request.sampling)
+        try:
+            self.engine.check_prompt(len(request.prompt_token_ids), params)
+            vocab = self.engine.config.vocab_size
+            if any(t >= vocab for t in request.prompt_token_ids):
+                raise ValueError(f"prompt token ids must be < vocab size {vocab}")
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return params
+
+    @staticmethod
+    def _chunk(req_id: str, delta: Delta, num_prompt: int, num_generated: int) -> worker_pb2.TokenChunk:
+        return worker_pb2.TokenChunk(req_id=req_id, token_ids=delta.token_ids, text=delta.text,
+                                     finish_reason=_FINISH[delta.finish], num_prompt_tokens=num_prompt,
+                                     num_generated_tokens=num_generated)
+
+    async def _decode_loop(self) -> None:
+        while True:
+            if not self.engine.running:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), _REAP_INTERVAL_S)
+                except asyncio.TimeoutError:
+                    await self._reap_expired()
+                continue
+            try:
+                deltas = await self._run(self.engine.step)
+            except Exception:
+                log.exception("decode step failed; aborting the batch")
+                deltas = {r: Delta([], "", Finish.ABORT) for r in list(self.engine.running)}
+                for r in deltas:
+                    await self._run(self.engine.release, r)
+            for req_id, delta in deltas.items():
+                stream = self._streams.get(req_id)
+                if stream is not None:
+                    stream.put_nowait(delta)
+
+    async def _reap_expired(self) -> None:
+        """Free reservations whose transfer failed or whose Generate never came within the lease."""
+        now = self.clock.now_s()
+        for req_id, p in list(self._pending.items()):
+            expired = now - p.created_s > self._lease_s
+            if not p.claimed and (expired or p.receiver.poll() is TransferState.FAILED):
+                p.receiver.abort("reservation expired")
+                self._pending.pop(req_id, None)
+                await self._run(self.engine.release, req_id)
+
+    # ---- prefill side ----
+    async def Prefill(self, request, context):
+        agent = self.agents.get(request.target.backend)
+        if agent is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"backend {request.target.backend!r} not served here")
+        params = sampling_from_proto(request.sampling)
+        ids = list(request.prompt_token_ids)
+        try:
+            self.engine.check_prompt(len(ids), params)
+            if any(t >= self.engine.config.vocab_size for t in ids):
+                raise ValueError("prompt token ids must be < vocab size")
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        layout = TransferLayout(request.transfer_id, self.engine.layer_nbytes(len(ids)))
+        sender = agent.create_sender(request.target.address, layout, self._transfer_timeout_s, self._checksum)
+        try:
+            result = await self._run(self.engine.prefill_and_send, ids, params, sender)
+            trailer = kvtransfer_pb2.PrefillTrailer(req_id=request.req_id, first_token_id=result.first_token_id,
+                                                    num_prompt_tokens=len(ids))
+            sender.finish(trailer.SerializeToString())
+            tail_start = self.clock.now_s()
+            while sender.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING):
+                await asyncio.to_thread(sender.status.finished.wait, _REAP_INTERVAL_S)
+            if sender.poll() is TransferState.FAILED:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {sender.failure()}")
+            return worker_pb2.PrefillResponse(
+                req_id=request.req_id, first_token_id=result.first_token_id, prefill_ms=result.compute_s * 1e3,
+                kv_bytes=result.kv_bytes, transfer_tail_ms=(self.clock.now_s() - tail_start) * 1e3)
+        finally:
+            if sender.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING):
+                sender.abort("prefill request ended")
+
+    async def Abort(self, request, context):
+        found = request.req_id in self._pending or request.req_id in self.engine.running
+        pending = self._pending.pop(request.req_id, None)
+        if pending is not None:
+            pending.receiver.abort(request.reason or "aborted by client")
+        stream = self._streams.get(request.req_id)
+        if stream is not None:
+            stream.put_nowait(Delta([], "", Finish.ABORT))
+        await self._run(self.engine.release, request.req_id)
+        return worker_pb2.AbortResponse(found=found)
