@@ -32,7 +32,7 @@ CHECKSUM_KIND_NONE: ChecksumKind
 CHECKSUM_KIND_CRC32: ChecksumKind
 
 class KVFrame(_message.Message):
-    __slots__ = ("kind", "transfer_id", "layer_index", "payload_bytes", "crc32", "num_layers", "layer_bytes", "checksum", "trailer", "reason")
+    __slots__ = ("kind", "transfer_id", "layer_index", "payload_bytes", "crc32", "num_layers", "layer_bytes", "checksum", "trailer", "reason", "reply_address")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class KVFrame(_message.Message):
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     TRAILER_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REPLY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     kind: KVFrameKind
     transfer_id: int
     layer_index: int
@@ -53,7 +54,8 @@ class KVFrame(_message.Message):
     checksum: ChecksumKind
     trailer: bytes
     reason: str
-    def __init__(self, kind: _Optional[_Union[KVFrameKind, str]] = ..., transfer_id: _Optional[int] = ..., layer_index: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., num_layers: _Optional[int] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., checksum: _Optional[_Union[ChecksumKind, str]] = ..., trailer: _Optional[bytes] = ..., reason: _Optional[str] = ...) -> None: ...
+    reply_address: bytes
+    def __init__(self, kind: _Optional[_Union[KVFrameKind, str]] = ..., transfer_id: _Optional[int] = ..., layer_index: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., num_layers: _Optional[int] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., checksum: _Optional[_Union[ChecksumKind, str]] = ..., trailer: _Optional[bytes] = ..., reason: _Optional[str] = ..., reply_address: _Optional[bytes] = ...) -> None: ...
 
 class PrefillTrailer(_message.Message):
     __slots__ = ("req_id", "first_token_id", "num_prompt_tokens")

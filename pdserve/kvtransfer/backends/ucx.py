@@ -3,12 +3,13 @@
 Endpoints are created from the peer's worker address (exchanged out of band over gRPC) with
 endpoint error handling off: that path lets UCX pick shared memory between processes on one host
 (measured ~5 GB/s vs ~0.6 GB/s for listener endpoints). With error handling off UCX will not tell
-us a peer died, so every transfer has a deadline and the receiver never posts a receive for a
-message that has not arrived: it probes for each tag and only then receives it. A stale or
-truncated message is drained into scratch memory, so nothing lingers in UCX's unexpected queue.
+us a peer died, so every transfer has a deadline, and a receive is only ever posted for a message
+that a probe has shown to be there; failed transfers' late messages are drained to scratch memory.
 
-Tags: transfer_id << 16 | slot, where slot 0 is the header, 1+2i the frame of layer i, 2+2i its
-payload and 1+2L the trailer (an ABORT frame goes to slot 0xFFFF, which the receiver always watches).
+Tags are transfer_id << 16 | slot. Headers of all transfers go to the agent's inbox tag, so a
+transfer the receiver does not know is answered with an ERROR instead of sitting in UCX's queue.
+Slot 1+2i carries the frame of layer i, 2+2i its payload, 1+2L the trailer; the receiver answers
+ACK or ERROR on the sender's ACK_SLOT, and a sender's ABORT goes to ABORT_SLOT, always watched.
 All UCX calls run on one background thread with its own event loop.
 """
 from __future__ import annotations
@@ -16,44 +17,19 @@ from __future__ import annotations
 import asyncio
 import threading
 
-import numpy as np
-
 from pdserve.clock import Clock
 from pdserve.kvtransfer import frames
 from pdserve.kvtransfer.base import (BaseKVAgent, BaseKVReceiver, BaseKVSender, TransferLayout,
                                      TransferStatus, crc32)
+from pdserve.kvtransfer.backends._ucx_flows import UcxFlows
+from pdserve.kvtransfer.backends._ucx_wire import (ACK_SLOT, ABORT_SLOT, MAX_LAYERS, MAX_TRANSFER_ID,
+                                                   DRAIN_POLL_S, DRAIN_S, REPLY_TIMEOUT_S, Aborted,
+                                                   frame_slot, tag)
 from pdserve.v1 import kvtransfer_pb2 as pb
 
-_SLOT_BITS = 16
-MAX_LAYERS = ((1 << _SLOT_BITS) - 2) // 2
-MAX_TRANSFER_ID = (1 << (64 - _SLOT_BITS)) - 1
-# Probe pacing: spin briefly (messages usually follow each other closely), then back off so an idle
-# receiver does not burn one of the machine's cores.
-_SPIN_PROBES = 200
-_BACKOFF_S = 0.0005
-# After a failed receive, keep discarding this transfer's late messages for a while.
-_DRAIN_S = 2.0
-_DRAIN_POLL_S = 0.01
-# Fixed slot for ABORT frames: the receiver watches it whatever it is waiting for.
-ABORT_SLOT = (1 << _SLOT_BITS) - 1
-
-
-def tag(transfer_id: int, slot: int) -> int:
-    return (transfer_id << _SLOT_BITS) | slot
-
-
-def frame_slot(layer_index: int) -> int:
-    return 1 + 2 * layer_index
-
-
-class _Aborted(Exception):
-    pass
-
-
 class UcxReceiver(BaseKVReceiver):
-    def __init__(self, agent: "UcxAgent", layout: TransferLayout, dest: memoryview, status: TransferStatus):
+    def __init__(self, layout: TransferLayout, dest: memoryview, status: TransferStatus):
         super().__init__(layout, status)
-        self._agent = agent
         self.dest = dest
 
     def abort(self, reason: str) -> None:
@@ -77,7 +53,7 @@ class UcxSender(BaseKVSender):
             self._agent.call_soon(self.queue.put_nowait, ("abort", reason))
 
 
-class UcxAgent(BaseKVAgent):
+class UcxAgent(UcxFlows, BaseKVAgent):
     backend_name = "ucx"
 
     def __init__(self, clock: Clock, tls: str = "tcp,sm,self", stall_timeout_s: float = 10.0):
@@ -89,15 +65,17 @@ class UcxAgent(BaseKVAgent):
         self._num_active = 0
         self._lock = threading.Lock()
         self._endpoints: dict[bytes, object] = {}
+        self._armed: dict[int, asyncio.Future] = {}   # loop thread only
+        self._init_error: Exception | None = None
         self._thread = threading.Thread(target=self._run_loop, args=(tls,), name="kv-ucx", daemon=True)
         self._thread.start()
         self._ready.wait()
         if self._init_error is not None:
             raise self._init_error
+        self._spawn(self._inbox_loop())
 
     def _run_loop(self, tls: str) -> None:
         asyncio.set_event_loop(self._loop)
-        self._init_error = None
         try:
             from ucxx._lib_async.application_context import ApplicationContext
             self._ctx = ApplicationContext(config_dict={"TLS": tls})
@@ -133,7 +111,7 @@ class UcxAgent(BaseKVAgent):
         self._check_layout(layout)
         if len(dest) != layout.total_nbytes:
             raise ValueError(f"destination holds {len(dest)} bytes, layout needs {layout.total_nbytes}")
-        rx = UcxReceiver(self, layout, dest, TransferStatus(self._clock, timeout_s))
+        rx = UcxReceiver(layout, dest, TransferStatus(self._clock, timeout_s))
         self._track(+1)
         self._spawn(self._receive(rx))
         return rx
@@ -148,11 +126,17 @@ class UcxAgent(BaseKVAgent):
 
     @staticmethod
     def _check_layout(layout: TransferLayout) -> None:
-        if layout.num_layers > MAX_LAYERS or not 0 <= layout.transfer_id <= MAX_TRANSFER_ID:
+        if layout.num_layers > MAX_LAYERS or not 1 <= layout.transfer_id <= MAX_TRANSFER_ID:
             raise ValueError(f"layout out of range for UCX tags: {layout.num_layers} layers, "
                              f"transfer id {layout.transfer_id}")
 
-    # ---- send side (runs on the agent loop) ----
+    def close(self) -> None:
+        def cancel_all() -> None:
+            for task in list(self._tasks):
+                task.cancel()
+        self.call_soon(cancel_all)
+
+    # ---- helpers on the loop thread (the flows themselves are in _ucx_flows.py) ----
     async def _endpoint(self, peer_address: bytes):
         ep = self._endpoints.get(peer_address)
         if ep is None:
@@ -162,143 +146,49 @@ class UcxAgent(BaseKVAgent):
             self._endpoints[peer_address] = ep
         return ep
 
-    async def _send(self, tx: UcxSender, peer_address: bytes, checksum: bool) -> None:
-        tid = tx.layout.transfer_id
-        ep = None
-        try:
-            ep = await self._bounded(self._endpoint(peer_address), tx.status)
-            await self._bounded(ep.send(frames.encode_slot(frames.header(tx.layout, checksum)),
-                                        tag=tag(tid, 0), force_tag=True), tx.status)
-            tx.status.mark_transferring()
-            next_frame_slot = frame_slot(0)
-            while True:
-                item = await self._bounded(tx.queue.get(), tx.status, abortable=False)
-                if item[0] == "abort":
-                    raise _Aborted()
-                if item[0] == "trailer":
-                    frame = pb.KVFrame(kind=pb.KV_FRAME_KIND_TRAILER, trailer=item[1])
-                    await self._bounded(ep.send(frames.encode_slot(frame), tag=tag(tid, next_frame_slot),
-                                                force_tag=True), tx.status)
-                    tx.status.mark_done()
-                    return
-                _, index, buf = item
-                frame = pb.KVFrame(kind=pb.KV_FRAME_KIND_LAYER, layer_index=index, payload_bytes=len(buf),
-                                   crc32=crc32(buf) if checksum else 0)
-                await self._bounded(ep.send(frames.encode_slot(frame), tag=tag(tid, next_frame_slot),
-                                            force_tag=True), tx.status)
-                await self._bounded(ep.send(np.frombuffer(buf, dtype=np.uint8), tag=tag(tid, next_frame_slot + 1),
-                                            force_tag=True), tx.status)
-                next_frame_slot += 2
-        except (_Aborted, asyncio.TimeoutError):
-            tx.status.mark_failed("timed out")  # no-op when an abort already set the reason
-        except Exception as exc:  # UCX errors surface as various exception types
-            tx.status.mark_failed(f"ucx send failed: {exc}")
-        finally:
-            tx.queue = asyncio.Queue()  # drop references to caller buffers
-            if ep is not None and tx.poll().name == "FAILED":
-                await self._send_abort(ep, tid, tx.failure() or "failed")
-            self._track(-1)
+    async def _send_frame(self, ep, frame: pb.KVFrame, frame_tag: int, status: TransferStatus | None) -> None:
+        coro = ep.send(frames.encode_slot(frame), tag=frame_tag, force_tag=True)
+        if status is None:
+            await asyncio.wait_for(coro, REPLY_TIMEOUT_S)
+        else:
+            await self._bounded(coro, status)
 
-    async def _send_abort(self, ep, transfer_id: int, reason: str) -> None:
-        frame = frames.abort_frame(reason)
+    async def _reply(self, address: bytes, transfer_id: int, frame: pb.KVFrame) -> None:
         try:
-            await asyncio.wait_for(ep.send(frames.encode_slot(frame), tag=tag(transfer_id, ABORT_SLOT),
-                                           force_tag=True), 1.0)
-        except Exception:  # best effort: the receiver's deadline covers a lost abort
+            ep = await asyncio.wait_for(self._endpoint(address), REPLY_TIMEOUT_S)
+            await self._send_frame(ep, frame, tag(transfer_id, ACK_SLOT), None)
+        except Exception:  # best effort: the peer's own deadline covers a lost reply
             pass
 
-    async def _bounded(self, awaitable, status: TransferStatus, abortable: bool = True):
-        """Await with the transfer's deadline; a sender's own abort message must still get through."""
+    async def _bounded(self, awaitable, status: TransferStatus):
+        """Await within the transfer's deadline; raise Aborted once it has ended."""
         remaining = status.remaining_s()
-        if remaining <= 0 or (abortable and not status.active):
+        if remaining <= 0 or not status.active:
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()
-            raise _Aborted()
+            raise Aborted()
         return await asyncio.wait_for(awaitable, remaining)
 
-    # ---- receive side (runs on the agent loop) ----
-    async def _receive(self, rx: UcxReceiver) -> None:
-        tid, layout = rx.layout.transfer_id, rx.layout
-        try:
-            head = await self._recv_frame(rx, 0)
-            problem = frames.check_header(head, layout)
-            if problem:
-                raise ValueError(problem)
-            rx.status.mark_transferring()
-            checksum = head.checksum == pb.CHECKSUM_KIND_CRC32
-            offset = 0
-            for index in range(layout.num_layers):
-                frame = await self._recv_frame(rx, frame_slot(index))
-                problem = frames.check_layer(frame, index, layout)
-                if problem:
-                    raise ValueError(problem)
-                view = rx.dest[offset: offset + frame.payload_bytes]
-                await self._recv_payload(rx, frame_slot(index) + 1, view)
-                if checksum and crc32(view) != frame.crc32:
-                    raise ValueError(f"checksum mismatch in layer {index}")
-                offset += frame.payload_bytes
-                rx.num_layers_received = index + 1
-            tail = await self._recv_frame(rx, frame_slot(layout.num_layers))
-            if tail.kind != pb.KV_FRAME_KIND_TRAILER:
-                raise ValueError(f"expected trailer, got {pb.KVFrameKind.Name(tail.kind)}")
-            rx.trailer = tail.trailer
-            rx.status.mark_done()
-        except (_Aborted, asyncio.TimeoutError):
-            rx.status.mark_failed("timed out")
-        except Exception as exc:
-            rx.status.mark_failed(f"ucx receive failed: {exc}")
-        finally:
-            self._track(-1)
-            if rx.poll().name == "FAILED":
-                self._spawn(self._drain(tid, layout.num_layers))
+    def _probe(self, wanted: int):
+        found = self._ctx.tag_probe(wanted, remove=True)
+        return found if found.matched else None
 
-    async def _wait_probe(self, rx: UcxReceiver, slot: int):
-        wanted, abort_tag = tag(rx.layout.transfer_id, slot), tag(rx.layout.transfer_id, ABORT_SLOT)
-        spins = 0
-        while True:
-            found = self._ctx.tag_probe(wanted, remove=True)
-            if found.matched:
-                return found
-            aborted = self._ctx.tag_probe(abort_tag, remove=True)
-            if aborted.matched:
-                buf = bytearray(aborted.length)
-                await self._ctx.recv_with_handle(buf, aborted)
-                raise ValueError(f"sender aborted: {frames.decode_slot(buf).reason}")
-            if not rx.status.active:
-                raise _Aborted()
-            spins += 1
-            await asyncio.sleep(0 if spins < _SPIN_PROBES else _BACKOFF_S)
+    async def _take(self, found, buf) -> None:
+        await asyncio.wait_for(self._ctx.recv_with_handle(buf, found), self._stall_timeout_s)
 
-    async def _recv_frame(self, rx: UcxReceiver, slot: int):
-        found = await self._wait_probe(rx, slot)
+    async def _take_frame(self, found) -> pb.KVFrame:
         buf = bytearray(found.length)
-        await self._bounded(self._ctx.recv_with_handle(buf, found), rx.status, abortable=False)
+        await self._take(found, buf)
         if found.length != frames.SLOT_BYTES:
             raise ValueError(f"malformed control frame of {found.length} bytes")
         return frames.decode_slot(buf)
 
-    async def _recv_payload(self, rx: UcxReceiver, slot: int, view: memoryview) -> None:
-        found = await self._wait_probe(rx, slot)
-        if found.length != len(view):
-            # Take it off UCX's queue anyway so it does not linger, then refuse it.
-            await self._bounded(self._ctx.recv_with_handle(bytearray(found.length), found), rx.status,
-                                abortable=False)
-            raise ValueError(f"KV payload is {found.length} bytes, expected {len(view)} (truncated or corrupted)")
-        await self._bounded(self._ctx.recv_with_handle(view, found), rx.status, abortable=False)
-
     async def _drain(self, transfer_id: int, num_layers: int) -> None:
         """Discard late messages of a failed transfer so they do not sit in UCX memory."""
-        slots = [*range(frame_slot(num_layers) + 1), ABORT_SLOT]
-        end_s = self._clock.now_s() + _DRAIN_S
+        slots = [*range(1, frame_slot(num_layers) + 1), ABORT_SLOT]
+        end_s = self._clock.now_s() + DRAIN_S
         while self._clock.now_s() < end_s:
             for slot in slots:
-                found = self._ctx.tag_probe(tag(transfer_id, slot), remove=True)
-                if found.matched:
-                    await self._ctx.recv_with_handle(bytearray(found.length), found)
-            await asyncio.sleep(_DRAIN_POLL_S)
-
-    def close(self) -> None:
-        def cancel_all() -> None:
-            for task in list(self._tasks):
-                task.cancel()
-        self.call_soon(cancel_all)
+                if (found := self._probe(tag(transfer_id, slot))) is not None:
+                    await self._take(found, bytearray(found.length))
+            await asyncio.sleep(DRAIN_POLL_S)

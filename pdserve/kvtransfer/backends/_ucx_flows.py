@@ -1,0 +1,167 @@
+"""The three coroutines of the UCX agent: inbox, send and receive (see ucx.py for the protocol)."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from pdserve.kvtransfer import frames
+from pdserve.kvtransfer.backends._ucx_wire import (ABORT_SLOT, ACK_SLOT, BACKOFF_S, IDLE_BACKOFF_S, INBOX_TAG,
+                                                   Aborted, Pacer, frame_slot, tag)
+from pdserve.kvtransfer.base import TransferStatus, crc32
+from pdserve.v1 import kvtransfer_pb2 as pb
+
+
+class UcxFlows:
+    """Mixed into UcxAgent; every method runs on the agent's event loop thread."""
+
+    async def _inbox_loop(self) -> None:
+        """Route incoming headers to armed receivers; refuse unknown transfers at once."""
+        pacer = Pacer(IDLE_BACKOFF_S)
+        while True:
+            found = self._probe(INBOX_TAG)
+            if found is None:
+                # Poll faster while some receiver expects a header: it bounds time to first byte.
+                await pacer.wait(BACKOFF_S if self._armed else IDLE_BACKOFF_S)
+                continue
+            pacer.reset()
+            try:
+                head = await self._take_frame(found)
+            except Exception:
+                continue  # a malformed header names no transfer to answer
+            waiter = self._armed.get(head.transfer_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(head)
+                continue
+            reason = f"unknown or expired transfer id {head.transfer_id}"
+            self._spawn(self._reply(head.reply_address, head.transfer_id,
+                                    pb.KVFrame(kind=pb.KV_FRAME_KIND_ERROR, reason=reason)))
+            self._spawn(self._drain(head.transfer_id, head.num_layers))
+
+    async def _send(self, tx, peer_address: bytes, checksum: bool) -> None:
+        tid = tx.layout.transfer_id
+        ep = None
+        try:
+            ep = await self._bounded(self._endpoint(peer_address), tx.status)
+            head = frames.header(tx.layout, checksum)
+            head.reply_address = self._address
+            await self._send_frame(ep, head, INBOX_TAG, tx.status)
+            tx.status.mark_transferring()
+            next_slot = frame_slot(0)
+            while True:
+                item = await self._bounded(tx.queue.get(), tx.status)
+                await self._raise_if_refused(tid)
+                if item[0] == "abort":
+                    raise Aborted()
+                if item[0] == "trailer":
+                    await self._send_frame(ep, pb.KVFrame(kind=pb.KV_FRAME_KIND_TRAILER, trailer=item[1]),
+                                           tag(tid, next_slot), tx.status)
+                    await self._await_ack(tx)
+                    return
+                _, index, buf = item
+                frame = pb.KVFrame(kind=pb.KV_FRAME_KIND_LAYER, layer_index=index, payload_bytes=len(buf),
+                                   crc32=crc32(buf) if checksum else 0)
+                await self._send_frame(ep, frame, tag(tid, next_slot), tx.status)
+                await self._bounded(ep.send(np.frombuffer(buf, dtype=np.uint8), tag=tag(tid, next_slot + 1),
+                                            force_tag=True), tx.status)
+                next_slot += 2
+        except (Aborted, asyncio.TimeoutError):
+            tx.status.mark_failed("timed out")  # keeps an earlier abort's reason
+        except Exception as exc:  # UCX errors surface as various exception types
+            tx.status.mark_failed(str(exc) if isinstance(exc, _Refused) else f"ucx send failed: {exc}")
+        finally:
+            tx.queue = asyncio.Queue()  # drop references to caller buffers
+            if ep is not None and tx.poll().name == "FAILED":
+                await self._send_abort(ep, tid, tx.failure() or "failed")
+            self._track(-1)
+
+    async def _raise_if_refused(self, transfer_id: int) -> None:
+        """An early ERROR from the receiver (bad header, unknown id) ends the send at once."""
+        found = self._probe(tag(transfer_id, ACK_SLOT))
+        if found is not None:
+            raise _Refused(f"receiver refused: {(await self._take_frame(found)).reason}")
+
+    async def _await_ack(self, tx) -> None:
+        pacer = Pacer()
+        while (found := self._probe(tag(tx.layout.transfer_id, ACK_SLOT))) is None:
+            if not tx.status.active:
+                raise Aborted()
+            await pacer.wait()
+        reply = await self._take_frame(found)
+        if reply.kind == pb.KV_FRAME_KIND_ACK:
+            tx.status.mark_done()
+        else:
+            tx.status.mark_failed(f"receiver refused: {reply.reason}")
+
+    async def _send_abort(self, ep, transfer_id: int, reason: str) -> None:
+        try:
+            await self._send_frame(ep, frames.abort_frame(reason), tag(transfer_id, ABORT_SLOT), None)
+        except Exception:  # best effort: the receiver's deadline covers a lost abort
+            pass
+
+    async def _receive(self, rx) -> None:
+        tid, layout = rx.layout.transfer_id, rx.layout
+        waiter = asyncio.get_running_loop().create_future()
+        self._armed[tid] = waiter
+        head = None
+        try:
+            head = await self._bounded(waiter, rx.status)
+            problem = frames.check_header(head, layout)
+            if problem:
+                raise ValueError(problem)
+            rx.status.mark_transferring()
+            await self._receive_layers(rx, head.checksum == pb.CHECKSUM_KIND_CRC32)
+            tail = await self._take_frame(await self._wait_probe(rx, frame_slot(layout.num_layers)))
+            if tail.kind != pb.KV_FRAME_KIND_TRAILER:
+                raise ValueError(frames.check_layer(tail, layout.num_layers, layout) or "expected trailer")
+            rx.trailer = tail.trailer
+            rx.status.mark_done()
+        except (Aborted, asyncio.TimeoutError):
+            rx.status.mark_failed("timed out")
+        except Exception as exc:
+            rx.status.mark_failed(f"ucx receive failed: {exc}")
+        finally:
+            self._armed.pop(tid, None)
+            self._track(-1)
+            failed = rx.poll().name == "FAILED"
+            if head is not None and head.reply_address:
+                reply = (pb.KVFrame(kind=pb.KV_FRAME_KIND_ERROR, reason=rx.failure() or "")
+                         if failed else pb.KVFrame(kind=pb.KV_FRAME_KIND_ACK))
+                self._spawn(self._reply(head.reply_address, tid, reply))
+            if failed:
+                self._spawn(self._drain(tid, layout.num_layers))
+
+    async def _receive_layers(self, rx, checksum: bool) -> None:
+        offset = 0
+        for index in range(rx.layout.num_layers):
+            frame = await self._take_frame(await self._wait_probe(rx, frame_slot(index)))
+            problem = frames.check_layer(frame, index, rx.layout)
+            if problem:
+                raise ValueError(problem)
+            view = rx.dest[offset: offset + frame.payload_bytes]
+            found = await self._wait_probe(rx, frame_slot(index) + 1)
+            if found.length != len(view):
+                await self._take(found, bytearray(found.length))  # off UCX's queue, then refuse
+                raise ValueError(f"KV payload of layer {index} is {found.length} bytes, expected {len(view)} "
+                                 "(truncated or corrupted)")
+            await self._take(found, view)
+            if checksum and crc32(view) != frame.crc32:
+                raise ValueError(f"checksum mismatch in layer {index}")
+            offset += frame.payload_bytes
+            rx.num_layers_received = index + 1
+
+    async def _wait_probe(self, rx, slot: int):
+        wanted, abort_tag = tag(rx.layout.transfer_id, slot), tag(rx.layout.transfer_id, ABORT_SLOT)
+        pacer = Pacer()
+        while True:
+            if (found := self._probe(wanted)) is not None:
+                return found
+            if (aborted := self._probe(abort_tag)) is not None:
+                raise ValueError(f"sender aborted: {(await self._take_frame(aborted)).reason}")
+            if not rx.status.active:
+                raise Aborted()
+            await pacer.wait()
+
+
+class _Refused(Exception):
+    """The receiver answered ERROR before the transfer finished."""

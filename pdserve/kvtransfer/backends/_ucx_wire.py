@@ -1,0 +1,44 @@
+"""Tag layout and pacing shared by the UCX agent and its send/receive flows."""
+from __future__ import annotations
+
+import asyncio
+
+_SLOT_BITS = 16
+ACK_SLOT = (1 << _SLOT_BITS) - 2
+ABORT_SLOT = (1 << _SLOT_BITS) - 1
+INBOX_TAG = 0                       # transfer id 0 is reserved for the inbox
+MAX_LAYERS = (ACK_SLOT - 2) // 2
+MAX_TRANSFER_ID = (1 << (64 - _SLOT_BITS)) - 1
+# Probe pacing: spin briefly (messages of one transfer follow each other closely), then back off
+# so idle probing does not burn one of the machine's cores.
+SPIN_PROBES = 200
+BACKOFF_S = 0.0005
+IDLE_BACKOFF_S = 0.002
+DRAIN_S = 2.0
+DRAIN_POLL_S = 0.01
+REPLY_TIMEOUT_S = 1.0
+
+
+def tag(transfer_id: int, slot: int) -> int:
+    return (transfer_id << _SLOT_BITS) | slot
+
+
+def frame_slot(layer_index: int) -> int:
+    return 1 + 2 * layer_index
+
+
+class Aborted(Exception):
+    pass
+
+
+class Pacer:
+    def __init__(self, idle_s: float = BACKOFF_S):
+        self._spins = 0
+        self._idle_s = idle_s
+
+    async def wait(self, idle_s: float | None = None) -> None:
+        self._spins += 1
+        await asyncio.sleep(0 if self._spins < SPIN_PROBES else (idle_s or self._idle_s))
+
+    def reset(self) -> None:
+        self._spins = 0
