@@ -1,0 +1,51 @@
+import torch
+
+from pdserve.workers.model.sampling import SamplingConfig, sample_token
+from pdserve.workers.model.tokenizer import ByteTokenizer
+from pdserve.workers.output import Finish, OutputProcessor
+
+
+def test_greedy_and_seeded_sampling_are_reproducible():
+    logits = torch.randn(320, generator=torch.Generator().manual_seed(1))
+    assert sample_token(logits, SamplingConfig(), 0) == int(logits.argmax())
+    p = SamplingConfig(temperature=1.0, seed=7)
+    draws = [sample_token(logits, p, i) for i in range(20)]
+    assert draws == [sample_token(logits, p, i) for i in range(20)]
+    assert len(set(draws)) > 1
+    # A tiny nucleus keeps only the most likely token.
+    assert sample_token(logits, SamplingConfig(temperature=1.0, top_p=1e-6, seed=1), 0) == int(logits.argmax())
+
+
+def _feed(text: str, **params) -> tuple[str, Finish | None, int]:
+    tok = ByteTokenizer()
+    out = OutputProcessor(tok, SamplingConfig(**{"max_tokens": 100, **params}), 1, 4096)
+    streamed, finish = "", None
+    for t in tok.encode(text, add_bos=False):
+        d = out.add(t)
+        streamed += d.text
+        if d.finish:
+            finish = d.finish
+            break
+    return streamed, finish, len(out.token_ids)
+
+
+def test_stop_sequence_is_cut_and_never_streamed():
+    text, finish, _ = _feed("hello world. STOP here", stop=("STOP",))
+    assert text == "hello world. " and finish is Finish.STOP
+
+
+def test_max_tokens_and_eos():
+    text, finish, n = _feed("abcdefgh", max_tokens=3)
+    assert (text, finish, n) == ("abc", Finish.LENGTH, 3)
+    tok = ByteTokenizer()
+    out = OutputProcessor(tok, SamplingConfig(max_tokens=10), 1, 4096)
+    out.add(ord("a"))
+    assert out.add(tok.EOS_ID).finish is Finish.STOP
+
+
+def test_incomplete_utf8_is_held_back():
+    tok = ByteTokenizer()
+    out = OutputProcessor(tok, SamplingConfig(max_tokens=10), 1, 4096)
+    first, second = "é".encode()
+    assert out.add(first).text == ""
+    assert out.add(second).text == "é"
