@@ -116,8 +116,12 @@ class BaseKVSender(abc.ABC):
         self.status = status
 
     @abc.abstractmethod
-    def send_layer(self, layer_index: int, buf: memoryview) -> None:
-        """Queue one layer (non-blocking). `buf` must stay unchanged until the transfer ends."""
+    def send_layer(self, layer_index: int, buf: memoryview, crc32: int | None = None) -> None:
+        """Queue one layer (non-blocking). `buf` must stay unchanged until the transfer ends.
+
+        With checksums on, `crc32` may carry a checksum computed at the data's source; otherwise
+        the backend computes it just before sending.
+        """
 
     @abc.abstractmethod
     def finish(self, trailer: bytes) -> None:

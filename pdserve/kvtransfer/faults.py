@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pdserve.kvtransfer.base import BaseKVAgent, BaseKVReceiver, BaseKVSender, TransferLayout
+from pdserve.kvtransfer.base import BaseKVAgent, BaseKVReceiver, BaseKVSender, TransferLayout, crc32
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class FaultySender(BaseKVSender):
         limit = self._faults.vanish_after_layers
         return limit is not None and self._num_sent >= limit
 
-    def send_layer(self, layer_index: int, buf: memoryview) -> None:
+    def send_layer(self, layer_index: int, buf: memoryview, crc32_given: int | None = None) -> None:
         f = self._faults
         if self._vanished():
             return
@@ -41,12 +41,13 @@ class FaultySender(BaseKVSender):
             return
         if layer_index in f.truncate_layers:
             buf = buf[: len(buf) // 2]
+        source_crc = crc32(buf)  # what the data was before it was damaged "in flight"
         if layer_index in f.corrupt_layers:
             copy = bytearray(buf)
             copy[len(copy) // 2] ^= 0xFF
             self._kept.append(copy)
             buf = memoryview(copy)
-        self._inner.send_layer(layer_index, buf)
+        self._inner.send_layer(layer_index, buf, source_crc)
 
     def finish(self, trailer: bytes) -> None:
         if not self._vanished():

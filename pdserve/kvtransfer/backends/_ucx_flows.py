@@ -58,9 +58,10 @@ class UcxFlows:
                                            tag(tid, next_slot), tx.status)
                     await self._await_ack(tx)
                     return
-                _, index, buf = item
+                _, index, buf, given_crc = item
+                crc = (crc32(buf) if given_crc is None else given_crc) if checksum else 0
                 frame = pb.KVFrame(kind=pb.KV_FRAME_KIND_LAYER, layer_index=index, payload_bytes=len(buf),
-                                   crc32=crc32(buf) if checksum else 0)
+                                   crc32=crc)
                 await self._send_frame(ep, frame, tag(tid, next_slot), tx.status)
                 await self._bounded(ep.send(np.frombuffer(buf, dtype=np.uint8), tag=tag(tid, next_slot + 1),
                                             force_tag=True), tx.status)

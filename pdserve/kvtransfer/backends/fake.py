@@ -10,7 +10,10 @@ import threading
 
 from pdserve.clock import Clock
 from pdserve.kvtransfer.base import (BaseKVAgent, BaseKVReceiver, BaseKVSender, TransferLayout,
-                                     TransferState, TransferStatus)
+                                     TransferState, TransferStatus, crc32)
+
+
+_crc = crc32
 
 
 class FakeFabric:
@@ -42,14 +45,17 @@ class FakeReceiver(BaseKVReceiver):
         self.status.mark_failed(f"aborted: {reason}")
         self._agent.forget(self.layout.transfer_id)
 
-    def deliver_layer(self, index: int, buf: memoryview) -> str | None:
+    def deliver_layer(self, index: int, buf: memoryview, checksum: int | None) -> str | None:
         if not self.status.active:
             return self.status.failure() or "receiver gone"
-        if index != self.num_layers_received or len(buf) != self.layout.layer_nbytes[index]:
+        if index != self.num_layers_received or index >= self.layout.num_layers \
+                or len(buf) != self.layout.layer_nbytes[index]:
             return f"layer {index} of {len(buf)} bytes does not match the layout"
         offset = self.layout.layer_offset(index)
         self.status.mark_transferring()
         self.dest[offset: offset + len(buf)] = buf
+        if checksum is not None and crc32(self.dest[offset: offset + len(buf)]) != checksum:
+            return f"checksum mismatch in layer {index}"
         self.num_layers_received += 1
         return None
 
@@ -63,14 +69,23 @@ class FakeReceiver(BaseKVReceiver):
 
 
 class FakeSender(BaseKVSender):
-    def __init__(self, rx: FakeReceiver | None, layout: TransferLayout, status: TransferStatus):
+    def __init__(self, rx: FakeReceiver | None, layout: TransferLayout, status: TransferStatus, checksum: bool):
         super().__init__(layout, status)
         self._rx = rx
+        self._checksum = checksum
         if rx is None:
             status.mark_failed(f"receiver refused: unknown transfer id {layout.transfer_id}")
+        elif rx.layout != layout:
+            problem = (f"layout mismatch: sender has {layout.num_layers} layers / {layout.total_nbytes} bytes, "
+                       f"receiver expects {rx.layout.num_layers} layers / {rx.layout.total_nbytes} bytes")
+            status.mark_failed(f"receiver refused: {problem}")
+            rx.status.mark_failed(problem)
 
-    def send_layer(self, layer_index: int, buf: memoryview) -> None:
-        self._deliver(lambda rx: rx.deliver_layer(layer_index, buf))
+    def send_layer(self, layer_index: int, buf: memoryview, crc32: int | None = None) -> None:
+        checksum = None
+        if self._checksum:
+            checksum = crc32 if crc32 is not None else _crc(buf)
+        self._deliver(lambda rx: rx.deliver_layer(layer_index, buf, checksum))
 
     def finish(self, trailer: bytes) -> None:
         if self._deliver(lambda rx: rx.deliver_trailer(trailer)):
@@ -117,7 +132,7 @@ class FakeAgent(BaseKVAgent):
                       checksum: bool = False) -> FakeSender:
         peer = self._fabric.lookup(peer_address)
         rx = peer.receiver(layout.transfer_id) if peer is not None else None
-        return FakeSender(rx, layout, TransferStatus(self._clock, timeout_s))
+        return FakeSender(rx, layout, TransferStatus(self._clock, timeout_s), checksum)
 
     def receiver(self, transfer_id: int) -> FakeReceiver | None:
         with self._lock:

@@ -80,8 +80,8 @@ class TcpSender(BaseKVSender):
         self._thread = threading.Thread(target=self._run, name="kv-tcp-send", daemon=True)
         self._thread.start()
 
-    def send_layer(self, layer_index: int, buf: memoryview) -> None:
-        self._queue.put(("layer", layer_index, buf))
+    def send_layer(self, layer_index: int, buf: memoryview, crc32: int | None = None) -> None:
+        self._queue.put(("layer", layer_index, buf, crc32))
 
     def finish(self, trailer: bytes) -> None:
         self._queue.put(("trailer", trailer))
@@ -123,9 +123,10 @@ class TcpSender(BaseKVSender):
                 sock.sendall(frames.encode_stream(frames.abort_frame(item[1])))
                 return
             if item[0] == "layer":
-                _, index, buf = item
+                _, index, buf, given_crc = item
+                checksum = (crc32(buf) if given_crc is None else given_crc) if self._checksum else 0
                 frame = pb.KVFrame(kind=pb.KV_FRAME_KIND_LAYER, layer_index=index,
-                                   payload_bytes=len(buf), crc32=crc32(buf) if self._checksum else 0)
+                                   payload_bytes=len(buf), crc32=checksum)
                 sock.sendall(frames.encode_stream(frame))
                 sock.sendall(buf)
                 continue

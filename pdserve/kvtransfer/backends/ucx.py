@@ -42,8 +42,8 @@ class UcxSender(BaseKVSender):
         self._agent = agent
         self.queue: asyncio.Queue = asyncio.Queue()
 
-    def send_layer(self, layer_index: int, buf: memoryview) -> None:
-        self._agent.call_soon(self.queue.put_nowait, ("layer", layer_index, buf))
+    def send_layer(self, layer_index: int, buf: memoryview, crc32: int | None = None) -> None:
+        self._agent.call_soon(self.queue.put_nowait, ("layer", layer_index, buf, crc32))
 
     def finish(self, trailer: bytes) -> None:
         self._agent.call_soon(self.queue.put_nowait, ("trailer", trailer))

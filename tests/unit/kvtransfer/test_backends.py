@@ -1,0 +1,133 @@
+"""Every backend honours the same contract: data arrives intact, every failure is reported with a
+reason on both sides, nothing waits past its deadline, and nothing stays tracked afterwards."""
+import numpy as np
+import pytest
+
+from pdserve.clock import WallClock
+from pdserve.kvtransfer import TransferLayout, TransferState, create_agent
+from pdserve.kvtransfer.backends.fake import FakeFabric
+from pdserve.kvtransfer.faults import Faults, FaultyAgent
+from tests.conftest import assert_no_leaks, wait_until
+
+BACKENDS = ["fake", "tcp", "ucx"]
+_ENDED = (TransferState.DONE, TransferState.FAILED)
+
+
+@pytest.fixture(scope="module")
+def agent_pairs():
+    fabric = FakeFabric()
+    options = {"fake": {"fabric": fabric}, "tcp": {"host": "127.0.0.1", "stall_timeout_s": 2.0},
+               "ucx": {"stall_timeout_s": 2.0}}
+    pairs = {b: (create_agent(b, WallClock(), **options[b]), create_agent(b, WallClock(), **options[b]))
+             for b in BACKENDS}
+    yield pairs
+    for a, b in pairs.values():
+        a.close()
+        b.close()
+
+
+_ids = iter(range(1, 1 << 30))
+
+
+def _layers(num_layers=4, nbytes=64 * 1024):
+    return [np.random.default_rng(i).integers(0, 255, nbytes, dtype=np.uint8) for i in range(num_layers)]
+
+
+def _transfer(sender_agent, receiver_agent, layers, *, checksum=False, timeout_s=5.0, send_layout=None):
+    layout = TransferLayout(next(_ids), tuple(x.nbytes for x in layers))
+    dest = np.zeros(layout.total_nbytes, dtype=np.uint8)
+    rx = receiver_agent.create_receiver(layout, memoryview(dest), timeout_s)
+    tx = sender_agent.create_sender(receiver_agent.address(), send_layout or layout, timeout_s, checksum)
+    for i, buf in enumerate(layers):
+        tx.send_layer(i, memoryview(buf))
+    tx.finish(b"trailer-bytes")
+    assert wait_until(lambda: rx.poll() in _ENDED and tx.poll() in _ENDED, timeout_s + 5)
+    return rx, tx, dest
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("checksum", [False, True])
+def test_layers_arrive_intact(agent_pairs, backend, checksum):
+    a, b = agent_pairs[backend]
+    layers = _layers()
+    rx, tx, dest = _transfer(a, b, layers, checksum=checksum)
+    assert (rx.poll(), tx.poll()) == (TransferState.DONE, TransferState.DONE), (rx.failure(), tx.failure())
+    assert np.array_equal(dest, np.concatenate(layers))
+    assert rx.trailer == b"trailer-bytes"
+    assert_no_leaks(agents=(a, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fault,needs_checksum,expected", [
+    (Faults(truncate_layers=frozenset({1})), False, "bytes"),
+    (Faults(corrupt_layers=frozenset({2})), True, "checksum mismatch"),
+    (Faults(drop_layers=frozenset({0})), False, ""),
+])
+def test_bad_messages_fail_both_sides_with_a_reason(agent_pairs, backend, fault, needs_checksum, expected):
+    a, b = agent_pairs[backend]
+    rx, tx, _ = _transfer(FaultyAgent(a, fault), b, _layers(), checksum=needs_checksum)
+    assert rx.poll() is TransferState.FAILED and expected in (rx.failure() or "")
+    assert tx.poll() is TransferState.FAILED and tx.failure()
+    assert_no_leaks(agents=(a, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vanished_sender_times_out_receiver(agent_pairs, backend):
+    a, b = agent_pairs[backend]
+    rx, tx, _ = _transfer(FaultyAgent(a, Faults(vanish_after_layers=2)), b, _layers(), timeout_s=1.0)
+    assert rx.poll() is TransferState.FAILED
+    assert "timed out" in rx.failure() or "closed" in rx.failure()
+    assert_no_leaks(agents=(a, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unknown_transfer_id_is_refused(agent_pairs, backend):
+    a, b = agent_pairs[backend]
+    layout = TransferLayout(next(_ids), (1024,))
+    tx = a.create_sender(b.address(), layout, 5.0)
+    tx.send_layer(0, memoryview(bytearray(1024)))
+    tx.finish(b"")
+    assert wait_until(lambda: tx.poll() in _ENDED, 6)
+    assert tx.poll() is TransferState.FAILED and "unknown" in tx.failure()
+    assert_no_leaks(agents=(a, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_mismatch_is_refused(agent_pairs, backend):
+    a, b = agent_pairs[backend]
+    layers = _layers(num_layers=2)
+    rx, tx, _ = _transfer(a, b, layers, send_layout=None)
+    assert rx.poll() is TransferState.DONE
+    # Sender claims 3 layers where the receiver was armed for 2.
+    layout = TransferLayout(next(_ids), (1024, 1024))
+    dest = np.zeros(2048, np.uint8)
+    rx = b.create_receiver(layout, memoryview(dest), 3.0)
+    tx = a.create_sender(b.address(), TransferLayout(layout.transfer_id, (1024, 1024, 1024)), 3.0)
+    for i in range(3):
+        tx.send_layer(i, memoryview(bytearray(1024)))
+    tx.finish(b"")
+    assert wait_until(lambda: rx.poll() in _ENDED and tx.poll() in _ENDED, 8)
+    assert rx.poll() is TransferState.FAILED and tx.poll() is TransferState.FAILED
+    assert_no_leaks(agents=(a, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_abort_from_either_side(agent_pairs, backend):
+    a, b = agent_pairs[backend]
+    layout = TransferLayout(next(_ids), (4096, 4096))
+    rx = b.create_receiver(layout, memoryview(np.zeros(8192, np.uint8)), 5.0)
+    tx = a.create_sender(b.address(), layout, 5.0)
+    tx.send_layer(0, memoryview(bytearray(4096)))
+    tx.abort("client went away")
+    assert wait_until(lambda: rx.poll() in _ENDED, 6)
+    assert tx.poll() is TransferState.FAILED and "client went away" in tx.failure()
+    assert rx.poll() is TransferState.FAILED
+    rx2 = b.create_receiver(TransferLayout(next(_ids), (16,)), memoryview(np.zeros(16, np.uint8)), 5.0)
+    rx2.abort("decode request cancelled")
+    assert rx2.poll() is TransferState.FAILED and "cancelled" in rx2.failure()
+    assert_no_leaks(agents=(a, b))
+
+
+def test_unknown_backend_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown KV transfer backend"):
+        create_agent("carrier-pigeon", WallClock())
