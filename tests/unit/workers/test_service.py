@@ -1,0 +1,138 @@
+"""Worker gRPC services in-process over the fake KV backend: the request flows, their error paths
+and that KV is always freed. The same flows over real ucx/tcp between processes are in
+tests/integration and tests/faults."""
+import asyncio
+import contextlib
+
+import grpc
+import pytest
+
+from pdserve.clock import WallClock
+from pdserve.kvtransfer.backends.fake import FakeAgent, FakeFabric
+from pdserve.kvtransfer.faults import Faults, FaultyAgent
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve.workers import client
+from pdserve.workers.engine import Engine
+from pdserve.workers.model.loader import load_model
+from pdserve.workers.service import WorkerService
+from tests.conftest import assert_no_leaks
+
+PROMPT = list(b"The quick brown fox jumps over the lazy dog. " * 4)
+
+
+@contextlib.asynccontextmanager
+async def cluster(model_cache_dir, prefill_faults: Faults | None = None, lease_s: float = 30.0):
+    fabric, clock = FakeFabric(), WallClock()
+    loaded = load_model("tiny", model_cache_dir)
+    servers, services, stubs = [], [], []
+    for role in ("prefill", "decode", "aggregated"):
+        agent = FakeAgent(clock, fabric)
+        if role == "prefill" and prefill_faults:
+            agent = FaultyAgent(agent, prefill_faults)
+        svc = WorkerService(Engine(loaded, 64, 16, 8), {"fake": agent}, clock, worker_id=role, role=role,
+                            transfer_timeout_s=2.0, lease_s=lease_s, checksum=True)
+        server = grpc.aio.server()
+        port = server.add_insecure_port("127.0.0.1:0")
+        worker_pb2_grpc.add_WorkerServicer_to_server(svc, server)
+        await server.start()
+        await svc.start()
+        servers.append(server)
+        services.append(svc)
+        stubs.append(worker_pb2_grpc.WorkerStub(client.channel(port)))
+    try:
+        yield services, stubs
+    finally:
+        for server, svc in zip(servers, services):
+            await server.stop(0)
+            await svc.stop()
+
+
+def sampling(**kw):
+    return worker_pb2.SamplingParams(**{"max_tokens": 8, **kw})
+
+
+def _assert_clean(services):
+    for svc in services:
+        assert_no_leaks(allocator=svc.engine.allocator, agents=svc.agents.values())
+        assert not svc.engine.running and not svc._pending
+
+
+def test_disaggregated_equals_aggregated(model_cache_dir):
+    async def body():
+        async with cluster(model_cache_dir) as (services, (p, d, a)):
+            for params in (sampling(), sampling(temperature=0.8, top_p=0.9, seed=11)):
+                ref = await client.generate_aggregated(a, "ref", PROMPT, params)
+                got = await client.generate_disaggregated(p, d, "fake", "dis", PROMPT, params)
+                assert got.token_ids == ref.token_ids and len(ref.token_ids) == 8
+                assert got.prefill.kv_bytes > 0
+            _assert_clean(services)
+    asyncio.run(body())
+
+
+def test_unknown_request_id_and_bad_input_are_rejected(model_cache_dir):
+    async def body():
+        async with cluster(model_cache_dir) as (services, (p, d, a)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client._collect(d.Generate(worker_pb2.GenerateRequest(
+                    req_id="nobody", prompt_token_ids=PROMPT, sampling=sampling(), remote_prefill=True)))
+            assert err.value.code() is grpc.StatusCode.NOT_FOUND and "unknown request id" in err.value.details()
+            for bad_prompt, bad_sampling in (([], sampling()), ([10**6], sampling()),
+                                             (PROMPT, sampling(temperature=-1)), (PROMPT, sampling(top_p=2))):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await client.generate_aggregated(a, "bad", bad_prompt, bad_sampling)
+                assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await d.ReserveKV(worker_pb2.ReserveKVRequest(req_id="x", num_prompt_tokens=5, backend="ucx"))
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert len((await client.generate_aggregated(a, "ok", PROMPT, sampling())).token_ids) == 8
+            _assert_clean(services)
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("faults", [Faults(truncate_layers=frozenset({1})), Faults(corrupt_layers=frozenset({0})),
+                                    Faults(vanish_after_layers=2)])
+def test_broken_transfer_fails_cleanly_and_worker_keeps_serving(model_cache_dir, faults):
+    async def body():
+        async with cluster(model_cache_dir, prefill_faults=faults, lease_s=2.0) as (services, (p, d, a)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.generate_disaggregated(p, d, "fake", "broken", PROMPT, sampling())
+            assert err.value.code() in (grpc.StatusCode.UNAVAILABLE,)
+            assert "KV transfer failed" in err.value.details()
+            await asyncio.sleep(0.1)
+            _assert_clean(services)
+            services[0].agents["fake"].faults = Faults()   # the prefill worker heals
+            ok = await client.generate_disaggregated(p, d, "fake", "after", PROMPT, sampling())
+            assert len(ok.token_ids) == 8
+    asyncio.run(body())
+
+
+def test_unclaimed_reservation_expires(model_cache_dir):
+    async def body():
+        async with cluster(model_cache_dir, lease_s=0.5) as (services, (p, d, a)):
+            await d.ReserveKV(worker_pb2.ReserveKVRequest(req_id="orphan", num_prompt_tokens=100, backend="fake"))
+            assert services[1].engine.allocator.num_free_blocks < 64
+            await asyncio.sleep(1.5)
+            _assert_clean(services)
+    asyncio.run(body())
+
+
+def test_client_cancel_mid_stream_frees_kv(model_cache_dir):
+    async def body():
+        async with cluster(model_cache_dir) as (services, (p, d, a)):
+            await d.ReserveKV(worker_pb2.ReserveKVRequest(req_id="c", num_prompt_tokens=len(PROMPT), backend="fake"))
+            info = await d.GetInfo(worker_pb2.GetInfoRequest())
+            call = d.Generate(worker_pb2.GenerateRequest(req_id="c", prompt_token_ids=PROMPT, remote_prefill=True,
+                                                         sampling=sampling(max_tokens=500, ignore_eos=True)))
+            reservation_endpoint = info.kv_endpoints[0]
+            assert reservation_endpoint.backend == "fake"
+            await asyncio.sleep(0.2)
+            call.cancel()                       # client gone before its KV even arrived
+            stream = a.Generate(worker_pb2.GenerateRequest(req_id="s", prompt_token_ids=PROMPT,
+                                                           sampling=sampling(max_tokens=500, ignore_eos=True)))
+            async for chunk in stream:
+                if chunk.num_generated_tokens >= 3:
+                    stream.cancel()             # client gone mid-stream
+                    break
+            await asyncio.sleep(0.5)
+            _assert_clean(services)
+    asyncio.run(body())
