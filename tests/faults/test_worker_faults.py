@@ -1,0 +1,142 @@
+"""Real processes, real ucx/tcp: truncated or corrupted KV, a sender that dies mid-transfer, a decode
+worker that dies mid-transfer, unknown request ids. Each fails with a clear error, frees KV on both
+sides, and the workers keep serving."""
+import asyncio
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+
+from pdserve.clock import WallClock
+from pdserve.kvtransfer import TransferLayout, TransferState, create_agent
+from pdserve.kvtransfer.faults import Faults, FaultyAgent
+from pdserve.v1 import worker_pb2
+from pdserve.workers import client
+from pdserve.workers.launch import start_worker
+from tests.conftest import REPO_ROOT, wait_until
+from tests.integration.conftest import Cluster
+
+PROMPT = list(b"fault injection prompt " * 10)
+FAST_FAIL_ENV = {"PDSERVE_WORKER__RESERVATION_LEASE_S": "3", "PDSERVE_KVTRANSFER__TIMEOUT_S": "3",
+                 "PDSERVE_KVTRANSFER__STALL_TIMEOUT_S": "2"}
+KV_BYTES_PER_TOKEN_PER_LAYER = 2 * 4 * 32 * 4   # tiny: (K,V) * kv heads * head dim * fp32
+NUM_LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster("tiny", extra_env=FAST_FAIL_ENV)
+    yield c
+    c.stop()
+
+
+def _params():
+    return worker_pb2.SamplingParams(max_tokens=8, ignore_eos=True)
+
+
+async def _reserve_and_generate(stubs, backend, req_id):
+    res = await stubs["decode"].ReserveKV(worker_pb2.ReserveKVRequest(
+        req_id=req_id, num_prompt_tokens=len(PROMPT), backend=backend))
+    gen = asyncio.ensure_future(client._collect(stubs["decode"].Generate(worker_pb2.GenerateRequest(
+        req_id=req_id, prompt_token_ids=PROMPT, sampling=_params(), remote_prefill=True))))
+    return res, gen
+
+
+def _still_serves(cluster):
+    async def run():
+        s = cluster.stubs()
+        return await client.generate_disaggregated(s["prefill"], s["decode"], "tcp", "after-fault", PROMPT, _params())
+    assert len(asyncio.run(run()).token_ids) == 8
+    cluster.assert_idle()
+
+
+@pytest.mark.parametrize("backend", ["ucx", "tcp"])
+@pytest.mark.parametrize("faults,needs_checksum", [(Faults(truncate_layers=frozenset({2})), False),
+                                                   (Faults(corrupt_layers=frozenset({1})), True)],
+                         ids=["truncated", "corrupted"])
+def test_bad_kv_message_fails_cleanly(cluster, backend, faults, needs_checksum):
+    async def run():
+        s = cluster.stubs()
+        res, gen = await _reserve_and_generate(s, backend, f"bad-{backend}-{needs_checksum}")
+        opts = {"host": "127.0.0.1"} if backend == "tcp" else {}
+        agent = FaultyAgent(create_agent(backend, WallClock(), **opts), faults)
+        layout = TransferLayout(res.transfer_id, (len(PROMPT) * KV_BYTES_PER_TOKEN_PER_LAYER,) * NUM_LAYERS)
+        tx = agent.create_sender(res.endpoint.address, layout, 5.0, checksum=needs_checksum)
+        bufs = [np.ones(n, np.uint8) for n in layout.layer_nbytes]
+        for i, b in enumerate(bufs):
+            tx.send_layer(i, memoryview(b))
+        tx.finish(b"")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await gen
+        await asyncio.to_thread(wait_until, lambda: tx.poll() is TransferState.FAILED, 5)
+        agent.close()
+        return err.value, tx
+    err, tx = asyncio.run(run())
+    assert err.code() is grpc.StatusCode.UNAVAILABLE
+    expected = "checksum mismatch" if needs_checksum else "bytes"
+    assert "KV transfer failed" in err.details() and expected in err.details()
+    assert tx.poll() is TransferState.FAILED and "receiver refused" in tx.failure()
+    _still_serves(cluster)
+
+
+@pytest.mark.parametrize("backend", ["ucx", "tcp"])
+def test_sender_process_dies_mid_transfer(cluster, backend):
+    async def run():
+        s = cluster.stubs()
+        res, gen = await _reserve_and_generate(s, backend, f"orphaned-{backend}")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.faults.dying_sender", backend, res.endpoint.address.hex(),
+            str(res.transfer_id), str(len(PROMPT) * KV_BYTES_PER_TOKEN_PER_LAYER), str(NUM_LAYERS), "2",
+            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert await proc.wait() == 17
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(gen, 15)    # bounded: nothing may hang
+        return err.value
+    err = asyncio.run(run())
+    assert err.code() is grpc.StatusCode.UNAVAILABLE and "KV transfer failed" in err.details()
+    _still_serves(cluster)
+
+
+@pytest.mark.parametrize("backend", ["ucx", "tcp"])
+def test_decode_worker_dies_mid_transfer(cluster, backend):
+    doomed = start_worker("decode", model="tiny", extra_env=FAST_FAIL_ENV)
+
+    async def run():
+        s = cluster.stubs()
+        doomed_stub = client.worker_pb2_grpc.WorkerStub(client.channel(doomed.port))
+        res = await doomed_stub.ReserveKV(worker_pb2.ReserveKVRequest(
+            req_id="doomed", num_prompt_tokens=len(PROMPT), backend=backend))
+        doomed.proc.kill()
+        doomed.proc.wait()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(s["prefill"].Prefill(worker_pb2.PrefillRequest(
+                req_id="doomed", prompt_token_ids=PROMPT, sampling=_params(), target=res.endpoint,
+                transfer_id=res.transfer_id)), 15)
+        return err.value
+    try:
+        err = asyncio.run(run())
+    finally:
+        doomed.stop()
+    assert err.code() is grpc.StatusCode.UNAVAILABLE and "KV transfer failed" in err.details()
+    _still_serves(cluster)
+
+
+@pytest.mark.parametrize("backend", ["ucx", "tcp"])
+def test_unknown_ids_are_refused(cluster, backend):
+    async def run():
+        s = cluster.stubs()
+        info = await s["decode"].GetInfo(worker_pb2.GetInfoRequest())
+        endpoint = next(e for e in info.kv_endpoints if e.backend == backend)
+        with pytest.raises(grpc.aio.AioRpcError) as prefill_err:
+            await s["prefill"].Prefill(worker_pb2.PrefillRequest(
+                req_id="ghost", prompt_token_ids=PROMPT, sampling=_params(), target=endpoint, transfer_id=424242))
+        with pytest.raises(grpc.aio.AioRpcError) as gen_err:
+            await client._collect(s["decode"].Generate(worker_pb2.GenerateRequest(
+                req_id="ghost", prompt_token_ids=PROMPT, sampling=_params(), remote_prefill=True)))
+        return prefill_err.value, gen_err.value
+    prefill_err, gen_err = asyncio.run(run())
+    assert prefill_err.code() is grpc.StatusCode.UNAVAILABLE and "unknown or expired transfer id" in prefill_err.details()
+    assert gen_err.code() is grpc.StatusCode.NOT_FOUND and "unknown request id" in gen_err.details()
+    _still_serves(cluster)

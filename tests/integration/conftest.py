@@ -1,0 +1,42 @@
+"""Real worker processes on loopback, started once per module."""
+import asyncio
+
+import pytest
+
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve.workers import client
+from pdserve.workers.launch import start_worker
+
+
+class Cluster:
+    def __init__(self, model: str, extra_env: dict[str, str] | None = None):
+        self.procs = {role: start_worker(role, model=model, extra_env=extra_env)
+                      for role in ("prefill", "decode", "aggregated")}
+
+    def stubs(self) -> dict[str, worker_pb2_grpc.WorkerStub]:
+        # Channels belong to an event loop: build them inside each asyncio.run().
+        return {role: worker_pb2_grpc.WorkerStub(client.channel(p.port)) for role, p in self.procs.items()}
+
+    def info(self, role: str) -> worker_pb2.WorkerInfo:
+        async def get():
+            return await self.stubs()[role].GetInfo(worker_pb2.GetInfoRequest())
+        return asyncio.run(get())
+
+    def assert_idle(self) -> None:
+        for role in self.procs:
+            info = self.info(role)
+            assert info.num_free_kv_blocks == info.num_total_kv_blocks, f"{role} leaked KV blocks"
+            assert info.num_pending_transfers == 0, f"{role} still tracks transfers"
+            assert info.num_active_requests == 0, f"{role} still has requests"
+            assert self.procs[role].proc.poll() is None, f"{role} worker died"
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_cluster():
+    c = Cluster("tiny", extra_env={"PDSERVE_WORKER__RESERVATION_LEASE_S": "3"})
+    yield c
+    c.stop()
