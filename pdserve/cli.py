@@ -39,7 +39,7 @@ def _bench_kv(args: argparse.Namespace) -> int:
 def _bench_overlap(args: argparse.Namespace) -> int:
     from pdserve.bench import overlap
 
-    report = overlap.run(args.model, args.backend, args.prompt_tokens, args.repeats)
+    report = overlap.run(args.model, args.backend, args.prompt_tokens, args.repeats, args.torch_threads)
     print(json.dumps(report) if args.json else overlap.format_report(report))
     return 0
 
@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--model", default="tiny")
     o.add_argument("--backend", default="ucx")
     o.add_argument("--prompt-tokens", type=int, default=2048)
-    o.add_argument("--repeats", type=int, default=3)
+    o.add_argument("--repeats", type=int, default=5)
+    o.add_argument("--torch-threads", type=int, default=0,
+                   help="compute threads; 1 leaves the other core to the transfer, as a GPU would")
     o.add_argument("--json", action="store_true")
     o.set_defaults(fn=_bench_overlap)
     return parser

@@ -21,17 +21,17 @@ _TIMEOUT_S = 60.0
 _WARMUP = 2
 
 
-def _agent_options(backend: str) -> dict:
+def agent_options(backend: str) -> dict:
     return {"host": "127.0.0.1"} if backend == "tcp" else {}
 
 
-def _wait(status, timeout_s: float) -> TransferState:
+def wait_ended(status, timeout_s: float) -> TransferState:
     status.finished.wait(timeout_s)
     return status.poll()
 
 
-def _receiver_main(conn, backends: list[str]) -> None:
-    agents = {b: create_agent(b, WallClock(), **_agent_options(b)) for b in backends}
+def receiver_main(conn, backends: list[str]) -> None:
+    agents = {b: create_agent(b, WallClock(), **agent_options(b)) for b in backends}
     conn.send({b: a.address() for b, a in agents.items()})
     # Destinations are reused and pre-touched, as a decode worker's resident KV pool would be;
     # fresh np.empty pages would add first-touch page faults to the transfer time.
@@ -42,7 +42,7 @@ def _receiver_main(conn, backends: list[str]) -> None:
         dest = dests.setdefault(layout.total_nbytes, np.zeros(layout.total_nbytes, dtype=np.uint8))
         rx = agents[backend].create_receiver(layout, memoryview(dest), _TIMEOUT_S)
         conn.send("armed")
-        state = _wait(rx.status, _TIMEOUT_S)
+        state = wait_ended(rx.status, _TIMEOUT_S)
         conn.send((state.value, rx.failure()))
 
 
@@ -58,7 +58,7 @@ def _one_transfer(agent, conn, backend: str, peer: bytes, transfer_id: int,
     tx.finish(b"")
     state, failure = conn.recv()
     elapsed = time.perf_counter() - start
-    _wait(tx.status, _TIMEOUT_S)
+    wait_ended(tx.status, _TIMEOUT_S)
     if state != TransferState.DONE.value:
         raise RuntimeError(f"{backend} transfer failed: {failure}")
     return elapsed
@@ -81,12 +81,12 @@ def _timed(fn) -> float:
 def run(backends: list[str], sizes_mib: list[int], num_layers: int = 1, repeats: int = 3) -> dict:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_receiver_main, args=(child, backends), daemon=True)
+    proc = ctx.Process(target=receiver_main, args=(child, backends), daemon=True)
     proc.start()
     results = []
     try:
         peers = parent.recv()
-        agents = {b: create_agent(b, WallClock(), **_agent_options(b)) for b in backends}
+        agents = {b: create_agent(b, WallClock(), **agent_options(b)) for b in backends}
         transfer_id = 1
         for size_mib in sizes_mib:
             size = size_mib * MIB

@@ -6,7 +6,7 @@ import asyncio
 import numpy as np
 
 from pdserve.kvtransfer import frames
-from pdserve.kvtransfer.backends._ucx_wire import (ABORT_SLOT, ACK_SLOT, BACKOFF_S, IDLE_BACKOFF_S, INBOX_TAG,
+from pdserve.kvtransfer.backends._ucx_wire import (ABORT_SLOT, ACK_SLOT, IDLE_BACKOFF_S, INBOX_TAG,
                                                    Aborted, Pacer, frame_slot, tag)
 from pdserve.kvtransfer.base import TransferStatus, crc32
 from pdserve.v1 import kvtransfer_pb2 as pb
@@ -21,8 +21,7 @@ class UcxFlows:
         while True:
             found = self._probe(INBOX_TAG)
             if found is None:
-                # Poll faster while some receiver expects a header: it bounds time to first byte.
-                await pacer.wait(BACKOFF_S if self._armed else IDLE_BACKOFF_S)
+                await self._inbox_pause(pacer)
                 continue
             pacer.reset()
             try:
@@ -37,6 +36,19 @@ class UcxFlows:
             self._spawn(self._reply(head.reply_address, head.transfer_id,
                                     pb.KVFrame(kind=pb.KV_FRAME_KIND_ERROR, reason=reason)))
             self._spawn(self._drain(head.transfer_id, head.num_layers))
+
+    async def _inbox_pause(self, pacer: Pacer) -> None:
+        """Poll briskly while some receiver expects a header (it bounds time to first byte); with
+        none armed only stray headers can come, so sleep long, but wake at once when one is armed."""
+        if self._armed:
+            await pacer.wait()
+            return
+        pacer.reset()
+        self._inbox_wake.clear()
+        try:
+            await asyncio.wait_for(self._inbox_wake.wait(), IDLE_BACKOFF_S)
+        except asyncio.TimeoutError:
+            pass
 
     async def _send(self, tx, peer_address: bytes, checksum: bool) -> None:
         tid = tx.layout.transfer_id
@@ -104,6 +116,7 @@ class UcxFlows:
         tid, layout = rx.layout.transfer_id, rx.layout
         waiter = asyncio.get_running_loop().create_future()
         self._armed[tid] = waiter
+        self._inbox_wake.set()
         head = None
         try:
             head = await self._bounded(waiter, rx.status)

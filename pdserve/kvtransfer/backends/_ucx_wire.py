@@ -10,10 +10,12 @@ INBOX_TAG = 0                       # transfer id 0 is reserved for the inbox
 MAX_LAYERS = (ACK_SLOT - 2) // 2
 MAX_TRANSFER_ID = (1 << (64 - _SLOT_BITS)) - 1
 # Probe pacing: spin briefly (messages of one transfer follow each other closely), then back off
-# so idle probing does not burn one of the machine's cores.
-SPIN_PROBES = 200
+# exponentially up to a cap, so waiting through a long prefill costs few wake-ups: on a small host
+# every wake-up steals time from the compute threads the transfer is meant to hide behind.
+SPIN_PROBES = 50
+BACKOFF_START_S = 0.00005
 BACKOFF_S = 0.0005
-IDLE_BACKOFF_S = 0.002
+IDLE_BACKOFF_S = 0.005
 DRAIN_S = 2.0
 DRAIN_POLL_S = 0.01
 REPLY_TIMEOUT_S = 1.0
@@ -35,10 +37,16 @@ class Pacer:
     def __init__(self, idle_s: float = BACKOFF_S):
         self._spins = 0
         self._idle_s = idle_s
+        self._sleep_s = BACKOFF_START_S
 
     async def wait(self, idle_s: float | None = None) -> None:
         self._spins += 1
-        await asyncio.sleep(0 if self._spins < SPIN_PROBES else (idle_s or self._idle_s))
+        if self._spins < SPIN_PROBES:
+            await asyncio.sleep(0)
+            return
+        await asyncio.sleep(self._sleep_s)
+        self._sleep_s = min(2 * self._sleep_s, idle_s or self._idle_s)
 
     def reset(self) -> None:
         self._spins = 0
+        self._sleep_s = BACKOFF_START_S

@@ -66,6 +66,7 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         self._lock = threading.Lock()
         self._endpoints: dict[bytes, object] = {}
         self._armed: dict[int, asyncio.Future] = {}   # loop thread only
+        self._inbox_wake = asyncio.Event()
         self._init_error: Exception | None = None
         self._thread = threading.Thread(target=self._run_loop, args=(tls,), name="kv-ucx", daemon=True)
         self._thread.start()

@@ -81,6 +81,12 @@ class LlamaModel:
         self._cos = angles.cos().float()
         self._sin = angles.sin().float()
 
+    def _expand_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, KV, T, D] -> [B, H, T, D]. Explicit GQA expansion: on CPU, SDPA's fused kernels need
+        4-D inputs with equal head counts (enable_gqa falls back to a path ~2x slower)."""
+        group = self.config.num_heads // self.config.num_kv_heads
+        return x if group == 1 else x.repeat_interleave(group, dim=1)
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.weights.embed[token_ids]
 
@@ -118,12 +124,17 @@ class LlamaModel:
         full_k = k if past_k is None else torch.cat([past_k, k], dim=0)
         full_v = v if past_v is None else torch.cat([past_v, v], dim=0)
         num_past = full_k.shape[0] - k.shape[0]
-        # Causal mask offset by the tokens already prefilled.
-        mask = torch.ones(k.shape[0], full_k.shape[0], dtype=torch.bool).tril(diagonal=num_past)
+        if num_past == 0:
+            # is_causal lets torch use its fused kernel instead of materialising a T x T mask.
+            mask, causal = None, True
+        else:
+            # Causal mask offset by the tokens already prefilled.
+            mask = torch.ones(k.shape[0], full_k.shape[0], dtype=torch.bool).tril(diagonal=num_past)
+            causal = False
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), full_k.transpose(0, 1), full_v.transpose(0, 1),
-            attn_mask=mask, enable_gqa=True,
-        ).transpose(0, 1)
+            q.transpose(0, 1)[None], self._expand_kv(full_k.transpose(0, 1)[None]),
+            self._expand_kv(full_v.transpose(0, 1)[None]), attn_mask=mask, is_causal=causal,
+        )[0].transpose(0, 1)
         return self.attention_output(layer, hidden, out), k, v
 
     def mlp(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -147,7 +158,7 @@ class LlamaModel:
         """
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2),                      # [B, H, 1, D]
-            k_ctx.permute(0, 2, 1, 3), v_ctx.permute(0, 2, 1, 3),
-            attn_mask=ctx_mask[:, None, None, :], enable_gqa=True,
+            self._expand_kv(k_ctx.permute(0, 2, 1, 3)), self._expand_kv(v_ctx.permute(0, 2, 1, 3)),
+            attn_mask=ctx_mask[:, None, None, :],
         ).squeeze(2)
         return self.attention_output(layer, hidden, out)
