@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--backends", default="ucx,tcp")
     k.add_argument("--sizes-mib", default="1,16,64,256")
     k.add_argument("--layers", type=int, default=1, help="split each transfer into this many layers")
-    k.add_argument("--repeats", type=int, default=3)
+    k.add_argument("--repeats", type=int, default=5)
     k.add_argument("--json", action="store_true")
     k.set_defaults(fn=_bench_kv)
     o = bench.add_parser("overlap", help="prefill+transfer time vs prefill alone (layer-wise overlap)")

@@ -41,6 +41,9 @@ def assert_no_leaks(*, allocator=None, agents=(), timeout_s: float = 10.0) -> No
 @pytest.fixture(scope="session")
 def model_cache_dir() -> pathlib.Path:
     """Converted model weights are reused across tests and runs (conversion takes ~20 s)."""
-    path = pathlib.Path(os.environ.get("PDSERVE_TEST_CACHE", pathlib.Path.home() / ".cache" / "pdserve"))
+    from pdserve.config import load_config
+
+    # The same directory the worker processes use (PDSERVE_MODEL__CACHE_DIR moves both).
+    path = load_config().model.cache_dir
     path.mkdir(parents=True, exist_ok=True)
     return path
