@@ -49,12 +49,50 @@ class WorkerSettings(_Section):
     max_batch_size: int = Field(32, gt=0, description="Most sequences in one decode step")
     reservation_lease_s: float = Field(30.0, gt=0,
                                        description="A KV reservation with no Generate call is freed after this")
+    router_address: str = Field("", description="host:port of the router to register with; empty: standalone")
+    advertise_host: str = Field("", description="Host other components use to reach this worker; empty: host")
+
+
+class RouterSettings(_Section):
+    host: str = Field("127.0.0.1", description="Router gRPC listen address")
+    port: int = Field(50050, ge=0, le=65535, description="Router gRPC port; 0 picks a free one")
+    lease_s: float = Field(6.0, gt=0, description="A worker silent for this long is marked dead")
+    request_timeout_s: float = Field(600.0, gt=0, description="Deadline of one request end to end")
+    kv_backend_preference: list[Literal["ucx", "tcp", "fake"]] = Field(
+        ["ucx", "tcp"], description="First backend both workers serve is used for a transfer")
+
+
+class GatewaySettings(_Section):
+    host: str = Field("127.0.0.1", description="HTTP listen address")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one")
+    router_address: str = Field("127.0.0.1:50050", description="host:port of the router")
+    model: str = Field("", description="Model name served; empty uses model.name")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="Larger request bodies get HTTP 413")
+    max_tokens_limit: int = Field(4096, gt=0, description="Largest max_tokens a request may ask for")
+    require_api_key: bool = Field(False, description="Reject requests without a valid bearer API key")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429 and 503")
+
+
+class DatabaseSettings(_Section):
+    url: str = Field("", description="SQLAlchemy URL; empty is a SQLite file in model.cache_dir "
+                                     "(postgresql+psycopg://user@host/db for production)")
 
 
 class PDServeConfig(_Section):
     model: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
     kvtransfer: KVTransferSettings = KVTransferSettings()
+    router: RouterSettings = RouterSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    database: DatabaseSettings = DatabaseSettings()
+
+    @property
+    def served_model(self) -> str:
+        return self.gateway.model or self.model.name
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.model.cache_dir / 'pdserve.db'}"
 
 
 def _set_path(tree: dict, path: list[str], value: str) -> None:

@@ -20,6 +20,7 @@ from pdserve.config import PDServeConfig
 from pdserve.kvtransfer import BaseKVAgent, create_agent
 from pdserve.workers.engine import Engine
 from pdserve.workers.model.loader import load_model
+from pdserve.workers.registration import keep_registered
 from pdserve.workers.service import WorkerService
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
@@ -59,6 +60,10 @@ async def serve(cfg: PDServeConfig) -> None:
     await server.start()
     await service.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    registration = None
+    if w.router_address:
+        advertised = f"{w.advertise_host or w.host}:{port}"
+        registration = asyncio.create_task(keep_registered(service, w.router_address, advertised))
     print(f"{READY_MARKER} port={port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -66,6 +71,8 @@ async def serve(cfg: PDServeConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: draining for up to %.0f s", _GRACE_S)
+    if registration is not None:
+        registration.cancel()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(_GRACE_S)
     await service.stop()

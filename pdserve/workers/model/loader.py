@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -67,8 +68,24 @@ def smollm2_hf_dir(cache_dir: pathlib.Path) -> pathlib.Path:
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     _save_hf_dir(hf, tmp)
-    tmp.rename(out)  # atomic publish: concurrent workers never see a half-written directory
+    try:
+        tmp.rename(out)  # atomic publish: concurrent processes never see a half-written directory
+    except OSError:
+        if not (out / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process published first
     return out
+
+
+def load_tokenizer(name_or_path: str, cache_dir: pathlib.Path) -> Tokenizer:
+    """Only the tokenizer (for the gateway): no weights are loaded."""
+    if name_or_path == "tiny":
+        return ByteTokenizer()
+    path = smollm2_hf_dir(cache_dir) if name_or_path == SMOLLM2_NAME else pathlib.Path(name_or_path)
+    from transformers import AutoTokenizer
+
+    config = config_from_hf(json.loads((path / "config.json").read_text()), name_or_path)
+    return HFTokenizer(AutoTokenizer.from_pretrained(str(path)), config.eos_token_ids)
 
 
 def _save_hf_dir(hf_model, out: pathlib.Path) -> None:

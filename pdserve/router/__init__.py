@@ -1,0 +1,1 @@
+"""Router: worker registry, request placement and the per-request state machine."""

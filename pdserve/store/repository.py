@@ -1,0 +1,111 @@
+"""Repository over the ORM; the only module that opens sessions. Blocking calls: async callers
+run them in a thread."""
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import secrets
+from dataclasses import dataclass
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from pdserve.store.models import ApiKey, RequestRecord, Scenario, WorkerEvent
+
+_MIGRATIONS = pathlib.Path(__file__).parent / "migrations"
+KEY_PREFIX = "pds-"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyIdentity:
+    name: str
+    tenant: str
+
+
+class Store:
+    def __init__(self, url: str):
+        self.url = url
+        if url.startswith("sqlite:///"):
+            pathlib.Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (idempotent)."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(_MIGRATIONS))
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    # ---- API keys ----
+    def create_api_key(self, name: str, tenant: str = "default") -> str:
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self.session() as s, s.begin():
+            s.add(ApiKey(name=name, tenant=tenant, key_hash=hash_key(key), key_prefix=key[:8]))
+        return key
+
+    def verify_api_key(self, key: str) -> KeyIdentity | None:
+        with self.session() as s:
+            row = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked.is_(False)))
+            return KeyIdentity(row.name, row.tenant) if row else None
+
+    def revoke_api_key(self, name: str) -> bool:
+        with self.session() as s, s.begin():
+            row = s.scalar(select(ApiKey).where(ApiKey.name == name))
+            if row is None:
+                return False
+            row.revoked = True
+            return True
+
+    def count_api_keys(self) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(ApiKey).where(ApiKey.revoked.is_(False)))
+
+    # ---- scenarios ----
+    def upsert_scenario(self, name: str, match_rules: dict, ttft_slo_ms: float, tpot_slo_ms: float) -> None:
+        with self.session() as s, s.begin():
+            row = s.scalar(select(Scenario).where(Scenario.name == name))
+            if row is None:
+                s.add(Scenario(name=name, match_rules=match_rules, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms))
+            else:
+                row.match_rules, row.ttft_slo_ms, row.tpot_slo_ms = match_rules, ttft_slo_ms, tpot_slo_ms
+
+    def list_scenarios(self) -> list[Scenario]:
+        with self.session() as s:
+            return list(s.scalars(select(Scenario).order_by(Scenario.name)))
+
+    # ---- history ----
+    def record_worker_event(self, worker_id: str, role: str, event: str, detail: str = "") -> None:
+        with self.session() as s, s.begin():
+            s.add(WorkerEvent(worker_id=worker_id, role=role, event=event, detail=detail[:512]))
+
+    def worker_events(self, worker_id: str) -> list[WorkerEvent]:
+        with self.session() as s:
+            return list(s.scalars(select(WorkerEvent).where(WorkerEvent.worker_id == worker_id)
+                                  .order_by(WorkerEvent.id)))
+
+    def record_request(self, rec: RequestRecord) -> None:
+        with self.session() as s, s.begin():
+            s.merge(rec)
+
+    def get_request(self, req_id: str) -> RequestRecord | None:
+        with self.session() as s:
+            return s.get(RequestRecord, req_id)
+
+    def count_requests(self, outcome: str | None = None) -> int:
+        query = select(func.count()).select_from(RequestRecord)
+        if outcome is not None:
+            query = query.where(RequestRecord.outcome == outcome)
+        with self.session() as s:
+            return s.scalar(query)

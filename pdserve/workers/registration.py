@@ -1,0 +1,46 @@
+"""Keeps a worker registered with the router: register, then heartbeat with its load well within
+the lease; register again if the router forgot it (router restart) or was unreachable."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
+from pdserve.workers.service import WorkerService
+
+log = logging.getLogger("pdserve.worker")
+_RETRY_S = 0.5
+
+
+async def keep_registered(service: WorkerService, router_address: str, grpc_address: str) -> None:
+    async with grpc.aio.insecure_channel(router_address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        while True:
+            try:
+                lease_s = await _register(stub, service, grpc_address)
+                while True:
+                    await asyncio.sleep(lease_s / 3)
+                    info = await service.GetInfo(worker_pb2.GetInfoRequest(), None)
+                    resp = await stub.Heartbeat(router_pb2.HeartbeatRequest(
+                        worker_id=service.worker_id, load=router_pb2.WorkerLoad(
+                            num_free_kv_blocks=info.num_free_kv_blocks,
+                            num_active_requests=info.num_active_requests)), timeout=lease_s)
+                    if not resp.known:
+                        log.warning("router forgot worker %s; registering again", service.worker_id)
+                        break
+            except grpc.aio.AioRpcError as exc:
+                log.warning("router %s unreachable (%s); retrying", router_address, exc.code().name)
+                await asyncio.sleep(_RETRY_S)
+
+
+async def _register(stub: router_pb2_grpc.RouterStub, service: WorkerService, grpc_address: str) -> float:
+    info = await service.GetInfo(worker_pb2.GetInfoRequest(), None)
+    resp = await stub.Register(router_pb2.RegisterRequest(
+        worker_id=info.worker_id, role=info.role, model=info.model, grpc_address=grpc_address,
+        kv_endpoints=info.kv_endpoints, num_total_kv_blocks=info.num_total_kv_blocks,
+        kv_block_size_tokens=info.kv_block_size_tokens, max_model_len_tokens=info.max_model_len_tokens),
+        timeout=5.0)
+    log.info("registered with router as %s (lease %.1f s)", info.worker_id, resp.lease_s)
+    return resp.lease_s
