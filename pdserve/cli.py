@@ -7,18 +7,68 @@ import json
 import logging
 import pathlib
 import sys
+import threading
 
 
-def _worker(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace, overrides: dict | None = None):
     from pdserve.config import load_config
-    from pdserve.workers.main import serve
 
-    overrides = {k: v for k, v in {
-        "model.name": args.model, "worker.role": args.role, "worker.port": args.port,
-        "kvtransfer.backends": args.kv_backends.split(",") if args.kv_backends else None,
-    }.items() if v is not None}
-    cfg = load_config(args.config, overrides=overrides)
-    asyncio.run(serve(cfg))
+    return load_config(args.config, overrides={k: v for k, v in (overrides or {}).items() if v is not None})
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.component == "router":
+        from pdserve.router.main import serve
+        asyncio.run(serve(_config(args)))
+    elif args.component == "gateway":
+        from pdserve.gateway.main import serve
+        asyncio.run(serve(_config(args)))
+    else:
+        from pdserve.workers.main import serve
+        asyncio.run(serve(_config(args, {"worker.role": args.component})))
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    import signal
+
+    from pdserve.launch import LocalCluster
+
+    env = {"PDSERVE_GATEWAY__REQUIRE_API_KEY": "false"}
+    if args.config:
+        env["PDSERVE_CONFIG"] = str(args.config)
+    cluster = LocalCluster(model=args.model, num_prefill=args.prefill, num_decode=args.decode,
+                           gateway_port=args.port, router_port=args.router_port, env=env, echo=args.verbose)
+    print(f"starting {args.prefill} prefill + {args.decode} decode workers of {args.model} ...", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster.start()
+    try:
+        print(f"pdserve is up: {cluster.url}/v1  (OpenAI-compatible; model '{args.model}'). Ctrl-C stops it.",
+              flush=True)
+        while not stop.wait(1.0):
+            dead = [p.name for p in cluster.processes if p.proc.poll() is not None]
+            if dead:
+                print(f"component(s) exited: {', '.join(dead)}; shutting down", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        print("stopping ...", flush=True)
+        cluster.stop()
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from pdserve.store import Store
+
+    store = Store(_config(args).database_url)
+    store.migrate()
+    if args.action == "create":
+        print(store.create_api_key(args.name, args.tenant))
+        return 0
+    if not store.revoke_api_key(args.name):
+        print(f"no key named {args.name!r}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -49,13 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    w = sub.add_parser("worker", help="run one model worker (prefill, decode or aggregated)")
-    w.add_argument("--config", type=pathlib.Path, help="YAML config file")
-    w.add_argument("--role", choices=["prefill", "decode", "aggregated"])
-    w.add_argument("--model", help="tiny, smollm2-135m or a local Hugging Face directory")
-    w.add_argument("--port", type=int)
-    w.add_argument("--kv-backends", help="comma list of ucx,tcp,fake")
-    w.set_defaults(fn=_worker)
+    srv = sub.add_parser("serve", help="run one component (what each Kubernetes pod runs)")
+    srv.add_argument("component", choices=["router", "gateway", "prefill", "decode", "aggregated"])
+    srv.add_argument("--config", type=pathlib.Path, help="YAML config file (PDSERVE_* variables override it)")
+    srv.set_defaults(fn=_serve)
+
+    up = sub.add_parser("up", help="start a local cluster: router, workers, gateway")
+    up.add_argument("--model", default="smollm2-135m", help="tiny, smollm2-135m or a local Hugging Face dir")
+    up.add_argument("--prefill", type=int, default=1, help="number of prefill workers")
+    up.add_argument("--decode", type=int, default=1, help="number of decode workers")
+    up.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
+    up.add_argument("--router-port", type=int, default=0, help="router gRPC port (0: any free port)")
+    up.add_argument("--config", type=pathlib.Path, help="YAML config file applied to every component")
+    up.set_defaults(fn=_up)
+
+    keys = sub.add_parser("keys", help="manage API keys (stored hashed)")
+    keys.add_argument("action", choices=["create", "revoke"])
+    keys.add_argument("name")
+    keys.add_argument("--tenant", default="default")
+    keys.add_argument("--config", type=pathlib.Path)
+    keys.set_defaults(fn=_keys)
 
     bench = sub.add_parser("bench", help="benchmarks that report ratios against a baseline").add_subparsers(
         dest="bench", required=True)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 ENV_PREFIX = "PDSERVE_"
+CONFIG_ENV = "PDSERVE_CONFIG"   # path of the YAML file when --config is not given
 
 
 class _Section(BaseModel):
@@ -107,9 +108,11 @@ def _set_path(tree: dict, path: list[str], value: str) -> None:
 def load_config(path: pathlib.Path | None = None, environ: dict[str, str] | None = None,
                 overrides: dict | None = None) -> PDServeConfig:
     data: dict = {}
+    env = os.environ if environ is None else environ
+    if path is None and env.get(CONFIG_ENV):
+        path = pathlib.Path(env[CONFIG_ENV])
     if path is not None:
         data = yaml.safe_load(pathlib.Path(path).read_text()) or {}
-    env = os.environ if environ is None else environ
     for key, value in env.items():
         if key.startswith(ENV_PREFIX) and "__" in key:
             _set_path(data, key[len(ENV_PREFIX):].lower().split("__"), value)

@@ -1,6 +1,6 @@
 """Entrypoint of one worker process: config -> model -> KV agents -> gRPC server -> serve.
 
-Prints one line `PDSERVE_WORKER_READY port=<grpc port>` on stdout when it accepts requests, so
+Prints one line `PDSERVE_READY component=worker role=... port=<grpc port>` on stdout when it accepts requests, so
 launchers and tests need not guess ports. SIGTERM/SIGINT: stop accepting, give in-flight calls a
 grace period, close transfer agents, exit.
 """
@@ -24,7 +24,7 @@ from pdserve.workers.registration import keep_registered
 from pdserve.workers.service import WorkerService
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
-READY_MARKER = "PDSERVE_WORKER_READY"
+READY_MARKER = "PDSERVE_READY"
 _GRACE_S = 5.0
 log = logging.getLogger("pdserve.worker")
 
@@ -64,7 +64,7 @@ async def serve(cfg: PDServeConfig) -> None:
     if w.router_address:
         advertised = f"{w.advertise_host or w.host}:{port}"
         registration = asyncio.create_task(keep_registered(service, w.router_address, advertised))
-    print(f"{READY_MARKER} port={port}", flush=True)
+    print(f"{READY_MARKER} component=worker role={w.role} port={port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -131,6 +131,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             while rx.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING):
                 await asyncio.to_thread(rx.status.finished.wait, _REAP_INTERVAL_S)
             if rx.poll() is TransferState.FAILED:
+                log.warning("request %s: KV transfer failed: %s", req_id, rx.failure())
                 raise RuntimeError(f"KV transfer failed: {rx.failure()}")
             trailer = kvtransfer_pb2.PrefillTrailer.FromString(rx.trailer)
             if trailer.req_id != req_id:
@@ -168,8 +169,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 num_generated += len(delta.token_ids)
                 yield self._chunk(req_id, delta, len(request.prompt_token_ids), num_generated)
                 if delta.finish is not None:
+                    log.info("request %s: generated %d tokens, finish=%s", req_id, num_generated, delta.finish.value)
                     return
                 delta = await queue.get()
+        except asyncio.CancelledError:
+            log.info("request %s: cancelled by the caller; freeing its KV", req_id)
+            raise
         finally:
             self._streams.pop(req_id, None)
             if req_id in self.engine.running:
@@ -251,7 +256,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             while sender.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING):
                 await asyncio.to_thread(sender.status.finished.wait, _REAP_INTERVAL_S)
             if sender.poll() is TransferState.FAILED:
+                log.warning("request %s: KV transfer failed: %s", request.req_id, sender.failure())
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {sender.failure()}")
+            log.info("request %s: prefilled %d tokens in %.1f ms, sent %d KV bytes", request.req_id, len(ids),
+                     result.compute_s * 1e3, result.kv_bytes)
             return worker_pb2.PrefillResponse(
                 req_id=request.req_id, first_token_id=result.first_token_id, prefill_ms=result.compute_s * 1e3,
                 kv_bytes=result.kv_bytes, transfer_tail_ms=(self.clock.now_s() - tail_start) * 1e3)

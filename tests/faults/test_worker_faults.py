@@ -14,7 +14,7 @@ from pdserve.kvtransfer import TransferLayout, TransferState, create_agent
 from pdserve.kvtransfer.faults import Faults, FaultyAgent
 from pdserve.v1 import worker_pb2
 from pdserve.workers import client
-from pdserve.workers.launch import start_worker
+from pdserve.launch import start_worker
 from tests.conftest import REPO_ROOT, wait_until
 from tests.integration.conftest import Cluster
 

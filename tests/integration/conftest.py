@@ -5,7 +5,7 @@ import pytest
 
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.workers import client
-from pdserve.workers.launch import start_worker
+from pdserve.launch import start_worker
 
 
 class Cluster:

@@ -77,6 +77,14 @@ def smollm2_hf_dir(cache_dir: pathlib.Path) -> pathlib.Path:
     return out
 
 
+def model_context_tokens(name_or_path: str, cache_dir: pathlib.Path) -> int:
+    """Context length of a model without loading its weights."""
+    if name_or_path == "tiny":
+        return tiny_config().max_position_tokens
+    path = smollm2_hf_dir(cache_dir) if name_or_path == SMOLLM2_NAME else pathlib.Path(name_or_path)
+    return config_from_hf(json.loads((path / "config.json").read_text()), name_or_path).max_position_tokens
+
+
 def load_tokenizer(name_or_path: str, cache_dir: pathlib.Path) -> Tokenizer:
     """Only the tokenizer (for the gateway): no weights are loaded."""
     if name_or_path == "tiny":

@@ -1,0 +1,211 @@
+"""From an OpenAI request body to a router stream and back to OpenAI response objects.
+
+`prepare()` validates and tokenizes (model, lengths, limits -> 4xx before any work is queued);
+`open_stream()` starts the router call and waits for its first chunk, so placement errors
+(overloaded, no workers) still become proper HTTP status codes; `collect()` and `sse()` turn the
+token chunks into a JSON body or server-sent events.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from pydantic import ValidationError
+
+from pdserve.gateway.errors import OpenAIError, bad_request
+from pdserve.gateway.metrics import GatewayMetrics
+from pdserve.gateway.router_client import RouterClient
+from pdserve.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from pdserve.v1 import router_pb2, worker_pb2
+from pdserve.workers.model.tokenizer import Tokenizer
+
+_DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+_DONE = "data: [DONE]\n\n"
+_FINISH = {worker_pb2.FINISH_REASON_STOP: "stop", worker_pb2.FINISH_REASON_LENGTH: "length"}
+
+
+@dataclass
+class Limits:
+    served_model: str
+    max_context_tokens: int
+    max_tokens_limit: int
+
+
+@dataclass
+class Prepared:
+    req_id: str
+    chat: bool
+    model: str
+    prompt_ids: list[int]
+    sampling: worker_pb2.SamplingParams
+    stream: bool
+    include_usage: bool
+    echo_text: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def response_id(self) -> str:
+        return f"{'chatcmpl' if self.chat else 'cmpl'}-{self.req_id}"
+
+
+def validation_error(exc: ValidationError) -> OpenAIError:
+    err = exc.errors()[0]
+    param = ".".join(str(p) for p in err.get("loc", ())) or None
+    return bad_request(f"Invalid value for '{param}': {err.get('msg')}", param=param)
+
+
+def prepare(body: dict, chat: bool, req_id: str, tokenizer: Tokenizer, limits: Limits) -> Prepared:
+    try:
+        req = ChatCompletionRequest.model_validate(body) if chat else CompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+    if req.model != limits.served_model:
+        raise OpenAIError(404, f"The model '{req.model}' does not exist; this server serves "
+                               f"'{limits.served_model}'", param="model", code="model_not_found")
+    if chat:
+        prompt_ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
+        requested = req.requested_max_tokens()
+    else:
+        prompt_ids = tokenizer.encode(req.prompt)
+        requested = req.max_tokens or _DEFAULT_COMPLETION_MAX_TOKENS
+    room = limits.max_context_tokens - len(prompt_ids)
+    if room <= 0 or (requested is not None and requested > room):
+        raise bad_request(
+            f"This model's maximum context length is {limits.max_context_tokens} tokens; the prompt has "
+            f"{len(prompt_ids)} tokens and {requested or 0} were requested for the completion.",
+            param="messages" if chat else "prompt", code="context_length_exceeded")
+    max_tokens = min(requested or room, limits.max_tokens_limit)
+    if requested is not None and requested > limits.max_tokens_limit:
+        raise bad_request(f"max_tokens must be <= {limits.max_tokens_limit}", param="max_tokens")
+    sampling = worker_pb2.SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                         stop=req.stop_list())
+    if req.seed is not None:
+        sampling.seed = req.seed
+    return Prepared(req_id=req_id, chat=chat, model=req.model, prompt_ids=prompt_ids, sampling=sampling,
+                    stream=req.stream, include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                    echo_text=req.prompt if (not chat and req.echo) else "")
+
+
+class Stream:
+    """A started router call whose first chunk has arrived."""
+
+    def __init__(self, call, first: worker_pb2.TokenChunk, router: RouterClient, started_s: float):
+        self.call = call
+        self.first = first
+        self.router = router
+        self.started_s = started_s
+        self.first_token_s = time.perf_counter()
+
+    async def chunks(self):
+        yield self.first
+        # read(), not iteration: grpc.aio forbids mixing the two on one call.
+        while (chunk := await self.call.read()) is not grpc.aio.EOF:
+            yield chunk
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+async def open_stream(p: Prepared, router: RouterClient) -> Stream:
+    started = time.perf_counter()
+    call = router.generate(router_pb2.RouteRequest(req_id=p.req_id, model=p.model, prompt_token_ids=p.prompt_ids,
+                                                   sampling=p.sampling))
+    try:
+        first = await call.read()
+    except grpc.aio.AioRpcError as exc:
+        raise router.to_http(exc) from exc
+    if first is grpc.aio.EOF:
+        raise OpenAIError(502, "router ended the stream without output", "server_error")
+    return Stream(call, first, router, started)
+
+
+def usage(p: Prepared, num_generated: int) -> dict:
+    return {"prompt_tokens": len(p.prompt_ids), "completion_tokens": num_generated,
+            "total_tokens": len(p.prompt_ids) + num_generated}
+
+
+@dataclass
+class Outcome:
+    text: str = ""
+    num_generated: int = 0
+    finish_reason: str | None = None
+    ttft_s: float | None = None
+    error: OpenAIError | None = None
+
+
+def _observe(chunk, out: Outcome, metrics: GatewayMetrics, last_s: float) -> float:
+    now = time.perf_counter()
+    if chunk.token_ids and out.num_generated:
+        metrics.itl.observe((now - last_s) / len(chunk.token_ids))
+    out.text += chunk.text
+    out.num_generated = chunk.num_generated_tokens
+    if chunk.finish_reason != worker_pb2.FINISH_REASON_UNSPECIFIED:
+        out.finish_reason = _FINISH.get(chunk.finish_reason)
+        if out.finish_reason is None:
+            out.error = OpenAIError(500, "the request was aborted by a worker", "server_error")
+        metrics.kv_bytes.inc(chunk.kv_transfer_bytes)
+        if chunk.prefill_ms:
+            metrics.prefill.observe(chunk.prefill_ms / 1e3)
+    return now
+
+
+async def collect(p: Prepared, s: Stream, metrics: GatewayMetrics, out: Outcome) -> dict:
+    out.ttft_s = s.first_token_s - s.started_s
+    last = s.first_token_s
+    try:
+        async for chunk in s.chunks():
+            last = _observe(chunk, out, metrics, last)
+    except grpc.aio.AioRpcError as exc:
+        raise s.router.to_http(exc) from exc
+    if out.error:
+        raise out.error
+    text = p.echo_text + out.text
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": out.finish_reason}
+              if p.chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": out.finish_reason})
+    return {"id": p.response_id, "object": "chat.completion" if p.chat else "text_completion",
+            "created": p.created, "model": p.model, "choices": [choice], "usage": usage(p, out.num_generated)}
+
+
+def _event(p: Prepared, delta_text: str | None, finish: str | None, *, role: bool = False) -> str:
+    if p.chat:
+        delta = {"role": "assistant", "content": ""} if role else ({"content": delta_text} if delta_text else {})
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
+    body = {"id": p.response_id, "object": "chat.completion.chunk" if p.chat else "text_completion",
+            "created": p.created, "model": p.model, "choices": [choice]}
+    if p.include_usage:
+        body["usage"] = None
+    return f"data: {json.dumps(body)}\n\n"
+
+
+async def sse(p: Prepared, s: Stream, metrics: GatewayMetrics, out: Outcome):
+    """Server-sent events; a failure after the first byte is reported in-band as an error event."""
+    out.ttft_s = s.first_token_s - s.started_s
+    last = s.first_token_s
+    try:
+        if p.chat:
+            yield _event(p, None, None, role=True)
+        elif p.echo_text:
+            yield _event(p, p.echo_text, None)
+        async for chunk in s.chunks():
+            last = _observe(chunk, out, metrics, last)
+            if out.error:
+                raise out.error
+            if chunk.text or out.finish_reason:
+                yield _event(p, chunk.text, out.finish_reason)
+        if p.include_usage:
+            body = {"id": p.response_id, "object": "chat.completion.chunk" if p.chat else "text_completion",
+                    "created": p.created, "model": p.model, "choices": [], "usage": usage(p, out.num_generated)}
+            yield f"data: {json.dumps(body)}\n\n"
+        yield _DONE
+    except grpc.aio.AioRpcError as exc:
+        out.error = s.router.to_http(exc)
+        yield f"data: {json.dumps(out.error.body())}\n\n{_DONE}"
+    except OpenAIError as exc:
+        out.error = exc
+        yield f"data: {json.dumps(exc.body())}\n\n{_DONE}"
+    finally:
+        s.cancel()   # no-op when finished; frees worker KV when the client went away mid-stream

@@ -1,0 +1,46 @@
+"""Entrypoint of the gateway process: config -> tokenizer, store (migrated), router client ->
+uvicorn. Prints `PDSERVE_READY component=gateway port=N` once serving."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import uvicorn
+
+from pdserve.config import PDServeConfig
+from pdserve.gateway.app import GatewayDeps, create_app
+from pdserve.gateway.generation import Limits
+from pdserve.gateway.router_client import RouterClient
+from pdserve.store import Store
+from pdserve.workers.model.loader import load_tokenizer, model_context_tokens
+
+log = logging.getLogger("pdserve.gateway")
+
+
+async def serve(cfg: PDServeConfig) -> None:
+    g = cfg.gateway
+    store = Store(cfg.database_url)
+    await asyncio.to_thread(store.migrate)
+    tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model.name, cfg.model.cache_dir)
+    context = await asyncio.to_thread(model_context_tokens, cfg.model.name, cfg.model.cache_dir)
+    router = RouterClient(g.router_address, g.retry_after_s)
+    deps = GatewayDeps(router=router, tokenizer=tokenizer, store=store,
+                       limits=Limits(cfg.served_model, context, g.max_tokens_limit),
+                       max_body_bytes=g.max_body_bytes, require_api_key=g.require_api_key)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((g.host, g.port))   # bind first so port 0 resolves before we announce it
+    server = uvicorn.Server(uvicorn.Config(create_app(deps), log_level="warning", access_log=False))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            await task
+            return
+        await asyncio.sleep(0.05)
+    print(f"PDSERVE_READY component=gateway port={sock.getsockname()[1]}", flush=True)
+    try:
+        await task   # uvicorn handles SIGTERM/SIGINT: stops accepting, finishes in-flight responses
+    finally:
+        await router.close()
+        store.engine.dispose()

@@ -1,0 +1,28 @@
+"""Prometheus metrics of the gateway, on a registry of its own (no process-global state)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+
+
+class GatewayMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("pdserve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.ttft = Histogram("pdserve_ttft_seconds", "Time to first token", buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.itl = Histogram("pdserve_inter_token_latency_seconds", "Time between streamed tokens",
+                             buckets=_ITL_BUCKETS_S, registry=r)
+        self.e2e = Histogram("pdserve_request_latency_seconds", "End-to-end request latency",
+                             buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.inflight = Gauge("pdserve_inflight_requests", "Requests being served by this gateway", registry=r)
+        self.tokens = Counter("pdserve_tokens", "Tokens processed", ["kind"], registry=r)
+        self.kv_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved prefill -> decode", registry=r)
+        self.prefill = Histogram("pdserve_prefill_seconds", "Prefill compute time on the prefill worker",
+                                 buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.worker_queue = Gauge("pdserve_worker_active_requests", "Requests active on each worker",
+                                  ["worker_id", "role"], registry=r)
+        self.workers_alive = Gauge("pdserve_workers_alive", "Live workers by role", ["role"], registry=r)

@@ -1,0 +1,47 @@
+"""Entrypoint of the router process: registry + dispatcher + gRPC server (with health and
+reflection). Prints `PDSERVE_READY component=router port=N` once serving; SIGTERM drains."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pdserve.clock import WallClock
+from pdserve.config import PDServeConfig
+from pdserve.router.policy import Dispatcher, WorkerRegistry
+from pdserve.router.service import RouterService
+from pdserve.v1 import router_pb2, router_pb2_grpc
+
+log = logging.getLogger("pdserve.router")
+_GRACE_S = 5.0
+
+
+async def serve(cfg: PDServeConfig) -> None:
+    rc = cfg.router
+    registry = WorkerRegistry(rc.lease_s)
+    service = RouterService(registry, Dispatcher(registry, tuple(rc.kv_backend_preference)), WallClock(),
+                            rc.request_timeout_s)
+    server = grpc.aio.server()
+    port = server.add_insecure_port(f"{rc.host}:{rc.port}")
+    router_pb2_grpc.add_RouterServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server)
+    await server.start()
+    await service.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    print(f"PDSERVE_READY component=router port={port}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("router shutting down")
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(_GRACE_S)
+    await service.stop()
