@@ -1,0 +1,178 @@
+"""The official `openai` client against a real multi-process cluster (router, prefill and decode
+workers over UCX, gateway), plus the raw HTTP error paths and cancellation."""
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from pdserve.launch import LocalCluster, start_process
+from pdserve.store import Store
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
+from pdserve.workers import client as wclient
+from pdserve.workers.model.tokenizer import ByteTokenizer
+from tests.conftest import wait_until
+
+PROMPT = "Disaggregated serving splits prefill from decode."
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    db = tmp_path_factory.mktemp("db") / "pdserve.db"
+    c = LocalCluster(model="tiny", num_aggregated=0, env={"PDSERVE_DATABASE__URL": f"sqlite:///{db}"}).start()
+    c.db_url = f"sqlite:///{db}"
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(cluster):
+    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+
+
+def _worker_info(cluster, name: str) -> worker_pb2.WorkerInfo:
+    async def get():
+        stub = worker_pb2_grpc.WorkerStub(wclient.channel(cluster.process(name).port))
+        return await stub.GetInfo(worker_pb2.GetInfoRequest())
+    return asyncio.run(get())
+
+
+def _workers_idle(cluster) -> bool:
+    infos = [_worker_info(cluster, n) for n in ("prefill-0", "decode-0")]
+    return all(i.num_free_kv_blocks == i.num_total_kv_blocks and i.num_active_requests == 0
+               and i.num_pending_transfers == 0 for i in infos)
+
+
+def _aggregated_reference(prompt_ids: list[int], max_tokens: int) -> str:
+    """Greedy output of an aggregated worker (separate process) for the same tokens."""
+    agg = start_process("aggregated-ref", ["serve", "aggregated"], {"PDSERVE_MODEL__NAME": "tiny"})
+    try:
+        async def run():
+            stub = worker_pb2_grpc.WorkerStub(wclient.channel(agg.port))
+            return await wclient.generate_aggregated(stub, "ref", prompt_ids,
+                                                     worker_pb2.SamplingParams(max_tokens=max_tokens))
+        return asyncio.run(run()).text
+    finally:
+        agg.stop()
+
+
+def test_completions_non_streaming_equals_aggregated_reference(oai):
+    r = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
+    prompt_ids = ByteTokenizer().encode(PROMPT)
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    assert r.usage.completion_tokens == 12 or r.choices[0].finish_reason == "stop"
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].text == _aggregated_reference(prompt_ids, 12)
+
+
+def test_streaming_matches_non_streaming_with_usage(oai):
+    full = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0)
+    chunks = list(oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+
+
+def test_chat_streaming_and_not(oai):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    full = oai.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=9, temperature=0)
+    assert full.choices[0].message.role == "assistant"
+    stream = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=9, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+    assert full.usage.prompt_tokens == len(ByteTokenizer().apply_chat_template(messages))
+
+
+def test_stop_sequence_is_honoured(oai):
+    base = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text
+    stop = base[5:7]
+    r = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
+    assert r.choices[0].text == base[: base.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(oai):
+    runs = [oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=1.0, seed=5).choices[0].text
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_models_health_ready_metrics_and_request_ids(cluster, oai):
+    assert [m.id for m in oai.models.list()] == ["tiny"]
+    assert httpx.get(f"{cluster.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{cluster.url}/ready").status_code == 200
+    r = httpx.post(f"{cluster.url}/v1/completions", headers={"x-request-id": "trace-me-42"},
+                   json={"model": "tiny", "prompt": "id", "max_tokens": 2})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-me-42"
+    for name in ("gateway", "router", "prefill-0", "decode-0"):
+        assert wait_until(lambda: any("trace-me-42" in line for line in cluster.process(name).log_lines), 5), name
+    metrics = httpx.get(f"{cluster.url}/metrics").text
+    assert "pdserve_ttft_seconds_count" in metrics and "pdserve_workers_alive" in metrics
+    sample = [l for l in metrics.splitlines() if l.startswith("pdserve_kv_transfer_bytes_total")][0]
+    assert float(sample.split()[-1]) > 0
+    rec = Store(cluster.db_url).get_request("trace-me-42")
+    assert rec.outcome == "ok" and rec.num_completion_tokens == 2 and rec.ttft_ms > 0
+
+
+@pytest.mark.parametrize("body,status,code", [
+    (b"{not json", 400, None),
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": "abc"}', 400, None),
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": -5}', 400, None),
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": 100000000}', 400, "context_length_exceeded"),
+    (b'{"model": "tiny", "prompt": "x", "temperature": "hot"}', 400, None),
+    (b'{"model": "tiny", "prompt": 42}', 400, None),
+    (b'[1, 2, 3]', 400, None),
+    (b'{"model": "gpt-9", "prompt": "x"}', 404, "model_not_found"),
+    (b'{"model": "tiny", "prompt": "' + b"a" * 5000 + b'"}', 400, "context_length_exceeded"),
+    (b'{"model": "tiny", "prompt": "\xff\xfe bad utf8"}', 400, None),
+    (b'{"model": "tiny", "prompt": "' + b"a" * (10 << 20) + b'"}', 413, "request_too_large"),
+], ids=["malformed", "wrong-type", "negative-max", "huge-max", "bad-temperature", "prompt-type", "not-object",
+        "unknown-model", "too-long", "invalid-utf8", "10MB"])
+def test_bad_input_gets_openai_errors_and_cluster_keeps_serving(cluster, oai, body, status, code):
+    r = httpx.post(f"{cluster.url}/v1/completions", content=body, headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    assert code is None or err["code"] == code
+    assert oai.completions.create(model="tiny", prompt="still alive?", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_unknown_route_and_method_use_openai_format(cluster):
+    assert httpx.get(f"{cluster.url}/v1/nothing").json()["error"]["type"] == "not_found_error"
+    assert httpx.get(f"{cluster.url}/v1/completions").status_code == 405
+
+
+def test_client_disconnect_mid_stream_frees_kv_on_both_workers(cluster):
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", f"{cluster.url}/v1/completions", json={
+                "model": "tiny", "prompt": PROMPT, "max_tokens": 3000, "stream": True, "temperature": 0}) as r:
+            assert r.status_code == 200
+            events = 0
+            for line in r.iter_lines():
+                events += line.startswith("data: ")
+                if events >= 3:
+                    break                 # leave mid-stream; the with-block closes the connection
+            busy = _worker_info(cluster, "decode-0")
+            assert busy.num_free_kv_blocks < busy.num_total_kv_blocks
+    assert wait_until(lambda: _workers_idle(cluster), 15)
+
+
+def test_api_keys_required_when_enabled(cluster):
+    store = Store(cluster.db_url)
+    key = store.create_api_key(f"tester-{time.time_ns()}", tenant="acme")
+    gw = start_process("gateway-auth", ["serve", "gateway"], {
+        "PDSERVE_MODEL__NAME": "tiny", "PDSERVE_GATEWAY__PORT": "0", "PDSERVE_GATEWAY__REQUIRE_API_KEY": "true",
+        "PDSERVE_GATEWAY__ROUTER_ADDRESS": cluster.router_address, "PDSERVE_DATABASE__URL": cluster.db_url})
+    try:
+        base = f"http://127.0.0.1:{gw.port}/v1"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+        ok = openai.OpenAI(base_url=base, api_key=key, max_retries=0)
+        r = ok.completions.create(model="tiny", prompt="auth", max_tokens=2)
+        assert r.usage.completion_tokens >= 1
+        assert store.get_request(r.id.removeprefix("cmpl-")).tenant == "acme"
+    finally:
+        gw.stop()
