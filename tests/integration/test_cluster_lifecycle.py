@@ -1,0 +1,93 @@
+"""Overload and failure answers (429/503 with Retry-After), `pdserve up` end to end, and the real
+SmolLM2 model answering through the whole stack."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from pdserve.launch import LocalCluster, start_process
+from tests.conftest import wait_until
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_no_workers_gives_503_with_retry_after(tmp_path):
+    router = start_process("router", ["serve", "router"], {"PDSERVE_ROUTER__PORT": "0"})
+    gw = start_process("gateway", ["serve", "gateway"], {
+        "PDSERVE_MODEL__NAME": "tiny", "PDSERVE_GATEWAY__PORT": "0", "PDSERVE_DATABASE__URL": f"sqlite:///{tmp_path}/d.db",
+        "PDSERVE_GATEWAY__ROUTER_ADDRESS": f"127.0.0.1:{router.port}"})
+    try:
+        url = f"http://127.0.0.1:{gw.port}"
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded"
+        assert httpx.get(f"{url}/ready").status_code == 503
+    finally:
+        gw.stop()
+        router.stop()
+
+
+def test_full_kv_gives_429_and_dead_worker_gets_no_work(tmp_path):
+    # 20 blocks x 16 tokens: one request with max_tokens=280 takes almost all of the decode pool.
+    cluster = LocalCluster(model="tiny", env={"PDSERVE_WORKER__NUM_KV_BLOCKS": "20",
+                                              "PDSERVE_DATABASE__URL": f"sqlite:///{tmp_path}/d.db",
+                                              "PDSERVE_ROUTER__LEASE_S": "2"}).start()
+    try:
+        with httpx.Client(base_url=cluster.url, timeout=30) as http:
+            with http.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "long one", "stream": True,
+                                                             "max_tokens": 280}) as big:
+                assert big.status_code == 200
+                r = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 40})
+                assert r.status_code == 429 and r.headers["retry-after"] == "1"
+                assert r.json()["error"]["type"] == "rate_limit_error"
+            decode = cluster.process("decode-0")
+            decode.proc.kill()
+            decode.proc.wait()
+            # The router marks the silent worker dead after its lease and answers 503, not a hang.
+            assert wait_until(lambda: http.post("/v1/completions", json={
+                "model": "tiny", "prompt": "x", "max_tokens": 2}).status_code == 503, 15)
+    finally:
+        cluster.stop()
+
+
+def test_pdserve_up_serves_and_stops_cleanly(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "PDSERVE_DATABASE__URL": f"sqlite:///{tmp_path}/d.db", "UCX_WARN_UNUSED_ENV_VARS": "n"}
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "up", "--model", "tiny", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            if "pdserve is up" in line or time.monotonic() > deadline:
+                break
+        assert f"http://127.0.0.1:{port}/v1" in line
+        oai = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert oai.completions.create(model="tiny", prompt="up?", max_tokens=3).usage.completion_tokens >= 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health")
+
+
+@pytest.mark.slow
+def test_smollm2_answers_through_the_whole_stack(tmp_path):
+    cluster = LocalCluster(model="smollm2-135m", env={"PDSERVE_DATABASE__URL": f"sqlite:///{tmp_path}/d.db"}).start()
+    try:
+        oai = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+        r = oai.chat.completions.create(model="smollm2-135m", temperature=0, max_tokens=24,
+                                        messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content
+    finally:
+        cluster.stop()
