@@ -94,6 +94,14 @@ def _bench_overlap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_gateway(args: argparse.Namespace) -> int:
+    from pdserve.bench import gateway
+
+    report = gateway.run(args.requests, args.concurrency)
+    print(json.dumps(report) if args.json else gateway.format_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -138,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute threads; 1 leaves the other core to the transfer, as a GPU would")
     o.add_argument("--json", action="store_true")
     o.set_defaults(fn=_bench_overlap)
+    g = bench.add_parser("gateway", help="gateway+router overhead vs calling a worker directly")
+    g.add_argument("--requests", type=int, default=300)
+    g.add_argument("--concurrency", type=int, default=8)
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(fn=_bench_gateway)
     return parser
 
 

@@ -70,6 +70,8 @@ def create_app(deps: GatewayDeps, metrics: GatewayMetrics | None = None) -> Fast
     app = FastAPI(title="pdserve gateway", docs_url=None, redoc_url=None)
     metrics = metrics or GatewayMetrics()
     app.state.deps, app.state.metrics = deps, metrics
+    pending_records: set[asyncio.Task] = set()
+    app.state.pending_records = pending_records
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):
@@ -153,10 +155,16 @@ def create_app(deps: GatewayDeps, metrics: GatewayMetrics | None = None) -> Fast
                             num_prompt_tokens=len(p.prompt_ids) if p else 0, num_completion_tokens=out.num_generated,
                             ttft_ms=out.ttft_s * 1e3 if out.ttft_s is not None else None,
                             latency_ms=latency_s * 1e3, outcome=outcome, status_code=status)
-        try:
-            await asyncio.to_thread(deps.store.record_request, rec)
-        except Exception:  # the answer already went out; a store outage must not fail requests
-            log.exception("could not record request %s", req_id)
+        # Off the response path: a database write must not add to every request's latency.
+        task = asyncio.create_task(asyncio.to_thread(deps.store.record_request, rec))
+        pending_records.add(task)
+        task.add_done_callback(_record_done)
+
+    def _record_done(task: asyncio.Task) -> None:
+        pending_records.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The answer already went out; a store outage must not fail requests.
+            log.error("could not record a request: %s", task.exception())
 
     @app.post("/v1/completions")
     async def completions(request: Request):
