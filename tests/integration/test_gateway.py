@@ -176,3 +176,21 @@ def test_api_keys_required_when_enabled(cluster):
         assert store.get_request(r.id.removeprefix("cmpl-")).tenant == "acme"
     finally:
         gw.stop()
+
+
+def test_grpc_health_and_reflection_on_router_and_workers(cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async def check(address: str):
+        async with wclient.grpc.aio.insecure_channel(address) as ch:
+            status = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            responses = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            services = [s.name async for r in responses for s in r.list_services_response.service]
+            return status.status, services
+
+    status, services = asyncio.run(check(cluster.router_address))
+    assert status == health_pb2.HealthCheckResponse.SERVING and "pdserve.v1.Router" in services
+    status, services = asyncio.run(check(f"127.0.0.1:{cluster.process('decode-0').port}"))
+    assert status == health_pb2.HealthCheckResponse.SERVING and "pdserve.v1.Worker" in services

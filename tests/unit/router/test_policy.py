@@ -1,0 +1,95 @@
+"""Routing policy on a virtual clock: leases, placement, accounting, request state machine."""
+import pytest
+
+from pdserve.clock import VirtualClock
+from pdserve.router.policy import (Dispatcher, NoCapacity, NoWorkers, RequestState, RequestTracker, Role,
+                                   WorkerRecord, WorkerRegistry)
+
+
+def make_worker(wid: str, role: Role, free_blocks: int = 100, backends=("ucx", "tcp"), model: str = "m") -> WorkerRecord:
+    return WorkerRecord(worker_id=wid, role=role, model=model, grpc_address=f"h:{wid}",
+                        kv_addresses={b: b"addr" for b in backends}, num_total_kv_blocks=100,
+                        block_size_tokens=16, max_model_len_tokens=4096, num_free_kv_blocks=free_blocks)
+
+
+@pytest.fixture
+def clock():
+    return VirtualClock()
+
+
+def test_lease_expiry_marks_dead_and_heartbeat_revives(clock):
+    reg = WorkerRegistry(lease_s=3.0)
+    reg.register(make_worker("d1", Role.DECODE), clock.now_s())
+    clock.advance(2.9)
+    assert reg.expire(clock.now_s()) == []
+    clock.advance(0.2)
+    assert reg.expire(clock.now_s()) == ["d1"] and reg.alive("m", Role.DECODE) == []
+    assert reg.heartbeat("d1", 50, 1, clock.now_s()) and reg.alive("m", Role.DECODE)[0].num_free_kv_blocks == 50
+    assert not reg.heartbeat("unknown", 1, 0, clock.now_s())
+
+
+def test_placement_prefers_most_free_kv_and_least_loaded_prefill(clock):
+    reg = WorkerRegistry(3.0)
+    for w in (make_worker("d1", Role.DECODE, 40), make_worker("d2", Role.DECODE, 90),
+              make_worker("p1", Role.PREFILL), make_worker("p2", Role.PREFILL)):
+        reg.register(w, clock.now_s())
+    disp = Dispatcher(reg)
+    first = disp.place("m", 100, 100)
+    assert (first.decode_id, first.prefill_id, first.kv_backend) == ("d2", "p1", "ucx")
+    assert first.num_blocks == 13                       # ceil(200 / 16)
+    disp.on_start(first)
+    second = disp.place("m", 100, 100)
+    assert second.prefill_id == "p2"                    # p1 has one in flight
+    assert reg.get("d2").est_free_blocks == 90 - 13
+
+
+def test_router_accounting_spreads_a_burst_until_the_next_heartbeat(clock):
+    reg = WorkerRegistry(3.0)
+    for w in (make_worker("d1", Role.DECODE, 30), make_worker("d2", Role.DECODE, 30), make_worker("p", Role.PREFILL)):
+        reg.register(w, clock.now_s())
+    disp = Dispatcher(reg)
+    placed = []
+    for _ in range(2):
+        p = disp.place("m", 200, 200)                   # 25 blocks each
+        disp.on_start(p)
+        placed.append(p.decode_id)
+    assert sorted(placed) == ["d1", "d2"]
+    with pytest.raises(NoCapacity):
+        disp.place("m", 200, 200)
+    reg.heartbeat("d1", 30, 0, clock.now_s())           # d1 finished its request
+    assert disp.place("m", 200, 200).decode_id == "d1"
+
+
+def test_common_backend_and_aggregated_fallback(clock):
+    reg = WorkerRegistry(3.0)
+    reg.register(make_worker("d", Role.DECODE, backends=("tcp",)), clock.now_s())
+    reg.register(make_worker("p", Role.PREFILL, backends=("ucx",)), clock.now_s())
+    reg.register(make_worker("a", Role.AGGREGATED), clock.now_s())
+    p = Dispatcher(reg).place("m", 10, 10)
+    assert p.decode_id == "a" and not p.disaggregated
+
+
+def test_no_workers_vs_no_capacity(clock):
+    reg = WorkerRegistry(3.0)
+    with pytest.raises(NoWorkers):
+        Dispatcher(reg).place("m", 10, 10)
+    reg.register(make_worker("d", Role.DECODE, free_blocks=1), clock.now_s())
+    reg.register(make_worker("p", Role.PREFILL), clock.now_s())
+    with pytest.raises(NoCapacity):
+        Dispatcher(reg).place("m", 100, 100)
+    with pytest.raises(NoWorkers):
+        Dispatcher(reg).place("other-model", 1, 1)
+
+
+def test_request_state_machine(clock):
+    t = RequestTracker("r", clock.now_s())
+    t.to(RequestState.PLACED, 1.0)
+    t.to(RequestState.WAITING_FOR_KV, 1.1)
+    t.to(RequestState.DECODING, 1.5)
+    t.to(RequestState.FINISHED, 2.0)
+    assert [s for s, _ in t.history][-1] is RequestState.FINISHED
+    with pytest.raises(ValueError, match="illegal transition"):
+        t.to(RequestState.DECODING, 3.0)
+    t2 = RequestTracker("r2", 0.0)
+    with pytest.raises(ValueError):
+        t2.to(RequestState.DECODING, 0.1)               # must be placed first
