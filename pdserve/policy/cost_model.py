@@ -1,0 +1,70 @@
+"""Per-operator prefill cost model, fitted to timings profiled on the real model runner.
+
+attention(n) = a0 + a1*n + a2*n^2 seconds for a prompt piece of n tokens (the quadratic term is
+the score matrix); mlp(n) = m0 + m1*n. A prefill of n tokens is num_layers of each. A batch of
+pieces pays attention per piece (each attends only to itself) and one MLP over all tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class OperatorCostModel:
+    num_layers: int
+    attention_coeffs: tuple[float, float, float]
+    mlp_coeffs: tuple[float, float]
+
+    def attention_s(self, num_tokens: int) -> float:
+        a0, a1, a2 = self.attention_coeffs
+        return max(0.0, a0 + a1 * num_tokens + a2 * num_tokens * num_tokens)
+
+    def mlp_s(self, num_tokens: int) -> float:
+        m0, m1 = self.mlp_coeffs
+        return max(0.0, m0 + m1 * num_tokens)
+
+    def op_s(self, op_index: int, piece_tokens: list[int]) -> float:
+        """Cost of operator `op_index` (even: attention, odd: MLP) over a batch of pieces."""
+        if op_index % 2 == 0:
+            return sum(self.attention_s(n) for n in piece_tokens)
+        return self.mlp_s(sum(piece_tokens))
+
+    def remaining_s(self, piece_tokens: list[int], next_op: int) -> float:
+        num_ops = 2 * self.num_layers
+        attn_ops = (num_ops - next_op + 1) // 2      # attention ops are the even indices
+        mlp_ops = (num_ops - next_op) // 2
+        return attn_ops * self.op_s(0, piece_tokens) + mlp_ops * self.op_s(1, piece_tokens)
+
+    def prefill_s(self, num_tokens: int) -> float:
+        return self.remaining_s([num_tokens], 0)
+
+    @classmethod
+    def fit(cls, num_layers: int, samples: list[tuple[str, int, float]]) -> "OperatorCostModel":
+        """samples: (kind 'attention'|'mlp', tokens, seconds) measured on the runner."""
+        attn = [(n, s) for k, n, s in samples if k == "attention"]
+        mlp = [(n, s) for k, n, s in samples if k == "mlp"]
+        if len(attn) < 3 or len(mlp) < 2:
+            raise ValueError("need at least 3 attention and 2 MLP samples to fit the cost model")
+        a = _weighted_lstsq([[1.0, n, n * n] for n, _ in attn], [s for _, s in attn])
+        m = _weighted_lstsq([[1.0, n] for n, _ in mlp], [s for _, s in mlp])
+        return cls(num_layers, (a[0], a[1], a[2]), (m[0], m[1]))
+
+    def to_dict(self) -> dict:
+        return {"num_layers": self.num_layers, "attention_coeffs": list(self.attention_coeffs),
+                "mlp_coeffs": list(self.mlp_coeffs)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OperatorCostModel":
+        return cls(d["num_layers"], tuple(d["attention_coeffs"]), tuple(d["mlp_coeffs"]))
+
+
+def _weighted_lstsq(rows: list[list[float]], targets: list[float]) -> list[float]:
+    # Relative error matters (a 20% miss on a 1 ms operator is as bad as on a 100 ms one), so
+    # weight each sample by 1/target.
+    x = np.asarray(rows, dtype=float)
+    y = np.asarray(targets, dtype=float)
+    w = 1.0 / np.maximum(y, 1e-6)
+    coeffs, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
+    return [float(c) for c in coeffs]
