@@ -154,8 +154,9 @@ def test_client_disconnect_mid_stream_frees_kv_on_both_workers(cluster):
             for line in r.iter_lines():
                 events += line.startswith("data: ")
                 if events >= 3:
-                    break                 # leave mid-stream; the with-block closes the connection
-            busy = _worker_info(cluster, "decode-0")
+                    # Still streaming: the decode worker holds this request's KV.
+                    busy = _worker_info(cluster, "decode-0")
+                    break                 # leaving the iterator closes the connection
             assert busy.num_free_kv_blocks < busy.num_total_kv_blocks
     assert wait_until(lambda: _workers_idle(cluster), 15)
 
