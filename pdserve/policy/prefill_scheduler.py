@@ -188,7 +188,9 @@ class FlowPrefillScheduler(BasePrefillScheduler):
         if running is None:
             return False
         running_left_s = self.cost.remaining_s(running.piece_tokens(), running.next_op)
-        can_make_it = self.slack_s(unit, now_s) >= 0
+        # Preemption takes effect at the next operator boundary: count the operator in progress.
+        current_op_s = self.cost.op_s(running.next_op, running.piece_tokens())
+        can_make_it = self.slack_s(unit, now_s, extra_wait_s=current_op_s) >= 0
         misses_if_waits = self.slack_s(unit, now_s, extra_wait_s=running_left_s) < 0
         more_urgent = self.slack_s(unit, now_s) < self.slack_s(running, now_s)
         return can_make_it and misses_if_waits and more_urgent

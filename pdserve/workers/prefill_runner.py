@@ -1,0 +1,151 @@
+"""The prefill worker's compute thread, driven by a pure scheduling policy through events.
+
+Events: `submit()` (arrival; may ask the running unit to stop at its next operator boundary)
+and operator/unit completion inside the loop. The loop asks the policy for the next unit only
+when idle, after a unit completes, or after a preemption; it never polls on a timer. Finished
+layers are handed to the job's `on_layer` callback at once (the KV sender), so layer-wise
+transfer keeps going across preemptions. Times come from the injected clock.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from pdserve.clock import Clock
+from pdserve.policy.prefill_scheduler import BasePrefillScheduler, PrefillJob, WorkUnit
+from pdserve.workers.model.llama import LlamaModel
+from pdserve.workers.model.unit_execution import JobState, UnitExecution
+
+log = logging.getLogger("pdserve.prefill")
+
+LayerCallback = Callable[[int, torch.Tensor], None]
+
+
+@dataclass
+class _Pending:
+    state: JobState
+    on_layer: LayerCallback
+    future: concurrent.futures.Future
+
+
+@dataclass
+class RunnerStats:
+    preemption_latencies_s: list[float] = field(default_factory=list)
+    # (op index % 2 -> 'attention'|'mlp', tokens in the unit, predicted s, measured s)
+    operator_timings: list[tuple[str, int, float, float]] = field(default_factory=list)
+    num_units: int = 0
+
+
+class PrefillRunner:
+    def __init__(self, model: LlamaModel, scheduler: BasePrefillScheduler, clock: Clock,
+                 record_timings: bool = False):
+        self.model = model
+        self.scheduler = scheduler
+        self.clock = clock
+        self.stats = RunnerStats()
+        self._record_timings = record_timings
+        self._cond = threading.Condition()
+        self._pending: dict[str, _Pending] = {}
+        self._executions: dict[int, UnitExecution] = {}   # preempted units keep their state here
+        self._running: WorkUnit | None = None
+        self._preempt_requested_s: float | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="prefill-compute", daemon=True)
+        self._thread.start()
+
+    def submit(self, req_id: str, token_ids: list[int], deadline_s: float,
+               on_layer: LayerCallback) -> concurrent.futures.Future:
+        """Queue a prompt; the future resolves to the last position's logits."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if req_id in self._pending:
+                raise ValueError(f"request {req_id} is already being prefilled")
+            now = self.clock.now_s()
+            self._pending[req_id] = _Pending(JobState(req_id, list(token_ids)), on_layer, future)
+            preempt = self.scheduler.add(PrefillJob(req_id, len(token_ids), now, deadline_s), now)
+            if preempt and self._running is not None and self._preempt_requested_s is None:
+                self._preempt_requested_s = now
+            self._cond.notify()
+        return future
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    @property
+    def num_pending(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    def _next_unit(self) -> WorkUnit | None:
+        with self._cond:
+            while not self._stopped:
+                unit = self.scheduler.next_unit(self.clock.now_s())
+                if unit is not None:
+                    self._running, self._preempt_requested_s = unit, None
+                    return unit
+                self._cond.wait()
+        return None
+
+    def _loop(self) -> None:
+        while (unit := self._next_unit()) is not None:
+            try:
+                self._run_unit(unit)
+            except Exception as exc:   # a model failure fails this unit's requests, not the worker
+                log.exception("prefill unit failed")
+                self._fail_unit(unit, exc)
+
+    def _run_unit(self, unit: WorkUnit) -> None:
+        execution = self._executions.pop(id(unit), None)
+        if execution is None:
+            with self._cond:
+                states = {p.job.req_id: self._pending[p.job.req_id].state for p in unit.pieces}
+            execution = UnitExecution(self.model, unit, states)
+        while True:
+            started = time.perf_counter()
+            ready = execution.run_operator()
+            self._record(unit, time.perf_counter() - started)
+            for event in ready:
+                self._pending[event.req_id].on_layer(event.layer, event.kv)
+            with self._cond:
+                now = self.clock.now_s()
+                self.scheduler.on_operator_done(unit, now)
+                if unit.finished:
+                    self._complete(self.scheduler.on_unit_done(unit, now))
+                    self._running = None
+                    self.stats.num_units += 1
+                    return
+                if self._preempt_requested_s is not None:
+                    self.stats.preemption_latencies_s.append(now - self._preempt_requested_s)
+                    self.scheduler.on_preempted(unit, now)
+                    self._executions[id(unit)] = execution
+                    self._running = None
+                    return
+
+    def _record(self, unit: WorkUnit, measured_s: float) -> None:
+        if not self._record_timings:
+            return
+        cost = getattr(self.scheduler, "cost", None)
+        kind = "attention" if unit.next_op % 2 == 0 else "mlp"
+        predicted = cost.op_s(unit.next_op, unit.piece_tokens()) if cost is not None else float("nan")
+        self.stats.operator_timings.append((kind, sum(unit.piece_tokens()), predicted, measured_s))
+
+    def _complete(self, jobs: list[PrefillJob]) -> None:
+        for job in jobs:
+            pending = self._pending.pop(job.req_id)
+            pending.future.set_result(pending.state.logits)
+
+    def _fail_unit(self, unit: WorkUnit, exc: Exception) -> None:
+        with self._cond:
+            for p in unit.pieces:
+                pending = self._pending.pop(p.job.req_id, None)
+                if pending is not None and not pending.future.done():
+                    pending.future.set_exception(exc)
+            self._running = None
