@@ -102,6 +102,32 @@ def _bench_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_prefill(args: argparse.Namespace) -> int:
+    from pdserve.bench import prefill
+
+    def progress(row: dict) -> None:
+        print(f"rate {row['rate_rps']:>5} {row['mode']:<13} goodput {row['goodput_rps']:6.2f}/s  "
+              f"attainment {row['attainment']:.2f}  short p99 {row['ttft_short_p99_ms']} ms  "
+              f"long p99 {row['ttft_long_p99_ms']} ms", file=sys.stderr, flush=True)
+
+    report = prefill.run([float(r) for r in args.rates.split(",")], args.num_requests,
+                         [int(c) for c in args.chunk_sizes.split(",")], seed=args.seed, progress=progress)
+    print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from pdserve.workers.model.loader import load_model
+    from pdserve.workers.profiler import fit_cost_model
+
+    model = load_model(args.model, _config(args).model.cache_dir).model
+    cost, samples, max_error = fit_cost_model(model)
+    print(json.dumps({"model": args.model, "cost_model": cost.to_dict(), "fit_max_error": round(max_error, 3),
+                      "kv_bytes_per_token": model.config.kv_bytes_per_token,
+                      "samples": [{"op": k, "tokens": n, "seconds": s} for k, n, s in samples]}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -120,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--router-port", type=int, default=0, help="router gRPC port (0: any free port)")
     up.add_argument("--config", type=pathlib.Path, help="YAML config file applied to every component")
     up.set_defaults(fn=_up)
+
+    prof = sub.add_parser("profile", help="time the model runner's operators and fit the cost model")
+    prof.add_argument("--model", default="tiny")
+    prof.add_argument("--config", type=pathlib.Path)
+    prof.set_defaults(fn=_profile)
 
     keys = sub.add_parser("keys", help="manage API keys (stored hashed)")
     keys.add_argument("action", choices=["create", "revoke"])
@@ -146,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute threads; 1 leaves the other core to the transfer, as a GPU would")
     o.add_argument("--json", action="store_true")
     o.set_defaults(fn=_bench_overlap)
+    pf = bench.add_parser("prefill", help="fcfs vs chunked vs flowprefill goodput on the real runner")
+    pf.add_argument("--rates", default="4,8,12,16", help="arrival rates (req/s) to sweep")
+    pf.add_argument("--num-requests", type=int, default=60)
+    pf.add_argument("--chunk-sizes", default="256,512,1024")
+    pf.add_argument("--seed", type=int, default=0)
+    pf.add_argument("--json", action="store_true")
+    pf.set_defaults(fn=_bench_prefill)
     g = bench.add_parser("gateway", help="gateway+router overhead vs calling a worker directly")
     g.add_argument("--requests", type=int, default=300)
     g.add_argument("--concurrency", type=int, default=8)

@@ -50,6 +50,11 @@ class WorkerSettings(_Section):
     max_batch_size: int = Field(32, gt=0, description="Most sequences in one decode step")
     reservation_lease_s: float = Field(30.0, gt=0,
                                        description="A KV reservation with no Generate call is freed after this")
+    prefill_scheduler: Literal["fcfs", "chunked", "flowprefill"] = Field(
+        "flowprefill", description="Prefill scheduling: naive FCFS, fixed-chunk (vLLM/Sarathi) or FlowPrefill")
+    chunk_size_tokens: int = Field(512, gt=0, description="Token budget of one step in chunked mode")
+    batch_budget_tokens: int = Field(512, gt=0, description="FlowPrefill batches short prompts up to this")
+    default_ttft_slo_ms: float = Field(2000.0, gt=0, description="TTFT deadline when a request names none")
     router_address: str = Field("", description="host:port of the router to register with; empty: standalone")
     advertise_host: str = Field("", description="Host other components use to reach this worker; empty: host")
 

@@ -7,6 +7,7 @@ grace period, close transfer agents, exit.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 
@@ -18,8 +19,12 @@ from grpc_reflection.v1alpha import reflection
 from pdserve.clock import WallClock
 from pdserve.config import PDServeConfig
 from pdserve.kvtransfer import BaseKVAgent, create_agent
+from pdserve.policy.cost_model import OperatorCostModel
+from pdserve.policy.prefill_scheduler import make_scheduler
 from pdserve.workers.engine import Engine
 from pdserve.workers.model.loader import load_model
+from pdserve.workers.prefill_runner import PrefillRunner
+from pdserve.workers.profiler import fit_cost_model
 from pdserve.workers.registration import keep_registered
 from pdserve.workers.service import WorkerService
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
@@ -39,6 +44,25 @@ def build_agents(cfg: PDServeConfig, clock: WallClock) -> dict[str, BaseKVAgent]
     return {b: create_agent(b, clock, **options[b]) for b in kv.backends}
 
 
+def load_or_profile_cost_model(cfg: PDServeConfig, model) -> OperatorCostModel:
+    """Profiles of the runner on this host are cached per model and thread count."""
+    path = cfg.model.cache_dir / f"profile-{cfg.model.name.replace('/', '_')}-{torch.get_num_threads()}t.json"
+    if path.is_file():
+        return OperatorCostModel.from_dict(json.loads(path.read_text()))
+    cost, _, max_error = fit_cost_model(model)
+    log.info("profiled %s: cost model fit within %.0f%% of measurements", cfg.model.name, max_error * 100)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cost.to_dict()))
+    return cost
+
+
+def build_scheduler(cfg: PDServeConfig, model):
+    w = cfg.worker
+    cost = load_or_profile_cost_model(cfg, model) if w.prefill_scheduler == "flowprefill" else None
+    return make_scheduler(w.prefill_scheduler, model.config.num_layers, cost, chunk_tokens=w.chunk_size_tokens,
+                          batch_budget_tokens=w.batch_budget_tokens)
+
+
 async def serve(cfg: PDServeConfig) -> None:
     if cfg.model.torch_num_threads:
         torch.set_num_threads(cfg.model.torch_num_threads)
@@ -48,9 +72,11 @@ async def serve(cfg: PDServeConfig) -> None:
     clock = WallClock()
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
     port = server.add_insecure_port(f"{w.host}:{w.port}")
+    runner = PrefillRunner(loaded.model, build_scheduler(cfg, loaded.model), clock)
     service = WorkerService(engine, build_agents(cfg, clock), clock, worker_id=w.worker_id or f"{w.host}:{port}",
                             role=w.role, transfer_timeout_s=cfg.kvtransfer.timeout_s,
-                            lease_s=w.reservation_lease_s, checksum=cfg.kvtransfer.checksum)
+                            lease_s=w.reservation_lease_s, checksum=cfg.kvtransfer.checksum,
+                            prefill_runner=runner, default_ttft_slo_ms=w.default_ttft_slo_ms)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

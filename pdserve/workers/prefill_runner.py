@@ -74,10 +74,12 @@ class PrefillRunner:
             self._cond.notify()
         return future
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
         with self._cond:
             self._stopped = True
             self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
 
     @property
     def num_pending(self) -> int:

@@ -1,20 +1,19 @@
 """`pdserve profile`: time the real model runner's operators and fit the cost model.
 
-Measures one layer's attention and MLP operators at several prompt lengths (every layer of a
-Llama model has the same shapes), takes the median of a few repeats, and fits
-pdserve.policy.cost_model.OperatorCostModel. Also reports decode step time and KV bytes/token.
+Runs whole prompts of several lengths through the prefill executor, times each operator, and
+fits pdserve.policy.cost_model.OperatorCostModel to the medians.
 """
 from __future__ import annotations
 
 import statistics
 import time
 
-import torch
-
 from pdserve.policy.cost_model import OperatorCostModel
+from pdserve.policy.prefill_scheduler import Piece, PrefillJob, WorkUnit
 from pdserve.workers.model.llama import LlamaModel
+from pdserve.workers.model.unit_execution import JobState, UnitExecution
 
-DEFAULT_TOKEN_COUNTS = (16, 64, 256, 1024, 2048)
+DEFAULT_TOKEN_COUNTS = (8, 32, 128, 512, 1024, 2048)
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -28,16 +27,27 @@ def _median_s(fn, repeats: int) -> float:
 
 
 def profile_operators(model: LlamaModel, token_counts=DEFAULT_TOKEN_COUNTS, repeats: int = 3):
+    """Times every operator of whole-prompt units run by the same executor the prefill worker
+    uses (so its per-operator overheads, e.g. copying out finished layers, are in the model);
+    the median over layers and repeats is one sample per (operator kind, prompt length)."""
     cfg = model.config
     samples: list[tuple[str, int, float]] = []
-    with torch.inference_mode():
-        for n in token_counts:
-            if n > cfg.max_position_tokens:
-                continue
-            hidden = torch.randn(n, cfg.hidden_size)
-            positions = torch.arange(n)
-            samples.append(("attention", n, _median_s(lambda: model.prefill_attention(0, hidden, positions), repeats)))
-            samples.append(("mlp", n, _median_s(lambda: model.mlp(0, hidden), repeats)))
+    for n in token_counts:
+        if n > cfg.max_position_tokens:
+            continue
+        times: dict[str, list[float]] = {"attention": [], "mlp": []}
+        for rep in range(repeats + 1):       # the first pass warms allocator and kernels up
+            ids = [(i * 13 + rep) % cfg.vocab_size for i in range(n)]
+            job = PrefillJob(f"profile-{n}-{rep}", n, 0.0, 0.0)
+            unit = WorkUnit([Piece(job, 0, n)], cfg.num_layers)
+            execution = UnitExecution(model, unit, {job.req_id: JobState(job.req_id, ids)})
+            while not unit.finished:
+                start = time.perf_counter()
+                execution.run_operator()
+                if rep:
+                    times["attention" if unit.next_op % 2 == 0 else "mlp"].append(time.perf_counter() - start)
+                unit.next_op += 1
+        samples += [(kind, n, statistics.median(values)) for kind, values in times.items()]
     return samples
 
 

@@ -22,8 +22,9 @@ import grpc
 
 from pdserve.clock import Clock
 from pdserve.kvtransfer import BaseKVAgent, TransferLayout, TransferState, as_bytes_view
-from pdserve.workers.engine import Engine, Reservation
-from pdserve.workers.model.sampling import SamplingConfig
+from pdserve.workers.engine import Engine, PrefillResult, Reservation
+from pdserve.workers.model.sampling import SamplingConfig, sample_token
+from pdserve.workers.prefill_runner import PrefillRunner
 from pdserve.workers.output import Delta, Finish
 from pdserve.v1 import kvtransfer_pb2, worker_pb2, worker_pb2_grpc
 
@@ -53,7 +54,8 @@ class _Pending:
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: Engine, agents: dict[str, BaseKVAgent], clock: Clock, *, worker_id: str,
-                 role: str, transfer_timeout_s: float, lease_s: float, checksum: bool):
+                 role: str, transfer_timeout_s: float, lease_s: float, checksum: bool,
+                 prefill_runner: PrefillRunner | None = None, default_ttft_slo_ms: float = 2000.0):
         self.engine = engine
         self.agents = agents
         self.clock = clock
@@ -62,6 +64,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._transfer_timeout_s = transfer_timeout_s
         self._lease_s = lease_s
         self._checksum = checksum
+        self._prefill_runner = prefill_runner
+        self._default_ttft_slo_ms = default_ttft_slo_ms
         self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
         self._pending: dict[str, _Pending] = {}
         self._streams: dict[str, asyncio.Queue] = {}
@@ -76,6 +80,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def stop(self) -> None:
         if self._loop_task:
             self._loop_task.cancel()
+        if self._prefill_runner is not None:
+            self._prefill_runner.stop()
         for agent in self.agents.values():
             agent.close()
         self._compute.shutdown(wait=False, cancel_futures=True)
@@ -248,7 +254,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         layout = TransferLayout(request.transfer_id, self.engine.layer_nbytes(len(ids)))
         sender = agent.create_sender(request.target.address, layout, self._transfer_timeout_s, self._checksum)
         try:
-            result = await self._run(self.engine.prefill_and_send, ids, params, sender)
+            result = await self._prefill(request, ids, params, sender)
             trailer = kvtransfer_pb2.PrefillTrailer(req_id=request.req_id, first_token_id=result.first_token_id,
                                                     num_prompt_tokens=len(ids))
             sender.finish(trailer.SerializeToString())
@@ -266,6 +272,23 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         finally:
             if sender.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING):
                 sender.abort("prefill request ended")
+
+    async def _prefill(self, request, ids: list[int], params: SamplingConfig, sender) -> PrefillResult:
+        if self._prefill_runner is None:    # no scheduler configured: in order on the compute thread
+            return await self._run(self.engine.prefill_and_send, ids, params, sender)
+        started = self.clock.now_s()
+        ttft_s = (request.ttft_slo_ms or self._default_ttft_slo_ms) / 1e3
+        kv_bytes = 0
+
+        def on_layer(layer: int, kv) -> None:   # compute thread: hand the layer over at once
+            nonlocal kv_bytes
+            view = as_bytes_view(kv.numpy())
+            kv_bytes += len(view)
+            sender.send_layer(layer, view)
+
+        future = self._prefill_runner.submit(request.req_id, ids, started + ttft_s, on_layer)
+        logits = await asyncio.wrap_future(future)
+        return PrefillResult(sample_token(logits, params, 0), self.clock.now_s() - started, kv_bytes)
 
     async def Abort(self, request, context):
         found = request.req_id in self._pending or request.req_id in self.engine.running
