@@ -14,6 +14,7 @@ from pdserve.clock import WallClock
 from pdserve.config import PDServeConfig
 from pdserve.router.policy import Dispatcher, WorkerRegistry
 from pdserve.router.service import RouterService
+from pdserve.store import Store
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger("pdserve.router")
@@ -23,8 +24,10 @@ _GRACE_S = 5.0
 async def serve(cfg: PDServeConfig) -> None:
     rc = cfg.router
     registry = WorkerRegistry(rc.lease_s)
+    store = Store(cfg.database_url)
+    await asyncio.to_thread(store.migrate)
     service = RouterService(registry, Dispatcher(registry, tuple(rc.kv_backend_preference)), WallClock(),
-                            rc.request_timeout_s)
+                            rc.request_timeout_s, record_event=store.record_worker_event)
     server = grpc.aio.server()
     port = server.add_insecure_port(f"{rc.host}:{rc.port}")
     router_pb2_grpc.add_RouterServicer_to_server(service, server)
@@ -45,3 +48,4 @@ async def serve(cfg: PDServeConfig) -> None:
     await health_servicer.enter_graceful_shutdown()
     await server.stop(_GRACE_S)
     await service.stop()
+    store.engine.dispose()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 import grpc
 
@@ -36,8 +37,11 @@ class _WorkerFailed(Exception):
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
-    def __init__(self, registry: WorkerRegistry, dispatcher: Dispatcher, clock: Clock, request_timeout_s: float):
+    def __init__(self, registry: WorkerRegistry, dispatcher: Dispatcher, clock: Clock, request_timeout_s: float,
+                 record_event: Callable[[str, str, str, str], None] | None = None):
         self.registry = registry
+        # (worker_id, role, event, detail) -> persisted worker/role history; blocking, run in a thread.
+        self._record_event = record_event
         self.dispatcher = dispatcher
         self.clock = clock
         self.request_timeout_s = request_timeout_s
@@ -59,6 +63,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await asyncio.sleep(self.registry.lease_s / 3)
             for worker_id in self.registry.expire(self.clock.now_s()):
                 log.warning("worker %s missed its lease; no new work goes to it", worker_id)
+                rec = self.registry.get(worker_id)
+                self._history(worker_id, rec.role.value if rec else "", "dead", "missed its lease")
+
+    def _history(self, worker_id: str, role: str, event: str, detail: str = "") -> None:
+        if self._record_event is None:
+            return
+        task = asyncio.get_running_loop().run_in_executor(None, self._record_event, worker_id, role, event, detail)
+        task.add_done_callback(lambda t: t.exception() and log.error("could not record worker event: %s",
+                                                                     t.exception()))
 
     def _stub(self, worker_id: str) -> worker_pb2_grpc.WorkerStub:
         rec = self.registry.get(worker_id)
@@ -82,6 +95,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.registry.register(rec, self.clock.now_s())
         log.info("worker %s registered: role=%s model=%s at %s", rec.worker_id, role.value, rec.model,
                  rec.grpc_address)
+        self._history(rec.worker_id, role.value, "registered", f"model={rec.model} address={rec.grpc_address}")
         return router_pb2.RegisterResponse(lease_s=self.registry.lease_s)
 
     async def Heartbeat(self, request, context):

@@ -153,7 +153,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     # ---- generation ----
     async def Generate(self, request, context):
         req_id = request.req_id
-        params = await self._checked_params(request, context)
+        try:
+            params = await self._checked_params(request, context)
+        except BaseException:
+            if request.remote_prefill:   # a rejected decode request must not hold its reservation
+                await self._drop_reservation(req_id, "request rejected")
+            raise
         queue: asyncio.Queue = asyncio.Queue()
         try:
             if request.remote_prefill:
@@ -227,6 +232,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 stream = self._streams.get(req_id)
                 if stream is not None:
                     stream.put_nowait(delta)
+
+    async def _drop_reservation(self, req_id: str, reason: str) -> None:
+        pending = self._pending.get(req_id)
+        if pending is not None and not pending.claimed:
+            self._pending.pop(req_id, None)
+            pending.receiver.abort(reason)
+            await self._run(self.engine.release, req_id)
 
     async def _reap_expired(self) -> None:
         """Free reservations whose transfer failed or whose Generate never came within the lease."""

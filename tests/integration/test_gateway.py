@@ -195,3 +195,26 @@ def test_grpc_health_and_reflection_on_router_and_workers(cluster):
     assert status == health_pb2.HealthCheckResponse.SERVING and "pdserve.v1.Router" in services
     status, services = asyncio.run(check(f"127.0.0.1:{cluster.process('decode-0').port}"))
     assert status == health_pb2.HealthCheckResponse.SERVING and "pdserve.v1.Worker" in services
+
+
+def test_router_records_worker_history_and_enforces_deadlines(cluster):
+    from pdserve.v1 import router_pb2, router_pb2_grpc
+    import grpc
+
+    async def run():
+        async with grpc.aio.insecure_channel(cluster.router_address) as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            workers = (await stub.ListWorkers(router_pb2.ListWorkersRequest())).workers
+            call = stub.Generate(router_pb2.RouteRequest(
+                req_id="too-slow", model="tiny", prompt_token_ids=[i % 250 for i in range(3000)],
+                sampling=worker_pb2.SamplingParams(max_tokens=500), timeout_s=0.05))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in call:
+                    pass
+            return workers, err.value
+    workers, err = asyncio.run(run())
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "too-slow" in err.details()
+    store = Store(cluster.db_url)
+    for w in workers:
+        assert "registered" in [e.event for e in store.worker_events(w.worker_id)]
+    assert wait_until(lambda: _workers_idle(cluster), 15)     # the timed-out request left nothing behind
