@@ -68,3 +68,46 @@ def _weighted_lstsq(rows: list[list[float]], targets: list[float]) -> list[float
     w = 1.0 / np.maximum(y, 1e-6)
     coeffs, *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
     return [float(c) for c in coeffs]
+
+
+class CalibratedCostModel:
+    """A profiled model corrected online by measured/predicted ratios (one per operator kind).
+
+    Profiles are taken on a warm, idle runner; in service, cold caches and other work on the host
+    make operators slower by a roughly constant factor, which this learns with an exponential
+    moving average. Deterministic: the same observations give the same predictions.
+    """
+
+    def __init__(self, base: OperatorCostModel, smoothing: float = 0.05):
+        self.base = base
+        self.num_layers = base.num_layers
+        self._alpha = smoothing
+        self.scale = {"attention": 1.0, "mlp": 1.0}
+        # Moving sums of measured and predicted seconds: their ratio weights each operator by its
+        # duration, so many tiny, overhead-dominated operators cannot inflate big ones.
+        self._measured = {"attention": 0.0, "mlp": 0.0}
+        self._predicted = {"attention": 0.0, "mlp": 0.0}
+
+    def observe(self, op_index: int, piece_tokens: list[int], measured_s: float) -> None:
+        predicted = self.base.op_s(op_index, piece_tokens)
+        if predicted <= 0 or measured_s <= 0:
+            return
+        kind = "attention" if op_index % 2 == 0 else "mlp"
+        # Clip: one outlier (a page fault, a descheduled thread) must not swing the estimate.
+        measured_s = min(max(measured_s, 0.2 * predicted), 5.0 * predicted)
+        self._measured[kind] += self._alpha * (measured_s - self._measured[kind])
+        self._predicted[kind] += self._alpha * (predicted - self._predicted[kind])
+        self.scale[kind] = self._measured[kind] / self._predicted[kind]
+
+    def op_s(self, op_index: int, piece_tokens: list[int]) -> float:
+        kind = "attention" if op_index % 2 == 0 else "mlp"
+        return self.scale[kind] * self.base.op_s(op_index, piece_tokens)
+
+    def remaining_s(self, piece_tokens: list[int], next_op: int) -> float:
+        num_ops = 2 * self.num_layers
+        attn_ops = (num_ops - next_op + 1) // 2
+        mlp_ops = (num_ops - next_op) // 2
+        return attn_ops * self.op_s(0, piece_tokens) + mlp_ops * self.op_s(1, piece_tokens)
+
+    def prefill_s(self, num_tokens: int) -> float:
+        return self.remaining_s([num_tokens], 0)

@@ -20,7 +20,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from pdserve.policy.cost_model import OperatorCostModel
+from pdserve.policy.cost_model import CalibratedCostModel, OperatorCostModel
 
 
 class SchedulerMode(enum.Enum):
@@ -73,6 +73,9 @@ class WorkUnit:
 
 
 class BasePrefillScheduler(abc.ABC):
+    # The cost model the policy plans with, if any; executors may feed it measurements.
+    cost_model: OperatorCostModel | CalibratedCostModel | None = None
+
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
 
@@ -170,9 +173,10 @@ class FlowPrefillScheduler(BasePrefillScheduler):
     are batched up to `batch_budget_tokens` while every member keeps slack >= 0.
     """
 
-    def __init__(self, num_layers: int, cost: OperatorCostModel, batch_budget_tokens: int = 512):
+    def __init__(self, num_layers: int, cost: OperatorCostModel | CalibratedCostModel,
+                 batch_budget_tokens: int = 512):
         super().__init__(num_layers)
-        self.cost = cost
+        self.cost = self.cost_model = cost
         self.batch_budget_tokens = batch_budget_tokens
         self._waiting: list[WorkUnit] = []
         self._running: WorkUnit | None = None
@@ -249,4 +253,5 @@ def make_scheduler(mode: SchedulerMode | str, num_layers: int, cost: OperatorCos
         return ChunkedScheduler(num_layers, chunk_tokens)
     if cost is None:
         raise ValueError("flowprefill needs a profiled cost model")
-    return FlowPrefillScheduler(num_layers, cost, batch_budget_tokens)
+    return FlowPrefillScheduler(num_layers, CalibratedCostModel(cost) if isinstance(cost, OperatorCostModel) else cost,
+                                batch_budget_tokens)

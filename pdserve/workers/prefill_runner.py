@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from pdserve.clock import Clock
+from pdserve.policy.cost_model import CalibratedCostModel
 from pdserve.policy.prefill_scheduler import BasePrefillScheduler, PrefillJob, WorkUnit
 from pdserve.workers.model.llama import LlamaModel
 from pdserve.workers.model.unit_execution import JobState, UnitExecution
@@ -132,12 +133,16 @@ class PrefillRunner:
                     return
 
     def _record(self, unit: WorkUnit, measured_s: float) -> None:
-        if not self._record_timings:
+        cost = self.scheduler.cost_model
+        if cost is None:
             return
-        cost = getattr(self.scheduler, "cost", None)
-        kind = "attention" if unit.next_op % 2 == 0 else "mlp"
-        predicted = cost.op_s(unit.next_op, unit.piece_tokens()) if cost is not None else float("nan")
-        self.stats.operator_timings.append((kind, sum(unit.piece_tokens()), predicted, measured_s))
+        if self._record_timings:    # the prediction made before this measurement is folded in
+            kind = "attention" if unit.next_op % 2 == 0 else "mlp"
+            predicted = cost.op_s(unit.next_op, unit.piece_tokens())
+            self.stats.operator_timings.append((kind, sum(unit.piece_tokens()), predicted, measured_s))
+        if isinstance(cost, CalibratedCostModel):
+            with self._cond:
+                cost.observe(unit.next_op, unit.piece_tokens(), measured_s)
 
     def _complete(self, jobs: list[PrefillJob]) -> None:
         for job in jobs:

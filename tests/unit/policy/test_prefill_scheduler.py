@@ -119,3 +119,16 @@ def test_cost_model_fit_recovers_coefficients():
         assert fitted.prefill_s(n) == pytest.approx(COST.prefill_s(n), rel=1e-6)
     with pytest.raises(ValueError):
         make_scheduler("flowprefill", LAYERS)
+
+
+def test_calibration_learns_a_constant_slowdown_deterministically():
+    from pdserve.policy.cost_model import CalibratedCostModel
+
+    cal = CalibratedCostModel(COST, smoothing=0.2)
+    for _ in range(60):
+        cal.observe(0, [500], 1.3 * COST.op_s(0, [500]))
+        cal.observe(1, [500], 0.9 * COST.op_s(1, [500]))
+    assert cal.op_s(0, [100]) == pytest.approx(1.3 * COST.op_s(0, [100]), rel=1e-3)
+    assert cal.op_s(1, [100]) == pytest.approx(0.9 * COST.op_s(1, [100]), rel=1e-3)
+    cal.observe(0, [500], 1000.0)                      # an outlier moves it by a bounded step only
+    assert cal.scale["attention"] < 2.2
