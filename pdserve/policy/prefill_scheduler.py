@@ -89,6 +89,11 @@ class BasePrefillScheduler(abc.ABC):
     @abc.abstractmethod
     def num_waiting(self) -> int: ...
 
+    def admission_wait_s(self, job: PrefillJob, now_s: float) -> float | None:
+        """Predicted time before `job` would start if added now; None when this policy cannot
+        predict (it then accepts everything)."""
+        return None
+
     def on_operator_done(self, unit: WorkUnit, now_s: float) -> None:
         unit.next_op += 1
 
@@ -198,6 +203,22 @@ class FlowPrefillScheduler(BasePrefillScheduler):
         misses_if_waits = self.slack_s(unit, now_s, extra_wait_s=running_left_s) < 0
         more_urgent = self.slack_s(unit, now_s) < self.slack_s(running, now_s)
         return can_make_it and misses_if_waits and more_urgent
+
+    def admission_wait_s(self, job: PrefillJob, now_s: float) -> float:
+        """Work that would run before `job`: waiting units due no later than it (earliest-deadline
+        order approximates slack order), plus the running unit's current operator, or all of it when
+        the running unit is due first and will not be preempted."""
+        wait = 0.0
+        for u in self._waiting:
+            if min(p.job.deadline_s for p in u.pieces) <= job.deadline_s:
+                wait += self.cost.remaining_s(u.piece_tokens(), u.next_op)
+        running = self._running
+        if running is not None:
+            if min(p.job.deadline_s for p in running.pieces) <= job.deadline_s:
+                wait += self.cost.remaining_s(running.piece_tokens(), running.next_op)
+            else:
+                wait += self.cost.op_s(running.next_op, running.piece_tokens())
+        return wait
 
     def next_unit(self, now_s: float) -> WorkUnit | None:
         if not self._waiting:

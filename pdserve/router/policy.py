@@ -134,6 +134,20 @@ class Dispatcher:
             raise NoWorkers(f"no live worker serves model {model!r}")
         raise NoCapacity("no worker has free KV capacity for this request now")
 
+    def prefill_candidates(self, model: str, decode_id: str, exclude_ids: frozenset[str] = frozenset()
+                           ) -> list[tuple[str, str]]:
+        """(prefill worker, KV backend) pairs able to feed `decode_id`, least loaded first: the
+        order in which on-demand forwarding offers a request."""
+        decode = self.registry.get(decode_id)
+        if decode is None:
+            return []
+        out = []
+        for w in sorted(self.registry.alive(model, Role.PREFILL), key=lambda w: (w.num_inflight, w.worker_id)):
+            backend = self._common_backend(w, decode)
+            if w.worker_id not in exclude_ids and backend is not None:
+                out.append((w.worker_id, backend))
+        return out
+
     def _best_kv(self, workers: list[WorkerRecord], num_tokens: int, exclude_ids: frozenset[str]):
         fits = [w for w in workers if w.worker_id not in exclude_ids
                 and w.est_free_blocks >= w.blocks_needed(num_tokens)]
@@ -151,10 +165,17 @@ class Dispatcher:
         if decode is not None:
             decode.num_blocks_placed += p.num_blocks
 
-    def on_prefill_done(self, p: Placement) -> None:
-        rec = self.registry.get(p.prefill_id) if p.prefill_id else None
+    def on_prefill_done(self, prefill_id: str | None) -> None:
+        rec = self.registry.get(prefill_id) if prefill_id else None
         if rec is not None:
             rec.num_inflight = max(0, rec.num_inflight - 1)
+
+    def on_prefill_forwarded(self, from_id: str, to_id: str) -> None:
+        """The request moved to another prefill worker after a rejection."""
+        self.on_prefill_done(from_id)
+        rec = self.registry.get(to_id)
+        if rec is not None:
+            rec.num_inflight += 1
 
     def on_finish(self, p: Placement) -> None:
         rec = self.registry.get(p.decode_id)

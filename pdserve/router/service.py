@@ -38,8 +38,9 @@ class _WorkerFailed(Exception):
 
 class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(self, registry: WorkerRegistry, dispatcher: Dispatcher, clock: Clock, request_timeout_s: float,
-                 record_event: Callable[[str, str, str, str], None] | None = None):
+                 record_event: Callable[[str, str, str, str], None] | None = None, max_prefill_offers: int = 3):
         self.registry = registry
+        self.max_prefill_offers = max_prefill_offers
         # (worker_id, role, event, detail) -> persisted worker/role history; blocking, run in a thread.
         self._record_event = record_event
         self.dispatcher = dispatcher
@@ -189,29 +190,72 @@ class RouterService(router_pb2_grpc.RouterServicer):
         call = self._stub(placement.decode_id).Generate(worker_pb2.GenerateRequest(
             req_id=request.req_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
             remote_prefill=True))
-        prefill = asyncio.ensure_future(self._stub(placement.prefill_id).Prefill(worker_pb2.PrefillRequest(
-            req_id=request.req_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
-            target=reservation.endpoint, transfer_id=reservation.transfer_id)))
-        prefill.add_done_callback(lambda _: self.dispatcher.on_prefill_done(placement))
+        prefill = asyncio.ensure_future(self._forward_prefill(request, placement, reservation))
         try:
-            async for chunk in self._relay(call, placement.decode_id, request.req_id, tracker):
+            first = asyncio.ensure_future(call.read())
+            await asyncio.wait({prefill, first}, return_when=asyncio.FIRST_COMPLETED)
+            if prefill.done() and prefill.exception() is not None and not first.done():
+                first.cancel()
+                raise prefill.exception()
+            async for chunk in self._relay(call, placement.decode_id, request.req_id, tracker, first):
                 if chunk.finish_reason != worker_pb2.FINISH_REASON_UNSPECIFIED and prefill.done() \
                         and not prefill.exception():
                     chunk.kv_transfer_bytes = prefill.result().kv_bytes
                     chunk.prefill_ms = prefill.result().prefill_ms
                 yield chunk
         except _WorkerFailed:
-            if prefill.done() and prefill.exception() is not None:
-                exc = prefill.exception()
-                raise _WorkerFailed(exc.code(), f"prefill failed: {exc.details()}") from exc
+            if prefill.done() and isinstance(prefill.exception(), _WorkerFailed):
+                raise prefill.exception() from None
             raise
         finally:
             if not prefill.done():
                 prefill.cancel()
+            if not call.done():
+                await self._abort_decode(call, placement.decode_id, request.req_id)
 
-    async def _relay(self, call, decode_id: str, req_id: str, tracker: RequestTracker):
+    async def _forward_prefill(self, request, placement: Placement, reservation) -> worker_pb2.PrefillResponse:
+        """On-demand forwarding: offer the prefill to one worker after another; each accepts or
+        refuses at once (RESOURCE_EXHAUSTED), so nothing waits on a queue that cannot serve it."""
+        candidates = [(placement.prefill_id, placement.kv_backend)] + [
+            c for c in self.dispatcher.prefill_candidates(request.model, placement.decode_id)
+            if c[0] != placement.prefill_id and c[1] == placement.kv_backend]
+        current, reasons = placement.prefill_id, []
         try:
-            async for chunk in call:
+            for prefill_id, _ in candidates[: self.max_prefill_offers]:
+                if prefill_id != current:
+                    self.dispatcher.on_prefill_forwarded(current, prefill_id)
+                    current = prefill_id
+                try:
+                    return await self._stub(prefill_id).Prefill(worker_pb2.PrefillRequest(
+                        req_id=request.req_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
+                        target=reservation.endpoint, transfer_id=reservation.transfer_id,
+                        ttft_slo_ms=request.ttft_slo_ms))
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise _WorkerFailed(exc.code(), f"prefill failed on {prefill_id}: {exc.details()}") from exc
+                    reasons.append(f"{prefill_id}: {exc.details()}")
+                    log.info("request %s: %s refused the prefill; forwarding", request.req_id, prefill_id)
+            raise _WorkerFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                "every prefill worker offered refused: " + "; ".join(reasons))
+        finally:
+            self.dispatcher.on_prefill_done(current)
+
+    async def _abort_decode(self, call, decode_id: str, req_id: str) -> None:
+        # Cancelling the stream frees the KV on the worker; Abort also covers a worker that had
+        # not yet started streaming.
+        call.cancel()
+        try:
+            await self._stub(decode_id).Abort(worker_pb2.AbortRequest(req_id=req_id, reason="cancelled"), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            pass
+
+    async def _relay(self, call, decode_id: str, req_id: str, tracker: RequestTracker, first=None):
+        try:
+            while True:
+                chunk = await (first if first is not None else call.read())
+                first = None
+                if chunk is grpc.aio.EOF:
+                    return
                 if tracker.state is RequestState.WAITING_FOR_KV:
                     tracker.to(RequestState.DECODING, self.clock.now_s())
                 tracker.first_token(self.clock.now_s())
@@ -220,11 +264,4 @@ class RouterService(router_pb2_grpc.RouterServicer):
             raise _WorkerFailed(exc.code(), f"worker {decode_id}: {exc.details()}") from exc
         finally:
             if not call.done():
-                call.cancel()
-                # Cancelling the stream frees the KV on the worker; Abort also covers a worker that
-                # had not yet started streaming.
-                try:
-                    await self._stub(decode_id).Abort(worker_pb2.AbortRequest(req_id=req_id, reason="cancelled"),
-                                                      timeout=2.0)
-                except grpc.aio.AioRpcError:
-                    pass
+                await self._abort_decode(call, decode_id, req_id)

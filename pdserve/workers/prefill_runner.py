@@ -35,12 +35,17 @@ class _Pending:
     future: concurrent.futures.Future
 
 
+class Rejected(Exception):
+    """On-demand forwarding: this worker cannot meet the request's TTFT; try another one."""
+
+
 @dataclass
 class RunnerStats:
     preemption_latencies_s: list[float] = field(default_factory=list)
     # (op index % 2 -> 'attention'|'mlp', tokens in the unit, predicted s, measured s)
     operator_timings: list[tuple[str, int, float, float]] = field(default_factory=list)
     num_units: int = 0
+    num_rejected: int = 0
 
 
 class PrefillRunner:
@@ -60,20 +65,38 @@ class PrefillRunner:
         self._thread = threading.Thread(target=self._loop, name="prefill-compute", daemon=True)
         self._thread.start()
 
-    def submit(self, req_id: str, token_ids: list[int], deadline_s: float,
-               on_layer: LayerCallback) -> concurrent.futures.Future:
-        """Queue a prompt; the future resolves to the last position's logits."""
+    def submit(self, req_id: str, token_ids: list[int], deadline_s: float, on_layer: LayerCallback,
+               admission: bool = False) -> concurrent.futures.Future:
+        """Queue a prompt; the future resolves to the last position's logits.
+
+        With `admission`, refuse at once (Rejected) a prompt the policy predicts cannot finish
+        by its deadline, so the router can offer it to another worker instead of letting it wait.
+        """
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if req_id in self._pending:
                 raise ValueError(f"request {req_id} is already being prefilled")
             now = self.clock.now_s()
+            job = PrefillJob(req_id, len(token_ids), now, deadline_s)
+            if admission:
+                self._admit(job, now)
             self._pending[req_id] = _Pending(JobState(req_id, list(token_ids)), on_layer, future)
-            preempt = self.scheduler.add(PrefillJob(req_id, len(token_ids), now, deadline_s), now)
+            preempt = self.scheduler.add(job, now)
             if preempt and self._running is not None and self._preempt_requested_s is None:
                 self._preempt_requested_s = now
             self._cond.notify()
         return future
+
+    def _admit(self, job: PrefillJob, now: float) -> None:
+        wait_s = self.scheduler.admission_wait_s(job, now)
+        cost = self.scheduler.cost_model
+        if wait_s is None or cost is None:
+            return
+        finish_s = now + wait_s + cost.prefill_s(job.num_tokens)
+        if finish_s > job.deadline_s:
+            self.stats.num_rejected += 1
+            raise Rejected(f"predicted TTFT {1e3 * (finish_s - now):.0f} ms exceeds the budget of "
+                           f"{1e3 * (job.deadline_s - now):.0f} ms ({1e3 * wait_s:.0f} ms of queued work)")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         with self._cond:

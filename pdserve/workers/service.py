@@ -16,6 +16,7 @@ import concurrent.futures
 import itertools
 import logging
 import random
+import threading
 from dataclasses import dataclass
 
 import grpc
@@ -24,7 +25,7 @@ from pdserve.clock import Clock
 from pdserve.kvtransfer import BaseKVAgent, TransferLayout, TransferState, as_bytes_view
 from pdserve.workers.engine import Engine, PrefillResult, Reservation
 from pdserve.workers.model.sampling import SamplingConfig, sample_token
-from pdserve.workers.prefill_runner import PrefillRunner
+from pdserve.workers.prefill_runner import PrefillRunner, Rejected
 from pdserve.workers.output import Delta, Finish
 from pdserve.v1 import kvtransfer_pb2, worker_pb2, worker_pb2_grpc
 
@@ -50,6 +51,28 @@ class _Pending:
     receiver: object
     created_s: float
     claimed: bool = False
+
+
+class _LazySender:
+    """Creates the KV sender on first use (the first finished layer), so a prefill rejected at
+    admission never touches the decode worker's armed receiver."""
+
+    def __init__(self, agent: BaseKVAgent, address: bytes, layout: TransferLayout, timeout_s: float, checksum: bool):
+        self._args = (address, layout, timeout_s, checksum)
+        self._agent = agent
+        self._sender = None
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self._sender is None:
+                self._sender = self._agent.create_sender(*self._args)
+            return self._sender
+
+    def abort_if_active(self, reason: str) -> None:
+        sender = self._sender
+        if sender is not None and sender.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING):
+            sender.abort(reason)
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
@@ -264,9 +287,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         layout = TransferLayout(request.transfer_id, self.engine.layer_nbytes(len(ids)))
-        sender = agent.create_sender(request.target.address, layout, self._transfer_timeout_s, self._checksum)
+        link = _LazySender(agent, request.target.address, layout, self._transfer_timeout_s, self._checksum)
         try:
-            result = await self._prefill(request, ids, params, sender)
+            try:
+                result = await self._prefill(request, ids, params, link)
+            except Rejected as exc:
+                # Nothing was sent: the decode worker's receiver stays armed for another prefill worker.
+                log.info("request %s: rejected for on-demand forwarding: %s", request.req_id, exc)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill rejected: {exc}")
+            sender = link.get()
             trailer = kvtransfer_pb2.PrefillTrailer(req_id=request.req_id, first_token_id=result.first_token_id,
                                                     num_prompt_tokens=len(ids))
             sender.finish(trailer.SerializeToString())
@@ -282,12 +311,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 req_id=request.req_id, first_token_id=result.first_token_id, prefill_ms=result.compute_s * 1e3,
                 kv_bytes=result.kv_bytes, transfer_tail_ms=(self.clock.now_s() - tail_start) * 1e3)
         finally:
-            if sender.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING):
-                sender.abort("prefill request ended")
+            link.abort_if_active("prefill request ended")
 
-    async def _prefill(self, request, ids: list[int], params: SamplingConfig, sender) -> PrefillResult:
+    async def _prefill(self, request, ids: list[int], params: SamplingConfig, link: "_LazySender") -> PrefillResult:
         if self._prefill_runner is None:    # no scheduler configured: in order on the compute thread
-            return await self._run(self.engine.prefill_and_send, ids, params, sender)
+            return await self._run(self.engine.prefill_and_send, ids, params, link.get())
         started = self.clock.now_s()
         ttft_s = (request.ttft_slo_ms or self._default_ttft_slo_ms) / 1e3
         kv_bytes = 0
@@ -296,9 +324,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             nonlocal kv_bytes
             view = as_bytes_view(kv.numpy())
             kv_bytes += len(view)
-            sender.send_layer(layer, view)
+            link.get().send_layer(layer, view)
 
-        future = self._prefill_runner.submit(request.req_id, ids, started + ttft_s, on_layer)
+        future = self._prefill_runner.submit(request.req_id, ids, started + ttft_s, on_layer,
+                                             admission=request.ttft_slo_ms > 0)
         logits = await asyncio.wrap_future(future)
         return PrefillResult(sample_token(logits, params, 0), self.clock.now_s() - started, kv_bytes)
 
