@@ -1,0 +1,77 @@
+"""Ratio controller on a virtual clock: direction, cooldown, no flapping, pins, bounds."""
+import random
+
+from pdserve.clock import VirtualClock
+from pdserve.policy.ratio_controller import ControllerConfig, RatioController, WorkerPerf
+from pdserve.policy.scenarios import ScenarioClassifier, ScenarioSpec, prefix_hash
+
+PERF = WorkerPerf(prefill_tokens_per_s=20_000, decode_step_base_s=0.010, decode_step_per_seq_s=0.0005)
+SPEC = ScenarioSpec("chat", ttft_slo_ms=1000, tpot_slo_ms=50)
+CFG = ControllerConfig(window_s=30, cooldown_s=20, hysteresis=0.2, max_step=1)
+
+
+def drive(ctrl, clock, ratio, seconds, rps, input_tokens, output_tokens, rng):
+    changes = []
+    for _ in range(int(seconds)):
+        for _ in range(rng.randint(rps - 1, rps + 1)):
+            ctrl.observe("chat", clock.now_s(), input_tokens, output_tokens)
+        d = ctrl.decide("chat", SPEC, ratio, PERF, clock.now_s())
+        if d is not None:
+            changes.append(d)
+            ratio = d.new
+        clock.advance(1.0)
+    return ratio, changes
+
+
+def test_step_change_moves_the_ratio_the_right_way_then_holds():
+    clock, ctrl, rng = VirtualClock(), RatioController(CFG), random.Random(0)
+    ratio = (4, 4)
+    # Prefill-heavy: long prompts, short answers.
+    ratio, changes = drive(ctrl, clock, ratio, 200, 10, 8000, 20, rng)
+    assert ratio[0] > 4 and changes and all(c.new[0] > c.old[0] for c in changes)
+    first_change_at = changes[0].at_s
+    assert first_change_at <= CFG.window_s            # reacts within one window, not at random
+    settled, later = drive(ctrl, clock, ratio, 300, 10, 8000, 20, rng)
+    assert later == [] and settled == ratio            # steady load: no flapping
+    # Step to decode-heavy: short prompts, long answers.
+    ratio, changes = drive(ctrl, clock, ratio, 300, 10, 200, 800, rng)
+    assert ratio[0] < 4 and all(c.new[0] < c.old[0] for c in changes)
+    gaps = [b.at_s - a.at_s for a, b in zip(changes, changes[1:])]
+    assert all(g >= CFG.cooldown_s for g in gaps)      # one worker per cooldown at most
+    assert sum(ratio) == 8
+
+
+def test_pinned_ratio_is_respected_and_unpin_resumes_control():
+    clock, ctrl, rng = VirtualClock(), RatioController(CFG), random.Random(1)
+    ctrl.pin("chat", 2, 6)
+    ratio, changes = drive(ctrl, clock, (4, 4), 120, 10, 8000, 20, rng)
+    assert ratio == (2, 6) and [c.reason for c in changes] == ["pinned by an operator"]
+    ctrl.unpin("chat")
+    ratio, _ = drive(ctrl, clock, ratio, 200, 10, 8000, 20, rng)
+    assert ratio[0] > 2
+
+
+def test_bounds_and_no_data():
+    clock, ctrl = VirtualClock(), RatioController(CFG)
+    bounded = ScenarioSpec("chat", tpot_slo_ms=50, min_decode=3, max_prefill=5)
+    assert ctrl.decide("chat", bounded, (4, 4), PERF, 0.0) is None     # no traffic yet
+    ratio = (4, 4)
+    for t in range(400):
+        for _ in range(10):
+            ctrl.observe("chat", float(t), 20000, 1)
+        d = ctrl.decide("chat", bounded, ratio, PERF, float(t))
+        ratio = d.new if d else ratio
+    assert ratio == (5, 3)
+
+
+def test_classifier_order_header_tenant_prefix_default():
+    system = [1, 2, 3, 4]
+    c = ScenarioClassifier({
+        "code": ScenarioSpec("code", header_values=("coding",), tenants=("acme",)),
+        "rag": ScenarioSpec("rag", prefix_tokens=4, prefix_hashes=(prefix_hash(system, 4),)),
+    })
+    assert c.classify("coding", "", []) == "code"
+    assert c.classify("rag", "acme", []) == "rag"          # header beats tenant
+    assert c.classify("", "acme", system + [9]) == "code"   # tenant beats prefix
+    assert c.classify("", "", system + [9, 9]) == "rag"
+    assert c.classify("", "other", [4, 3, 2, 1]) == "default"
