@@ -50,6 +50,7 @@ class WorkerSettings(_Section):
     max_batch_size: int = Field(32, gt=0, description="Most sequences in one decode step")
     reservation_lease_s: float = Field(30.0, gt=0,
                                        description="A KV reservation with no Generate call is freed after this")
+    scenario: str = Field("default", description="Scenario (worker group) this worker serves")
     prefill_scheduler: Literal["fcfs", "chunked", "flowprefill"] = Field(
         "flowprefill", description="Prefill scheduling: naive FCFS, fixed-chunk (vLLM/Sarathi) or FlowPrefill")
     chunk_size_tokens: int = Field(512, gt=0, description="Token budget of one step in chunked mode")
@@ -66,6 +67,12 @@ class RouterSettings(_Section):
     request_timeout_s: float = Field(600.0, gt=0, description="Deadline of one request end to end")
     kv_backend_preference: list[Literal["ucx", "tcp", "fake"]] = Field(
         ["ucx", "tcp"], description="First backend both workers serve is used for a transfer")
+    admin_token: str = Field("", description="Bearer token of the gRPC Admin API; empty disables it")
+    control_interval_s: float = Field(5.0, gt=0, description="How often the P/D ratio controller decides")
+    ratio_window_s: float = Field(60.0, gt=0, description="Traffic window the ratio controller models")
+    ratio_cooldown_s: float = Field(30.0, ge=0, description="Least time between two ratio changes")
+    ratio_hysteresis: float = Field(0.2, ge=0, lt=1,
+                                    description="Relative utilisation gap below which the ratio stays put")
 
 
 class GatewaySettings(_Section):

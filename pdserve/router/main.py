@@ -12,10 +12,13 @@ from grpc_reflection.v1alpha import reflection
 
 from pdserve.clock import WallClock
 from pdserve.config import PDServeConfig
+from pdserve.policy.ratio_controller import ControllerConfig, RatioController
+from pdserve.policy.scenarios import ScenarioClassifier
+from pdserve.router.admin import AdminService, load_scenarios
 from pdserve.router.policy import Dispatcher, WorkerRegistry
 from pdserve.router.service import RouterService
 from pdserve.store import Store
-from pdserve.v1 import router_pb2, router_pb2_grpc
+from pdserve.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grpc
 
 log = logging.getLogger("pdserve.router")
 _GRACE_S = 5.0
@@ -26,15 +29,23 @@ async def serve(cfg: PDServeConfig) -> None:
     registry = WorkerRegistry(rc.lease_s)
     store = Store(cfg.database_url)
     await asyncio.to_thread(store.migrate)
+    controller = RatioController(ControllerConfig(window_s=rc.ratio_window_s, cooldown_s=rc.ratio_cooldown_s,
+                                                  hysteresis=rc.ratio_hysteresis))
+    scenarios = ScenarioClassifier(await asyncio.to_thread(load_scenarios, store))
     service = RouterService(registry, Dispatcher(registry, tuple(rc.kv_backend_preference)), WallClock(),
-                            rc.request_timeout_s, record_event=store.record_worker_event)
+                            rc.request_timeout_s, record_event=store.record_worker_event,
+                            scenarios=scenarios, controller=controller, control_interval_s=rc.control_interval_s,
+                            record_change=lambda d: store.add_ratio_change(d.scenario, d.old, d.new, d.reason,
+                                                                           d.inputs))
     server = grpc.aio.server()
     port = server.add_insecure_port(f"{rc.host}:{rc.port}")
     router_pb2_grpc.add_RouterServicer_to_server(service, server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service, store, rc.admin_token), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
+         admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
         server)
     await server.start()
     await service.start()

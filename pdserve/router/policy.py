@@ -12,6 +12,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from pdserve.policy.ratio_controller import WorkerPerf
+
 
 class Role(enum.Enum):
     PREFILL = "prefill"
@@ -36,6 +38,9 @@ class WorkerRecord:
     # Router-side accounting between heartbeats, so a burst does not pile onto one worker.
     num_inflight: int = 0
     num_blocks_placed: int = 0
+    scenario: str = "default"          # the worker group it serves
+    draining: bool = False             # no new work (before a role change or maintenance)
+    perf: WorkerPerf | None = None
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size_tokens)
@@ -93,8 +98,19 @@ class WorkerRegistry:
     def all(self) -> list[WorkerRecord]:
         return list(self._workers.values())
 
-    def alive(self, model: str, role: Role) -> list[WorkerRecord]:
-        return [w for w in self._workers.values() if w.alive and w.model == model and w.role is role]
+    def alive(self, model: str, role: Role, group: str | None = None) -> list[WorkerRecord]:
+        """Live workers that may take new work (draining ones may not)."""
+        return [w for w in self._workers.values() if w.alive and not w.draining and w.model == model
+                and w.role is role and (group is None or w.scenario == group)]
+
+    def groups(self) -> set[str]:
+        return {w.scenario for w in self._workers.values()}
+
+    def group_ratio(self, group: str) -> tuple[int, int]:
+        """(prefill, decode) among live workers of a group, draining ones included: they still count
+        towards the ratio until their role change completes."""
+        ws = [w for w in self._workers.values() if w.alive and w.scenario == group]
+        return (sum(w.role is Role.PREFILL for w in ws), sum(w.role is Role.DECODE for w in ws))
 
     def models(self) -> set[str]:
         return {w.model for w in self._workers.values() if w.alive}
@@ -118,16 +134,19 @@ class Dispatcher:
         self.kv_backend_preference = kv_backend_preference
 
     def place(self, model: str, num_prompt_tokens: int, max_tokens: int,
-              exclude_ids: frozenset[str] = frozenset()) -> Placement:
+              exclude_ids: frozenset[str] = frozenset(), group: str | None = None) -> Placement:
+        """Place within the scenario's worker group; a group with no workers uses every worker."""
+        if group is not None and not any(w.alive and w.scenario == group for w in self.registry.all()):
+            group = None
         total_tokens = num_prompt_tokens + max_tokens
-        decode = self._best_kv(self.registry.alive(model, Role.DECODE), total_tokens, exclude_ids)
-        prefills = [w for w in self.registry.alive(model, Role.PREFILL) if w.worker_id not in exclude_ids]
+        decode = self._best_kv(self.registry.alive(model, Role.DECODE, group), total_tokens, exclude_ids)
+        prefills = [w for w in self.registry.alive(model, Role.PREFILL, group) if w.worker_id not in exclude_ids]
         if decode is not None and prefills:
             for prefill in sorted(prefills, key=lambda w: (w.num_inflight, w.worker_id)):
                 backend = self._common_backend(prefill, decode)
                 if backend is not None:
                     return Placement(decode.worker_id, prefill.worker_id, backend, decode.blocks_needed(total_tokens))
-        agg = self._best_kv(self.registry.alive(model, Role.AGGREGATED), total_tokens, exclude_ids)
+        agg = self._best_kv(self.registry.alive(model, Role.AGGREGATED, group), total_tokens, exclude_ids)
         if agg is not None:
             return Placement(agg.worker_id, None, None, agg.blocks_needed(total_tokens))
         if not any(w.alive and w.model == model for w in self.registry.all()):
@@ -137,12 +156,13 @@ class Dispatcher:
     def prefill_candidates(self, model: str, decode_id: str, exclude_ids: frozenset[str] = frozenset()
                            ) -> list[tuple[str, str]]:
         """(prefill worker, KV backend) pairs able to feed `decode_id`, least loaded first: the
-        order in which on-demand forwarding offers a request."""
+        order in which on-demand forwarding offers a request (same group as the decode worker)."""
         decode = self.registry.get(decode_id)
         if decode is None:
             return []
         out = []
-        for w in sorted(self.registry.alive(model, Role.PREFILL), key=lambda w: (w.num_inflight, w.worker_id)):
+        pool = self.registry.alive(model, Role.PREFILL, decode.scenario) or self.registry.alive(model, Role.PREFILL)
+        for w in sorted(pool, key=lambda w: (w.num_inflight, w.worker_id)):
             backend = self._common_backend(w, decode)
             if w.worker_id not in exclude_ids and backend is not None:
                 out.append((w.worker_id, backend))

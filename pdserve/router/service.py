@@ -15,8 +15,11 @@ from typing import Callable
 import grpc
 
 from pdserve.clock import Clock
+from pdserve.policy.ratio_controller import RatioController, WorkerPerf
+from pdserve.policy.scenarios import DEFAULT_SCENARIO, ScenarioClassifier
 from pdserve.router.policy import (Dispatcher, NoCapacity, NoWorkers, Placement, RequestState, RequestTracker,
                                    Role, WorkerRecord, WorkerRegistry)
+from pdserve.router.rebalancer import Rebalancer
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from pdserve.workers import client
 
@@ -38,9 +41,17 @@ class _WorkerFailed(Exception):
 
 class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(self, registry: WorkerRegistry, dispatcher: Dispatcher, clock: Clock, request_timeout_s: float,
-                 record_event: Callable[[str, str, str, str], None] | None = None, max_prefill_offers: int = 3):
+                 record_event: Callable[[str, str, str, str], None] | None = None, max_prefill_offers: int = 3,
+                 scenarios: ScenarioClassifier | None = None, controller: RatioController | None = None,
+                 control_interval_s: float = 5.0, record_change: Callable | None = None):
         self.registry = registry
         self.max_prefill_offers = max_prefill_offers
+        self.scenarios = scenarios or ScenarioClassifier()
+        self.controller = controller or RatioController()
+        self.control_interval_s = control_interval_s
+        self.rebalancer = Rebalancer(registry, self.controller, self.scenarios, clock, self._set_worker_role,
+                                     record_change, self._history_sync, drain_timeout_s=request_timeout_s)
+        self._control_task: asyncio.Task | None = None
         # (worker_id, role, event, detail) -> persisted worker/role history; blocking, run in a thread.
         self._record_event = record_event
         self.dispatcher = dispatcher
@@ -52,10 +63,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def start(self) -> None:
         self._expiry_task = asyncio.create_task(self._expire_loop())
+        self._control_task = asyncio.create_task(self._control_loop())
 
     async def stop(self) -> None:
-        if self._expiry_task:
-            self._expiry_task.cancel()
+        for task in (self._expiry_task, self._control_task):
+            if task:
+                task.cancel()
         for ch in self._channels.values():
             await ch.close()
 
@@ -66,6 +79,20 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 log.warning("worker %s missed its lease; no new work goes to it", worker_id)
                 rec = self.registry.get(worker_id)
                 self._history(worker_id, rec.role.value if rec else "", "dead", "missed its lease")
+
+    async def _control_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.control_interval_s)
+            try:
+                await self.rebalancer.control_once()
+            except Exception:   # a failed rebalance must not stop future ones
+                log.exception("ratio control step failed")
+
+    async def _set_worker_role(self, worker_id: str, role: Role) -> None:
+        await self._stub(worker_id).SetRole(worker_pb2.SetRoleRequest(role=_ROLE_TO_PROTO[role]), timeout=10.0)
+
+    def _history_sync(self, worker_id: str, role: str, event: str, detail: str = "") -> None:
+        self._history(worker_id, role, event, detail)
 
     def _history(self, worker_id: str, role: str, event: str, detail: str = "") -> None:
         if self._record_event is None:
@@ -92,7 +119,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
             worker_id=request.worker_id, role=role, model=request.model, grpc_address=request.grpc_address,
             kv_addresses={e.backend: e.address for e in request.kv_endpoints},
             num_total_kv_blocks=request.num_total_kv_blocks, block_size_tokens=request.kv_block_size_tokens or 16,
-            max_model_len_tokens=request.max_model_len_tokens)
+            max_model_len_tokens=request.max_model_len_tokens, scenario=request.scenario or DEFAULT_SCENARIO,
+            perf=WorkerPerf(request.prefill_tokens_per_s, request.decode_step_base_s, request.decode_step_per_seq_s)
+            if request.prefill_tokens_per_s > 0 else None)
         self.registry.register(rec, self.clock.now_s())
         log.info("worker %s registered: role=%s model=%s at %s", rec.worker_id, role.value, rec.model,
                  rec.grpc_address)
@@ -110,7 +139,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             router_pb2.WorkerStatus(
                 worker_id=w.worker_id, role=_ROLE_TO_PROTO[w.role], model=w.model, grpc_address=w.grpc_address,
                 alive=w.alive, num_free_kv_blocks=w.num_free_kv_blocks, num_total_kv_blocks=w.num_total_kv_blocks,
-                num_active_requests=w.num_active_requests, seconds_since_heartbeat=now - w.last_heartbeat_s)
+                num_active_requests=w.num_active_requests, seconds_since_heartbeat=now - w.last_heartbeat_s,
+                scenario=w.scenario, draining=w.draining)
             for w in self.registry.all()])
 
     # ---- requests ----
@@ -143,10 +173,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def _route(self, request, tracker: RequestTracker):
         max_tokens = request.sampling.max_tokens or 16
+        scenario = self.scenarios.classify(request.scenario_header, request.tenant, list(request.prompt_token_ids))
+        self.controller.observe(scenario, self.clock.now_s(), len(request.prompt_token_ids), max_tokens)
+        if not request.ttft_slo_ms and scenario in self.scenarios.specs:
+            request.ttft_slo_ms = self.scenarios.spec(scenario).ttft_slo_ms
         excluded: set[str] = set()
         reservation = None
         for attempt in range(_MAX_PLACEMENT_TRIES):
-            placement = self._place(request.model, len(request.prompt_token_ids), max_tokens, frozenset(excluded))
+            placement = self._place(request.model, len(request.prompt_token_ids), max_tokens, frozenset(excluded),
+                                    scenario)
             if placement.disaggregated:
                 try:
                     reservation = await self._stub(placement.decode_id).ReserveKV(worker_pb2.ReserveKVRequest(
@@ -158,8 +193,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                         continue
                     raise _WorkerFailed(exc.code(), f"decode worker refused: {exc.details()}") from exc
             tracker.to(RequestState.PLACED, self.clock.now_s())
-            log.info("request %s placed: prefill=%s decode=%s backend=%s", request.req_id, placement.prefill_id,
-                     placement.decode_id, placement.kv_backend)
+            log.info("request %s placed: scenario=%s prefill=%s decode=%s backend=%s", request.req_id, scenario,
+                     placement.prefill_id, placement.decode_id, placement.kv_backend)
             self.dispatcher.on_start(placement)
             try:
                 stream = (self._disaggregated(request, placement, reservation, tracker) if placement.disaggregated
@@ -170,9 +205,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 self.dispatcher.on_finish(placement)
             return
 
-    def _place(self, model: str, num_prompt: int, max_tokens: int, excluded: frozenset[str]) -> Placement:
+    def _place(self, model: str, num_prompt: int, max_tokens: int, excluded: frozenset[str],
+               scenario: str) -> Placement:
         try:
-            return self.dispatcher.place(model, num_prompt, max_tokens, excluded)
+            return self.dispatcher.place(model, num_prompt, max_tokens, excluded, group=scenario)
         except NoWorkers as exc:
             raise _WorkerFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         except NoCapacity as exc:

@@ -60,3 +60,16 @@ class RequestRecord(Base):
     latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
     outcome: Mapped[str] = mapped_column(String(32))   # ok, client_error, overloaded, failed, cancelled
     status_code: Mapped[int] = mapped_column(Integer, default=200)
+
+
+class RatioChange(Base):
+    __tablename__ = "ratio_changes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scenario: Mapped[str] = mapped_column(String(128), index=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    old_prefill: Mapped[int] = mapped_column(Integer)
+    old_decode: Mapped[int] = mapped_column(Integer)
+    new_prefill: Mapped[int] = mapped_column(Integer)
+    new_decode: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(512))
+    inputs: Mapped[dict] = mapped_column(JSON, default=dict)

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from pdserve.store.models import ApiKey, RequestRecord, Scenario, WorkerEvent
+from pdserve.store.models import ApiKey, RatioChange, RequestRecord, Scenario, WorkerEvent
 
 _MIGRATIONS = pathlib.Path(__file__).parent / "migrations"
 KEY_PREFIX = "pds-"
@@ -80,6 +80,29 @@ class Store:
                 s.add(Scenario(name=name, match_rules=match_rules, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms))
             else:
                 row.match_rules, row.ttft_slo_ms, row.tpot_slo_ms = match_rules, ttft_slo_ms, tpot_slo_ms
+
+    def get_scenario(self, name: str) -> Scenario | None:
+        with self.session() as s:
+            return s.scalar(select(Scenario).where(Scenario.name == name))
+
+    def delete_scenario(self, name: str) -> bool:
+        with self.session() as s, s.begin():
+            row = s.scalar(select(Scenario).where(Scenario.name == name))
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
+    def add_ratio_change(self, scenario: str, old: tuple[int, int], new: tuple[int, int], reason: str,
+                         inputs: dict) -> None:
+        with self.session() as s, s.begin():
+            s.add(RatioChange(scenario=scenario, old_prefill=old[0], old_decode=old[1], new_prefill=new[0],
+                              new_decode=new[1], reason=reason[:512], inputs=inputs))
+
+    def ratio_history(self, scenario: str, limit: int = 100) -> list[RatioChange]:
+        with self.session() as s:
+            return list(s.scalars(select(RatioChange).where(RatioChange.scenario == scenario)
+                                  .order_by(RatioChange.id.desc()).limit(limit)))
 
     def list_scenarios(self) -> list[Scenario]:
         with self.session() as s:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "grpc_address", "kv_endpoints", "num_total_kv_blocks", "kv_block_size_tokens", "max_model_len_tokens")
+    __slots__ = ("worker_id", "role", "model", "grpc_address", "kv_endpoints", "num_total_kv_blocks", "kv_block_size_tokens", "max_model_len_tokens", "scenario", "prefill_tokens_per_s", "decode_step_base_s", "decode_step_per_seq_s")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,10 @@ class RegisterRequest(_message.Message):
     NUM_TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_SIZE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_BASE_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_PER_SEQ_S_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: _worker_pb2.WorkerRole
     model: str
@@ -25,7 +29,11 @@ class RegisterRequest(_message.Message):
     num_total_kv_blocks: int
     kv_block_size_tokens: int
     max_model_len_tokens: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_worker_pb2.WorkerRole, str]] = ..., model: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[_worker_pb2.KVEndpoint, _Mapping]]] = ..., num_total_kv_blocks: _Optional[int] = ..., kv_block_size_tokens: _Optional[int] = ..., max_model_len_tokens: _Optional[int] = ...) -> None: ...
+    scenario: str
+    prefill_tokens_per_s: float
+    decode_step_base_s: float
+    decode_step_per_seq_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_worker_pb2.WorkerRole, str]] = ..., model: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[_worker_pb2.KVEndpoint, _Mapping]]] = ..., num_total_kv_blocks: _Optional[int] = ..., kv_block_size_tokens: _Optional[int] = ..., max_model_len_tokens: _Optional[int] = ..., scenario: _Optional[str] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_base_s: _Optional[float] = ..., decode_step_per_seq_s: _Optional[float] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("lease_s",)
@@ -56,27 +64,31 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, known: _Optional[bool] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("req_id", "model", "prompt_token_ids", "sampling", "timeout_s", "ttft_slo_ms")
+    __slots__ = ("req_id", "model", "prompt_token_ids", "sampling", "timeout_s", "ttft_slo_ms", "scenario_header", "tenant")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     TTFT_SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    SCENARIO_HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _worker_pb2.SamplingParams
     timeout_s: float
     ttft_slo_ms: float
-    def __init__(self, req_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_worker_pb2.SamplingParams, _Mapping]] = ..., timeout_s: _Optional[float] = ..., ttft_slo_ms: _Optional[float] = ...) -> None: ...
+    scenario_header: str
+    tenant: str
+    def __init__(self, req_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_worker_pb2.SamplingParams, _Mapping]] = ..., timeout_s: _Optional[float] = ..., ttft_slo_ms: _Optional[float] = ..., scenario_header: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "grpc_address", "alive", "num_free_kv_blocks", "num_total_kv_blocks", "num_active_requests", "seconds_since_heartbeat")
+    __slots__ = ("worker_id", "role", "model", "grpc_address", "alive", "num_free_kv_blocks", "num_total_kv_blocks", "num_active_requests", "seconds_since_heartbeat", "scenario", "draining")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +98,8 @@ class WorkerStatus(_message.Message):
     NUM_TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: _worker_pb2.WorkerRole
     model: str
@@ -95,7 +109,9 @@ class WorkerStatus(_message.Message):
     num_total_kv_blocks: int
     num_active_requests: int
     seconds_since_heartbeat: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_worker_pb2.WorkerRole, str]] = ..., model: _Optional[str] = ..., grpc_address: _Optional[str] = ..., alive: _Optional[bool] = ..., num_free_kv_blocks: _Optional[int] = ..., num_total_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ...) -> None: ...
+    scenario: str
+    draining: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_worker_pb2.WorkerRole, str]] = ..., model: _Optional[str] = ..., grpc_address: _Optional[str] = ..., alive: _Optional[bool] = ..., num_free_kv_blocks: _Optional[int] = ..., num_total_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., scenario: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)

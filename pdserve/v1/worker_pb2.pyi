@@ -176,3 +176,9 @@ class WorkerInfo(_message.Message):
     max_model_len_tokens: int
     num_pending_transfers: int
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[KVEndpoint, _Mapping]]] = ..., num_free_kv_blocks: _Optional[int] = ..., num_total_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., kv_block_size_tokens: _Optional[int] = ..., max_model_len_tokens: _Optional[int] = ..., num_pending_transfers: _Optional[int] = ...) -> None: ...
+
+class SetRoleRequest(_message.Message):
+    __slots__ = ("role",)
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    role: WorkerRole
+    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ...) -> None: ...

@@ -24,8 +24,8 @@ from pdserve.policy.prefill_scheduler import make_scheduler
 from pdserve.workers.engine import Engine
 from pdserve.workers.model.loader import load_model
 from pdserve.workers.prefill_runner import PrefillRunner
-from pdserve.workers.profiler import fit_cost_model
-from pdserve.workers.registration import keep_registered
+from pdserve.workers.profiler import fit_cost_model, profile_decode
+from pdserve.workers.registration import Advertised, keep_registered
 from pdserve.workers.service import WorkerService
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
@@ -63,6 +63,16 @@ def build_scheduler(cfg: PDServeConfig, model):
                           batch_budget_tokens=w.batch_budget_tokens)
 
 
+async def _advertised(cfg: PDServeConfig, model, port: int) -> Advertised:
+    """What the router needs to know: address, scenario group and profiled speed."""
+    cost = await asyncio.to_thread(load_or_profile_cost_model, cfg, model)
+    base_s, per_seq_s = await asyncio.to_thread(profile_decode, model)
+    reference_tokens = 1024   # prefill throughput at a typical prompt length
+    return Advertised(grpc_address=f"{cfg.worker.advertise_host or cfg.worker.host}:{port}",
+                      scenario=cfg.worker.scenario, prefill_tokens_per_s=reference_tokens / cost.prefill_s(reference_tokens),
+                      decode_step_base_s=base_s, decode_step_per_seq_s=per_seq_s)
+
+
 async def serve(cfg: PDServeConfig) -> None:
     if cfg.model.torch_num_threads:
         torch.set_num_threads(cfg.model.torch_num_threads)
@@ -88,8 +98,8 @@ async def serve(cfg: PDServeConfig) -> None:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     registration = None
     if w.router_address:
-        advertised = f"{w.advertise_host or w.host}:{port}"
-        registration = asyncio.create_task(keep_registered(service, w.router_address, advertised))
+        registration = asyncio.create_task(keep_registered(service, w.router_address,
+                                                           await _advertised(cfg, loaded.model, port)))
     print(f"{READY_MARKER} component=worker role={w.role} port={port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -56,3 +56,31 @@ def fit_cost_model(model: LlamaModel, token_counts=DEFAULT_TOKEN_COUNTS, repeats
     cost = OperatorCostModel.fit(model.config.num_layers, samples)
     errors = [abs((cost.attention_s(n) if k == "attention" else cost.mlp_s(n)) - s) / s for k, n, s in samples]
     return cost, samples, max(errors)
+
+
+def profile_decode(model: LlamaModel, batch_sizes=(1, 8), context_tokens: int = 128, repeats: int = 3):
+    """Decode step time vs batch size at a fixed context: (base_s, per_seq_s) of a linear fit."""
+    from pdserve.workers.kv_cache import BlockAllocator, PagedKVCache
+    from pdserve.workers.model.execution import decode_step
+
+    block = 16
+    alloc = BlockAllocator(max(batch_sizes) * (context_tokens // block + 2 + repeats), block)
+    cache = PagedKVCache(model.config, alloc)
+    times = []
+    for b in batch_sizes:
+        req_ids = [f"p{b}-{i}" for i in range(b)]
+        for r in req_ids:
+            alloc.allocate(r, context_tokens)
+        samples = []
+        for _ in range(repeats + 1):
+            for r in req_ids:
+                alloc.append_token(r)
+            start = time.perf_counter()
+            decode_step(model, cache, req_ids, [1] * b)
+            samples.append(time.perf_counter() - start)
+        times.append(statistics.median(samples[1:]))
+        for r in req_ids:
+            alloc.free(r)
+    (b0, t0), (b1, t1) = (batch_sizes[0], times[0]), (batch_sizes[-1], times[-1])
+    per_seq = max((t1 - t0) / (b1 - b0), 1e-7)
+    return max(t0 - per_seq * b0, 1e-6), per_seq

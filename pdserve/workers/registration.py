@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 import grpc
 
@@ -14,12 +15,21 @@ log = logging.getLogger("pdserve.worker")
 _RETRY_S = 0.5
 
 
-async def keep_registered(service: WorkerService, router_address: str, grpc_address: str) -> None:
+@dataclass(frozen=True)
+class Advertised:
+    grpc_address: str
+    scenario: str
+    prefill_tokens_per_s: float
+    decode_step_base_s: float
+    decode_step_per_seq_s: float
+
+
+async def keep_registered(service: WorkerService, router_address: str, ad: Advertised) -> None:
     async with grpc.aio.insecure_channel(router_address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         while True:
             try:
-                lease_s = await _register(stub, service, grpc_address)
+                lease_s = await _register(stub, service, ad)
                 while True:
                     await asyncio.sleep(lease_s / 3)
                     info = await service.GetInfo(worker_pb2.GetInfoRequest(), None)
@@ -35,12 +45,14 @@ async def keep_registered(service: WorkerService, router_address: str, grpc_addr
                 await asyncio.sleep(_RETRY_S)
 
 
-async def _register(stub: router_pb2_grpc.RouterStub, service: WorkerService, grpc_address: str) -> float:
+async def _register(stub: router_pb2_grpc.RouterStub, service: WorkerService, ad: Advertised) -> float:
     info = await service.GetInfo(worker_pb2.GetInfoRequest(), None)
     resp = await stub.Register(router_pb2.RegisterRequest(
-        worker_id=info.worker_id, role=info.role, model=info.model, grpc_address=grpc_address,
+        worker_id=info.worker_id, role=info.role, model=info.model, grpc_address=ad.grpc_address,
         kv_endpoints=info.kv_endpoints, num_total_kv_blocks=info.num_total_kv_blocks,
-        kv_block_size_tokens=info.kv_block_size_tokens, max_model_len_tokens=info.max_model_len_tokens),
+        kv_block_size_tokens=info.kv_block_size_tokens, max_model_len_tokens=info.max_model_len_tokens,
+        scenario=ad.scenario, prefill_tokens_per_s=ad.prefill_tokens_per_s,
+        decode_step_base_s=ad.decode_step_base_s, decode_step_per_seq_s=ad.decode_step_per_seq_s),
         timeout=5.0)
     log.info("registered with router as %s (lease %.1f s)", info.worker_id, resp.lease_s)
     return resp.lease_s

@@ -331,6 +331,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         logits = await asyncio.wrap_future(future)
         return PrefillResult(sample_token(logits, params, 0), self.clock.now_s() - started, kv_bytes)
 
+    async def SetRole(self, request, context):
+        role = {v: k for k, v in _ROLES.items()}.get(request.role)
+        if role is None or role == "aggregated":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be PREFILL or DECODE")
+        log.info("role %s -> %s", self.role, role)
+        self.role = role   # every worker can serve both roles; the label tells the router which it has
+        return await self.GetInfo(worker_pb2.GetInfoRequest(), context)
+
     async def Abort(self, request, context):
         found = request.req_id in self._pending or request.req_id in self.engine.running
         pending = self._pending.pop(request.req_id, None)

@@ -28,12 +28,15 @@ from pdserve.kvtransfer.backends._ucx_wire import (ACK_SLOT, ABORT_SLOT, MAX_LAY
 from pdserve.v1 import kvtransfer_pb2 as pb
 
 class UcxReceiver(BaseKVReceiver):
-    def __init__(self, layout: TransferLayout, dest: memoryview, status: TransferStatus):
+    def __init__(self, agent: "UcxAgent", layout: TransferLayout, dest: memoryview, status: TransferStatus):
         super().__init__(layout, status)
+        self._agent = agent
         self.dest = dest
 
     def abort(self, reason: str) -> None:
-        self.status.mark_failed(f"aborted: {reason}")
+        if self.status.mark_failed(f"aborted: {reason}"):
+            # Wake a receive still waiting for its header, so it ends now rather than at its deadline.
+            self._agent.call_soon(self._agent.wake_receiver, self.layout.transfer_id)
 
 
 class UcxSender(BaseKVSender):
@@ -112,7 +115,7 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         self._check_layout(layout)
         if len(dest) != layout.total_nbytes:
             raise ValueError(f"destination holds {len(dest)} bytes, layout needs {layout.total_nbytes}")
-        rx = UcxReceiver(layout, dest, TransferStatus(self._clock, timeout_s))
+        rx = UcxReceiver(self, layout, dest, TransferStatus(self._clock, timeout_s))
         self._track(+1)
         self._spawn(self._receive(rx))
         return rx
@@ -124,6 +127,12 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         self._track(+1)
         self._spawn(self._send(tx, peer_address, checksum))
         return tx
+
+    def wake_receiver(self, transfer_id: int) -> None:
+        """Loop thread: end the header wait of an aborted receiver."""
+        waiter = self._armed.get(transfer_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(Aborted())
 
     @staticmethod
     def _check_layout(layout: TransferLayout) -> None:

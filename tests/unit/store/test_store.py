@@ -46,7 +46,7 @@ def store(request, tmp_path):
 def test_migration_creates_schema_and_is_idempotent(store):
     store.migrate()
     tables = set(inspect(store.engine).get_table_names())
-    assert {"api_keys", "scenarios", "worker_events", "request_records", "alembic_version"} <= tables
+    assert {"api_keys", "scenarios", "worker_events", "request_records", "ratio_changes", "alembic_version"} <= tables
 
 
 def test_api_keys_are_stored_hashed_and_revocable(store):
@@ -70,3 +70,12 @@ def test_scenarios_requests_and_worker_history(store):
     store.record_worker_event("w1", "decode", "registered")
     store.record_worker_event("w1", "decode", "dead", "missed lease")
     assert [e.event for e in store.worker_events("w1")] == ["registered", "dead"]
+
+
+def test_scenario_crud_and_ratio_history(store):
+    store.upsert_scenario("code", {"tenants": ["acme"]}, 800.0, 60.0)
+    assert store.get_scenario("code").match_rules == {"tenants": ["acme"]}
+    store.add_ratio_change("code", (2, 2), (3, 1), "prefill-heavy", {"arrival_rps": 3.5})
+    store.add_ratio_change("code", (3, 1), (2, 2), "decode-heavy", {})
+    assert [(c.new_prefill, c.reason) for c in store.ratio_history("code")] == [(2, "decode-heavy"), (3, "prefill-heavy")]
+    assert store.delete_scenario("code") and store.get_scenario("code") is None and not store.delete_scenario("code")
