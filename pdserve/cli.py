@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", type=pathlib.Path, help="YAML config file applied to every component")
     up.set_defaults(fn=_up)
 
+    from pdserve.admin_cli import add_parser as add_admin_parser
+    add_admin_parser(sub)
+
     prof = sub.add_parser("profile", help="time the model runner's operators and fit the cost model")
     prof.add_argument("--model", default="tiny")
     prof.add_argument("--config", type=pathlib.Path)

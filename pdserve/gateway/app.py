@@ -111,7 +111,8 @@ def create_app(deps: GatewayDeps, metrics: GatewayMetrics | None = None) -> Fast
             p = generation.prepare(body, chat, req_id, deps.tokenizer, deps.limits)
             log.info("request %s: %s, %d prompt tokens, max_tokens=%d, stream=%s", req_id, endpoint,
                      len(p.prompt_ids), p.sampling.max_tokens, p.stream)
-            stream = await generation.open_stream(p, deps.router)
+            stream = await generation.open_stream(p, deps.router, request.headers.get("x-pdserve-scenario", "")[:128],
+                                                  tenant)
             metrics.ttft.observe(stream.first_token_s - stream.started_s)
             if p.stream:
                 return StreamingResponse(_finish_stream(p, stream, out, started, tenant, endpoint),

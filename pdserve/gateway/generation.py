@@ -108,10 +108,11 @@ class Stream:
         self.call.cancel()
 
 
-async def open_stream(p: Prepared, router: RouterClient) -> Stream:
+async def open_stream(p: Prepared, router: RouterClient, scenario_header: str = "", tenant: str = "") -> Stream:
     started = time.perf_counter()
     call = router.generate(router_pb2.RouteRequest(req_id=p.req_id, model=p.model, prompt_token_ids=p.prompt_ids,
-                                                   sampling=p.sampling))
+                                                   sampling=p.sampling, scenario_header=scenario_header,
+                                                   tenant=tenant))
     try:
         first = await call.read()
     except grpc.aio.AioRpcError as exc:

@@ -125,6 +125,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                                 f"{target[0]}+{target[1]} must add up to that")
         if request.pin:
             self.router.controller.pin(request.scenario, *target)
+        else:   # an unpinned ratio is a starting point the controller may move from
+            self.router.controller.unpin(request.scenario)
         decision_reason = "set by an operator" + (" (pinned)" if request.pin else "")
         await asyncio.to_thread(self.store.add_ratio_change, request.scenario, current, target, decision_reason, {})
         try:

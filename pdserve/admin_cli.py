@@ -1,0 +1,124 @@
+"""`pdserve admin ...`: the gRPC Admin API from a terminal, with readable tables."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import sys
+
+import grpc
+
+from pdserve.v1 import admin_pb2, admin_pb2_grpc, worker_pb2
+
+_ROLE = {worker_pb2.WORKER_ROLE_PREFILL: "prefill", worker_pb2.WORKER_ROLE_DECODE: "decode",
+         worker_pb2.WORKER_ROLE_AGGREGATED: "aggregated"}
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [headers] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _workers(resp) -> str:
+    return table(["worker", "role", "scenario", "model", "alive", "draining", "free KV", "active", "heartbeat"],
+                 [[w.worker_id, _ROLE.get(w.role, "?"), w.scenario, w.model, w.alive, w.draining,
+                   f"{w.num_free_kv_blocks}/{w.num_total_kv_blocks}", w.num_active_requests,
+                   f"{w.seconds_since_heartbeat:.1f}s ago"] for w in resp.workers])
+
+
+def _scenarios(resp) -> str:
+    return table(["scenario", "TTFT ms", "TPOT ms", "headers", "tenants", "prefix", "prefill", "decode"],
+                 [[s.name, s.ttft_slo_ms, s.tpot_slo_ms, ",".join(s.header_values), ",".join(s.tenants),
+                   f"{s.prefix_tokens} tok x{len(s.prefix_hashes)}" if s.prefix_tokens else "",
+                   f"{s.min_prefill}-{s.max_prefill or 'inf'}", f"{s.min_decode}-{s.max_decode or 'inf'}"]
+                  for s in resp.scenarios])
+
+
+def _ratio(r) -> str:
+    return f"{r.scenario}: {r.num_prefill} prefill : {r.num_decode} decode{' (pinned)' if r.pinned else ''}"
+
+
+def _history(resp) -> str:
+    return table(["when (UTC)", "old", "new", "reason"],
+                 [[dt.datetime.fromtimestamp(c.at_unix_s, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+                   f"{c.old_prefill}:{c.old_decode}", f"{c.new_prefill}:{c.new_decode}", c.reason]
+                  for c in resp.changes])
+
+
+async def _call(args: argparse.Namespace) -> str:
+    md = (("authorization", f"Bearer {args.token}"),)
+    async with grpc.aio.insecure_channel(args.router) as ch:
+        a = admin_pb2_grpc.AdminStub(ch)
+        cmd = args.admin_command
+        if cmd == "workers":
+            return _workers(await a.ListWorkers(admin_pb2.Empty(), metadata=md))
+        if cmd == "scenarios":
+            return _scenarios(await a.ListScenarios(admin_pb2.Empty(), metadata=md))
+        if cmd == "scenario-set":
+            s = admin_pb2.Scenario(name=args.name, ttft_slo_ms=args.ttft_ms, tpot_slo_ms=args.tpot_ms,
+                                   header_values=args.header or [], tenants=args.tenant or [],
+                                   min_prefill=args.min_prefill, min_decode=args.min_decode)
+            return _scenarios(admin_pb2.ScenarioList(scenarios=[await a.UpsertScenario(s, metadata=md)]))
+        if cmd == "scenario-delete":
+            await a.DeleteScenario(admin_pb2.ScenarioName(name=args.name), metadata=md)
+            return f"deleted scenario {args.name}"
+        if cmd == "ratio":
+            return _ratio(await a.GetRatio(admin_pb2.ScenarioName(name=args.scenario), metadata=md))
+        if cmd == "ratio-set":
+            return _ratio(await a.SetRatio(admin_pb2.SetRatioRequest(
+                scenario=args.scenario, num_prefill=args.prefill, num_decode=args.decode, pin=args.pin), metadata=md))
+        if cmd == "ratio-unpin":
+            return _ratio(await a.UnpinRatio(admin_pb2.ScenarioName(name=args.scenario), metadata=md))
+        if cmd == "history":
+            return _history(await a.GetRatioHistory(admin_pb2.ScenarioName(name=args.scenario), metadata=md))
+        ref = admin_pb2.WorkerRef(worker_id=args.worker)
+        if cmd == "drain":
+            w = await a.DrainWorker(ref, metadata=md)
+        elif cmd == "undrain":
+            w = await a.UndrainWorker(ref, metadata=md)
+        else:
+            w = await a.SetWorkerRole(admin_pb2.SetWorkerRoleRequest(worker_id=args.worker, role=args.role), metadata=md)
+        return _workers(type("R", (), {"workers": [w]}))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        print(asyncio.run(_call(args)))
+        return 0
+    except grpc.aio.AioRpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("admin", help="inspect and steer a running cluster (gRPC Admin API)")
+    p.add_argument("--router", default="127.0.0.1:50050", help="router host:port")
+    p.add_argument("--token", required=True, help="the router's admin token")
+    cmds = p.add_subparsers(dest="admin_command", required=True)
+    cmds.add_parser("workers", help="workers with role, load and health")
+    cmds.add_parser("scenarios", help="scenarios with SLOs and matching rules")
+    s = cmds.add_parser("scenario-set", help="create or update a scenario")
+    s.add_argument("name")
+    s.add_argument("--ttft-ms", type=float, required=True)
+    s.add_argument("--tpot-ms", type=float, required=True)
+    s.add_argument("--header", action="append", help="x-pdserve-scenario value (repeatable)")
+    s.add_argument("--tenant", action="append", help="API key tenant (repeatable)")
+    s.add_argument("--min-prefill", type=int, default=1)
+    s.add_argument("--min-decode", type=int, default=1)
+    cmds.add_parser("scenario-delete").add_argument("name")
+    for name in ("ratio", "ratio-unpin", "history"):
+        cmds.add_parser(name).add_argument("scenario")
+    r = cmds.add_parser("ratio-set", help="set a scenario's prefill:decode split")
+    r.add_argument("scenario")
+    r.add_argument("prefill", type=int)
+    r.add_argument("decode", type=int)
+    r.add_argument("--pin", action="store_true", help="keep it until ratio-unpin")
+    for name in ("drain", "undrain"):
+        cmds.add_parser(name).add_argument("worker")
+    sr = cmds.add_parser("set-role", help="drain a worker, then switch its role")
+    sr.add_argument("worker")
+    sr.add_argument("role", choices=["prefill", "decode"])
+    p.set_defaults(fn=run)
