@@ -116,6 +116,22 @@ def _bench_prefill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_ratio(args: argparse.Namespace) -> int:
+    from pdserve.bench import ratio
+
+    report = ratio.run(args.minutes, args.speedup, args.workers_per_group, args.hardware)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    for row in report["static"]:
+        print(f"static {row['ratio']:>5}  goodput {row['goodput_rps']:7.2f}/s  attainment {row['attainment']:.3f}")
+    d = report["dynamic"]
+    print(f"dynamic        goodput {d['goodput_rps']:7.2f}/s  attainment {d['attainment']:.3f}  "
+          f"final {d['final_ratios']}  ({d['num_ratio_changes']} changes)")
+    print(f"dynamic / best static ({report['best_static']['ratio']}): x{report['goodput_ratio_dynamic_vs_best_static']}")
+    return 0
+
+
 def _profile(args: argparse.Namespace) -> int:
     from pdserve.workers.model.loader import load_model
     from pdserve.workers.profiler import fit_cost_model
@@ -187,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--seed", type=int, default=0)
     pf.add_argument("--json", action="store_true")
     pf.set_defaults(fn=_bench_prefill)
+    ra = bench.add_parser("ratio", help="dynamic per-scenario P/D ratio vs best static, simulated on Azure traces")
+    ra.add_argument("--minutes", type=float, default=20, help="trace minutes replayed")
+    ra.add_argument("--speedup", type=float, default=4, help="replay this many times faster than recorded")
+    ra.add_argument("--workers-per-group", type=int, default=8)
+    ra.add_argument("--hardware", default="llama3-8b-h100", help="llama3-8b-h100 or llama3-70b-h200x8")
+    ra.add_argument("--json", action="store_true")
+    ra.set_defaults(fn=_bench_ratio)
     g = bench.add_parser("gateway", help="gateway+router overhead vs calling a worker directly")
     g.add_argument("--requests", type=int, default=300)
     g.add_argument("--concurrency", type=int, default=8)

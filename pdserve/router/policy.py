@@ -198,7 +198,10 @@ class Dispatcher:
             rec.num_inflight += 1
 
     def on_finish(self, p: Placement) -> None:
-        rec = self.registry.get(p.decode_id)
+        self.on_decode_done(p.decode_id)
+
+    def on_decode_done(self, decode_id: str) -> None:
+        rec = self.registry.get(decode_id)
         if rec is not None:
             rec.num_inflight = max(0, rec.num_inflight - 1)
 

@@ -1,0 +1,197 @@
+"""Deterministic discrete-event simulation of a disaggregated fleet.
+
+The decisions come from the live router's objects: `WorkerRegistry` + `Dispatcher` (placement),
+`ScenarioClassifier`, `RatioController` (P/D ratio) and a prefill scheduler per worker; only
+time and the workers' speed are simulated (`HardwareProfile`). Request lifecycle: arrival ->
+classify -> place -> prefill queue -> KV transfer -> decode batch (continuous batching, one token
+per step) -> done. A role change drains the worker first, as in the router.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from pdserve.policy.prefill_scheduler import FcfsScheduler, PrefillJob, WorkUnit
+from pdserve.policy.ratio_controller import RatioController
+from pdserve.policy.scenarios import ScenarioClassifier
+from pdserve.router.policy import Dispatcher, NoCapacity, NoWorkers, Role, WorkerRecord, WorkerRegistry
+from pdserve.sim.hardware import HardwareProfile
+
+_MODEL = "sim"
+_BLOCK_TOKENS = 16
+_HEARTBEAT_S = 1.0
+_KV_POOL_BYTES = 40 << 30   # HBM left for KV on a decode worker
+
+
+@dataclass
+class SimRequest:
+    req_id: str
+    scenario_header: str
+    arrival_s: float
+    input_tokens: int
+    output_tokens: int
+    scenario: str = ""
+    ttft_slo_s: float = 0.0
+    tpot_slo_s: float = 0.0
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    generated: int = 0
+    decode_id: str = ""
+    rejected: bool = False
+
+    def met_slo(self) -> bool:
+        if self.finish_s is None or self.first_token_s is None:
+            return False
+        tpot = (self.finish_s - self.first_token_s) / max(self.output_tokens - 1, 1)
+        return self.first_token_s - self.arrival_s <= self.ttft_slo_s and tpot <= self.tpot_slo_s
+
+
+@dataclass
+class _Worker:
+    rec: WorkerRecord
+    prefill: FcfsScheduler
+    busy: bool = False
+    running: list[SimRequest] = field(default_factory=list)
+    stepping: bool = False
+    pending_role: Role | None = None
+
+
+class Simulation:
+    def __init__(self, hw: HardwareProfile, groups: dict[str, tuple[int, int]], scenarios: ScenarioClassifier,
+                 controller: RatioController | None, control_interval_s: float = 5.0):
+        self.hw = hw
+        self.scenarios = scenarios
+        self.controller = controller
+        self.control_interval_s = control_interval_s
+        self.registry = WorkerRegistry(lease_s=float("inf"))
+        self.dispatcher = Dispatcher(self.registry, ("sim",))
+        self.workers: dict[str, _Worker] = {}
+        self._events: list = []
+        self._seq = itertools.count()
+        self.now_s = 0.0
+        self.ratio_log: list[tuple[float, str, int, int]] = []
+        self._jobs: dict[str, SimRequest] = {}       # requests in prefill, by id
+        total_blocks = _KV_POOL_BYTES // (hw.kv_bytes_per_token * _BLOCK_TOKENS)
+        for group, (num_p, num_d) in groups.items():
+            for i in range(num_p + num_d):
+                rec = WorkerRecord(f"{group}-{i}", Role.PREFILL if i < num_p else Role.DECODE, _MODEL, "",
+                                   {"sim": b""}, total_blocks, _BLOCK_TOKENS, 1 << 20, scenario=group,
+                                   perf=hw.perf())
+                self.registry.register(rec, 0.0)
+                self.workers[rec.worker_id] = _Worker(rec, FcfsScheduler(1))
+            self.ratio_log.append((0.0, group, num_p, num_d))
+
+    def _at(self, t: float, fn, *args) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), fn, args))
+
+    def run(self, requests: list[SimRequest]) -> list[SimRequest]:
+        for r in requests:
+            self._at(r.arrival_s, self._arrive, r)
+        end_s = max(r.arrival_s for r in requests)
+        if self.controller is not None:
+            for k in range(1, int(end_s / self.control_interval_s) + 1):
+                self._at(k * self.control_interval_s, self._control)
+        for k in range(1, int(end_s / _HEARTBEAT_S) + 1):
+            self._at(k * _HEARTBEAT_S, self._heartbeat)
+        while self._events:
+            self.now_s, _, fn, args = heapq.heappop(self._events)
+            fn(*args)
+        return requests
+
+    # ---- arrivals and prefill ----
+    def _arrive(self, r: SimRequest) -> None:
+        r.scenario = self.scenarios.classify(r.scenario_header, "", [])
+        spec = self.scenarios.spec(r.scenario)
+        r.ttft_slo_s, r.tpot_slo_s = spec.ttft_slo_ms / 1e3, spec.tpot_slo_ms / 1e3
+        if self.controller is not None:
+            self.controller.observe(r.scenario, self.now_s, r.input_tokens, r.output_tokens)
+        try:
+            p = self.dispatcher.place(_MODEL, r.input_tokens, r.output_tokens, group=r.scenario)
+        except (NoCapacity, NoWorkers):
+            r.rejected = True
+            return
+        self.dispatcher.on_start(p)
+        r.decode_id = p.decode_id
+        w = self.workers[p.prefill_id]
+        w.prefill.add(PrefillJob(r.req_id, r.input_tokens, self.now_s, self.now_s + r.ttft_slo_s), self.now_s)
+        self._jobs[r.req_id] = r
+        self._maybe_prefill(w)
+
+    def _maybe_prefill(self, w: _Worker) -> None:
+        if w.busy:
+            return
+        unit = w.prefill.next_unit(self.now_s)
+        if unit is None:
+            self._maybe_switch(w)
+            return
+        w.busy = True
+        self._at(self.now_s + self.hw.prefill_s(unit.pieces[0].num_tokens), self._prefill_done, w, unit)
+
+    def _prefill_done(self, w: _Worker, unit: WorkUnit) -> None:
+        unit.next_op = unit.num_ops
+        for job in w.prefill.on_unit_done(unit, self.now_s):
+            r = self._jobs.pop(job.req_id)
+            self.dispatcher.on_prefill_done(w.rec.worker_id)
+            self._at(self.now_s + self.hw.kv_transfer_s(r.input_tokens), self._kv_arrived, r)
+        w.busy = False
+        self._maybe_prefill(w)
+
+    # ---- decode ----
+    def _kv_arrived(self, r: SimRequest) -> None:
+        r.first_token_s, r.generated = self.now_s, 1
+        w = self.workers[r.decode_id]
+        if r.output_tokens <= 1:
+            self._finish(w, r)
+            return
+        w.running.append(r)
+        if not w.stepping:
+            w.stepping = True
+            self._at(self.now_s + self.hw.decode_step_s(len(w.running)), self._step, w)
+
+    def _step(self, w: _Worker) -> None:
+        still = []
+        for r in w.running:
+            r.generated += 1
+            if r.generated >= r.output_tokens:
+                self._finish(w, r)
+            else:
+                still.append(r)
+        w.running = still
+        if still:
+            self._at(self.now_s + self.hw.decode_step_s(len(still)), self._step, w)
+        else:
+            w.stepping = False
+            self._maybe_switch(w)
+
+    def _finish(self, w: _Worker, r: SimRequest) -> None:
+        r.finish_s = self.now_s
+        self.dispatcher.on_decode_done(w.rec.worker_id)
+
+    # ---- control ----
+    def _heartbeat(self) -> None:
+        for w in self.workers.values():
+            used = sum(-(-(r.input_tokens + r.generated) // _BLOCK_TOKENS) for r in w.running)
+            self.registry.heartbeat(w.rec.worker_id, w.rec.num_total_kv_blocks - used, len(w.running), self.now_s)
+            w.rec.num_blocks_placed = 0
+
+    def _control(self) -> None:
+        for group in sorted(self.registry.groups()):
+            current = self.registry.group_ratio(group)
+            decision = self.controller.decide(group, self.scenarios.spec(group), current, self.hw.perf(), self.now_s)
+            if decision is None:
+                continue
+            self.ratio_log.append((self.now_s, group, *decision.new))
+            role_from = Role.PREFILL if decision.new[0] < current[0] else Role.DECODE
+            for _ in range(abs(decision.new[0] - current[0])):
+                candidates = [w for w in self.workers.values() if w.rec.scenario == group
+                              and w.rec.role is role_from and w.pending_role is None]
+                w = min(candidates, key=lambda w: (w.rec.num_inflight, w.rec.worker_id))
+                w.rec.draining = True
+                w.pending_role = Role.DECODE if role_from is Role.PREFILL else Role.PREFILL
+                self._maybe_switch(w)
+
+    def _maybe_switch(self, w: _Worker) -> None:
+        idle = not w.busy and w.prefill.num_waiting == 0 and not w.running
+        if w.pending_role is not None and idle:
+            w.rec.role, w.pending_role, w.rec.draining = w.pending_role, None, False
