@@ -104,6 +104,12 @@ def _summarise(workload: list[Req], done_s: dict[str, float], runner: PrefillRun
         row["cost_model_mean_abs_error"] = round(statistics.mean(abs(p - m) / m for p, m in valid), 3)
         row["cost_model_time_weighted_error"] = round(sum(abs(p - m) for p, m in valid) / sum(m for _, m in valid), 3)
         row["cost_model_total_predicted_over_measured"] = round(sum(p for p, _ in valid) / sum(m for _, m in valid), 3)
+    units = runner.stats.unit_timings
+    if units:
+        # What slack is computed from: a whole prefill's predicted time, made before it starts.
+        errors = sorted(abs(p - m) / m for p, m in units if m > 0)
+        row["prefill_prediction_median_error"] = round(errors[len(errors) // 2], 3)
+        row["prefill_prediction_p90_error"] = round(errors[int(0.9 * (len(errors) - 1))], 3)
     return row
 
 

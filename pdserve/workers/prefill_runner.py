@@ -44,6 +44,8 @@ class RunnerStats:
     preemption_latencies_s: list[float] = field(default_factory=list)
     # (op index % 2 -> 'attention'|'mlp', tokens in the unit, predicted s, measured s)
     operator_timings: list[tuple[str, int, float, float]] = field(default_factory=list)
+    # Per finished unit: (predicted s of all its operators, measured s of all its operators)
+    unit_timings: list[tuple[float, float]] = field(default_factory=list)
     num_units: int = 0
     num_rejected: int = 0
 
@@ -61,6 +63,7 @@ class PrefillRunner:
         self._executions: dict[int, UnitExecution] = {}   # preempted units keep their state here
         self._running: WorkUnit | None = None
         self._preempt_requested_s: float | None = None
+        self._unit_totals: dict[int, list[float]] = {}
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="prefill-compute", daemon=True)
         self._thread.start()
@@ -163,6 +166,13 @@ class PrefillRunner:
             kind = "attention" if unit.next_op % 2 == 0 else "mlp"
             predicted = cost.op_s(unit.next_op, unit.piece_tokens())
             self.stats.operator_timings.append((kind, sum(unit.piece_tokens()), predicted, measured_s))
+            if unit.next_op == 0:
+                self._unit_totals[id(unit)] = [cost.remaining_s(unit.piece_tokens(), 0), 0.0]
+            totals = self._unit_totals.get(id(unit))
+            if totals is not None:
+                totals[1] += measured_s
+                if unit.next_op == unit.num_ops - 1:
+                    self.stats.unit_timings.append(tuple(self._unit_totals.pop(id(unit))))
         if isinstance(cost, CalibratedCostModel):
             with self._cond:
                 cost.observe(unit.next_op, unit.piece_tokens(), measured_s)
