@@ -11,6 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def remaining_s(model, piece_tokens: list[int], next_op: int) -> float:
+    """Time of operators next_op .. 2*num_layers-1 under `model.op_s` (even: attention, odd: MLP)."""
+    num_ops = 2 * model.num_layers
+    attn_ops = (num_ops - next_op + 1) // 2
+    mlp_ops = (num_ops - next_op) // 2
+    return attn_ops * model.op_s(0, piece_tokens) + mlp_ops * model.op_s(1, piece_tokens)
+
+
 @dataclass(frozen=True)
 class OperatorCostModel:
     num_layers: int
@@ -32,10 +40,7 @@ class OperatorCostModel:
         return self.mlp_s(sum(piece_tokens))
 
     def remaining_s(self, piece_tokens: list[int], next_op: int) -> float:
-        num_ops = 2 * self.num_layers
-        attn_ops = (num_ops - next_op + 1) // 2      # attention ops are the even indices
-        mlp_ops = (num_ops - next_op) // 2
-        return attn_ops * self.op_s(0, piece_tokens) + mlp_ops * self.op_s(1, piece_tokens)
+        return remaining_s(self, piece_tokens, next_op)
 
     def prefill_s(self, num_tokens: int) -> float:
         return self.remaining_s([num_tokens], 0)
@@ -104,10 +109,7 @@ class CalibratedCostModel:
         return self.scale[kind] * self.base.op_s(op_index, piece_tokens)
 
     def remaining_s(self, piece_tokens: list[int], next_op: int) -> float:
-        num_ops = 2 * self.num_layers
-        attn_ops = (num_ops - next_op + 1) // 2
-        mlp_ops = (num_ops - next_op) // 2
-        return attn_ops * self.op_s(0, piece_tokens) + mlp_ops * self.op_s(1, piece_tokens)
+        return remaining_s(self, piece_tokens, next_op)
 
     def prefill_s(self, num_tokens: int) -> float:
         return self.remaining_s([num_tokens], 0)
