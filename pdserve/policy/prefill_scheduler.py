@@ -89,6 +89,11 @@ class BasePrefillScheduler(abc.ABC):
     @abc.abstractmethod
     def num_waiting(self) -> int: ...
 
+    def remove(self, req_id: str) -> bool:
+        """Forget a job that has not started (its client went away); False if it is running or
+        unknown, in which case it finishes normally and its result is dropped."""
+        return False
+
     def admission_wait_s(self, job: PrefillJob, now_s: float) -> float | None:
         """Predicted time before `job` would start if added now; None when this policy cannot
         predict (it then accepts everything)."""
@@ -118,6 +123,13 @@ class FcfsScheduler(BasePrefillScheduler):
 
     def add(self, job: PrefillJob, now_s: float) -> bool:
         self._queue.append(job)
+        return False
+
+    def remove(self, req_id: str) -> bool:
+        for job in self._queue:
+            if job.req_id == req_id:
+                self._queue.remove(job)
+                return True
         return False
 
     def next_unit(self, now_s: float) -> WorkUnit | None:
@@ -161,6 +173,13 @@ class ChunkedScheduler(BasePrefillScheduler):
         for job in finished:
             self._queue.remove(job)
         return finished
+
+    def remove(self, req_id: str) -> bool:
+        for job in self._queue:
+            if job.req_id == req_id and job.tokens_done == 0 and job is not self._queue[0]:
+                self._queue.remove(job)
+                return True
+        return False
 
     @property
     def num_waiting(self) -> int:
@@ -254,6 +273,13 @@ class FlowPrefillScheduler(BasePrefillScheduler):
     def on_unit_done(self, unit: WorkUnit, now_s: float) -> list[PrefillJob]:
         self._running = None
         return super().on_unit_done(unit, now_s)
+
+    def remove(self, req_id: str) -> bool:
+        for unit in self._waiting:
+            if unit.req_ids == [req_id] and unit.next_op == 0:
+                self._waiting.remove(unit)
+                return True
+        return False
 
     def on_preempted(self, unit: WorkUnit, now_s: float) -> None:
         unit.preempted_count += 1

@@ -90,6 +90,16 @@ class PrefillRunner:
             self._cond.notify()
         return future
 
+    def cancel(self, req_id: str) -> bool:
+        """Drop a prompt whose client went away, if it has not started; True if dropped."""
+        with self._cond:
+            if not self.scheduler.remove(req_id):
+                return False
+            pending = self._pending.pop(req_id, None)
+        if pending is not None:
+            pending.future.cancel()
+        return True
+
     def _admit(self, job: PrefillJob, now: float) -> None:
         wait_s = self.scheduler.admission_wait_s(job, now)
         cost = self.scheduler.cost_model

@@ -328,7 +328,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
         future = self._prefill_runner.submit(request.req_id, ids, started + ttft_s, on_layer,
                                              admission=request.ttft_slo_ms > 0)
-        logits = await asyncio.wrap_future(future)
+        try:
+            logits = await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            if self._prefill_runner.cancel(request.req_id):
+                log.info("request %s: cancelled before its prefill started", request.req_id)
+            raise
         return PrefillResult(sample_token(logits, params, 0), self.clock.now_s() - started, kv_bytes)
 
     async def SetRole(self, request, context):

@@ -49,11 +49,15 @@ def test_every_mode_matches_uninterrupted_prefill(model, mode):
             torch.testing.assert_close(kv, ref.layer_kv[layer], rtol=1e-5, atol=1e-5)
 
 
-def test_preempted_prefill_is_bit_exact(model):
+def test_preempted_prefill_is_bit_exact():
+    # 16 layers = 32 operators: the urgent request's budget can hold several operators of slack
+    # (robust to a loaded machine) and still be far less than the long prompt's remaining work.
+    cfg = tiny_config(num_layers=16)
+    model = LlamaModel(cfg, random_weights(cfg, 0))
     cost, _, _ = fit_cost_model(model, token_counts=(16, 64, 256, 1024), repeats=1)
     clock = WallClock()
-    runner = PrefillRunner(model, make_scheduler("flowprefill", 4, cost), clock)
-    long_ids = [(i * 31) % 256 for i in range(3000)]
+    runner = PrefillRunner(model, make_scheduler("flowprefill", 16, cost), clock)
+    long_ids = [(i * 31) % 256 for i in range(2000)]
     started = threading.Event()
     long_layers = {}
 
@@ -63,8 +67,11 @@ def test_preempted_prefill_is_bit_exact(model):
 
     long_future = runner.submit("long", long_ids, clock.now_s() + 60, on_long_layer)
     started.wait(30)                                       # layer 0 is done: the long prefill is running
-    short_future = runner.submit("short", list(range(30)), clock.now_s() + cost.prefill_s(30) * 3 + 0.05,
-                                 lambda *_: None)
+    # Room for a few operators of the long prompt plus its own prefill, but not for the long
+    # prompt's remaining ~30 operators: FlowPrefill must preempt.
+    budget_s = 6 * max(cost.attention_s(2000), cost.mlp_s(2000))
+    assert cost.remaining_s([2000], 1) > 3 * budget_s
+    short_future = runner.submit("short", list(range(30)), clock.now_s() + budget_s, lambda *_: None)
     short_future.result(30)
     assert not long_future.done()                          # the short one overtook it
     long_logits = long_future.result(60)
@@ -74,3 +81,20 @@ def test_preempted_prefill_is_bit_exact(model):
     assert torch.equal(long_logits, ref.run_to_end())      # bit-exact: nothing recomputed differently
     for layer, kv in long_layers.items():
         assert torch.equal(kv, ref.layer_kv[layer])
+
+
+@pytest.mark.parametrize("mode", ["fcfs", "chunked", "flowprefill"])
+def test_cancelled_waiting_prefill_is_dropped_not_computed(model, mode):
+    clock = WallClock()
+    cost = OperatorCostModel(4, (1e-4, 1e-6, 1e-10), (1e-4, 1e-6))
+    runner = PrefillRunner(model, make_scheduler(mode, 4, cost, chunk_tokens=256), clock)
+    started = threading.Event()
+    first = runner.submit("first", list(range(200)) * 10, clock.now_s() + 60, lambda *_: started.set())
+    queued = [runner.submit(f"q{i}", list(range(100)), clock.now_s() + 60, lambda *_: None) for i in range(2)]
+    started.wait(30)
+    assert runner.cancel("q1") and queued[1].cancelled()
+    assert not runner.cancel("first") or mode == "flowprefill"   # a running prompt finishes normally
+    first.result(60)
+    queued[0].result(60)
+    runner.stop()
+    assert runner.num_pending == 0
