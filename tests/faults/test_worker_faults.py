@@ -32,6 +32,11 @@ def cluster():
     c.stop()
 
 
+def _status(err: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
+    # Read the status while the event loop that produced the error is still running.
+    return err.code(), err.details()
+
+
 def _params():
     return worker_pb2.SamplingParams(max_tokens=8, ignore_eos=True)
 
@@ -72,11 +77,11 @@ def test_bad_kv_message_fails_cleanly(cluster, backend, faults, needs_checksum):
             await gen
         await asyncio.to_thread(wait_until, lambda: tx.poll() is TransferState.FAILED, 5)
         agent.close()
-        return err.value, tx
-    err, tx = asyncio.run(run())
-    assert err.code() is grpc.StatusCode.UNAVAILABLE
+        return _status(err.value), tx
+    (code, details), tx = asyncio.run(run())
+    assert code is grpc.StatusCode.UNAVAILABLE
     expected = "checksum mismatch" if needs_checksum else "bytes"
-    assert "KV transfer failed" in err.details() and expected in err.details()
+    assert "KV transfer failed" in details and expected in details
     assert tx.poll() is TransferState.FAILED and "receiver refused" in tx.failure()
     _still_serves(cluster)
 
@@ -93,9 +98,9 @@ def test_sender_process_dies_mid_transfer(cluster, backend):
         assert await proc.wait() == 17
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await asyncio.wait_for(gen, 15)    # bounded: nothing may hang
-        return err.value
-    err = asyncio.run(run())
-    assert err.code() is grpc.StatusCode.UNAVAILABLE and "KV transfer failed" in err.details()
+        return _status(err.value)
+    code, details = asyncio.run(run())
+    assert code is grpc.StatusCode.UNAVAILABLE and "KV transfer failed" in details
     _still_serves(cluster)
 
 
@@ -114,12 +119,12 @@ def test_decode_worker_dies_mid_transfer(cluster, backend):
             await asyncio.wait_for(s["prefill"].Prefill(worker_pb2.PrefillRequest(
                 req_id="doomed", prompt_token_ids=PROMPT, sampling=_params(), target=res.endpoint,
                 transfer_id=res.transfer_id)), 15)
-        return err.value
+        return _status(err.value)
     try:
-        err = asyncio.run(run())
+        code, details = asyncio.run(run())
     finally:
         doomed.stop()
-    assert err.code() is grpc.StatusCode.UNAVAILABLE and "KV transfer failed" in err.details()
+    assert code is grpc.StatusCode.UNAVAILABLE and "KV transfer failed" in details
     _still_serves(cluster)
 
 
@@ -135,8 +140,8 @@ def test_unknown_ids_are_refused(cluster, backend):
         with pytest.raises(grpc.aio.AioRpcError) as gen_err:
             await client._collect(s["decode"].Generate(worker_pb2.GenerateRequest(
                 req_id="ghost", prompt_token_ids=PROMPT, sampling=_params(), remote_prefill=True)))
-        return prefill_err.value, gen_err.value
-    prefill_err, gen_err = asyncio.run(run())
-    assert prefill_err.code() is grpc.StatusCode.UNAVAILABLE and "unknown or expired transfer id" in prefill_err.details()
-    assert gen_err.code() is grpc.StatusCode.NOT_FOUND and "unknown request id" in gen_err.details()
+        return _status(prefill_err.value), _status(gen_err.value)
+    (p_code, p_details), (g_code, g_details) = asyncio.run(run())
+    assert p_code is grpc.StatusCode.UNAVAILABLE and "unknown or expired transfer id" in p_details
+    assert g_code is grpc.StatusCode.NOT_FOUND and "unknown request id" in g_details
     _still_serves(cluster)
