@@ -132,6 +132,15 @@ def _bench_ratio(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sim(args: argparse.Namespace) -> int:
+    from pdserve.sim import compare
+
+    report = compare.run(args.minutes, args.speedup, args.workers_per_group, args.hardware, args.seed,
+                         progress=None if args.json else compare.stderr_progress)
+    print(json.dumps(report, sort_keys=True) if args.json else compare.format_table(report))
+    return 0
+
+
 def _profile(args: argparse.Namespace) -> int:
     from pdserve.workers.model.loader import load_model
     from pdserve.workers.profiler import fit_cost_model
@@ -165,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pdserve.admin_cli import add_parser as add_admin_parser
     add_admin_parser(sub)
+
+    sim = sub.add_parser("sim", help="simulate a fleet: pdserve's policies vs routing baselines on a trace")
+    sim.add_argument("--minutes", type=float, default=20, help="trace minutes replayed")
+    sim.add_argument("--speedup", type=float, default=4, help="replay this many times faster than recorded")
+    sim.add_argument("--workers-per-group", type=int, default=8, help="workers per scenario group")
+    sim.add_argument("--hardware", default="llama3-8b-h100", help="llama3-8b-h100 or llama3-70b-h200x8")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--json", action="store_true")
+    sim.set_defaults(fn=_sim)
 
     prof = sub.add_parser("profile", help="time the model runner's operators and fit the cost model")
     prof.add_argument("--model", default="tiny")

@@ -34,3 +34,39 @@ def test_controller_moves_a_prefill_bound_group_towards_prefill_and_helps():
     assert sim.ratio_log[-1][2] > 1                         # more prefill workers than it started with
     assert sum(r.met_slo() for r in dynamic) > sum(r.met_slo() for r in static)
     assert all(r.finish_s is not None for r in dynamic)     # role changes drained: nothing lost
+
+
+def test_routing_baselines_pick_as_documented():
+    from pdserve.policy.routing import LeastLoaded, PowerOfTwo, PrefixAware, RoundRobin, WorkerLoad
+
+    ws = [WorkerLoad("a", 3, {1, 2}), WorkerLoad("b", 1, set()), WorkerLoad("c", 2, {1})]
+    assert [RoundRobin().pick(ws).worker_id for _ in range(1)] == ["a"]
+    assert LeastLoaded().pick(ws).worker_id == "b"
+    assert PrefixAware().pick(ws, (1, 2, 9)).worker_id == "a"                  # longest cached prefix
+    assert PrefixAware(balance_threshold=1).pick(ws, (1, 2)).worker_id == "b"  # too loaded: balance
+    picks = [PowerOfTwo(seed=3).pick(ws).worker_id for _ in range(3)]
+    assert picks == [PowerOfTwo(seed=3).pick(ws).worker_id for _ in range(3)]
+
+
+def test_mooncake_loader_keeps_block_hashes():
+    from pdserve.traces import load_mooncake
+
+    if not (SHARED / "traces" / "mooncake_fast25").is_dir():
+        pytest.skip("../shared/traces is not laid out here")
+    reqs = load_mooncake("conversation", SHARED, limit=50)
+    assert reqs[0].arrival_s == 0.0 and reqs[0].block_hashes[:2] == (0, 1)
+    assert all(len(r.block_hashes) >= r.input_tokens // 512 for r in reqs)
+
+
+@pytest.mark.skipif(not (SHARED / "traces" / "azure2023").is_dir(), reason="../shared/traces is not laid out here")
+def test_sim_report_is_deterministic_and_compares_every_baseline():
+    import json
+
+    from pdserve.sim import compare
+
+    a = json.dumps(compare.run(minutes=2, speedup=4, workers_per_group=4, shared=SHARED), sort_keys=True)
+    b = json.dumps(compare.run(minutes=2, speedup=4, workers_per_group=4, shared=SHARED), sort_keys=True)
+    assert a == b
+    ratios = json.loads(a)["goodput_ratio_pdserve_vs"]
+    assert set(ratios) == {"static-best", "aggregated-round-robin", "aggregated-least-loaded",
+                           "aggregated-power-of-two", "aggregated-prefix-aware"}
