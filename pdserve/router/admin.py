@@ -153,12 +153,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def DrainWorker(self, request, context):
         await self._auth(context)
-        (await self._worker(request.worker_id, context)).draining = True
+        self.router.registry.set_draining(await self._worker(request.worker_id, context), True)
         return await self._status(request.worker_id, context)
 
     async def UndrainWorker(self, request, context):
         await self._auth(context)
-        (await self._worker(request.worker_id, context)).draining = False
+        self.router.registry.set_draining(await self._worker(request.worker_id, context), False)
         return await self._status(request.worker_id, context)
 
     async def SetWorkerRole(self, request, context):

@@ -83,15 +83,15 @@ class Rebalancer:
 
     async def switch_role(self, rec: WorkerRecord, role: Role) -> None:
         old = rec.role
-        rec.draining = True
+        self.registry.set_draining(rec, True)
         try:
             await self.wait_drained(rec)
             await self._set_worker_role(rec.worker_id, role)
-            rec.role = role
+            self.registry.set_role(rec, role)
             log.info("worker %s: role %s -> %s", rec.worker_id, old.value, role.value)
             self._record_event(rec.worker_id, role.value, "role_changed", f"from {old.value}")
         finally:
-            rec.draining = False
+            self.registry.set_draining(rec, False)
 
     async def wait_drained(self, rec: WorkerRecord) -> None:
         deadline = self.clock.now_s() + self._drain_timeout_s

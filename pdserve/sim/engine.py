@@ -173,7 +173,6 @@ class Simulation:
         for w in self.workers.values():
             used = sum(-(-(r.input_tokens + r.generated) // _BLOCK_TOKENS) for r in w.running)
             self.registry.heartbeat(w.rec.worker_id, w.rec.num_total_kv_blocks - used, len(w.running), self.now_s)
-            w.rec.num_blocks_placed = 0
 
     def _control(self) -> None:
         for group in sorted(self.registry.groups()):
@@ -187,11 +186,13 @@ class Simulation:
                 candidates = [w for w in self.workers.values() if w.rec.scenario == group
                               and w.rec.role is role_from and w.pending_role is None]
                 w = min(candidates, key=lambda w: (w.rec.num_inflight, w.rec.worker_id))
-                w.rec.draining = True
+                self.registry.set_draining(w.rec, True)
                 w.pending_role = Role.DECODE if role_from is Role.PREFILL else Role.PREFILL
                 self._maybe_switch(w)
 
     def _maybe_switch(self, w: _Worker) -> None:
         idle = not w.busy and w.prefill.num_waiting == 0 and not w.running
         if w.pending_role is not None and idle:
-            w.rec.role, w.pending_role, w.rec.draining = w.pending_role, None, False
+            role, w.pending_role = w.pending_role, None
+            w.rec.role = role
+            self.registry.set_draining(w.rec, False)   # touches the record: indexed under its new role
