@@ -39,6 +39,7 @@ class SimRequest:
     generated: int = 0
     decode_id: str = ""
     rejected: bool = False
+    decode_start_t: float = 0.0
 
     def met_slo(self) -> bool:
         if self.finish_s is None or self.first_token_s is None:
@@ -52,9 +53,13 @@ class _Worker:
     rec: WorkerRecord
     prefill: FcfsScheduler
     busy: bool = False
-    running: list[SimRequest] = field(default_factory=list)
-    stepping: bool = False
     pending_role: Role | None = None
+    batch: list = field(default_factory=list)        # heap of (finish token clock, seq, request)
+    tokens_t: float = 0.0
+    clock_s: float = 0.0
+    sum_input: int = 0
+    sum_start_t: float = 0.0
+    decode_version: int = 0
 
 
 class Simulation:
@@ -137,32 +142,53 @@ class Simulation:
         w.busy = False
         self._maybe_prefill(w)
 
-    # ---- decode ----
+    # ---- decode: a fluid model of continuous batching ----
+    # Every running sequence gains one token per step, so a worker keeps one token clock T (steps
+    # taken so far) that advances at 1/step(B) per second while the batch size B is constant; a
+    # sequence joining at T0 with n tokens to go finishes when T reaches T0 + n. Events happen only
+    # when sequences join or finish, not at every step: that is what lets a fleet-scale run fit.
+    def _advance(self, w: _Worker) -> None:
+        if w.batch:
+            w.tokens_t += (self.now_s - w.clock_s) / self.hw.decode_step_s(len(w.batch))
+        w.clock_s = self.now_s
+
     def _kv_arrived(self, r: SimRequest) -> None:
         r.first_token_s, r.generated = self.now_s, 1
         w = self.workers[r.decode_id]
         if r.output_tokens <= 1:
             self._finish(w, r)
             return
-        w.running.append(r)
-        if not w.stepping:
-            w.stepping = True
-            self._at(self.now_s + self.hw.decode_step_s(len(w.running)), self._step, w)
+        self._advance(w)
+        r.decode_start_t = w.tokens_t
+        heapq.heappush(w.batch, (w.tokens_t + r.output_tokens - 1, next(self._seq), r))
+        w.sum_input += r.input_tokens
+        w.sum_start_t += w.tokens_t
+        self._schedule_decode(w)
 
-    def _step(self, w: _Worker) -> None:
-        still = []
-        for r in w.running:
-            r.generated += 1
-            if r.generated >= r.output_tokens:
-                self._finish(w, r)
-            else:
-                still.append(r)
-        w.running = still
-        if still:
-            self._at(self.now_s + self.hw.decode_step_s(len(still)), self._step, w)
-        else:
-            w.stepping = False
+    def _schedule_decode(self, w: _Worker) -> None:
+        w.decode_version += 1
+        if w.batch:
+            steps = max(0.0, w.batch[0][0] - w.tokens_t)
+            self._at(self.now_s + steps * self.hw.decode_step_s(len(w.batch)), self._decode_event, w,
+                     w.decode_version)
+
+    def _decode_event(self, w: _Worker, version: int) -> None:
+        if version != w.decode_version:
+            return                       # the batch changed since this was scheduled
+        self._advance(w)
+        while w.batch and w.batch[0][0] <= w.tokens_t + 1e-9:
+            _, _, r = heapq.heappop(w.batch)
+            r.generated = r.output_tokens
+            w.sum_input -= r.input_tokens
+            w.sum_start_t -= r.decode_start_t
+            self._finish(w, r)
+        self._schedule_decode(w)
+        if not w.batch:
             self._maybe_switch(w)
+
+    def _kv_tokens(self, w: _Worker) -> float:
+        """Tokens held in the worker's KV: prompts plus everything generated so far."""
+        return w.sum_input + len(w.batch) * (w.tokens_t + 1) - w.sum_start_t
 
     def _finish(self, w: _Worker, r: SimRequest) -> None:
         r.finish_s = self.now_s
@@ -171,8 +197,9 @@ class Simulation:
     # ---- control ----
     def _heartbeat(self) -> None:
         for w in self.workers.values():
-            used = sum(-(-(r.input_tokens + r.generated) // _BLOCK_TOKENS) for r in w.running)
-            self.registry.heartbeat(w.rec.worker_id, w.rec.num_total_kv_blocks - used, len(w.running), self.now_s)
+            self._advance(w)
+            used = int(self._kv_tokens(w) // _BLOCK_TOKENS)
+            self.registry.heartbeat(w.rec.worker_id, w.rec.num_total_kv_blocks - used, len(w.batch), self.now_s)
 
     def _control(self) -> None:
         for group in sorted(self.registry.groups()):
@@ -191,7 +218,7 @@ class Simulation:
                 self._maybe_switch(w)
 
     def _maybe_switch(self, w: _Worker) -> None:
-        idle = not w.busy and w.prefill.num_waiting == 0 and not w.running
+        idle = not w.busy and w.prefill.num_waiting == 0 and not w.batch
         if w.pending_role is not None and idle:
             role, w.pending_role = w.pending_role, None
             w.rec.role = role
