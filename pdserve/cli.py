@@ -135,6 +135,12 @@ def _bench_ratio(args: argparse.Namespace) -> int:
 def _sim(args: argparse.Namespace) -> int:
     from pdserve.sim import compare
 
+    if args.workers:
+        from pdserve.sim import scale
+        report = scale.run(args.workers, args.min_requests, hardware=args.hardware, speedup=args.scale_speedup,
+                           progress=None if args.json else compare.stderr_progress)
+        print(json.dumps(report, sort_keys=True) if args.json else json.dumps(report, indent=2, sort_keys=True))
+        return 0
     report = compare.run(args.minutes, args.speedup, args.workers_per_group, args.hardware, args.seed,
                          progress=None if args.json else compare.stderr_progress)
     print(json.dumps(report, sort_keys=True) if args.json else compare.format_table(report))
@@ -181,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--workers-per-group", type=int, default=8, help="workers per scenario group")
     sim.add_argument("--hardware", default="llama3-8b-h100", help="llama3-8b-h100 or llama3-70b-h200x8")
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--workers", type=int, default=0,
+                     help="fleet-scale run: this many workers, one hour of trace replicated to --min-requests")
+    sim.add_argument("--min-requests", type=int, default=1_000_000)
+    sim.add_argument("--scale-speedup", type=float, default=100.0,
+                     help="with --workers: replay the hour this many times faster, to load the fleet")
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(fn=_sim)
 

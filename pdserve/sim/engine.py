@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from pdserve.policy.prefill_scheduler import FcfsScheduler, PrefillJob, WorkUnit
@@ -64,7 +65,8 @@ class _Worker:
 
 class Simulation:
     def __init__(self, hw: HardwareProfile, groups: dict[str, tuple[int, int]], scenarios: ScenarioClassifier,
-                 controller: RatioController | None, control_interval_s: float = 5.0):
+                 controller: RatioController | None, control_interval_s: float = 5.0,
+                 heartbeat_s: float = _HEARTBEAT_S):
         self.hw = hw
         self.scenarios = scenarios
         self.controller = controller
@@ -77,6 +79,11 @@ class Simulation:
         self.now_s = 0.0
         self.ratio_log: list[tuple[float, str, int, int]] = []
         self._jobs: dict[str, SimRequest] = {}       # requests in prefill, by id
+        self.heartbeat_s = heartbeat_s
+        # Cost of the policy's own decisions (wall clock of this process, not simulated time).
+        self.num_dispatches = 0
+        self.dispatch_wall_s = 0.0
+        self.prefill_busy_s = 0.0
         total_blocks = _KV_POOL_BYTES // (hw.kv_bytes_per_token * _BLOCK_TOKENS)
         for group, (num_p, num_d) in groups.items():
             for i in range(num_p + num_d):
@@ -97,8 +104,8 @@ class Simulation:
         if self.controller is not None:
             for k in range(1, int(end_s / self.control_interval_s) + 1):
                 self._at(k * self.control_interval_s, self._control)
-        for k in range(1, int(end_s / _HEARTBEAT_S) + 1):
-            self._at(k * _HEARTBEAT_S, self._heartbeat)
+        for k in range(1, int(end_s / self.heartbeat_s) + 1):
+            self._at(k * self.heartbeat_s, self._heartbeat)
         while self._events:
             self.now_s, _, fn, args = heapq.heappop(self._events)
             fn(*args)
@@ -111,11 +118,15 @@ class Simulation:
         r.ttft_slo_s, r.tpot_slo_s = spec.ttft_slo_ms / 1e3, spec.tpot_slo_ms / 1e3
         if self.controller is not None:
             self.controller.observe(r.scenario, self.now_s, r.input_tokens, r.output_tokens)
+        started = time.perf_counter()
         try:
             p = self.dispatcher.place(_MODEL, r.input_tokens, r.output_tokens, group=r.scenario)
         except (NoCapacity, NoWorkers):
             r.rejected = True
             return
+        finally:
+            self.dispatch_wall_s += time.perf_counter() - started
+            self.num_dispatches += 1
         self.dispatcher.on_start(p)
         r.decode_id = p.decode_id
         w = self.workers[p.prefill_id]
@@ -131,7 +142,9 @@ class Simulation:
             self._maybe_switch(w)
             return
         w.busy = True
-        self._at(self.now_s + self.hw.prefill_s(unit.pieces[0].num_tokens), self._prefill_done, w, unit)
+        duration = self.hw.prefill_s(unit.pieces[0].num_tokens)
+        self.prefill_busy_s += duration
+        self._at(self.now_s + duration, self._prefill_done, w, unit)
 
     def _prefill_done(self, w: _Worker, unit: WorkUnit) -> None:
         unit.next_op = unit.num_ops
