@@ -147,6 +147,13 @@ def _sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_fidelity(args: argparse.Namespace) -> int:
+    from pdserve.bench import fidelity
+
+    print(json.dumps(fidelity.run(args.minutes), indent=None if args.json else 2))
+    return 0
+
+
 def _profile(args: argparse.Namespace) -> int:
     from pdserve.workers.model.loader import load_model
     from pdserve.workers.profiler import fit_cost_model
@@ -239,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     ra.add_argument("--hardware", default="llama3-8b-h100", help="llama3-8b-h100 or llama3-70b-h200x8")
     ra.add_argument("--json", action="store_true")
     ra.set_defaults(fn=_bench_ratio)
+    fi = bench.add_parser("fidelity", help="simulator vs a real 1P+1D tiny cluster on the same trace slice")
+    fi.add_argument("--minutes", type=float, default=2.0)
+    fi.add_argument("--json", action="store_true")
+    fi.set_defaults(fn=_bench_fidelity)
     g = bench.add_parser("gateway", help="gateway+router overhead vs calling a worker directly")
     g.add_argument("--requests", type=int, default=300)
     g.add_argument("--concurrency", type=int, default=8)

@@ -129,9 +129,15 @@ class Simulation:
             self.num_dispatches += 1
         self.dispatcher.on_start(p)
         r.decode_id = p.decode_id
-        w = self.workers[p.prefill_id]
-        w.prefill.add(PrefillJob(r.req_id, r.input_tokens, self.now_s, self.now_s + r.ttft_slo_s), self.now_s)
         self._jobs[r.req_id] = r
+        if self.hw.request_overhead_s:
+            self._at(self.now_s + self.hw.request_overhead_s, self._enqueue_prefill, r, p.prefill_id)
+        else:
+            self._enqueue_prefill(r, p.prefill_id)
+
+    def _enqueue_prefill(self, r: SimRequest, prefill_id: str) -> None:
+        w = self.workers[prefill_id]
+        w.prefill.add(PrefillJob(r.req_id, r.input_tokens, self.now_s, self.now_s + r.ttft_slo_s), self.now_s)
         self._maybe_prefill(w)
 
     def _maybe_prefill(self, w: _Worker) -> None:

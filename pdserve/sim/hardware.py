@@ -21,6 +21,8 @@ class HardwareProfile:
     kv_bytes_per_token: int
     interconnect_bytes_per_s: float
     max_batch: int = 256
+    # Fixed per-request cost outside the model (RPCs, scheduling); calibrated on a real cluster.
+    request_overhead_s: float = 0.0
 
     def prefill_s(self, num_tokens: int) -> float:
         return self.prefill_base_s + num_tokens / self.prefill_tokens_per_s + self.prefill_quad_s * num_tokens ** 2
@@ -45,3 +47,14 @@ LLAMA3_8B_H100 = HardwareProfile("llama3-8b-h100", 0.004, 12_000.0, 2e-9, 0.012,
 # KV: 80 layers x 8 heads x 128 x 2 x 2 bytes = 320 KiB/token; 400 Gb/s links.
 LLAMA3_70B_H200X8 = HardwareProfile("llama3-70b-h200x8", 0.010, 9_000.0, 1e-9, 0.020, 0.00025, 327_680, 50e9)
 PRESETS = {p.name: p for p in (LLAMA3_8B_H100, LLAMA3_70B_H200X8)}
+
+
+def from_host_profile(name: str, cost, decode_base_s: float, decode_per_seq_s: float, kv_bytes_per_token: int,
+                      interconnect_bytes_per_s: float, request_overhead_s: float = 0.0) -> HardwareProfile:
+    """A profile of this host from `pdserve profile` (an OperatorCostModel) and the decode profile."""
+    layers = cost.num_layers
+    a0, a1, a2 = cost.attention_coeffs
+    m0, m1 = cost.mlp_coeffs
+    return HardwareProfile(name, layers * (a0 + m0), 1.0 / (layers * (a1 + m1)), layers * a2, decode_base_s,
+                           decode_per_seq_s, kv_bytes_per_token, interconnect_bytes_per_s,
+                           request_overhead_s=request_overhead_s)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.kvtransfer import BaseKVSender, as_bytes_view
-from pdserve.workers.kv_cache import BlockAllocator, PagedKVCache
+from pdserve.workers.kv_cache import BlockAllocator, OutOfKVBlocks, PagedKVCache
 from pdserve.workers.model.execution import OperatorKind, PrefillExecution, decode_step
 from pdserve.workers.model.loader import LoadedModel
 from pdserve.workers.model.sampling import SamplingConfig, sample_token
@@ -76,7 +76,15 @@ class Engine:
         return (num_tokens * self.config.kv_bytes_per_token_per_layer,) * self.config.num_layers
 
     # ---- aggregated ----
+    def _admit(self, num_prompt_tokens: int) -> None:
+        # Checked in the same call that allocates: both run on the compute thread, so no other
+        # request can take the blocks in between.
+        if not self.can_admit(num_prompt_tokens):
+            raise OutOfKVBlocks(f"no room for {num_prompt_tokens} more tokens: {self.allocator.num_free_blocks} "
+                                f"free KV blocks, {len(self.running)}/{self.max_batch_size} sequences running")
+
     def start_local(self, req_id: str, prompt_ids: list[int], params: SamplingConfig) -> Delta:
+        self._admit(len(prompt_ids))
         self.allocator.allocate(req_id, len(prompt_ids))
         try:
             execution = PrefillExecution(self.model, prompt_ids)
@@ -106,6 +114,7 @@ class Engine:
 
     # ---- decode role ----
     def reserve(self, req_id: str, num_prompt_tokens: int) -> Reservation:
+        self._admit(num_prompt_tokens)
         self.allocator.allocate(req_id, num_prompt_tokens)
         cfg = self.config
         staging = torch.empty(cfg.num_layers, 2, num_prompt_tokens, cfg.num_kv_heads, cfg.head_dim)

@@ -24,6 +24,7 @@ import grpc
 from pdserve.clock import Clock
 from pdserve.kvtransfer import BaseKVAgent, TransferLayout, TransferState, as_bytes_view
 from pdserve.workers.engine import Engine, PrefillResult, Reservation
+from pdserve.workers.kv_cache import OutOfKVBlocks
 from pdserve.workers.model.sampling import SamplingConfig, sample_token
 from pdserve.workers.prefill_runner import PrefillRunner, Rejected
 from pdserve.workers.output import Delta, Finish
@@ -137,9 +138,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self.engine.check_prompt(request.num_prompt_tokens, SamplingConfig())
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if not await self._run(self.engine.can_admit, request.num_prompt_tokens):
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "not enough free KV blocks")
-        res = await self._run(self.engine.reserve, request.req_id, request.num_prompt_tokens)
+        try:
+            res = await self._run(self.engine.reserve, request.req_id, request.num_prompt_tokens)
+        except OutOfKVBlocks as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         layout = TransferLayout(next(self._transfer_ids), self.engine.layer_nbytes(res.num_prompt_tokens))
         rx = agent.create_receiver(layout, as_bytes_view(res.staging.numpy()), self._lease_s)
         self._pending[request.req_id] = _Pending(res, rx, self.clock.now_s())
@@ -193,10 +195,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 self._streams[req_id] = queue
                 first_delta = await self._run(self.engine.start_remote, res, params, first)
             else:
-                if not await self._run(self.engine.can_admit, len(request.prompt_token_ids)):
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "not enough free KV blocks")
                 self._streams[req_id] = queue
-                first_delta = await self._run(self.engine.start_local, req_id, list(request.prompt_token_ids), params)
+                try:
+                    first_delta = await self._run(self.engine.start_local, req_id, list(request.prompt_token_ids),
+                                                  params)
+                except OutOfKVBlocks as exc:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             self._wakeup.set()
             delta, num_generated = first_delta, 0
             while True:
