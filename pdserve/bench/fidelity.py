@@ -24,7 +24,7 @@ from pdserve.policy.scenarios import ScenarioClassifier, ScenarioSpec
 from pdserve.sim.engine import SimRequest, Simulation
 from pdserve.sim.hardware import from_host_profile
 from pdserve.traces import load_azure
-from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
+from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from pdserve.workers.model.loader import load_model
 from pdserve.workers.profiler import profile_decode
 
@@ -60,6 +60,11 @@ async def _one(stub, r: SimRequest, start_wall: float, results: dict) -> None:
     results[r.req_id] = (first - sent, (last - first) / max(n - 1, 1))
 
 
+async def _measured(port: int) -> worker_pb2.WorkerInfo:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return await worker_pb2_grpc.WorkerStub(ch).GetInfo(worker_pb2.GetInfoRequest())
+
+
 async def _replay(router_address: str, reqs: list[SimRequest]) -> dict:
     results: dict = {}
     async with grpc.aio.insecure_channel(router_address) as ch:
@@ -83,12 +88,20 @@ def run(minutes: float = 2.0) -> dict:
                                                   "PDSERVE_WORKER__MAX_BATCH_SIZE": "256"}).start()
         try:
             real = asyncio.run(_replay(cluster.router_address, reqs))
+            decode_info = asyncio.run(_measured(cluster.process("decode-0").port))
+            prefill_info = asyncio.run(_measured(cluster.process("prefill-0").port))
         finally:
             cluster.stop()
     import torch
     cost_file = cfg.model.cache_dir / f"profile-tiny-{torch.get_num_threads()}t.json"
     cost = OperatorCostModel.from_dict(json.loads(cost_file.read_text()))
-    base_s, per_seq_s = profile_decode(model)
+    # Calibrated from the real cluster: decode step interval as measured in service, prefill
+    # cost model with the correction factor the prefill worker learned in service.
+    base_s = decode_info.measured_decode_step_base_s or profile_decode(model)[0]
+    per_seq_s = decode_info.measured_decode_step_per_seq_s
+    scale = prefill_info.prefill_cost_scale or 1.0
+    cost = OperatorCostModel(cost.num_layers, tuple(c * scale for c in cost.attention_coeffs),
+                             tuple(c * scale for c in cost.mlp_coeffs))
     small = cost.prefill_s(16)
     hw = from_host_profile("this-host-tiny", cost, base_s, per_seq_s, model.config.kv_bytes_per_token, 3e9,
                            request_overhead_s=max(0.0, real["overhead_s"] - small - base_s))
@@ -99,6 +112,8 @@ def run(minutes: float = 2.0) -> dict:
     sim_ttft = statistics.mean(r.first_token_s - r.arrival_s for r in simulated)
     sim_tpot = statistics.mean((r.finish_s - r.first_token_s) / (r.output_tokens - 1) for r in simulated)
     return {"requests": len(reqs), "minutes": minutes, "request_overhead_ms": round(hw.request_overhead_s * 1e3, 2),
+            "calibration": {"decode_step_base_ms": round(base_s * 1e3, 3), "decode_step_per_seq_ms": round(per_seq_s * 1e3, 4),
+                            "num_decode_steps": decode_info.num_decode_steps, "prefill_cost_scale": round(scale, 3)},
             "real": {"mean_ttft_ms": round(real_ttft * 1e3, 1), "mean_tpot_ms": round(real_tpot * 1e3, 2)},
             "sim": {"mean_ttft_ms": round(sim_ttft * 1e3, 1), "mean_tpot_ms": round(sim_tpot * 1e3, 2)},
             "ttft_rel_diff": round(abs(sim_ttft - real_ttft) / real_ttft, 3),

@@ -23,6 +23,8 @@ import grpc
 
 from pdserve.clock import Clock
 from pdserve.kvtransfer import BaseKVAgent, TransferLayout, TransferState, as_bytes_view
+from pdserve.policy.cost_model import CalibratedCostModel
+from pdserve.policy.online_fit import OnlineLinearFit
 from pdserve.workers.engine import Engine, PrefillResult, Reservation
 from pdserve.workers.kv_cache import OutOfKVBlocks
 from pdserve.workers.model.sampling import SamplingConfig, sample_token
@@ -90,6 +92,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._checksum = checksum
         self._prefill_runner = prefill_runner
         self._default_ttft_slo_ms = default_ttft_slo_ms
+        self.decode_fit = OnlineLinearFit()
         self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
         self._pending: dict[str, _Pending] = {}
         self._streams: dict[str, asyncio.Queue] = {}
@@ -123,7 +126,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             num_active_requests=len(self.engine.running) + len(self._pending),
             kv_block_size_tokens=alloc.block_size_tokens,
             max_model_len_tokens=self.engine.config.max_position_tokens,
-            num_pending_transfers=sum(a.num_active_transfers() for a in self.agents.values()))
+            num_pending_transfers=sum(a.num_active_transfers() for a in self.agents.values()),
+            **self._measured())
+
+    def _measured(self) -> dict:
+        fit = self.decode_fit.fit()
+        out = {"num_decode_steps": self.decode_fit.n}
+        if fit is not None:
+            out.update(measured_decode_step_base_s=fit[0], measured_decode_step_per_seq_s=fit[1])
+        cost = self._prefill_runner.scheduler.cost_model if self._prefill_runner else None
+        if isinstance(cost, CalibratedCostModel):
+            out["prefill_cost_scale"] = (cost.scale["attention"] + cost.scale["mlp"]) / 2
+        return out
 
     # ---- decode side of disaggregation ----
     async def ReserveKV(self, request, context):
@@ -240,14 +254,22 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                      num_generated_tokens=num_generated)
 
     async def _decode_loop(self) -> None:
+        last = None   # (start time, batch size) of the previous step while the loop stayed busy
         while True:
             if not self.engine.running:
+                last = None
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), _REAP_INTERVAL_S)
                 except asyncio.TimeoutError:
                     await self._reap_expired()
                 continue
+            now = self.clock.now_s()
+            if last is not None:
+                # The interval between step starts is what a token costs in service: compute plus
+                # streaming the previous step's tokens out.
+                self.decode_fit.add(last[1], now - last[0])
+            last = (now, len(self.engine.running))
             try:
                 deltas = await self._run(self.engine.step)
             except Exception:
