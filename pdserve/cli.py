@@ -143,6 +143,13 @@ def _sim(args: argparse.Namespace) -> int:
         return 0
     report = compare.run(args.minutes, args.speedup, args.workers_per_group, args.hardware, args.seed,
                          progress=None if args.json else compare.stderr_progress)
+    if args.plot:
+        rows = compare.sweep([args.speedup / 2, args.speedup, args.speedup * 1.5, args.speedup * 2],
+                             minutes=args.minutes, workers_per_group=args.workers_per_group,
+                             hardware=args.hardware, seed=args.seed)["sweep"]
+        report["sweep"] = rows
+        for path in compare.plot(report, rows, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(report, sort_keys=True) if args.json else compare.format_table(report))
     return 0
 
@@ -197,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--workers", type=int, default=0,
                      help="fleet-scale run: this many workers, one hour of trace replicated to --min-requests")
     sim.add_argument("--min-requests", type=int, default=1_000_000)
+    sim.add_argument("--plot", type=pathlib.Path, help="directory for goodput_vs_rate.png and ratio_over_time.png")
     sim.add_argument("--scale-speedup", type=float, default=100.0,
                      help="with --workers: replay the hour this many times faster, to load the fleet")
     sim.add_argument("--json", action="store_true")

@@ -2,7 +2,7 @@
 workload, in one run. Same seed and arguments give the same report, byte for byte.
 
 pdserve: disaggregated workers, one group per scenario, the RatioController moving each group's
-split, placement by the router's Dispatcher. Baselines: the same number of aggregated workers
+split, placement by the router's Dispatcher, FlowPrefill ordering on prefill workers. Baselines: the same number of aggregated workers
 behind round-robin, least-loaded, power-of-two or prefix-aware routing, and disaggregated
 workers at the best static split found by sweeping every split (DistServe-style).
 """
@@ -54,16 +54,18 @@ def run(minutes: float = 20, speedup: float = 4, workers_per_group: int = 8, har
     say = progress or (lambda _msg: None)
     results: dict[str, dict] = {}
 
-    say("pdserve (disaggregated, dynamic per-scenario ratio)")
+    say("pdserve (disaggregated, dynamic per-scenario ratio, FlowPrefill)")
     controller = RatioController(ControllerConfig(window_s=20.0, cooldown_s=10.0, hysteresis=0.2, max_step=1))
-    sim = Simulation(hw, {s: (g // 2, g - g // 2) for s in SCENARIOS}, classifier, controller, control_interval_s=2.0)
-    results["pdserve"] = summarize(sim.run(copy.deepcopy(base)))
+    sim = Simulation(hw, {s: (g // 2, g - g // 2) for s in SCENARIOS}, classifier, controller, control_interval_s=2.0,
+                     prefill_policy="flowprefill")
+    results["pdserve"] = {**summarize(sim.run(copy.deepcopy(base))), "utilisation": sim.utilisation()}
     results["pdserve"]["ratio_over_time"] = [{"t_s": round(t, 1), "scenario": s, "prefill": p, "decode": d}
                                              for t, s, p, d in sim.ratio_log]
     best = None
     for p in range(1, g):
         say(f"static P/D {p}:{g - p}")
-        row = summarize(Simulation(hw, {s: (p, g - p) for s in SCENARIOS}, classifier, None).run(copy.deepcopy(base)))
+        static = Simulation(hw, {s: (p, g - p) for s in SCENARIOS}, classifier, None)
+        row = {**summarize(static.run(copy.deepcopy(base))), "utilisation": static.utilisation()}
         if best is None or row["goodput_rps"] > best[1]["goodput_rps"]:
             best = (f"{p}:{g - p}", row)
     results["static-best"] = {**best[1], "ratio": best[0]}
@@ -91,3 +93,52 @@ def format_table(report: dict) -> str:
 
 def stderr_progress(msg: str) -> None:
     print(f"... {msg}", file=sys.stderr, flush=True)
+
+
+def sweep(speedups: list[float], **kwargs) -> dict:
+    """Goodput of every configuration at several replay rates (for the goodput-vs-rate plot)."""
+    rows = []
+    for sp in speedups:
+        report = run(speedup=sp, **kwargs)
+        rows.append({"speedup": sp, "arrival_rps": round(report["num_requests"] / (kwargs.get("minutes", 20) * 60 / sp), 2),
+                     **{name: r["goodput_rps"] for name, r in report["results"].items()}})
+    return {"sweep": rows}
+
+
+def plot(report: dict, sweep_rows: list[dict], out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """goodput_vs_rate.png and ratio_over_time.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in report["results"]:
+        ax.plot([r["arrival_rps"] for r in sweep_rows], [r[name] for r in sweep_rows], marker="o", label=name)
+    ax.set_xlabel("arrival rate (req/s)")
+    ax.set_ylabel("goodput (req/s meeting TTFT and TPOT SLOs)")
+    ax.set_title(f"{report['workload']}, {report['num_workers']} x {report['hardware']}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    paths = [out_dir / "goodput_vs_rate.png"]
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for scenario in SCENARIOS:
+        pts = [(r["t_s"], r["prefill"]) for r in report["results"]["pdserve"]["ratio_over_time"]
+               if r["scenario"] == scenario]
+        end = max(r["t_s"] for r in report["results"]["pdserve"]["ratio_over_time"]) + 1
+        xs = [t for t, _ in pts] + [end]
+        ys = [p for _, p in pts] + [pts[-1][1]]
+        ax.step(xs, ys, where="post", label=f"{scenario}: prefill workers")
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("prefill workers (of each group)")
+    ax.set_title("pdserve's P/D ratio over time")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    paths.append(out_dir / "ratio_over_time.png")
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths

@@ -13,7 +13,8 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from pdserve.policy.prefill_scheduler import FcfsScheduler, PrefillJob, WorkUnit
+from pdserve.policy.cost_model import OperatorCostModel
+from pdserve.policy.prefill_scheduler import BasePrefillScheduler, PrefillJob, WorkUnit, make_scheduler
 from pdserve.policy.ratio_controller import RatioController
 from pdserve.policy.scenarios import ScenarioClassifier
 from pdserve.router.policy import Dispatcher, NoCapacity, NoWorkers, Role, WorkerRecord, WorkerRegistry
@@ -52,7 +53,7 @@ class SimRequest:
 @dataclass
 class _Worker:
     rec: WorkerRecord
-    prefill: FcfsScheduler
+    prefill: BasePrefillScheduler
     busy: bool = False
     pending_role: Role | None = None
     batch: list = field(default_factory=list)        # heap of (finish token clock, seq, request)
@@ -61,12 +62,13 @@ class _Worker:
     sum_input: int = 0
     sum_start_t: float = 0.0
     decode_version: int = 0
+    role_since_s: float = 0.0
 
 
 class Simulation:
     def __init__(self, hw: HardwareProfile, groups: dict[str, tuple[int, int]], scenarios: ScenarioClassifier,
                  controller: RatioController | None, control_interval_s: float = 5.0,
-                 heartbeat_s: float = _HEARTBEAT_S):
+                 heartbeat_s: float = _HEARTBEAT_S, prefill_policy: str = "fcfs"):
         self.hw = hw
         self.scenarios = scenarios
         self.controller = controller
@@ -84,6 +86,8 @@ class Simulation:
         self.num_dispatches = 0
         self.dispatch_wall_s = 0.0
         self.prefill_busy_s = 0.0
+        self.decode_batch_seconds = 0.0
+        self._role_seconds = {Role.PREFILL: 0.0, Role.DECODE: 0.0}
         total_blocks = _KV_POOL_BYTES // (hw.kv_bytes_per_token * _BLOCK_TOKENS)
         for group, (num_p, num_d) in groups.items():
             for i in range(num_p + num_d):
@@ -91,8 +95,16 @@ class Simulation:
                                    {"sim": b""}, total_blocks, _BLOCK_TOKENS, 1 << 20, scenario=group,
                                    perf=hw.perf())
                 self.registry.register(rec, 0.0)
-                self.workers[rec.worker_id] = _Worker(rec, FcfsScheduler(1))
+                self.workers[rec.worker_id] = _Worker(rec, self._scheduler(prefill_policy))
             self.ratio_log.append((0.0, group, num_p, num_d))
+
+    def _scheduler(self, policy: str):
+        # The live prefill policies, planning with this hardware's cost (one "layer": attention
+        # carries the fixed and quadratic terms, MLP the per-token term). Units run whole here:
+        # the simulator models FlowPrefill's ordering, demotion and batching, not its preemption.
+        hw = self.hw
+        cost = OperatorCostModel(1, (hw.prefill_base_s, 0.0, hw.prefill_quad_s), (0.0, 1.0 / hw.prefill_tokens_per_s))
+        return make_scheduler(policy, 1, cost)
 
     def _at(self, t: float, fn, *args) -> None:
         heapq.heappush(self._events, (t, next(self._seq), fn, args))
@@ -109,7 +121,18 @@ class Simulation:
         while self._events:
             self.now_s, _, fn, args = heapq.heappop(self._events)
             fn(*args)
+        for w in self.workers.values():
+            if w.rec.role in self._role_seconds:
+                self._role_seconds[w.rec.role] += self.now_s - w.role_since_s
+                w.role_since_s = self.now_s
         return requests
+
+    def utilisation(self) -> dict:
+        """Prefill: busy share of prefill-worker time. Decode: mean batch size while running."""
+        prefill_s = self._role_seconds[Role.PREFILL]
+        decode_s = self._role_seconds[Role.DECODE]
+        return {"prefill_busy_share": round(self.prefill_busy_s / prefill_s, 3) if prefill_s else None,
+                "decode_mean_batch": round(self.decode_batch_seconds / decode_s, 2) if decode_s else None}
 
     # ---- arrivals and prefill ----
     def _arrive(self, r: SimRequest) -> None:
@@ -148,9 +171,16 @@ class Simulation:
             self._maybe_switch(w)
             return
         w.busy = True
-        duration = self.hw.prefill_s(unit.pieces[0].num_tokens)
+        duration = self._unit_s(w, unit)
         self.prefill_busy_s += duration
         self._at(self.now_s + duration, self._prefill_done, w, unit)
+
+    def _unit_s(self, w: _Worker, unit: WorkUnit) -> float:
+        if len(unit.pieces) == 1:
+            return self.hw.prefill_s(unit.pieces[0].num_tokens)
+        # A batch (FlowPrefill): attention per piece, one MLP over all tokens. Nothing calibrates
+        # the simulated cost model, so it predicts exactly the hardware's time.
+        return w.prefill.cost_model.remaining_s(unit.piece_tokens(), 0)
 
     def _prefill_done(self, w: _Worker, unit: WorkUnit) -> None:
         unit.next_op = unit.num_ops
@@ -169,6 +199,7 @@ class Simulation:
     def _advance(self, w: _Worker) -> None:
         if w.batch:
             w.tokens_t += (self.now_s - w.clock_s) / self.hw.decode_step_s(len(w.batch))
+            self.decode_batch_seconds += len(w.batch) * (self.now_s - w.clock_s)
         w.clock_s = self.now_s
 
     def _kv_arrived(self, r: SimRequest) -> None:
@@ -240,5 +271,7 @@ class Simulation:
         idle = not w.busy and w.prefill.num_waiting == 0 and not w.batch
         if w.pending_role is not None and idle:
             role, w.pending_role = w.pending_role, None
+            self._role_seconds[w.rec.role] += self.now_s - w.role_since_s
+            w.role_since_s = self.now_s
             w.rec.role = role
             self.registry.set_draining(w.rec, False)   # touches the record: indexed under its new role
