@@ -99,6 +99,15 @@ class BasePrefillScheduler(abc.ABC):
         predict (it then accepts everything)."""
         return None
 
+    def admission(self, job: PrefillJob, now_s: float) -> tuple[bool, float]:
+        """On-demand forwarding's question: can `job` finish by its deadline if queued here?
+        Returns (accept, predicted time to finish in seconds)."""
+        wait_s = self.admission_wait_s(job, now_s)
+        if wait_s is None or self.cost_model is None:
+            return True, 0.0
+        finish_s = wait_s + self.cost_model.prefill_s(job.num_tokens)
+        return now_s + finish_s <= job.deadline_s, finish_s
+
     def on_operator_done(self, unit: WorkUnit, now_s: float) -> None:
         unit.next_op += 1
 

@@ -2,7 +2,8 @@
 workload, in one run. Same seed and arguments give the same report, byte for byte.
 
 pdserve: disaggregated workers, one group per scenario, the RatioController moving each group's
-split, placement by the router's Dispatcher, FlowPrefill ordering on prefill workers. Baselines: the same number of aggregated workers
+split, placement by the router's Dispatcher with on-demand forwarding, FlowPrefill ordering on
+prefill workers. A request every worker refuses counts as not served (the client got 429). Baselines: the same number of aggregated workers
 behind round-robin, least-loaded, power-of-two or prefix-aware routing, and disaggregated
 workers at the best static split found by sweeping every split (DistServe-style).
 """
@@ -57,7 +58,7 @@ def run(minutes: float = 20, speedup: float = 4, workers_per_group: int = 8, har
     say("pdserve (disaggregated, dynamic per-scenario ratio, FlowPrefill)")
     controller = RatioController(ControllerConfig(window_s=20.0, cooldown_s=10.0, hysteresis=0.2, max_step=1))
     sim = Simulation(hw, {s: (g // 2, g - g // 2) for s in SCENARIOS}, classifier, controller, control_interval_s=2.0,
-                     prefill_policy="flowprefill")
+                     prefill_policy="flowprefill", forwarding=True)
     results["pdserve"] = {**summarize(sim.run(copy.deepcopy(base))), "utilisation": sim.utilisation()}
     results["pdserve"]["ratio_over_time"] = [{"t_s": round(t, 1), "scenario": s, "prefill": p, "decode": d}
                                              for t, s, p, d in sim.ratio_log]
@@ -91,8 +92,23 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def stderr_progress(msg: str) -> None:
-    print(f"... {msg}", file=sys.stderr, flush=True)
+_NUM_STAGES = 12   # pdserve, 7 static splits (at 8 workers per group), 4 aggregated routers
+
+
+class _ProgressBar:
+    def __init__(self):
+        self.done = 0
+
+    def __call__(self, msg: str) -> None:
+        self.done += 1
+        filled = min(self.done, _NUM_STAGES) * 30 // _NUM_STAGES
+        print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {msg[:60]:<60}", end="", file=sys.stderr, flush=True)
+        if self.done >= _NUM_STAGES:
+            print(file=sys.stderr)
+
+
+def stderr_progress(msg: str, _bar=_ProgressBar()) -> None:
+    _bar(msg)
 
 
 def sweep(speedups: list[float], **kwargs) -> dict:

@@ -68,7 +68,8 @@ class _Worker:
 class Simulation:
     def __init__(self, hw: HardwareProfile, groups: dict[str, tuple[int, int]], scenarios: ScenarioClassifier,
                  controller: RatioController | None, control_interval_s: float = 5.0,
-                 heartbeat_s: float = _HEARTBEAT_S, prefill_policy: str = "fcfs"):
+                 heartbeat_s: float = _HEARTBEAT_S, prefill_policy: str = "fcfs", forwarding: bool = False,
+                 max_prefill_offers: int = 3):
         self.hw = hw
         self.scenarios = scenarios
         self.controller = controller
@@ -82,6 +83,8 @@ class Simulation:
         self.ratio_log: list[tuple[float, str, int, int]] = []
         self._jobs: dict[str, SimRequest] = {}       # requests in prefill, by id
         self.heartbeat_s = heartbeat_s
+        self.forwarding = forwarding
+        self.max_prefill_offers = max_prefill_offers
         # Cost of the policy's own decisions (wall clock of this process, not simulated time).
         self.num_dispatches = 0
         self.dispatch_wall_s = 0.0
@@ -154,14 +157,32 @@ class Simulation:
         r.decode_id = p.decode_id
         self._jobs[r.req_id] = r
         if self.hw.request_overhead_s:
-            self._at(self.now_s + self.hw.request_overhead_s, self._enqueue_prefill, r, p.prefill_id)
+            self._at(self.now_s + self.hw.request_overhead_s, self._offer_prefill, r, p)
         else:
-            self._enqueue_prefill(r, p.prefill_id)
+            self._offer_prefill(r, p)
 
-    def _enqueue_prefill(self, r: SimRequest, prefill_id: str) -> None:
-        w = self.workers[prefill_id]
-        w.prefill.add(PrefillJob(r.req_id, r.input_tokens, self.now_s, self.now_s + r.ttft_slo_s), self.now_s)
-        self._maybe_prefill(w)
+    def _offer_prefill(self, r: SimRequest, p) -> None:
+        """On-demand forwarding, as the router does: offer the prefill to one worker after another
+        (at most `max_prefill_offers`); each accepts only if it can finish by the TTFT deadline."""
+        job = PrefillJob(r.req_id, r.input_tokens, self.now_s, r.arrival_s + r.ttft_slo_s)
+        offers = [p.prefill_id] + [wid for wid, _ in self.dispatcher.prefill_candidates(_MODEL, p.decode_id,
+                                                                                         limit=self.max_prefill_offers)
+                                   if wid != p.prefill_id]
+        current = p.prefill_id
+        for wid in offers[: self.max_prefill_offers]:
+            w = self.workers[wid]
+            if wid != current:
+                self.dispatcher.on_prefill_forwarded(current, wid)
+                current = wid
+            if not self.forwarding or w.prefill.admission(job, self.now_s)[0]:
+                w.prefill.add(job, self.now_s)
+                self._maybe_prefill(w)
+                return
+        # Every offer refused: the client gets 429 at once instead of a queue it cannot leave.
+        self.dispatcher.on_prefill_done(current)
+        self.dispatcher.on_decode_done(p.decode_id)
+        self._jobs.pop(r.req_id, None)
+        r.rejected = True
 
     def _maybe_prefill(self, w: _Worker) -> None:
         if w.busy:

@@ -43,7 +43,8 @@ def run(num_workers: int, min_requests: int = 1_000_000, minutes: float = 60, ha
     sim = Simulation(PRESETS[hardware], {s: (prefill, per_group - prefill) for s in SCENARIOS},
                      ScenarioClassifier(dict(SCENARIOS)),
                      RatioController(ControllerConfig(window_s=3600 / speedup / 10, cooldown_s=3600 / speedup / 30)),
-                     control_interval_s=3600 / speedup / 60, heartbeat_s=1.0)
+                     control_interval_s=3600 / speedup / 60, heartbeat_s=1.0, prefill_policy="flowprefill",
+                     forwarding=True)
     if progress:
         progress(f"{len(reqs):,} requests on {num_workers:,} workers ...")
     sim.run(reqs)

@@ -101,15 +101,11 @@ class PrefillRunner:
         return True
 
     def _admit(self, job: PrefillJob, now: float) -> None:
-        wait_s = self.scheduler.admission_wait_s(job, now)
-        cost = self.scheduler.cost_model
-        if wait_s is None or cost is None:
-            return
-        finish_s = now + wait_s + cost.prefill_s(job.num_tokens)
-        if finish_s > job.deadline_s:
+        accept, finish_s = self.scheduler.admission(job, now)
+        if not accept:
             self.stats.num_rejected += 1
-            raise Rejected(f"predicted TTFT {1e3 * (finish_s - now):.0f} ms exceeds the budget of "
-                           f"{1e3 * (job.deadline_s - now):.0f} ms ({1e3 * wait_s:.0f} ms of queued work)")
+            raise Rejected(f"predicted TTFT {1e3 * finish_s:.0f} ms exceeds the budget of "
+                           f"{1e3 * (job.deadline_s - now):.0f} ms")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         with self._cond:
