@@ -142,11 +142,11 @@ def _sim(args: argparse.Namespace) -> int:
         print(json.dumps(report, sort_keys=True) if args.json else json.dumps(report, indent=2, sort_keys=True))
         return 0
     report = compare.run(args.minutes, args.speedup, args.workers_per_group, args.hardware, args.seed,
-                         progress=None if args.json else compare.stderr_progress)
+                         progress=None if args.json else compare.stderr_progress, trace=args.trace)
     if args.plot:
         rows = compare.sweep([args.speedup / 2, args.speedup, args.speedup * 1.5, args.speedup * 2],
                              minutes=args.minutes, workers_per_group=args.workers_per_group,
-                             hardware=args.hardware, seed=args.seed)["sweep"]
+                             hardware=args.hardware, seed=args.seed, trace=args.trace)["sweep"]
         report["sweep"] = rows
         for path in compare.plot(report, rows, args.plot):
             print(f"wrote {path}", file=sys.stderr)
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--workers-per-group", type=int, default=8, help="workers per scenario group")
     sim.add_argument("--hardware", default="llama3-8b-h100", help="llama3-8b-h100 or llama3-70b-h200x8")
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--trace", choices=["azure", "mooncake"], default="azure",
+                     help="azure: conv+code merged as two scenarios; mooncake: conversation trace with prefix sharing")
     sim.add_argument("--workers", type=int, default=0,
                      help="fleet-scale run: this many workers, one hour of trace replicated to --min-requests")
     sim.add_argument("--min-requests", type=int, default=1_000_000)

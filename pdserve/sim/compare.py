@@ -20,7 +20,7 @@ from pdserve.sim.aggregated import AggregatedSimulation
 from pdserve.sim.engine import SimRequest, Simulation
 from pdserve.sim.hardware import PRESETS
 from pdserve.sim.report import summarize
-from pdserve.traces import load_azure
+from pdserve.traces import load_azure, load_mooncake
 
 SCENARIOS = {
     "conv": ScenarioSpec("conv", ttft_slo_ms=1000, tpot_slo_ms=50, header_values=("conv",)),
@@ -38,6 +38,22 @@ def azure_merged(minutes: float, speedup: float, shared: pathlib.Path | None = N
     return sorted(out, key=lambda r: (r.arrival_s, r.req_id))
 
 
+MOONCAKE_SCENARIOS = {"default": ScenarioSpec("default", ttft_slo_ms=5000, tpot_slo_ms=100)}
+
+
+def mooncake(minutes: float, speedup: float, shared: pathlib.Path | None = None
+             ) -> tuple[list[SimRequest], dict[str, tuple[int, ...]]]:
+    """Requests of the Mooncake conversation trace and their 512-token block hashes."""
+    out, hashes = [], {}
+    for i, t in enumerate(load_mooncake("conversation", shared)):
+        if t.arrival_s > minutes * 60:
+            break
+        r = SimRequest(f"mc-{i}", "", t.arrival_s / speedup, t.input_tokens, max(1, t.output_tokens))
+        out.append(r)
+        hashes[r.req_id] = t.block_hashes
+    return out, hashes
+
+
 def _with_slos(reqs: list[SimRequest], classifier: ScenarioClassifier) -> list[SimRequest]:
     for r in reqs:
         r.scenario = classifier.classify(r.scenario_header, "", [])
@@ -47,17 +63,24 @@ def _with_slos(reqs: list[SimRequest], classifier: ScenarioClassifier) -> list[S
 
 
 def run(minutes: float = 20, speedup: float = 4, workers_per_group: int = 8, hardware: str = "llama3-8b-h100",
-        seed: int = 0, shared: pathlib.Path | None = None, progress=None) -> dict:
+        seed: int = 0, shared: pathlib.Path | None = None, progress=None, trace: str = "azure") -> dict:
+    """trace 'azure': merged conv+code as two scenarios; 'mooncake': the conversation trace as one
+    scenario, with prefix sharing (its block hashes) for the prefix-aware baseline."""
     hw = PRESETS[hardware]
-    base = azure_merged(minutes, speedup, shared)
-    classifier = ScenarioClassifier(dict(SCENARIOS))
-    g, n_total = workers_per_group, workers_per_group * len(SCENARIOS)
+    if trace == "mooncake":
+        base, block_hashes = mooncake(minutes, speedup, shared)
+        scenarios = MOONCAKE_SCENARIOS
+        workers_per_group *= 2            # one group holds the whole fleet
+    else:
+        base, block_hashes, scenarios = azure_merged(minutes, speedup, shared), {}, SCENARIOS
+    classifier = ScenarioClassifier(dict(scenarios))
+    g, n_total = workers_per_group, workers_per_group * len(scenarios)
     say = progress or (lambda _msg: None)
     results: dict[str, dict] = {}
 
     say("pdserve (disaggregated, dynamic per-scenario ratio, FlowPrefill)")
     controller = RatioController(ControllerConfig(window_s=20.0, cooldown_s=10.0, hysteresis=0.2, max_step=1))
-    sim = Simulation(hw, {s: (g // 2, g - g // 2) for s in SCENARIOS}, classifier, controller, control_interval_s=2.0,
+    sim = Simulation(hw, {s: (g // 2, g - g // 2) for s in scenarios}, classifier, controller, control_interval_s=2.0,
                      prefill_policy="flowprefill", forwarding=True)
     results["pdserve"] = {**summarize(sim.run(copy.deepcopy(base))), "utilisation": sim.utilisation()}
     results["pdserve"]["ratio_over_time"] = [{"t_s": round(t, 1), "scenario": s, "prefill": p, "decode": d}
@@ -65,7 +88,7 @@ def run(minutes: float = 20, speedup: float = 4, workers_per_group: int = 8, har
     best = None
     for p in range(1, g):
         say(f"static P/D {p}:{g - p}")
-        static = Simulation(hw, {s: (p, g - p) for s in SCENARIOS}, classifier, None)
+        static = Simulation(hw, {s: (p, g - p) for s in scenarios}, classifier, None)
         row = {**summarize(static.run(copy.deepcopy(base))), "utilisation": static.utilisation()}
         if best is None or row["goodput_rps"] > best[1]["goodput_rps"]:
             best = (f"{p}:{g - p}", row)
@@ -74,9 +97,10 @@ def run(minutes: float = 20, speedup: float = 4, workers_per_group: int = 8, har
         say(f"aggregated x{n_total}, {name}")
         router = cls(seed) if cls is PowerOfTwo else cls()
         reqs = _with_slos(copy.deepcopy(base), classifier)
-        results[f"aggregated-{name}"] = summarize(AggregatedSimulation(hw, n_total, router, {}).run(reqs))
+        results[f"aggregated-{name}"] = summarize(AggregatedSimulation(hw, n_total, router, block_hashes).run(reqs))
     ours = results["pdserve"]["goodput_rps"]
-    return {"workload": "azure2023 conv+code merged", "minutes": minutes, "speedup": speedup, "hardware": hardware,
+    workload = "mooncake FAST'25 conversation" if trace == "mooncake" else "azure2023 conv+code merged"
+    return {"workload": workload, "minutes": minutes, "speedup": speedup, "hardware": hardware,
             "num_workers": n_total, "num_requests": len(base), "seed": seed, "results": results,
             "goodput_ratio_pdserve_vs": {k: round(ours / max(v["goodput_rps"], 1e-9), 3)
                                          for k, v in results.items() if k != "pdserve"}}
@@ -141,9 +165,9 @@ def plot(report: dict, sweep_rows: list[dict], out_dir: pathlib.Path) -> list[pa
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for scenario in SCENARIOS:
-        pts = [(r["t_s"], r["prefill"]) for r in report["results"]["pdserve"]["ratio_over_time"]
-               if r["scenario"] == scenario]
+    log = report["results"]["pdserve"]["ratio_over_time"]
+    for scenario in sorted({r["scenario"] for r in log}):
+        pts = [(r["t_s"], r["prefill"]) for r in log if r["scenario"] == scenario]
         end = max(r["t_s"] for r in report["results"]["pdserve"]["ratio_over_time"]) + 1
         xs = [t for t, _ in pts] + [end]
         ys = [p for _, p in pts] + [pts[-1][1]]

@@ -70,3 +70,14 @@ def test_sim_report_is_deterministic_and_compares_every_baseline():
     ratios = json.loads(a)["goodput_ratio_pdserve_vs"]
     assert set(ratios) == {"static-best", "aggregated-round-robin", "aggregated-least-loaded",
                            "aggregated-power-of-two", "aggregated-prefix-aware"}
+
+
+def test_mooncake_workload_feeds_block_hashes_to_prefix_aware_routing():
+    from pdserve.sim import compare
+
+    if not (SHARED / "traces" / "mooncake_fast25").is_dir():
+        pytest.skip("../shared/traces is not laid out here")
+    reqs, hashes = compare.mooncake(minutes=1, speedup=1, shared=SHARED)
+    assert reqs and all(hashes[r.req_id] for r in reqs)
+    report = compare.run(minutes=1, speedup=1, workers_per_group=2, shared=SHARED, trace="mooncake")
+    assert report["workload"].startswith("mooncake") and report["num_workers"] == 4
