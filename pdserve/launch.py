@@ -6,6 +6,7 @@ ports: every component binds port 0 unless told otherwise and the launcher reads
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -111,6 +112,7 @@ class LocalCluster:
             raise
 
     def _wait_ready(self, timeout_s: float) -> None:
+        logging.getLogger("httpx").setLevel(logging.WARNING)   # one line per readiness poll is noise
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
