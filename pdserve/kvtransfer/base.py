@@ -110,11 +110,25 @@ class TransferStatus:
         return self.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING)
 
 
-class BaseKVSender(abc.ABC):
+class _TransferEnd(abc.ABC):
+    """What a sender and a receiver share: their layout, status, poll() and failure()."""
+
     def __init__(self, layout: TransferLayout, status: TransferStatus):
         self.layout = layout
         self.status = status
 
+    @abc.abstractmethod
+    def abort(self, reason: str) -> None:
+        """Stop the transfer, tell the peer if possible, release buffers. Idempotent."""
+
+    def poll(self) -> TransferState:
+        return self.status.poll()
+
+    def failure(self) -> str | None:
+        return self.status.failure()
+
+
+class BaseKVSender(_TransferEnd):
     @abc.abstractmethod
     def send_layer(self, layer_index: int, buf: memoryview, crc32: int | None = None) -> None:
         """Queue one layer (non-blocking). `buf` must stay unchanged until the transfer ends.
@@ -127,33 +141,12 @@ class BaseKVSender(abc.ABC):
     def finish(self, trailer: bytes) -> None:
         """Queue the trailer after the last layer; DONE once the receiver has everything."""
 
-    @abc.abstractmethod
-    def abort(self, reason: str) -> None:
-        """Stop sending, tell the peer if possible, release buffers. Idempotent."""
 
-    def poll(self) -> TransferState:
-        return self.status.poll()
-
-    def failure(self) -> str | None:
-        return self.status.failure()
-
-
-class BaseKVReceiver(abc.ABC):
+class BaseKVReceiver(_TransferEnd):
     def __init__(self, layout: TransferLayout, status: TransferStatus):
-        self.layout = layout
-        self.status = status
+        super().__init__(layout, status)
         self.trailer: bytes | None = None
         self.num_layers_received = 0
-
-    @abc.abstractmethod
-    def abort(self, reason: str) -> None:
-        """Stop receiving and forget the transfer. Idempotent."""
-
-    def poll(self) -> TransferState:
-        return self.status.poll()
-
-    def failure(self) -> str | None:
-        return self.status.failure()
 
 
 class BaseKVAgent(abc.ABC):

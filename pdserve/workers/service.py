@@ -113,6 +113,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             agent.close()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
+    @property
+    def num_reservations(self) -> int:
+        """KV reservations whose transfer or Generate call has not finished yet."""
+        return len(self._pending)
+
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
 

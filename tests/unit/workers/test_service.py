@@ -54,7 +54,7 @@ def sampling(**kw):
 def _assert_clean(services):
     for svc in services:
         assert_no_leaks(allocator=svc.engine.allocator, agents=svc.agents.values())
-        assert not svc.engine.running and not svc._pending
+        assert not svc.engine.running and svc.num_reservations == 0
 
 
 def test_disaggregated_equals_aggregated(model_cache_dir):
