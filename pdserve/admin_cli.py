@@ -8,10 +8,9 @@ import sys
 
 import grpc
 
-from pdserve.v1 import admin_pb2, admin_pb2_grpc, worker_pb2
+from pdserve.proto_maps import role_name
+from pdserve.v1 import admin_pb2, admin_pb2_grpc
 
-_ROLE = {worker_pb2.WORKER_ROLE_PREFILL: "prefill", worker_pb2.WORKER_ROLE_DECODE: "decode",
-         worker_pb2.WORKER_ROLE_AGGREGATED: "aggregated"}
 
 
 def table(headers: list[str], rows: list[list]) -> str:
@@ -24,7 +23,7 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 def _workers(resp) -> str:
     return table(["worker", "role", "scenario", "model", "alive", "draining", "free KV", "active", "heartbeat"],
-                 [[w.worker_id, _ROLE.get(w.role, "?"), w.scenario, w.model, w.alive, w.draining,
+                 [[w.worker_id, role_name(w.role), w.scenario, w.model, w.alive, w.draining,
                    f"{w.num_free_kv_blocks}/{w.num_total_kv_blocks}", w.num_active_requests,
                    f"{w.seconds_since_heartbeat:.1f}s ago"] for w in resp.workers])
 

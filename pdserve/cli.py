@@ -119,7 +119,7 @@ def _bench_prefill(args: argparse.Namespace) -> int:
 def _bench_ratio(args: argparse.Namespace) -> int:
     from pdserve.bench import ratio
 
-    report = ratio.run(args.minutes, args.speedup, args.workers_per_group, args.hardware)
+    report = ratio.run(args.minutes, args.speedup, args.workers_per_scenario, args.hardware)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -141,11 +141,11 @@ def _sim(args: argparse.Namespace) -> int:
                            progress=None if args.json else compare.stderr_progress)
         print(json.dumps(report, sort_keys=True) if args.json else json.dumps(report, indent=2, sort_keys=True))
         return 0
-    report = compare.run(args.minutes, args.speedup, args.workers_per_group, args.hardware, args.seed,
+    report = compare.run(args.minutes, args.speedup, args.workers_per_scenario, args.hardware, args.seed,
                          progress=None if args.json else compare.stderr_progress, trace=args.trace)
     if args.plot:
         rows = compare.sweep([args.speedup / 2, args.speedup, args.speedup * 1.5, args.speedup * 2],
-                             minutes=args.minutes, workers_per_group=args.workers_per_group,
+                             minutes=args.minutes, workers_per_scenario=args.workers_per_scenario,
                              hardware=args.hardware, seed=args.seed, trace=args.trace)["sweep"]
         report["sweep"] = rows
         for path in compare.plot(report, rows, args.plot):
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("sim", help="simulate a fleet: pdserve's policies vs routing baselines on a trace")
     sim.add_argument("--minutes", type=float, default=20, help="trace minutes replayed")
     sim.add_argument("--speedup", type=float, default=4, help="replay this many times faster than recorded")
-    sim.add_argument("--workers-per-group", type=int, default=8, help="workers per scenario group")
+    sim.add_argument("--workers-per-scenario", type=int, default=8, help="workers per scenario")
     sim.add_argument("--hardware", default="llama3-8b-h100", help="llama3-8b-h100 or llama3-70b-h200x8")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--trace", choices=["azure", "mooncake"], default="azure",
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     ra = bench.add_parser("ratio", help="dynamic per-scenario P/D ratio vs best static, simulated on Azure traces")
     ra.add_argument("--minutes", type=float, default=20, help="trace minutes replayed")
     ra.add_argument("--speedup", type=float, default=4, help="replay this many times faster than recorded")
-    ra.add_argument("--workers-per-group", type=int, default=8)
+    ra.add_argument("--workers-per-scenario", type=int, default=8)
     ra.add_argument("--hardware", default="llama3-8b-h100", help="llama3-8b-h100 or llama3-70b-h200x8")
     ra.add_argument("--json", action="store_true")
     ra.set_defaults(fn=_bench_ratio)

@@ -21,7 +21,7 @@ from pdserve.config import load_config
 from pdserve.launch import LocalCluster
 from pdserve.policy.cost_model import OperatorCostModel
 from pdserve.policy.scenarios import ScenarioClassifier, ScenarioSpec
-from pdserve.sim.engine import SimRequest, Simulation
+from pdserve.sim.fleet import SimRequest, Simulation
 from pdserve.sim.hardware import from_host_profile
 from pdserve.traces import load_azure
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc

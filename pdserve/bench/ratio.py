@@ -2,9 +2,9 @@
 
 Workload: the merged Azure 2023 traces as two scenarios (conv: chatty, decode-heavier; code:
 bursty, prefill-heavy), the first `minutes` of each, replayed `speedup` times faster so the
-simulated fleet is loaded. Fleet: two worker groups (one per scenario) on a hardware preset.
-Dynamic: each group starts at an even split and the RatioController moves it (drain, then
-switch). Static: every split p:(G-p) for both groups, the best one reported. Goodput counts
+simulated fleet is loaded. Fleet: two scenarios with their own workers on a hardware preset.
+Dynamic: each scenario starts at an even split and the RatioController moves it (drain, then
+switch). Static: every split p:(G-p) for both scenarios, the best one reported. Goodput counts
 requests meeting both their TTFT and TPOT SLOs, per second of trace.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pathlib
 from pdserve.policy.ratio_controller import ControllerConfig, RatioController
 from pdserve.policy.scenarios import ScenarioClassifier
 from pdserve.sim.compare import SCENARIOS, azure_merged
-from pdserve.sim.engine import Simulation
+from pdserve.sim.fleet import Simulation
 from pdserve.sim.hardware import PRESETS
 from pdserve.sim.report import summarize
 
@@ -23,11 +23,11 @@ def workload(minutes: float, speedup: float, shared: pathlib.Path | None = None)
     return azure_merged(minutes, speedup, shared)
 
 
-def run(minutes: float = 30, speedup: float = 10, workers_per_group: int = 8, hardware: str = "llama3-8b-h100",
+def run(minutes: float = 30, speedup: float = 10, workers_per_scenario: int = 8, hardware: str = "llama3-8b-h100",
         shared: pathlib.Path | None = None) -> dict:
     hw = PRESETS[hardware]
     classifier = ScenarioClassifier(dict(SCENARIOS))
-    g = workers_per_group
+    g = workers_per_scenario
     static = []
     for p in range(1, g):
         sim = Simulation(hw, {s: (p, g - p) for s in SCENARIOS}, classifier, None)
@@ -37,7 +37,7 @@ def run(minutes: float = 30, speedup: float = 10, workers_per_group: int = 8, ha
     sim = Simulation(hw, {s: (g // 2, g - g // 2) for s in SCENARIOS}, classifier, controller, control_interval_s=2.0)
     dynamic = summarize(sim.run(workload(minutes, speedup, shared)))
     final = {grp: f"{p}:{d}" for _, grp, p, d in sim.ratio_log}
-    return {"hardware": hardware, "minutes": minutes, "speedup": speedup, "workers_per_group": g,
+    return {"hardware": hardware, "minutes": minutes, "speedup": speedup, "workers_per_scenario": g,
             "num_requests": len(workload(minutes, speedup, shared)), "static": static, "best_static": best,
             "dynamic": {**dynamic, "final_ratios": final, "num_ratio_changes": len(sim.ratio_log) - len(SCENARIOS),
                         "ratio_log": [{"t_s": round(t, 1), "scenario": grp, "prefill": p, "decode": d}

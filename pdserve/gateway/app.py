@@ -27,13 +27,11 @@ from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.router_client import RouterClient
 from pdserve.store import Store
 from pdserve.store.models import RequestRecord
-from pdserve.v1 import worker_pb2
+from pdserve.proto_maps import role_name
 from pdserve.workers.model.tokenizer import Tokenizer
 
 log = logging.getLogger("pdserve.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,96}$")
-_ROLE_NAMES = {worker_pb2.WORKER_ROLE_PREFILL: "prefill", worker_pb2.WORKER_ROLE_DECODE: "decode",
-               worker_pb2.WORKER_ROLE_AGGREGATED: "aggregated"}
 
 
 @dataclass
@@ -191,7 +189,7 @@ def create_app(deps: GatewayDeps, metrics: GatewayMetrics | None = None) -> Fast
             workers = [w for w in await deps.router.list_workers() if w.alive]
         except grpc.aio.AioRpcError as exc:
             return JSONResponse({"status": "router unreachable", "detail": exc.code().name}, status_code=503)
-        roles = {_ROLE_NAMES.get(w.role) for w in workers}
+        roles = {role_name(w.role) for w in workers}
         ok = "aggregated" in roles or {"prefill", "decode"} <= roles
         return JSONResponse({"status": "ready" if ok else "waiting for workers", "workers": len(workers)},
                             status_code=200 if ok else 503)
@@ -200,11 +198,11 @@ def create_app(deps: GatewayDeps, metrics: GatewayMetrics | None = None) -> Fast
     async def prometheus():
         try:
             workers = await deps.router.list_workers()
-            for role in _ROLE_NAMES.values():
+            for role in ("prefill", "decode", "aggregated"):
                 metrics.workers_alive.labels(role).set(
-                    sum(1 for w in workers if w.alive and _ROLE_NAMES.get(w.role) == role))
+                    sum(1 for w in workers if w.alive and role_name(w.role) == role))
             for w in workers:
-                metrics.worker_queue.labels(w.worker_id, _ROLE_NAMES.get(w.role, "?")).set(w.num_active_requests)
+                metrics.worker_queue.labels(w.worker_id, role_name(w.role)).set(w.num_active_requests)
         except grpc.aio.AioRpcError:
             pass  # metrics of the gateway itself are still worth serving
         return Response(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")

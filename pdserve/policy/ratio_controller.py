@@ -9,28 +9,19 @@ Target prefill count = round(N x prefill load / (prefill + decode load)), clampe
 scenario's bounds. Stability: no change while utilisations differ by less than `hysteresis`
 (relative), none within `cooldown_s` of the previous change, at most `max_step` workers per
 change, and a pinned ratio overrides everything. Pure: the caller passes `now_s`.
+
+`decide()` returns the whole effect as a `RatioPlan`: the new split, which workers change role
+(`plan_role_changes`, the least busy ones), typed demand inputs and a typed reason. Whoever runs
+it (the live rebalancer, the simulator) only carries the plan out.
 """
 from __future__ import annotations
 
+import enum
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+from pdserve.policy.registry import Role, WorkerPerf, WorkerRecord
 from pdserve.policy.scenarios import ScenarioSpec
-
-
-@dataclass(frozen=True)
-class WorkerPerf:
-    prefill_tokens_per_s: float
-    decode_step_base_s: float        # step time = base + per_seq * batch
-    decode_step_per_seq_s: float
-    max_batch: int = 256
-
-    def decode_tokens_per_s(self, tpot_slo_s: float) -> float:
-        room = tpot_slo_s - self.decode_step_base_s
-        if room <= 0:
-            return 1.0 / max(self.decode_step_base_s, 1e-9)   # SLO unmeetable: best effort, batch 1
-        batch = max(1, min(self.max_batch, int(room / max(self.decode_step_per_seq_s, 1e-12))))
-        return batch / (self.decode_step_base_s + self.decode_step_per_seq_s * batch)
 
 
 @dataclass(frozen=True)
@@ -41,14 +32,71 @@ class ControllerConfig:
     max_step: int = 1
 
 
+class RatioReason(enum.Enum):
+    PINNED = "pinned by an operator"
+    IMBALANCE = "prefill and decode utilisation differ"
+
+
 @dataclass(frozen=True)
-class RatioDecision:
+class Demand:
+    """What the window of observed requests asks of a scenario's workers, in workers' worth."""
+
+    arrival_rps: float = 0.0
+    mean_input_tokens: float = 0.0
+    mean_output_tokens: float = 0.0
+    prefill_load: float = 0.0
+    decode_load: float = 0.0
+
+
+@dataclass(frozen=True)
+class RoleChange:
+    worker_id: str
+    from_role: Role
+    to_role: Role
+
+
+@dataclass(frozen=True)
+class RatioPlan:
     scenario: str
     at_s: float
     old: tuple[int, int]
     new: tuple[int, int]
-    reason: str
-    inputs: dict
+    reason: RatioReason
+    role_changes: tuple[RoleChange, ...]
+    demand: Demand | None = None
+    imbalance: float | None = None        # |util_p - util_d| / max(util_p, util_d)
+
+    @property
+    def reason_text(self) -> str:
+        if self.reason is RatioReason.PINNED or self.demand is None:
+            return self.reason.value
+        d, (p, n) = self.demand, self.old
+        util_p, util_d = d.prefill_load / max(p, 1e-9), d.decode_load / max(n, 1e-9)
+        return (f"prefill utilisation {util_p:.2f} vs decode {util_d:.2f} (imbalance {self.imbalance:.0%}); "
+                f"target {self.new[0]}:{self.new[1]}")
+
+    @property
+    def inputs(self) -> dict:
+        """Flat numbers for the ratio history (the store keeps them as JSON)."""
+        if self.demand is None:
+            return {}
+        return {**{k: round(v, 6) for k, v in asdict(self.demand).items()}, "imbalance": round(self.imbalance, 6)}
+
+
+def plan_role_changes(members: list[WorkerRecord], target: tuple[int, int]) -> tuple[RoleChange, ...]:
+    """Which workers switch role to move a scenario's split to `target`: the least busy ones (fewest
+    requests in flight, ties by id), skipping any already draining. One home for this choice."""
+    num_prefill = sum(w.role is Role.PREFILL for w in members)
+    num_decode = sum(w.role is Role.DECODE for w in members)
+    if num_prefill > target[0] and num_decode < target[1]:
+        src, dst, count = Role.PREFILL, Role.DECODE, min(num_prefill - target[0], target[1] - num_decode)
+    elif num_decode > target[1] and num_prefill < target[0]:
+        src, dst, count = Role.DECODE, Role.PREFILL, min(num_decode - target[1], target[0] - num_prefill)
+    else:
+        return ()
+    movable = sorted((w for w in members if w.role is src and not w.draining),
+                     key=lambda w: (w.num_inflight, w.worker_id))
+    return tuple(RoleChange(w.worker_id, src, dst) for w in movable[:count])
 
 
 @dataclass
@@ -86,46 +134,49 @@ class RatioController:
     def pinned(self, scenario: str) -> tuple[int, int] | None:
         return self._state(scenario).pinned
 
-    def demand(self, scenario: str, spec: ScenarioSpec, perf: WorkerPerf, now_s: float) -> dict:
+    def demand(self, scenario: str, spec: ScenarioSpec, perf: WorkerPerf, now_s: float) -> Demand:
         st = self._state(scenario)
         self._trim(st, now_s)
         n = len(st.arrivals)
         if n == 0:
-            return {"arrival_rps": 0.0, "mean_input_tokens": 0.0, "mean_output_tokens": 0.0,
-                    "prefill_load": 0.0, "decode_load": 0.0}
+            return Demand()
         rate = n / self.config.window_s
         mean_in = sum(a[1] for a in st.arrivals) / n
         mean_out = sum(a[2] for a in st.arrivals) / n
-        return {"arrival_rps": rate, "mean_input_tokens": mean_in, "mean_output_tokens": mean_out,
-                "prefill_load": rate * mean_in / perf.prefill_tokens_per_s,
-                "decode_load": rate * mean_out / perf.decode_tokens_per_s(spec.tpot_slo_ms / 1e3)}
+        return Demand(rate, mean_in, mean_out, prefill_load=rate * mean_in / perf.prefill_tokens_per_s,
+                      decode_load=rate * mean_out / perf.decode_tokens_per_s(spec.tpot_slo_ms / 1e3))
 
-    def decide(self, scenario: str, spec: ScenarioSpec, current: tuple[int, int], perf: WorkerPerf,
-               now_s: float) -> RatioDecision | None:
+    def decide(self, scenario: str, spec: ScenarioSpec, members: list[WorkerRecord], perf: WorkerPerf,
+               now_s: float) -> RatioPlan | None:
+        """Called once per control interval per scenario with its live prefill/decode workers
+        (draining ones included). Returns the plan to carry out, or None to leave things as they are.
+        Side effect: a returned plan starts the scenario's cooldown."""
         st = self._state(scenario)
+        current = (sum(w.role is Role.PREFILL for w in members), sum(w.role is Role.DECODE for w in members))
         total = current[0] + current[1]
         if st.pinned is not None:
-            return None if st.pinned == current else self._change(scenario, st, now_s, current, st.pinned,
-                                                                  "pinned by an operator", {})
+            if st.pinned == current:
+                return None
+            return self._plan(scenario, st, now_s, members, current, st.pinned, RatioReason.PINNED)
         d = self.demand(scenario, spec, perf, now_s)
-        if total < 2 or d["prefill_load"] + d["decode_load"] == 0:
+        if total < 2 or d.prefill_load + d.decode_load == 0:
             return None
-        target_p = round(total * d["prefill_load"] / (d["prefill_load"] + d["decode_load"]))
+        target_p = round(total * d.prefill_load / (d.prefill_load + d.decode_load))
         target_p = max(spec.min_prefill, min(target_p, spec.max_prefill, total - spec.min_decode))
         target_p = max(target_p, total - spec.max_decode)
         if target_p == current[0] or now_s - st.last_change_s < self.config.cooldown_s:
             return None
-        util_p = d["prefill_load"] / max(current[0], 1e-9)
-        util_d = d["decode_load"] / max(current[1], 1e-9)
+        util_p = d.prefill_load / max(current[0], 1e-9)
+        util_d = d.decode_load / max(current[1], 1e-9)
         imbalance = abs(util_p - util_d) / max(util_p, util_d)
         if imbalance < self.config.hysteresis:
             return None
         step = max(-self.config.max_step, min(self.config.max_step, target_p - current[0]))
         new = (current[0] + step, total - current[0] - step)
-        reason = (f"prefill utilisation {util_p:.2f} vs decode {util_d:.2f} "
-                  f"(imbalance {imbalance:.0%}); target {target_p}:{total - target_p}")
-        return self._change(scenario, st, now_s, current, new, reason, {**d, "imbalance": imbalance})
+        return self._plan(scenario, st, now_s, members, current, new, RatioReason.IMBALANCE, d, imbalance)
 
-    def _change(self, scenario, st, now_s, old, new, reason, inputs) -> RatioDecision:
+    def _plan(self, scenario: str, st: _ScenarioState, now_s: float, members: list[WorkerRecord],
+              old: tuple[int, int], new: tuple[int, int], reason: RatioReason, demand: Demand | None = None,
+              imbalance: float | None = None) -> RatioPlan:
         st.last_change_s = now_s
-        return RatioDecision(scenario, now_s, old, new, reason, {k: round(v, 6) for k, v in inputs.items()})
+        return RatioPlan(scenario, now_s, old, new, reason, plan_role_changes(members, new), demand, imbalance)

@@ -1,4 +1,4 @@
-"""Scenario classification: requests that behave alike share a worker group, SLOs and a P/D ratio.
+"""Scenario classification: requests that behave alike share workers, SLOs and a P/D ratio.
 
 Order of rules (first match wins): the `x-pdserve-scenario` header, the API key's tenant, a
 prompt-prefix rule (hash of the first N prompt tokens, e.g. a shared system prompt), else the

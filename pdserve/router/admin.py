@@ -14,7 +14,7 @@ import logging
 import grpc
 
 from pdserve.policy.scenarios import ScenarioSpec
-from pdserve.router.policy import Role
+from pdserve.policy.registry import Role
 from pdserve.router.service import RouterService
 from pdserve.store import Store
 from pdserve.v1 import admin_pb2, admin_pb2_grpc, router_pb2
@@ -93,17 +93,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return admin_pb2.Empty()
 
     def _ratio(self, scenario: str) -> admin_pb2.Ratio:
-        p, d = self.router.registry.group_ratio(scenario)
+        p, d = self.router.registry.scenario_ratio(scenario)
         return admin_pb2.Ratio(scenario=scenario, num_prefill=p, num_decode=d,
                                pinned=self.router.controller.pinned(scenario) is not None)
 
-    async def _known_group(self, scenario: str, context) -> None:
-        if scenario not in self.router.registry.groups() and scenario not in self.router.scenarios.specs:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no scenario or worker group named {scenario!r}")
+    async def _known_scenario(self, scenario: str, context) -> None:
+        if scenario not in self.router.registry.scenarios() and scenario not in self.router.scenarios.specs:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no scenario named {scenario!r}")
 
     async def GetRatio(self, request, context):
         await self._auth(context)
-        await self._known_group(request.name, context)
+        await self._known_scenario(request.name, context)
         return self._ratio(request.name)
 
     async def GetRatioHistory(self, request, context):
@@ -116,8 +116,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def SetRatio(self, request, context):
         await self._auth(context)
-        await self._known_group(request.scenario, context)
-        current = self.router.registry.group_ratio(request.scenario)
+        await self._known_scenario(request.scenario, context)
+        current = self.router.registry.scenario_ratio(request.scenario)
         target = (request.num_prefill, request.num_decode)
         if sum(target) != sum(current):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -137,7 +137,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def UnpinRatio(self, request, context):
         await self._auth(context)
-        await self._known_group(request.name, context)
+        await self._known_scenario(request.name, context)
         self.router.controller.unpin(request.name)
         return self._ratio(request.name)
 

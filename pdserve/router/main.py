@@ -12,10 +12,11 @@ from grpc_reflection.v1alpha import reflection
 
 from pdserve.clock import WallClock
 from pdserve.config import PDServeConfig
+from pdserve.policy.dispatch import Dispatcher
 from pdserve.policy.ratio_controller import ControllerConfig, RatioController
+from pdserve.policy.registry import WorkerRegistry
 from pdserve.policy.scenarios import ScenarioClassifier
 from pdserve.router.admin import AdminService, load_scenarios
-from pdserve.router.policy import Dispatcher, WorkerRegistry
 from pdserve.router.service import RouterService
 from pdserve.store import Store
 from pdserve.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grpc
@@ -35,8 +36,8 @@ async def serve(cfg: PDServeConfig) -> None:
     service = RouterService(registry, Dispatcher(registry, tuple(rc.kv_backend_preference)), WallClock(),
                             rc.request_timeout_s, record_event=store.record_worker_event,
                             scenarios=scenarios, controller=controller, control_interval_s=rc.control_interval_s,
-                            record_change=lambda d: store.add_ratio_change(d.scenario, d.old, d.new, d.reason,
-                                                                           d.inputs))
+                            record_change=lambda p: store.add_ratio_change(p.scenario, p.old, p.new, p.reason_text,
+                                                                           p.inputs))
     server = grpc.aio.server()
     port = server.add_insecure_port(f"{rc.host}:{rc.port}")
     router_pb2_grpc.add_RouterServicer_to_server(service, server)

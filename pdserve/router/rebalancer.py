@@ -3,8 +3,8 @@
 A role change never fails a request: the worker first stops receiving new work (draining), the
 router waits until every request it placed there has finished (prefills sent their KV, decode
 streams ended), then tells the worker its new role and lets work flow to it again. The control
-loop asks the pure RatioController for a decision per scenario group on a fixed interval and
-records every decision in the store.
+loop asks the pure RatioController for a plan per scenario on a fixed interval (target split and
+which workers switch), records it in the store and carries it out; nothing is decided here.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import logging
 from typing import Callable
 
 from pdserve.clock import Clock
-from pdserve.policy.ratio_controller import RatioController, RatioDecision, WorkerPerf
+from pdserve.policy.ratio_controller import RatioController, RatioPlan, RoleChange, plan_role_changes
+from pdserve.policy.registry import Role, WorkerPerf, WorkerRecord, WorkerRegistry
 from pdserve.policy.scenarios import ScenarioClassifier
-from pdserve.router.policy import Role, WorkerRecord, WorkerRegistry
 
 log = logging.getLogger("pdserve.router")
 _DRAIN_POLL_S = 0.05
@@ -35,51 +35,39 @@ class Rebalancer:
         self._drain_timeout_s = drain_timeout_s
         self._lock = asyncio.Lock()                  # one rebalance at a time
 
-    @staticmethod
-    def group_perf(workers: list[WorkerRecord]) -> WorkerPerf | None:
-        perfs = [w.perf for w in workers if w.perf is not None]
-        if not perfs:
-            return None
-        n = len(perfs)
-        return WorkerPerf(sum(p.prefill_tokens_per_s for p in perfs) / n,
-                          sum(p.decode_step_base_s for p in perfs) / n,
-                          sum(p.decode_step_per_seq_s for p in perfs) / n)
-
-    async def control_once(self) -> list[RatioDecision]:
-        decisions = []
-        for group in sorted(self.registry.groups()):
-            members = [w for w in self.registry.all() if w.alive and w.scenario == group
-                       and w.role in (Role.PREFILL, Role.DECODE)]
-            perf = self.group_perf(members)
+    async def control_once(self) -> list[RatioPlan]:
+        """One control step: ask the controller for each scenario's plan and carry it out."""
+        plans = []
+        for scenario in sorted(self.registry.scenarios()):
+            members = self.registry.members(scenario)
+            perf = WorkerPerf.mean([w.perf for w in members if w.perf is not None])
             if perf is None:
                 continue
-            current = self.registry.group_ratio(group)
-            decision = self.controller.decide(group, self.scenarios.spec(group), current, perf, self.clock.now_s())
-            if decision is not None:
-                decisions.append(decision)
-                await self.apply(decision)
-        return decisions
+            plan = self.controller.decide(scenario, self.scenarios.spec(scenario), members, perf,
+                                          self.clock.now_s())
+            if plan is not None:
+                plans.append(plan)
+                await self.apply(plan)
+        return plans
 
-    async def apply(self, decision: RatioDecision) -> None:
-        log.info("ratio %s: %s -> %s (%s)", decision.scenario, decision.old, decision.new, decision.reason)
+    async def apply(self, plan: RatioPlan) -> None:
+        log.info("ratio %s: %s -> %s (%s)", plan.scenario, plan.old, plan.new, plan.reason_text)
         if self._record_change is not None:
-            await asyncio.to_thread(self._record_change, decision)
-        await self.rebalance(decision.scenario, decision.new)
+            await asyncio.to_thread(self._record_change, plan)
+        await self.carry_out(plan.role_changes)
 
-    async def rebalance(self, group: str, target: tuple[int, int]) -> None:
+    async def rebalance(self, scenario: str, target: tuple[int, int]) -> None:
+        """An operator's split: the same choice of workers as the controller's plans."""
+        await self.carry_out(plan_role_changes(self.registry.members(scenario), target))
+
+    async def carry_out(self, changes: tuple[RoleChange, ...]) -> None:
         async with self._lock:
-            while True:
-                num_prefill, num_decode = self.registry.group_ratio(group)
-                if num_prefill > target[0] and num_decode < target[1]:
-                    await self.switch_role(self._least_busy(group, Role.PREFILL), Role.DECODE)
-                elif num_decode > target[1] and num_prefill < target[0]:
-                    await self.switch_role(self._least_busy(group, Role.DECODE), Role.PREFILL)
-                else:
-                    return
-
-    def _least_busy(self, group: str, role: Role) -> WorkerRecord:
-        ws = [w for w in self.registry.all() if w.alive and w.scenario == group and w.role is role]
-        return min(ws, key=lambda w: (w.num_inflight, w.worker_id))
+            for change in changes:
+                rec = self.registry.get(change.worker_id)
+                if rec is None or not rec.alive or rec.role is not change.from_role:
+                    log.warning("skipping role change of %s: it left or changed since the plan", change.worker_id)
+                    continue
+                await self.switch_role(rec, change.to_role)
 
     async def switch_role(self, rec: WorkerRecord, role: Role) -> None:
         old = rec.role

@@ -1,6 +1,6 @@
 """Baseline: aggregated workers (prefill and decode in one engine, vLLM-style iterations: a
 waiting prompt is prefilled before the next decode step, stalling the batch) behind one of the
-routing policies in pdserve.policy.routing. Prefix caching per worker (LRU of 512-token blocks)
+routing policies in pdserve.policy.baseline_routers. Prefix caching per worker (LRU of 512-token blocks)
 lets prefix-aware routing skip recomputing shared prefixes, as SGLang's router does.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from pdserve.policy.routing import WorkerLoad
-from pdserve.sim.engine import SimRequest
+from pdserve.policy.baseline_routers import WorkerLoad
+from pdserve.sim.fleet import SimRequest
 from pdserve.sim.hardware import HardwareProfile
 from pdserve.traces import MOONCAKE_BLOCK_TOKENS
 

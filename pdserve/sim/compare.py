@@ -1,7 +1,7 @@
 """`pdserve sim`: pdserve's policies against the baselines users would otherwise pick, on one
 workload, in one run. Same seed and arguments give the same report, byte for byte.
 
-pdserve: disaggregated workers, one group per scenario, the RatioController moving each group's
+pdserve: disaggregated workers, each scenario with its own workers, the RatioController moving each scenario's
 split, placement by the router's Dispatcher with on-demand forwarding, FlowPrefill ordering on
 prefill workers. A request every worker refuses counts as not served (the client got 429). Baselines: the same number of aggregated workers
 behind round-robin, least-loaded, power-of-two or prefix-aware routing, and disaggregated
@@ -14,10 +14,10 @@ import pathlib
 import sys
 
 from pdserve.policy.ratio_controller import ControllerConfig, RatioController
-from pdserve.policy.routing import BASELINE_ROUTERS, PowerOfTwo
+from pdserve.policy.baseline_routers import BASELINE_ROUTERS, PowerOfTwo
 from pdserve.policy.scenarios import ScenarioClassifier, ScenarioSpec
 from pdserve.sim.aggregated import AggregatedSimulation
-from pdserve.sim.engine import SimRequest, Simulation
+from pdserve.sim.fleet import SimRequest, Simulation
 from pdserve.sim.hardware import PRESETS
 from pdserve.sim.report import summarize
 from pdserve.traces import load_azure, load_mooncake
@@ -62,7 +62,7 @@ def _with_slos(reqs: list[SimRequest], classifier: ScenarioClassifier) -> list[S
     return reqs
 
 
-def run(minutes: float = 20, speedup: float = 4, workers_per_group: int = 8, hardware: str = "llama3-8b-h100",
+def run(minutes: float = 20, speedup: float = 4, workers_per_scenario: int = 8, hardware: str = "llama3-8b-h100",
         seed: int = 0, shared: pathlib.Path | None = None, progress=None, trace: str = "azure") -> dict:
     """trace 'azure': merged conv+code as two scenarios; 'mooncake': the conversation trace as one
     scenario, with prefix sharing (its block hashes) for the prefix-aware baseline."""
@@ -70,11 +70,11 @@ def run(minutes: float = 20, speedup: float = 4, workers_per_group: int = 8, har
     if trace == "mooncake":
         base, block_hashes = mooncake(minutes, speedup, shared)
         scenarios = MOONCAKE_SCENARIOS
-        workers_per_group *= 2            # one group holds the whole fleet
+        workers_per_scenario *= 2            # one scenario holds the whole fleet
     else:
         base, block_hashes, scenarios = azure_merged(minutes, speedup, shared), {}, SCENARIOS
     classifier = ScenarioClassifier(dict(scenarios))
-    g, n_total = workers_per_group, workers_per_group * len(scenarios)
+    g, n_total = workers_per_scenario, workers_per_scenario * len(scenarios)
     say = progress or (lambda _msg: None)
     results: dict[str, dict] = {}
 
@@ -116,7 +116,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-_NUM_STAGES = 12   # pdserve, 7 static splits (at 8 workers per group), 4 aggregated routers
+_NUM_STAGES = 12   # pdserve, 7 static splits (at 8 workers per scenario), 4 aggregated routers
 
 
 class _ProgressBar:
@@ -173,7 +173,7 @@ def plot(report: dict, sweep_rows: list[dict], out_dir: pathlib.Path) -> list[pa
         ys = [p for _, p in pts] + [pts[-1][1]]
         ax.step(xs, ys, where="post", label=f"{scenario}: prefill workers")
     ax.set_xlabel("simulated time (s)")
-    ax.set_ylabel("prefill workers (of each group)")
+    ax.set_ylabel("prefill workers (of each scenario)")
     ax.set_title("pdserve's P/D ratio over time")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdserve.policy.ratio_controller import WorkerPerf
+from pdserve.policy.registry import WorkerPerf
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Summaries of simulated requests: goodput, SLO attainment, TTFT/TPOT percentiles."""
 from __future__ import annotations
 
-from pdserve.sim.engine import SimRequest
+from pdserve.sim.fleet import SimRequest
 
 
 def _pct(values: list[float], q: float) -> float | None:

@@ -2,7 +2,7 @@
 
 One hour of the merged Azure traces, each request replicated `copies` times with a small
 deterministic offset (so arrivals keep the trace's shape and burstiness at a higher rate),
-replayed on N workers split between the two scenario groups with the ratio controller on.
+replayed on N workers split between the two scenarios with the ratio controller on.
 Reports wall time, simulated requests, prefill utilisation and the policy's own decision cost
 per dispatch (wall-clock microseconds inside Dispatcher.place).
 """
@@ -14,7 +14,7 @@ import time
 from pdserve.policy.ratio_controller import ControllerConfig, RatioController
 from pdserve.policy.scenarios import ScenarioClassifier
 from pdserve.sim.compare import SCENARIOS, azure_merged
-from pdserve.sim.engine import SimRequest, Simulation
+from pdserve.sim.fleet import SimRequest, Simulation
 from pdserve.sim.hardware import PRESETS
 from pdserve.sim.report import summarize
 
@@ -38,9 +38,9 @@ def run(num_workers: int, min_requests: int = 1_000_000, minutes: float = 60, ha
     base = azure_merged(minutes, speedup)
     copies = max(1, math.ceil(min_requests / len(base)))
     reqs = replicated(base, copies)
-    per_group = num_workers // len(SCENARIOS)
-    prefill = max(1, int(per_group * 0.8))   # both traces are prefill-bound; the controller adjusts
-    sim = Simulation(PRESETS[hardware], {s: (prefill, per_group - prefill) for s in SCENARIOS},
+    per_scenario = num_workers // len(SCENARIOS)
+    prefill = max(1, int(per_scenario * 0.8))   # both traces are prefill-bound; the controller adjusts
+    sim = Simulation(PRESETS[hardware], {s: (prefill, per_scenario - prefill) for s in SCENARIOS},
                      ScenarioClassifier(dict(SCENARIOS)),
                      RatioController(ControllerConfig(window_s=3600 / speedup / 10, cooldown_s=3600 / speedup / 30)),
                      control_interval_s=3600 / speedup / 60, heartbeat_s=1.0, prefill_policy="flowprefill",

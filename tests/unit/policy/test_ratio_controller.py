@@ -2,7 +2,8 @@
 import random
 
 from pdserve.clock import VirtualClock
-from pdserve.policy.ratio_controller import ControllerConfig, RatioController, WorkerPerf
+from pdserve.policy.ratio_controller import ControllerConfig, RatioController, RatioReason, RoleChange, plan_role_changes
+from pdserve.policy.registry import Role, WorkerPerf, WorkerRecord
 from pdserve.policy.scenarios import ScenarioClassifier, ScenarioSpec, prefix_hash
 
 PERF = WorkerPerf(prefill_tokens_per_s=20_000, decode_step_base_s=0.010, decode_step_per_seq_s=0.0005)
@@ -10,14 +11,23 @@ SPEC = ScenarioSpec("chat", ttft_slo_ms=1000, tpot_slo_ms=50)
 CFG = ControllerConfig(window_s=30, cooldown_s=20, hysteresis=0.2, max_step=1)
 
 
+def members(ratio: tuple[int, int], inflight: dict[str, int] | None = None) -> list[WorkerRecord]:
+    roles = [Role.PREFILL] * ratio[0] + [Role.DECODE] * ratio[1]
+    out = [WorkerRecord(f"w{i}", role, "m", "", {}, 100, 16, 4096, scenario="chat") for i, role in enumerate(roles)]
+    for w in out:
+        w.num_inflight = (inflight or {}).get(w.worker_id, 0)
+    return out
+
+
 def drive(ctrl, clock, ratio, seconds, rps, input_tokens, output_tokens, rng):
     changes = []
     for _ in range(int(seconds)):
         for _ in range(rng.randint(rps - 1, rps + 1)):
             ctrl.observe("chat", clock.now_s(), input_tokens, output_tokens)
-        d = ctrl.decide("chat", SPEC, ratio, PERF, clock.now_s())
+        d = ctrl.decide("chat", SPEC, members(ratio), PERF, clock.now_s())
         if d is not None:
             changes.append(d)
+            assert len(d.role_changes) == abs(d.new[0] - d.old[0])   # the plan moves exactly that many
             ratio = d.new
         clock.advance(1.0)
     return ratio, changes
@@ -45,7 +55,8 @@ def test_pinned_ratio_is_respected_and_unpin_resumes_control():
     clock, ctrl, rng = VirtualClock(), RatioController(CFG), random.Random(1)
     ctrl.pin("chat", 2, 6)
     ratio, changes = drive(ctrl, clock, (4, 4), 120, 10, 8000, 20, rng)
-    assert ratio == (2, 6) and [c.reason for c in changes] == ["pinned by an operator"]
+    assert ratio == (2, 6) and [c.reason for c in changes] == [RatioReason.PINNED]
+    assert {c.from_role for c in changes[0].role_changes} == {Role.PREFILL}
     ctrl.unpin("chat")
     ratio, _ = drive(ctrl, clock, ratio, 200, 10, 8000, 20, rng)
     assert ratio[0] > 2
@@ -54,14 +65,31 @@ def test_pinned_ratio_is_respected_and_unpin_resumes_control():
 def test_bounds_and_no_data():
     clock, ctrl = VirtualClock(), RatioController(CFG)
     bounded = ScenarioSpec("chat", tpot_slo_ms=50, min_decode=3, max_prefill=5)
-    assert ctrl.decide("chat", bounded, (4, 4), PERF, 0.0) is None     # no traffic yet
+    assert ctrl.decide("chat", bounded, members((4, 4)), PERF, 0.0) is None     # no traffic yet
     ratio = (4, 4)
     for t in range(400):
         for _ in range(10):
             ctrl.observe("chat", float(t), 20000, 1)
-        d = ctrl.decide("chat", bounded, ratio, PERF, float(t))
+        d = ctrl.decide("chat", bounded, members(ratio), PERF, float(t))
         ratio = d.new if d else ratio
     assert ratio == (5, 3)
+
+
+def test_plan_moves_the_least_busy_workers_and_skips_draining_ones():
+    ws = members((3, 1), inflight={"w0": 5, "w1": 0, "w2": 2})
+    assert plan_role_changes(ws, (1, 3)) == (RoleChange("w1", Role.PREFILL, Role.DECODE),
+                                             RoleChange("w2", Role.PREFILL, Role.DECODE))
+    ws[1].draining = True
+    assert [c.worker_id for c in plan_role_changes(ws, (2, 2))] == ["w2"]
+    assert plan_role_changes(ws, (3, 1)) == ()
+
+
+def test_plan_reason_and_inputs_are_typed_and_recordable():
+    clock, ctrl, rng = VirtualClock(), RatioController(CFG), random.Random(2)
+    _, changes = drive(ctrl, clock, (4, 4), 60, 10, 8000, 20, rng)
+    plan = changes[0]
+    assert plan.reason is RatioReason.IMBALANCE and plan.demand.prefill_load > plan.demand.decode_load
+    assert "prefill utilisation" in plan.reason_text and set(plan.inputs) >= {"arrival_rps", "imbalance"}
 
 
 def test_classifier_order_header_tenant_prefix_default():

@@ -4,7 +4,7 @@ import pytest
 from pdserve.bench import ratio
 from pdserve.policy.ratio_controller import ControllerConfig, RatioController
 from pdserve.policy.scenarios import ScenarioClassifier
-from pdserve.sim.engine import SimRequest, Simulation
+from pdserve.sim.fleet import SimRequest, Simulation
 from pdserve.sim.hardware import LLAMA3_8B_H100
 from tests.conftest import SHARED
 
@@ -37,7 +37,7 @@ def test_controller_moves_a_prefill_bound_group_towards_prefill_and_helps():
 
 
 def test_routing_baselines_pick_as_documented():
-    from pdserve.policy.routing import LeastLoaded, PowerOfTwo, PrefixAware, RoundRobin, WorkerLoad
+    from pdserve.policy.baseline_routers import LeastLoaded, PowerOfTwo, PrefixAware, RoundRobin, WorkerLoad
 
     ws = [WorkerLoad("a", 3, {1, 2}), WorkerLoad("b", 1, set()), WorkerLoad("c", 2, {1})]
     assert [RoundRobin().pick(ws).worker_id for _ in range(1)] == ["a"]
@@ -64,8 +64,8 @@ def test_sim_report_is_deterministic_and_compares_every_baseline():
 
     from pdserve.sim import compare
 
-    a = json.dumps(compare.run(minutes=2, speedup=4, workers_per_group=4, shared=SHARED), sort_keys=True)
-    b = json.dumps(compare.run(minutes=2, speedup=4, workers_per_group=4, shared=SHARED), sort_keys=True)
+    a = json.dumps(compare.run(minutes=2, speedup=4, workers_per_scenario=4, shared=SHARED), sort_keys=True)
+    b = json.dumps(compare.run(minutes=2, speedup=4, workers_per_scenario=4, shared=SHARED), sort_keys=True)
     assert a == b
     ratios = json.loads(a)["goodput_ratio_pdserve_vs"]
     assert set(ratios) == {"static-best", "aggregated-round-robin", "aggregated-least-loaded",
@@ -79,5 +79,5 @@ def test_mooncake_workload_feeds_block_hashes_to_prefix_aware_routing():
         pytest.skip("../shared/traces is not laid out here")
     reqs, hashes = compare.mooncake(minutes=1, speedup=1, shared=SHARED)
     assert reqs and all(hashes[r.req_id] for r in reqs)
-    report = compare.run(minutes=1, speedup=1, workers_per_group=2, shared=SHARED, trace="mooncake")
+    report = compare.run(minutes=1, speedup=1, workers_per_scenario=2, shared=SHARED, trace="mooncake")
     assert report["workload"].startswith("mooncake") and report["num_workers"] == 4

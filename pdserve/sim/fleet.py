@@ -1,7 +1,8 @@
 """Deterministic discrete-event simulation of a disaggregated fleet.
 
-The decisions come from the live router's objects: `WorkerRegistry` + `Dispatcher` (placement),
-`ScenarioClassifier`, `RatioController` (P/D ratio) and a prefill scheduler per worker; only
+The decisions come from the live router's policy objects: `WorkerRegistry` + `Dispatcher`
+(placement and on-demand forwarding order), `ScenarioClassifier`, `RatioController` (P/D ratio and
+which workers drain) and a prefill scheduler per worker; only
 time and the workers' speed are simulated (`HardwareProfile`). Request lifecycle: arrival ->
 classify -> place -> prefill queue -> KV transfer -> decode batch (continuous batching, one token
 per step) -> done. A role change drains the worker first, as in the router.
@@ -17,7 +18,8 @@ from pdserve.policy.cost_model import OperatorCostModel
 from pdserve.policy.prefill_scheduler import BasePrefillScheduler, PrefillJob, WorkUnit, make_scheduler
 from pdserve.policy.ratio_controller import RatioController
 from pdserve.policy.scenarios import ScenarioClassifier
-from pdserve.router.policy import Dispatcher, NoCapacity, NoWorkers, Role, WorkerRecord, WorkerRegistry
+from pdserve.policy.dispatch import Dispatcher
+from pdserve.policy.registry import NoCapacity, NoWorkers, Role, WorkerRecord, WorkerRegistry
 from pdserve.sim.hardware import HardwareProfile
 
 _MODEL = "sim"
@@ -66,7 +68,7 @@ class _Worker:
 
 
 class Simulation:
-    def __init__(self, hw: HardwareProfile, groups: dict[str, tuple[int, int]], scenarios: ScenarioClassifier,
+    def __init__(self, hw: HardwareProfile, splits: dict[str, tuple[int, int]], scenarios: ScenarioClassifier,
                  controller: RatioController | None, control_interval_s: float = 5.0,
                  heartbeat_s: float = _HEARTBEAT_S, prefill_policy: str = "fcfs", forwarding: bool = False,
                  max_prefill_offers: int = 3):
@@ -92,14 +94,14 @@ class Simulation:
         self.decode_batch_seconds = 0.0
         self._role_seconds = {Role.PREFILL: 0.0, Role.DECODE: 0.0}
         total_blocks = _KV_POOL_BYTES // (hw.kv_bytes_per_token * _BLOCK_TOKENS)
-        for group, (num_p, num_d) in groups.items():
+        for scenario, (num_p, num_d) in splits.items():
             for i in range(num_p + num_d):
-                rec = WorkerRecord(f"{group}-{i}", Role.PREFILL if i < num_p else Role.DECODE, _MODEL, "",
-                                   {"sim": b""}, total_blocks, _BLOCK_TOKENS, 1 << 20, scenario=group,
+                rec = WorkerRecord(f"{scenario}-{i}", Role.PREFILL if i < num_p else Role.DECODE, _MODEL, "",
+                                   {"sim": b""}, total_blocks, _BLOCK_TOKENS, 1 << 20, scenario=scenario,
                                    perf=hw.perf())
                 self.registry.register(rec, 0.0)
                 self.workers[rec.worker_id] = _Worker(rec, self._scheduler(prefill_policy))
-            self.ratio_log.append((0.0, group, num_p, num_d))
+            self.ratio_log.append((0.0, scenario, num_p, num_d))
 
     def _scheduler(self, policy: str):
         # The live prefill policies, planning with this hardware's cost (one "layer": attention
@@ -146,7 +148,7 @@ class Simulation:
             self.controller.observe(r.scenario, self.now_s, r.input_tokens, r.output_tokens)
         started = time.perf_counter()
         try:
-            p = self.dispatcher.place(_MODEL, r.input_tokens, r.output_tokens, group=r.scenario)
+            p = self.dispatcher.place(_MODEL, r.input_tokens, r.output_tokens, scenario=r.scenario)
         except (NoCapacity, NoWorkers):
             r.rejected = True
             return
@@ -162,14 +164,12 @@ class Simulation:
             self._offer_prefill(r, p)
 
     def _offer_prefill(self, r: SimRequest, p) -> None:
-        """On-demand forwarding, as the router does: offer the prefill to one worker after another
-        (at most `max_prefill_offers`); each accepts only if it can finish by the TTFT deadline."""
+        """On-demand forwarding, as the router does: offer the prefill to the workers of
+        `Dispatcher.forwarding_order`, one after another; each accepts only if it can finish by the
+        TTFT deadline (its scheduler's own admission check)."""
         job = PrefillJob(r.req_id, r.input_tokens, self.now_s, r.arrival_s + r.ttft_slo_s)
-        offers = [p.prefill_id] + [wid for wid, _ in self.dispatcher.prefill_candidates(_MODEL, p.decode_id,
-                                                                                         limit=self.max_prefill_offers)
-                                   if wid != p.prefill_id]
         current = p.prefill_id
-        for wid in offers[: self.max_prefill_offers]:
+        for wid in self.dispatcher.forwarding_order(_MODEL, p, self.max_prefill_offers):
             w = self.workers[wid]
             if wid != current:
                 self.dispatcher.on_prefill_forwarded(current, wid)
@@ -273,19 +273,17 @@ class Simulation:
             self.registry.heartbeat(w.rec.worker_id, w.rec.num_total_kv_blocks - used, len(w.batch), self.now_s)
 
     def _control(self) -> None:
-        for group in sorted(self.registry.groups()):
-            current = self.registry.group_ratio(group)
-            decision = self.controller.decide(group, self.scenarios.spec(group), current, self.hw.perf(), self.now_s)
-            if decision is None:
+        """The controller's plan, carried out as the live rebalancer does: drain, then switch."""
+        for scenario in sorted(self.registry.scenarios()):
+            plan = self.controller.decide(scenario, self.scenarios.spec(scenario), self.registry.members(scenario),
+                                          self.hw.perf(), self.now_s)
+            if plan is None:
                 continue
-            self.ratio_log.append((self.now_s, group, *decision.new))
-            role_from = Role.PREFILL if decision.new[0] < current[0] else Role.DECODE
-            for _ in range(abs(decision.new[0] - current[0])):
-                candidates = [w for w in self.workers.values() if w.rec.scenario == group
-                              and w.rec.role is role_from and w.pending_role is None]
-                w = min(candidates, key=lambda w: (w.rec.num_inflight, w.rec.worker_id))
+            self.ratio_log.append((self.now_s, scenario, *plan.new))
+            for change in plan.role_changes:
+                w = self.workers[change.worker_id]
                 self.registry.set_draining(w.rec, True)
-                w.pending_role = Role.DECODE if role_from is Role.PREFILL else Role.PREFILL
+                w.pending_role = change.to_role
                 self._maybe_switch(w)
 
     def _maybe_switch(self, w: _Worker) -> None:

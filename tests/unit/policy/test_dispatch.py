@@ -1,9 +1,10 @@
-"""Routing policy on a virtual clock: leases, placement, accounting, request state machine."""
+"""Routing policy on a virtual clock: leases, placement, forwarding order, accounting, request state machine."""
 import pytest
 
 from pdserve.clock import VirtualClock
-from pdserve.router.policy import (Dispatcher, NoCapacity, NoWorkers, RequestState, RequestTracker, Role,
-                                   WorkerRecord, WorkerRegistry)
+from pdserve.policy.dispatch import Dispatcher
+from pdserve.policy.registry import NoCapacity, NoWorkers, Role, WorkerRecord, WorkerRegistry
+from pdserve.policy.request_state import RequestState, RequestTracker
 
 
 def make_worker(wid: str, role: Role, free_blocks: int = 100, backends=("ucx", "tcp"), model: str = "m") -> WorkerRecord:
@@ -67,6 +68,20 @@ def test_common_backend_and_aggregated_fallback(clock):
     reg.register(make_worker("a", Role.AGGREGATED), clock.now_s())
     p = Dispatcher(reg).place("m", 10, 10)
     assert p.decode_id == "a" and not p.disaggregated
+
+
+def test_forwarding_order_starts_at_the_placed_worker_and_keeps_the_backend(clock):
+    reg = WorkerRegistry(3.0)
+    for w in (make_worker("d", Role.DECODE), make_worker("p1", Role.PREFILL), make_worker("p2", Role.PREFILL),
+              make_worker("p3", Role.PREFILL, backends=("tcp",)), make_worker("p4", Role.PREFILL)):
+        reg.register(w, clock.now_s())
+    disp = Dispatcher(reg)
+    placement = disp.place("m", 10, 10)
+    disp.on_start(placement)
+    assert placement.kv_backend == "ucx"
+    # p3 speaks only tcp: the reservation is armed for ucx, so it is never offered.
+    assert disp.forwarding_order("m", placement, 3) == ["p1", "p2", "p4"]
+    assert disp.forwarding_order("m", placement, 1) == ["p1"]
 
 
 def test_no_workers_vs_no_capacity(clock):

@@ -1,0 +1,190 @@
+"""The one orchestration of a request across workers; the router's Generate runs it, and so do the
+tests that compare disaggregated with aggregated output.
+
+Lifecycle (each step names the policy object that decides it):
+1. classify into a scenario (`ScenarioClassifier`) and record the arrival (`RatioController`);
+2. place (`Dispatcher.place`): a decode + prefill pair, or an aggregated worker -> PLACED;
+3. disaggregated: `ReserveKV` on the decode worker (blocks + armed receiver; a capacity refusal
+   retries once on another decode worker), then `Prefill` offered to the workers of
+   `Dispatcher.forwarding_order` one after another (on-demand forwarding), concurrently with the
+   decode worker's `Generate(remote_prefill)` stream -> WAITING_FOR_KV -> DECODING;
+   aggregated: one `Generate` stream -> DECODING;
+4. relay tokens as they come; on any exit the decode stream is cancelled and `Abort`ed, which
+   frees its KV, and the dispatcher's load accounting is settled.
+Failures surface as `RouteFailed(grpc status, message)`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Callable
+
+import grpc
+
+from pdserve.clock import Clock
+from pdserve.policy.dispatch import Dispatcher, Placement
+from pdserve.policy.ratio_controller import RatioController
+from pdserve.policy.registry import NoCapacity, NoWorkers
+from pdserve.policy.request_state import RequestState, RequestTracker
+from pdserve.policy.scenarios import ScenarioClassifier
+from pdserve.v1 import router_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("pdserve.router")
+# One retry on another decode worker when the chosen one refuses for capacity (stale heartbeat).
+_MAX_PLACEMENT_TRIES = 2
+_ABORT_TIMEOUT_S = 2.0
+
+StubFor = Callable[[str], worker_pb2_grpc.WorkerStub]
+
+
+class RouteFailed(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class RequestFlow:
+    def __init__(self, dispatcher: Dispatcher, stub_for: StubFor, clock: Clock, scenarios: ScenarioClassifier,
+                 controller: RatioController | None = None, max_prefill_offers: int = 3):
+        self.dispatcher = dispatcher
+        self._stub = stub_for
+        self.clock = clock
+        self.scenarios = scenarios
+        self.controller = controller
+        self.max_prefill_offers = max_prefill_offers
+
+    async def run(self, request: router_pb2.RouteRequest, tracker: RequestTracker) -> AsyncIterator[worker_pb2.TokenChunk]:
+        max_tokens = request.sampling.max_tokens or 16
+        scenario = self.scenarios.classify(request.scenario_header, request.tenant, list(request.prompt_token_ids))
+        if self.controller is not None:
+            self.controller.observe(scenario, self.clock.now_s(), len(request.prompt_token_ids), max_tokens)
+        if not request.ttft_slo_ms and scenario in self.scenarios.specs:
+            request.ttft_slo_ms = self.scenarios.spec(scenario).ttft_slo_ms
+        placement, reservation = await self._place_and_reserve(request, max_tokens, scenario)
+        tracker.to(RequestState.PLACED, self.clock.now_s())
+        log.info("request %s placed: scenario=%s prefill=%s decode=%s backend=%s", request.req_id, scenario,
+                 placement.prefill_id, placement.decode_id, placement.kv_backend)
+        self.dispatcher.on_start(placement)
+        try:
+            stream = (self._disaggregated(request, placement, reservation, tracker) if placement.disaggregated
+                      else self._aggregated(request, placement, tracker))
+            async for chunk in stream:
+                yield chunk
+        finally:
+            self.dispatcher.on_decode_done(placement.decode_id)
+
+    async def _place_and_reserve(self, request, max_tokens: int, scenario: str):
+        excluded: set[str] = set()
+        for attempt in range(_MAX_PLACEMENT_TRIES):
+            placement = self._place(request.model, len(request.prompt_token_ids), max_tokens, frozenset(excluded),
+                                    scenario)
+            if not placement.disaggregated:
+                return placement, None
+            try:
+                return placement, await self._stub(placement.decode_id).ReserveKV(worker_pb2.ReserveKVRequest(
+                    req_id=request.req_id, num_prompt_tokens=len(request.prompt_token_ids),
+                    backend=placement.kv_backend))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and attempt + 1 < _MAX_PLACEMENT_TRIES:
+                    excluded.add(placement.decode_id)
+                    continue
+                raise RouteFailed(exc.code(), f"decode worker refused: {exc.details()}") from exc
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _place(self, model: str, num_prompt_tokens: int, max_tokens: int, excluded: frozenset[str],
+               scenario: str) -> Placement:
+        try:
+            return self.dispatcher.place(model, num_prompt_tokens, max_tokens, excluded, scenario=scenario)
+        except NoWorkers as exc:
+            raise RouteFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+        except NoCapacity as exc:
+            raise RouteFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+
+    async def _aggregated(self, request, placement: Placement, tracker: RequestTracker):
+        tracker.to(RequestState.DECODING, self.clock.now_s())
+        call = self._stub(placement.decode_id).Generate(worker_pb2.GenerateRequest(
+            req_id=request.req_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
+            ttft_slo_ms=request.ttft_slo_ms))
+        async for chunk in self._relay(call, placement.decode_id, request.req_id, tracker):
+            yield chunk
+
+    async def _disaggregated(self, request, placement: Placement, reservation, tracker: RequestTracker):
+        tracker.to(RequestState.WAITING_FOR_KV, self.clock.now_s())
+        call = self._stub(placement.decode_id).Generate(worker_pb2.GenerateRequest(
+            req_id=request.req_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
+            remote_prefill=True))
+        prefill = asyncio.ensure_future(self._forward_prefill(request, placement, reservation))
+        try:
+            first = asyncio.ensure_future(call.read())
+            await asyncio.wait({prefill, first}, return_when=asyncio.FIRST_COMPLETED)
+            if prefill.done() and prefill.exception() is not None and not first.done():
+                first.cancel()
+                raise prefill.exception()
+            async for chunk in self._relay(call, placement.decode_id, request.req_id, tracker, first):
+                if chunk.finish_reason != worker_pb2.FINISH_REASON_UNSPECIFIED and prefill.done() \
+                        and not prefill.exception():
+                    chunk.kv_transfer_bytes = prefill.result().kv_bytes
+                    chunk.prefill_ms = prefill.result().prefill_ms
+                yield chunk
+        except RouteFailed:
+            # The decode side usually fails *because* the prefill did: report the cause.
+            if prefill.done() and isinstance(prefill.exception(), RouteFailed):
+                raise prefill.exception() from None
+            raise
+        finally:
+            if not prefill.done():
+                prefill.cancel()
+            if not call.done():
+                await self._abort_decode(call, placement.decode_id, request.req_id)
+
+    async def _forward_prefill(self, request, placement: Placement, reservation) -> worker_pb2.PrefillResponse:
+        """On-demand forwarding: offer the prefill to one worker after another; each accepts or
+        refuses at once (RESOURCE_EXHAUSTED), so nothing waits on a queue that cannot serve it."""
+        current, reasons = placement.prefill_id, []
+        try:
+            for prefill_id in self.dispatcher.forwarding_order(request.model, placement, self.max_prefill_offers):
+                if prefill_id != current:
+                    self.dispatcher.on_prefill_forwarded(current, prefill_id)
+                    current = prefill_id
+                try:
+                    return await self._stub(prefill_id).Prefill(worker_pb2.PrefillRequest(
+                        req_id=request.req_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
+                        target=reservation.endpoint, transfer_id=reservation.transfer_id,
+                        ttft_slo_ms=request.ttft_slo_ms))
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise RouteFailed(exc.code(), f"prefill failed on {prefill_id}: {exc.details()}") from exc
+                    reasons.append(f"{prefill_id}: {exc.details()}")
+                    log.info("request %s: %s refused the prefill; forwarding", request.req_id, prefill_id)
+            raise RouteFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              "every prefill worker offered refused: " + "; ".join(reasons))
+        finally:
+            self.dispatcher.on_prefill_done(current)
+
+    async def _abort_decode(self, call, decode_id: str, req_id: str) -> None:
+        # Cancelling the stream frees the KV on the worker; Abort also covers a worker that had
+        # not yet started streaming.
+        call.cancel()
+        try:
+            await self._stub(decode_id).Abort(worker_pb2.AbortRequest(req_id=req_id, reason="cancelled"),
+                                              timeout=_ABORT_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            pass
+
+    async def _relay(self, call, decode_id: str, req_id: str, tracker: RequestTracker, first=None):
+        try:
+            while True:
+                chunk = await (first if first is not None else call.read())
+                first = None
+                if chunk is grpc.aio.EOF:
+                    return
+                if tracker.state is RequestState.WAITING_FOR_KV:
+                    tracker.to(RequestState.DECODING, self.clock.now_s())
+                tracker.first_token(self.clock.now_s())
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise RouteFailed(exc.code(), f"worker {decode_id}: {exc.details()}") from exc
+        finally:
+            if not call.done():
+                await self._abort_decode(call, decode_id, req_id)
