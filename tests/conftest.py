@@ -1,6 +1,7 @@
 """Shared factories and leak checks for all test suites."""
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 import time
@@ -35,6 +36,26 @@ def assert_no_leaks(*, allocator=None, agents=(), timeout_s: float = 10.0) -> No
             f"leaked KV blocks: {allocator.num_blocks - allocator.num_free_blocks}"
     for agent in agents:
         assert wait_until(lambda: agent.num_active_transfers() == 0, timeout_s), \
+            f"{agent.backend_name}: {agent.num_active_transfers()} transfers still tracked"
+
+
+async def eventually(predicate, timeout_s: float = 10.0, interval_s: float = 0.01) -> bool:
+    """wait_until for code inside an event loop: polls without blocking the loop, so the cleanup
+    it waits for (which runs on that loop) can make progress. The timeout is a bound, not a guess."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval_s)
+    return predicate()
+
+
+async def assert_no_leaks_async(*, allocator=None, agents=(), timeout_s: float = 10.0) -> None:
+    if allocator is not None:
+        assert await eventually(lambda: allocator.num_free_blocks == allocator.num_blocks, timeout_s), \
+            f"leaked KV blocks: {allocator.num_blocks - allocator.num_free_blocks}"
+    for agent in agents:
+        assert await eventually(lambda: agent.num_active_transfers() == 0, timeout_s), \
             f"{agent.backend_name}: {agent.num_active_transfers()} transfers still tracked"
 
 

@@ -54,9 +54,9 @@ async def _measure(worker_port: int, gateway_url: str, num_requests: int, concur
     stub = worker_pb2_grpc.WorkerStub(channel)
 
     async def direct() -> None:
-        out = await wclient.generate_aggregated(stub, uuid.uuid4().hex, prompt_ids,
-                                                worker_pb2.SamplingParams(max_tokens=1))
-        assert len(out.token_ids) <= 1
+        chunks = [c async for c in stub.Generate(worker_pb2.GenerateRequest(
+            req_id=uuid.uuid4().hex, prompt_token_ids=prompt_ids, sampling=worker_pb2.SamplingParams(max_tokens=1)))]
+        assert sum(len(c.token_ids) for c in chunks) <= 1
 
     async with httpx.AsyncClient(base_url=gateway_url, timeout=30,
                                  limits=httpx.Limits(max_connections=concurrency * 2)) as http:

@@ -1,24 +1,28 @@
-"""Synchronous model engine of one worker; every method runs on the worker's compute thread.
+"""Synchronous decode engine of one worker; every method runs on the worker's compute thread.
 
-Request lifecycle through the engine:
-- aggregated: `start_local()` allocates KV blocks, prefills the prompt operator by operator while
-  writing each layer into the paged cache, samples the first token and joins the running batch;
-- prefill role: `prefill_and_send()` runs the operators and hands each finished layer's KV to a
-  KV sender at once (the transfer overlaps the remaining layers), then sends the first token in
-  the trailer; it keeps no KV afterwards;
-- decode role: `reserve()` allocates blocks and a contiguous staging buffer the receiver fills;
-  `start_remote()` scatters the staged layers into the paged cache and joins the running batch;
-- `step()` decodes one token for every running sequence (continuous batching: sequences join and
-  leave between steps); `release()` frees a finished or aborted request's blocks.
+It owns the paged KV pool and the sequences that hold it. Prefill itself is not computed here:
+every prompt goes through the prefill scheduler (prefill_runner.py), locally or on a prefill
+worker, and arrives as one contiguous [2, T, kv_heads, head_dim] buffer per layer.
+- `admit()` allocates a request's prompt blocks (checked and taken in one call);
+- `start()` scatters the prompt's layers into those blocks, takes the first token and joins the
+  running batch;
+- `step()` is schedule -> run -> postprocess: the pure `DecodeScheduler` picks the batch and,
+  when the pool cannot grow every sequence, which newest sequences give their blocks back; a
+  preempted sequence later recomputes its KV (prompt + generated tokens) and carries on with the
+  same tokens it would have produced;
+- `release()` frees a request's blocks; the worker's request lifecycle calls it exactly once per
+  request (workers/lifecycle.py). The engine never releases a request on its own (a finished
+  sequence keeps its blocks until then); preemption only lends blocks back until the resume.
 """
 from __future__ import annotations
 
-import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Sequence as Seq
 
 import torch
 
-from pdserve.kvtransfer import BaseKVSender, as_bytes_view
+from pdserve.policy.decode_scheduler import DecodeScheduler, DecodeStepPlan, SeqView
 from pdserve.workers.kv_cache import BlockAllocator, OutOfKVBlocks, PagedKVCache
 from pdserve.workers.model.execution import OperatorKind, PrefillExecution, decode_step
 from pdserve.workers.model.loader import LoadedModel
@@ -29,24 +33,24 @@ from pdserve.workers.output import Delta, Finish, OutputProcessor
 @dataclass
 class Sequence:
     req_id: str
+    prompt_ids: list[int]
     params: SamplingConfig
     output: OutputProcessor
-    last_token_id: int
-    num_prompt_tokens: int
+    last_token_id: int           # sampled, its KV not written yet
+
+    @property
+    def num_kv_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output.token_ids) - 1
+
+    def kv_token_ids(self) -> list[int]:
+        """The tokens whose KV the sequence holds: what a recompute must prefill."""
+        return self.prompt_ids + self.output.token_ids[:-1]
 
 
 @dataclass
-class Reservation:
-    req_id: str
-    num_prompt_tokens: int
-    staging: torch.Tensor   # [L, 2, T, KV, D]; the receiver writes here
-
-
-@dataclass
-class PrefillResult:
-    first_token_id: int
-    compute_s: float
-    kv_bytes: int
+class EngineStats:
+    num_preemptions: int = 0
+    num_resumes: int = 0
 
 
 class Engine:
@@ -57,9 +61,16 @@ class Engine:
         self.allocator = BlockAllocator(num_kv_blocks, block_size_tokens)
         self.cache = PagedKVCache(self.config, self.allocator)
         self.max_batch_size = max_batch_size
-        self.running: dict[str, Sequence] = {}
+        self.scheduler = DecodeScheduler(num_kv_blocks, block_size_tokens, max_batch_size)
+        self.running: OrderedDict[str, Sequence] = OrderedDict()   # in join order
+        self.preempted: OrderedDict[str, Sequence] = OrderedDict()  # in preemption order
+        self.stats = EngineStats()
 
-    # ---- admission checks (pair with the actions below) ----
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.preempted)
+
+    # ---- admission (the check and the action in one call on the compute thread) ----
     def check_prompt(self, num_prompt_tokens: int, params: SamplingConfig) -> None:
         params.validate()
         limit = self.config.max_position_tokens
@@ -68,102 +79,102 @@ class Engine:
         if num_prompt_tokens >= limit:
             raise ValueError(f"prompt has {num_prompt_tokens} tokens; the model's context is {limit}")
 
-    def can_admit(self, num_prompt_tokens: int) -> bool:
-        # One extra token so the first decode step never finds the pool exhausted.
-        return len(self.running) < self.max_batch_size and self.allocator.can_allocate(num_prompt_tokens + 1)
-
     def layer_nbytes(self, num_tokens: int) -> tuple[int, ...]:
         return (num_tokens * self.config.kv_bytes_per_token_per_layer,) * self.config.num_layers
 
-    # ---- aggregated ----
-    def _admit(self, num_prompt_tokens: int) -> None:
-        # Checked in the same call that allocates: both run on the compute thread, so no other
-        # request can take the blocks in between.
-        if not self.can_admit(num_prompt_tokens):
+    def admit(self, req_id: str, num_prompt_tokens: int) -> None:
+        # One extra token so the first decode step never finds the pool exhausted.
+        num_active = len(self.running) + len(self.preempted)
+        if (num_active >= self.max_batch_size or not self.scheduler.admits_new(len(self.preempted))
+                or not self.allocator.can_allocate(num_prompt_tokens + 1)):
             raise OutOfKVBlocks(f"no room for {num_prompt_tokens} more tokens: {self.allocator.num_free_blocks} "
-                                f"free KV blocks, {len(self.running)}/{self.max_batch_size} sequences running")
+                                f"free KV blocks, {num_active}/{self.max_batch_size} sequences, "
+                                f"{len(self.preempted)} preempted waiting")
+        self.allocator.allocate(req_id, num_prompt_tokens)
 
-    def start_local(self, req_id: str, prompt_ids: list[int], params: SamplingConfig) -> Delta:
-        self._admit(len(prompt_ids))
-        self.allocator.allocate(req_id, len(prompt_ids))
-        try:
-            execution = PrefillExecution(self.model, prompt_ids)
-            while not execution.done:
-                op = execution.step()
-                if op.kind is OperatorKind.ATTENTION:
-                    self.cache.import_layer(req_id, op.layer, op.layer_kv)
-            first = sample_token(execution.logits, params, 0)
-            return self._join(req_id, len(prompt_ids), params, first)
-        except Exception:
-            self.release(req_id)
-            raise
+    def new_staging(self, num_prompt_tokens: int) -> torch.Tensor:
+        """Contiguous [L, 2, T, KV, D] buffer a KV receiver fills; dropped right after `start()`."""
+        cfg = self.config
+        return torch.empty(cfg.num_layers, 2, num_prompt_tokens, cfg.num_kv_heads, cfg.head_dim)
 
-    # ---- prefill role ----
-    def prefill_and_send(self, prompt_ids: list[int], params: SamplingConfig,
-                         sender: BaseKVSender) -> PrefillResult:
-        start = time.perf_counter()
-        execution = PrefillExecution(self.model, prompt_ids)
-        kv_bytes = 0
+    def start(self, req_id: str, prompt_ids: list[int], layers: Seq[torch.Tensor], params: SamplingConfig,
+              first_token_id: int) -> Delta:
+        """Import a prefilled prompt's KV into the blocks `admit()` took and join the batch."""
+        for layer, kv in enumerate(layers):
+            self.cache.import_layer(req_id, layer, kv)
+        output = OutputProcessor(self.loaded.tokenizer, params, len(prompt_ids), self.config.max_position_tokens)
+        delta = output.add(first_token_id)
+        if delta.finish is None:
+            self.running[req_id] = Sequence(req_id, list(prompt_ids), params, output, first_token_id)
+        return delta
+
+    # ---- one decode step: schedule -> run -> postprocess ----
+    def step(self) -> dict[str, Delta]:
+        plan = self._schedule()
+        deltas = {rid: Delta([], "", Finish.LENGTH) for rid in plan.stop_ids}
+        for rid in plan.stop_ids:
+            self._drop(rid)
+        for rid in plan.preempt_ids:
+            self._preempt(rid)
+        for rid in plan.resume_ids:
+            self._resume(rid)
+        if plan.run_ids:
+            batch = [self.running[rid] for rid in plan.run_ids]
+            deltas.update(self._postprocess(batch, self._run(batch)))
+        return deltas
+
+    def _schedule(self) -> DecodeStepPlan:
+        view = lambda seqs: [SeqView(s.req_id, s.num_kv_tokens) for s in seqs.values()]  # noqa: E731
+        return self.scheduler.schedule(view(self.running), view(self.preempted), self.allocator.num_free_blocks)
+
+    def _run(self, batch: list[Sequence]) -> torch.Tensor:
+        for seq in batch:
+            self.allocator.append_token(seq.req_id)     # the plan counted the blocks this takes
+        return decode_step(self.model, self.cache, [s.req_id for s in batch], [s.last_token_id for s in batch])
+
+    def _postprocess(self, batch: list[Sequence], logits: torch.Tensor) -> dict[str, Delta]:
+        deltas = {}
+        for seq, row in zip(batch, logits):
+            # Sampling is seeded by (seed, token index), so a resumed sequence draws the same tokens.
+            token = sample_token(row, seq.params, len(seq.output.token_ids))
+            delta = deltas[seq.req_id] = seq.output.add(token)
+            seq.last_token_id = token
+            if delta.finish is not None:
+                self.running.pop(seq.req_id)            # blocks stay until release()
+        return deltas
+
+    def _preempt(self, req_id: str) -> None:
+        seq = self.running.pop(req_id)
+        self.allocator.free(req_id)
+        self.preempted[req_id] = seq
+        self.stats.num_preemptions += 1
+
+    def _resume(self, req_id: str) -> None:
+        """Recompute the KV a preempted sequence gave back. Not a client prefill: its first token
+        was sampled long ago, so this only rebuilds cache state on the decode worker."""
+        seq = self.preempted.pop(req_id)
+        tokens = seq.kv_token_ids()
+        self.allocator.allocate(req_id, len(tokens))
+        execution = PrefillExecution(self.model, tokens)
         while not execution.done:
             op = execution.step()
             if op.kind is OperatorKind.ATTENTION:
-                view = as_bytes_view(op.layer_kv.numpy())
-                sender.send_layer(op.layer, view)
-                kv_bytes += len(view)
-        return PrefillResult(sample_token(execution.logits, params, 0), time.perf_counter() - start, kv_bytes)
+                self.cache.import_layer(req_id, op.layer, op.layer_kv)
+        self.running[req_id] = seq
+        self.stats.num_resumes += 1
 
-    # ---- decode role ----
-    def reserve(self, req_id: str, num_prompt_tokens: int) -> Reservation:
-        self._admit(num_prompt_tokens)
-        self.allocator.allocate(req_id, num_prompt_tokens)
-        cfg = self.config
-        staging = torch.empty(cfg.num_layers, 2, num_prompt_tokens, cfg.num_kv_heads, cfg.head_dim)
-        return Reservation(req_id, num_prompt_tokens, staging)
+    def _drop(self, req_id: str) -> None:
+        self.running.pop(req_id, None)
+        self.preempted.pop(req_id, None)
 
-    def start_remote(self, res: Reservation, params: SamplingConfig, first_token_id: int) -> Delta:
-        try:
-            for layer in range(self.config.num_layers):
-                self.cache.import_layer(res.req_id, layer, res.staging[layer])
-            return self._join(res.req_id, res.num_prompt_tokens, params, first_token_id)
-        except Exception:
-            self.release(res.req_id)
-            raise
-
-    # ---- shared ----
-    def _join(self, req_id: str, num_prompt: int, params: SamplingConfig, first: int) -> Delta:
-        output = OutputProcessor(self.loaded.tokenizer, params, num_prompt, self.config.max_position_tokens)
-        delta = output.add(first)
-        if delta.finish is None:
-            self.running[req_id] = Sequence(req_id, params, output, first, num_prompt)
-        else:
-            self.release(req_id)
-        return delta
-
-    def step(self) -> dict[str, Delta]:
-        """One decode step for up to max_batch_size running sequences."""
-        batch = [s for s in self.running.values() if self.allocator.can_append(s.req_id)]
-        batch = batch[: self.max_batch_size]
-        deltas: dict[str, Delta] = {}
-        for seq in list(self.running.values()):
-            if seq not in batch and not batch:
-                # Pool exhausted and nothing can advance: stop rather than deadlock.
-                deltas[seq.req_id] = Delta([], "", Finish.LENGTH)
-                self.release(seq.req_id)
-        if not batch:
-            return deltas
-        for seq in batch:
-            self.allocator.append_token(seq.req_id)
-        logits = decode_step(self.model, self.cache, [s.req_id for s in batch], [s.last_token_id for s in batch])
-        for seq, row in zip(batch, logits):
-            token = sample_token(row, seq.params, len(seq.output.token_ids))
-            delta = seq.output.add(token)
-            seq.last_token_id = token
-            deltas[seq.req_id] = delta
-            if delta.finish is not None:
-                self.release(seq.req_id)
-        return deltas
+    def stop_all(self) -> list[str]:
+        """Take every sequence out of the batch after a failed step (blocks stay until release)."""
+        ids = [*self.running, *self.preempted]
+        self.running.clear()
+        self.preempted.clear()
+        return ids
 
     def release(self, req_id: str) -> None:
         """Free a request's KV and drop it from the batch; safe to call more than once."""
-        self.running.pop(req_id, None)
+        self._drop(req_id)
         self.allocator.free(req_id)

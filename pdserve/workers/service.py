@@ -1,13 +1,14 @@
 """gRPC adapter of a model worker (any role: prefill, decode, aggregated).
 
-All engine work runs on one compute thread, in arrival order; the asyncio side only converts
-protobuf to engine calls, waits on KV transfers and streams tokens. A request's lifecycle:
-- Generate(remote_prefill=false): admit -> prefill locally -> join the decode batch -> stream;
+A request's path through one worker:
+- Generate(remote_prefill=false): admit (blocks) -> prompt through the prefill scheduler
+  (prefill_side.py) -> KV into the paged pool -> join the decode batch -> stream;
 - ReserveKV then Generate(remote_prefill=true): blocks + staging + armed receiver -> wait for the
-  transfer -> import -> join the batch -> stream; a reservation nobody claims expires (lease);
-- Prefill: compute layer by layer, sending each layer's KV as it is ready; answer with the first
-  token once the receiver has acknowledged everything.
-A client that goes away cancels its Generate; the `finally` blocks free its KV on this worker.
+  transfer -> import (staging dropped) -> join the batch -> stream;
+- Prefill: prompt through the prefill scheduler, each layer's KV sent as it is ready.
+Every request's KV is owned by `RequestLifecycle` (lifecycle.py), which releases it exactly once
+whatever the exit. Engine work runs on one compute thread; the decode loop steps the engine while
+it has work, and a separate reaper frees reservations whose lease ran out, busy or not.
 """
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ import concurrent.futures
 import itertools
 import logging
 import random
-import threading
-from dataclasses import dataclass
 
 import grpc
 
@@ -25,111 +24,82 @@ from pdserve.clock import Clock
 from pdserve.kvtransfer import BaseKVAgent, TransferLayout, TransferState, as_bytes_view
 from pdserve.policy.cost_model import CalibratedCostModel
 from pdserve.policy.online_fit import OnlineLinearFit
-from pdserve.workers.engine import Engine, PrefillResult, Reservation
-from pdserve.workers.kv_cache import OutOfKVBlocks
-from pdserve.workers.model.sampling import SamplingConfig, sample_token
-from pdserve.workers.prefill_runner import PrefillRunner, Rejected
-from pdserve.workers.output import Delta, Finish
+from pdserve.policy.registry import Role
+from pdserve.proto_maps import ROLE_FROM_PROTO, ROLE_TO_PROTO
 from pdserve.v1 import kvtransfer_pb2, worker_pb2, worker_pb2_grpc
+from pdserve.workers.engine import Engine
+from pdserve.workers.kv_cache import OutOfKVBlocks
+from pdserve.workers.lifecycle import RequestLifecycle, Stage
+from pdserve.workers.model.sampling import SamplingConfig
+from pdserve.workers.output import Delta, Finish
+from pdserve.workers.prefill_runner import PrefillRunner
+from pdserve.workers.prefill_side import PrefillSide, checked_params, wait_transfer
 
 log = logging.getLogger("pdserve.worker")
 
 _FINISH = {None: worker_pb2.FINISH_REASON_UNSPECIFIED, Finish.STOP: worker_pb2.FINISH_REASON_STOP,
            Finish.LENGTH: worker_pb2.FINISH_REASON_LENGTH, Finish.ABORT: worker_pb2.FINISH_REASON_ABORT}
-_ROLES = {"prefill": worker_pb2.WORKER_ROLE_PREFILL, "decode": worker_pb2.WORKER_ROLE_DECODE,
-          "aggregated": worker_pb2.WORKER_ROLE_AGGREGATED}
-_REAP_INTERVAL_S = 0.5
-
-
-def sampling_from_proto(p: worker_pb2.SamplingParams) -> SamplingConfig:
-    return SamplingConfig(max_tokens=p.max_tokens or 16, temperature=p.temperature,
-                          top_p=p.top_p if p.top_p > 0 else 1.0,
-                          seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop),
-                          ignore_eos=p.ignore_eos)
-
-
-@dataclass
-class _Pending:
-    reservation: Reservation
-    receiver: object
-    created_s: float
-    claimed: bool = False
-
-
-class _LazySender:
-    """Creates the KV sender on first use (the first finished layer), so a prefill rejected at
-    admission never touches the decode worker's armed receiver."""
-
-    def __init__(self, agent: BaseKVAgent, address: bytes, layout: TransferLayout, timeout_s: float, checksum: bool):
-        self._args = (address, layout, timeout_s, checksum)
-        self._agent = agent
-        self._sender = None
-        self._lock = threading.Lock()
-
-    def get(self):
-        with self._lock:
-            if self._sender is None:
-                self._sender = self._agent.create_sender(*self._args)
-            return self._sender
-
-    def abort_if_active(self, reason: str) -> None:
-        sender = self._sender
-        if sender is not None and sender.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING):
-            sender.abort(reason)
+_IDLE_WAIT_S = 0.5      # the decode loop re-checks for work at least this often
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: Engine, agents: dict[str, BaseKVAgent], clock: Clock, *, worker_id: str,
                  role: str, transfer_timeout_s: float, lease_s: float, checksum: bool,
-                 prefill_runner: PrefillRunner | None = None, default_ttft_slo_ms: float = 2000.0):
+                 prefill_runner: PrefillRunner, default_ttft_slo_ms: float = 2000.0):
         self.engine = engine
         self.agents = agents
         self.clock = clock
         self.worker_id = worker_id
-        self.role = role
-        self._transfer_timeout_s = transfer_timeout_s
+        self.role = Role(role)
         self._lease_s = lease_s
-        self._checksum = checksum
-        self._prefill_runner = prefill_runner
-        self._default_ttft_slo_ms = default_ttft_slo_ms
         self.decode_fit = OnlineLinearFit()
         self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
-        self._pending: dict[str, _Pending] = {}
+        self.requests = RequestLifecycle(engine, self._run, clock, lease_s)
+        self.prefill = PrefillSide(prefill_runner, engine, agents, clock, transfer_timeout_s=transfer_timeout_s,
+                                   checksum=checksum, default_ttft_slo_ms=default_ttft_slo_ms)
         self._streams: dict[str, asyncio.Queue] = {}
         self._wakeup = asyncio.Event()
         # Random start so transfer ids from a restarted worker do not collide with stale ones.
         self._transfer_ids = itertools.count(random.getrandbits(40))
-        self._loop_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._compute_stopped = asyncio.Event()
 
     async def start(self) -> None:
-        self._loop_task = asyncio.create_task(self._decode_loop())
+        self._tasks = [asyncio.create_task(self._decode_loop()), asyncio.create_task(self._reap_loop())]
 
     async def stop(self) -> None:
-        if self._loop_task:
-            self._loop_task.cancel()
-        if self._prefill_runner is not None:
-            self._prefill_runner.stop()
+        for task in self._tasks:
+            task.cancel()
+        self.prefill.runner.stop()
+        await asyncio.to_thread(self._compute.shutdown, True, cancel_futures=True)
+        self._compute_stopped.set()
         for agent in self.agents.values():
             agent.close()
-        self._compute.shutdown(wait=False, cancel_futures=True)
 
     @property
     def num_reservations(self) -> int:
         """KV reservations whose transfer or Generate call has not finished yet."""
-        return len(self._pending)
+        return self.requests.num_in(Stage.RESERVED) + self.requests.num_in(Stage.RECEIVING)
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
+        except RuntimeError:
+            if not self._compute.__dict__.get("_shutdown"):
+                raise
+            # Shutting down: calls cancelled by the server stop still release their KV, here,
+            # once the compute thread has finished (nothing is left to race with).
+            await self._compute_stopped.wait()
+            return fn(*args)
 
     # ---- info ----
     async def GetInfo(self, request, context):
         alloc = self.engine.allocator
         return worker_pb2.WorkerInfo(
-            worker_id=self.worker_id, role=_ROLES[self.role], model=self.engine.loaded.name,
+            worker_id=self.worker_id, role=ROLE_TO_PROTO[self.role], model=self.engine.loaded.name,
             kv_endpoints=[worker_pb2.KVEndpoint(backend=b, address=a.address()) for b, a in self.agents.items()],
             num_free_kv_blocks=alloc.num_free_blocks, num_total_kv_blocks=alloc.num_blocks,
-            num_active_requests=len(self.engine.running) + len(self._pending),
-            kv_block_size_tokens=alloc.block_size_tokens,
+            num_active_requests=len(self.requests), kv_block_size_tokens=alloc.block_size_tokens,
             max_model_len_tokens=self.engine.config.max_position_tokens,
             num_pending_transfers=sum(a.num_active_transfers() for a in self.agents.values()),
             **self._measured())
@@ -139,7 +109,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         out = {"num_decode_steps": self.decode_fit.n}
         if fit is not None:
             out.update(measured_decode_step_base_s=fit[0], measured_decode_step_per_seq_s=fit[1])
-        cost = self._prefill_runner.scheduler.cost_model if self._prefill_runner else None
+        cost = self.prefill.runner.scheduler.cost_model
         if isinstance(cost, CalibratedCostModel):
             out["prefill_cost_scale"] = (cost.scale["attention"] + cost.scale["mlp"]) / 2
         return out
@@ -150,107 +120,100 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if agent is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"backend {request.backend!r} not served here; have {sorted(self.agents)}")
-        if not request.req_id or request.req_id in self._pending or request.req_id in self.engine.running:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS if request.req_id else
-                                grpc.StatusCode.INVALID_ARGUMENT, f"bad or duplicate req_id {request.req_id!r}")
+        if not request.req_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "req_id is required")
         try:
             self.engine.check_prompt(request.num_prompt_tokens, SamplingConfig())
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        layout = TransferLayout(next(self._transfer_ids), self.engine.layer_nbytes(request.num_prompt_tokens))
+        arm = lambda staging: agent.create_receiver(layout, as_bytes_view(staging.numpy()), self._lease_s)  # noqa: E731
         try:
-            res = await self._run(self.engine.reserve, request.req_id, request.num_prompt_tokens)
+            await self.requests.reserve(request.req_id, request.num_prompt_tokens, arm)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except OutOfKVBlocks as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        layout = TransferLayout(next(self._transfer_ids), self.engine.layer_nbytes(res.num_prompt_tokens))
-        rx = agent.create_receiver(layout, as_bytes_view(res.staging.numpy()), self._lease_s)
-        self._pending[request.req_id] = _Pending(res, rx, self.clock.now_s())
         return worker_pb2.ReserveKVResponse(
             endpoint=worker_pb2.KVEndpoint(backend=request.backend, address=agent.address()),
             transfer_id=layout.transfer_id, lease_s=self._lease_s)
 
-    async def _await_remote_kv(self, req_id: str, num_prompt_tokens: int, context) -> tuple[Reservation, int]:
-        pending = self._pending.get(req_id)
-        if pending is None or pending.claimed:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown request id {req_id!r}: call ReserveKV first")
-        pending.claimed = True
-        rx = pending.receiver
-        try:
-            if pending.reservation.num_prompt_tokens != num_prompt_tokens:
-                raise ValueError(f"prompt has {num_prompt_tokens} tokens, reservation was for "
-                                 f"{pending.reservation.num_prompt_tokens}")
-            while rx.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING):
-                await asyncio.to_thread(rx.status.finished.wait, _REAP_INTERVAL_S)
-            if rx.poll() is TransferState.FAILED:
-                log.warning("request %s: KV transfer failed: %s", req_id, rx.failure())
-                raise RuntimeError(f"KV transfer failed: {rx.failure()}")
-            trailer = kvtransfer_pb2.PrefillTrailer.FromString(rx.trailer)
-            if trailer.req_id != req_id:
-                raise RuntimeError(f"KV transfer carried request {trailer.req_id!r}, expected {req_id!r}")
-            return pending.reservation, trailer.first_token_id
-        except BaseException:
-            rx.abort("request ended before its KV arrived")
-            await self._run(self.engine.release, req_id)
-            raise
-        finally:
-            self._pending.pop(req_id, None)
+    async def _receive(self, req, prompt_ids: list[int], params, context) -> Delta:
+        """Wait for a claimed reservation's KV, then start decoding it."""
+        rx = req.receiver
+        if req.num_prompt_tokens != len(prompt_ids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt has {len(prompt_ids)} tokens, "
+                                f"reservation was for {req.num_prompt_tokens}")
+        if await wait_transfer(rx) is TransferState.FAILED:
+            log.warning("request %s: KV transfer failed: %s", req.req_id, rx.failure())
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {rx.failure()}")
+        trailer = kvtransfer_pb2.PrefillTrailer.FromString(rx.trailer)
+        if trailer.req_id != req.req_id:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"KV transfer carried request {trailer.req_id!r}, expected {req.req_id!r}")
+        return await self.requests.start(req, prompt_ids, req.staging, params, trailer.first_token_id)
+
+    async def _prefill_local(self, req, prompt_ids: list[int], params, ttft_slo_ms: float) -> Delta:
+        layers: list = [None] * self.engine.config.num_layers
+        # No other worker to forward to: FlowPrefill orders by the deadline but never refuses here.
+        result = await self.prefill.compute(req.req_id, prompt_ids, params, ttft_slo_ms, layers.__setitem__,
+                                            admission=False)
+        return await self.requests.start(req, prompt_ids, layers, params, result.first_token_id)
 
     # ---- generation ----
     async def Generate(self, request, context):
-        req_id = request.req_id
+        req_id, prompt_ids = request.req_id, list(request.prompt_token_ids)
+        if not req_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "req_id is required")
+        if req_id in self._streams:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req_id!r} is already running")
+        queue = self._streams[req_id] = asyncio.Queue()
+        held, reason = None, "request ended"     # held: the request this call owns and must release
         try:
-            params = await self._checked_params(request, context)
-        except BaseException:
-            if request.remote_prefill:   # a rejected decode request must not hold its reservation
-                await self._drop_reservation(req_id, "request rejected")
-            raise
-        queue: asyncio.Queue = asyncio.Queue()
-        try:
+            params = await self._params_or_drop(request, prompt_ids, context)
             if request.remote_prefill:
-                try:
-                    res, first = await self._await_remote_kv(req_id, len(request.prompt_token_ids), context)
-                except (ValueError, RuntimeError) as exc:
-                    code = grpc.StatusCode.INVALID_ARGUMENT if isinstance(exc, ValueError) else grpc.StatusCode.UNAVAILABLE
-                    await context.abort(code, str(exc))
-                self._streams[req_id] = queue
-                first_delta = await self._run(self.engine.start_remote, res, params, first)
+                held = self.requests.claim(req_id)
+                if held is None:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown request id {req_id!r}: call ReserveKV first")
+                delta = await self._receive(held, prompt_ids, params, context)
             else:
-                self._streams[req_id] = queue
-                try:
-                    first_delta = await self._run(self.engine.start_local, req_id, list(request.prompt_token_ids),
-                                                  params)
-                except OutOfKVBlocks as exc:
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                held = await self._admit_local(req_id, len(prompt_ids), context)
+                delta = await self._prefill_local(held, prompt_ids, params, request.ttft_slo_ms)
             self._wakeup.set()
-            delta, num_generated = first_delta, 0
+            num_generated = 0
             while True:
                 num_generated += len(delta.token_ids)
-                yield self._chunk(req_id, delta, len(request.prompt_token_ids), num_generated)
+                yield self._chunk(req_id, delta, len(prompt_ids), num_generated)
                 if delta.finish is not None:
-                    log.info("request %s: generated %d tokens, finish=%s", req_id, num_generated, delta.finish.value)
+                    reason = f"finished ({delta.finish.value}, {num_generated} tokens)"
                     return
                 delta = await queue.get()
         except asyncio.CancelledError:
-            log.info("request %s: cancelled by the caller; freeing its KV", req_id)
+            reason = "cancelled by the caller"
+            raise
+        except BaseException as exc:
+            reason = f"failed: {exc}"
             raise
         finally:
             self._streams.pop(req_id, None)
-            if req_id in self.engine.running:
-                await self._run(self.engine.release, req_id)
+            if held is not None:
+                await self.requests.release(req_id, reason)
 
-    async def _checked_params(self, request, context) -> SamplingConfig:
-        if not request.req_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "req_id is required")
-        if request.req_id in self._streams:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {request.req_id!r} is already running")
-        params = sampling_from_proto(request.sampling)
+    async def _params_or_drop(self, request, prompt_ids: list[int], context):
         try:
-            self.engine.check_prompt(len(request.prompt_token_ids), params)
-            vocab = self.engine.config.vocab_size
-            if any(t >= vocab for t in request.prompt_token_ids):
-                raise ValueError(f"prompt token ids must be < vocab size {vocab}")
+            return await checked_params(self.engine, prompt_ids, request.sampling, context)
+        except BaseException:
+            if request.remote_prefill:   # a rejected decode request must not hold its reservation
+                await self.requests.drop_unclaimed(request.req_id, "request rejected")
+            raise
+
+    async def _admit_local(self, req_id: str, num_prompt_tokens: int, context):
+        try:
+            return await self.requests.admit_local(req_id, num_prompt_tokens)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return params
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except OutOfKVBlocks as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
     @staticmethod
     def _chunk(req_id: str, delta: Delta, num_prompt: int, num_generated: int) -> worker_pb2.TokenChunk:
@@ -261,13 +224,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def _decode_loop(self) -> None:
         last = None   # (start time, batch size) of the previous step while the loop stayed busy
         while True:
-            if not self.engine.running:
+            if not self.engine.has_work:
                 last = None
                 self._wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), _REAP_INTERVAL_S)
+                    await asyncio.wait_for(self._wakeup.wait(), _IDLE_WAIT_S)
                 except asyncio.TimeoutError:
-                    await self._reap_expired()
+                    pass
                 continue
             now = self.clock.now_s()
             if last is not None:
@@ -278,110 +241,45 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             try:
                 deltas = await self._run(self.engine.step)
             except Exception:
+                # A model failure (not a full pool: the scheduler preempts instead) ends this batch;
+                # each stream's release frees its KV.
                 log.exception("decode step failed; aborting the batch")
-                deltas = {r: Delta([], "", Finish.ABORT) for r in list(self.engine.running)}
-                for r in deltas:
-                    await self._run(self.engine.release, r)
+                deltas = {r: Delta([], "", Finish.ABORT) for r in await self._run(self.engine.stop_all)}
             for req_id, delta in deltas.items():
                 stream = self._streams.get(req_id)
                 if stream is not None:
                     stream.put_nowait(delta)
 
-    async def _drop_reservation(self, req_id: str, reason: str) -> None:
-        pending = self._pending.get(req_id)
-        if pending is not None and not pending.claimed:
-            self._pending.pop(req_id, None)
-            pending.receiver.abort(reason)
-            await self._run(self.engine.release, req_id)
-
-    async def _reap_expired(self) -> None:
-        """Free reservations whose transfer failed or whose Generate never came within the lease."""
-        now = self.clock.now_s()
-        for req_id, p in list(self._pending.items()):
-            expired = now - p.created_s > self._lease_s
-            if not p.claimed and (expired or p.receiver.poll() is TransferState.FAILED):
-                p.receiver.abort("reservation expired")
-                self._pending.pop(req_id, None)
-                await self._run(self.engine.release, req_id)
+    async def _reap_loop(self) -> None:
+        """Reservations nobody claims are freed within the lease plus one interval, however busy
+        the decode loop is (it runs on its own timer, not between decode steps)."""
+        interval_s = min(_IDLE_WAIT_S, self._lease_s / 4)
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.requests.release_expired()
+            except Exception:
+                log.exception("reaping expired reservations failed")
 
     # ---- prefill side ----
     async def Prefill(self, request, context):
-        agent = self.agents.get(request.target.backend)
-        if agent is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"backend {request.target.backend!r} not served here")
-        params = sampling_from_proto(request.sampling)
-        ids = list(request.prompt_token_ids)
-        try:
-            self.engine.check_prompt(len(ids), params)
-            if any(t >= self.engine.config.vocab_size for t in ids):
-                raise ValueError("prompt token ids must be < vocab size")
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        layout = TransferLayout(request.transfer_id, self.engine.layer_nbytes(len(ids)))
-        link = _LazySender(agent, request.target.address, layout, self._transfer_timeout_s, self._checksum)
-        try:
-            try:
-                result = await self._prefill(request, ids, params, link)
-            except Rejected as exc:
-                # Nothing was sent: the decode worker's receiver stays armed for another prefill worker.
-                log.info("request %s: rejected for on-demand forwarding: %s", request.req_id, exc)
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill rejected: {exc}")
-            sender = link.get()
-            trailer = kvtransfer_pb2.PrefillTrailer(req_id=request.req_id, first_token_id=result.first_token_id,
-                                                    num_prompt_tokens=len(ids))
-            sender.finish(trailer.SerializeToString())
-            tail_start = self.clock.now_s()
-            while sender.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING):
-                await asyncio.to_thread(sender.status.finished.wait, _REAP_INTERVAL_S)
-            if sender.poll() is TransferState.FAILED:
-                log.warning("request %s: KV transfer failed: %s", request.req_id, sender.failure())
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {sender.failure()}")
-            log.info("request %s: prefilled %d tokens in %.1f ms, sent %d KV bytes", request.req_id, len(ids),
-                     result.compute_s * 1e3, result.kv_bytes)
-            return worker_pb2.PrefillResponse(
-                req_id=request.req_id, first_token_id=result.first_token_id, prefill_ms=result.compute_s * 1e3,
-                kv_bytes=result.kv_bytes, transfer_tail_ms=(self.clock.now_s() - tail_start) * 1e3)
-        finally:
-            link.abort_if_active("prefill request ended")
-
-    async def _prefill(self, request, ids: list[int], params: SamplingConfig, link: "_LazySender") -> PrefillResult:
-        if self._prefill_runner is None:    # no scheduler configured: in order on the compute thread
-            return await self._run(self.engine.prefill_and_send, ids, params, link.get())
-        started = self.clock.now_s()
-        ttft_s = (request.ttft_slo_ms or self._default_ttft_slo_ms) / 1e3
-        kv_bytes = 0
-
-        def on_layer(layer: int, kv) -> None:   # compute thread: hand the layer over at once
-            nonlocal kv_bytes
-            view = as_bytes_view(kv.numpy())
-            kv_bytes += len(view)
-            link.get().send_layer(layer, view)
-
-        future = self._prefill_runner.submit(request.req_id, ids, started + ttft_s, on_layer,
-                                             admission=request.ttft_slo_ms > 0)
-        try:
-            logits = await asyncio.shield(asyncio.wrap_future(future))
-        except asyncio.CancelledError:
-            if self._prefill_runner.cancel(request.req_id):
-                log.info("request %s: cancelled before its prefill started", request.req_id)
-            raise
-        return PrefillResult(sample_token(logits, params, 0), self.clock.now_s() - started, kv_bytes)
+        return await self.prefill.prefill_and_send(request, context)
 
     async def SetRole(self, request, context):
-        role = {v: k for k, v in _ROLES.items()}.get(request.role)
-        if role is None or role == "aggregated":
+        role = ROLE_FROM_PROTO.get(request.role)
+        if role not in (Role.PREFILL, Role.DECODE):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be PREFILL or DECODE")
-        log.info("role %s -> %s", self.role, role)
+        log.info("role %s -> %s", self.role.value, role.value)
         self.role = role   # every worker can serve both roles; the label tells the router which it has
         return await self.GetInfo(worker_pb2.GetInfoRequest(), context)
 
     async def Abort(self, request, context):
-        found = request.req_id in self._pending or request.req_id in self.engine.running
-        pending = self._pending.pop(request.req_id, None)
-        if pending is not None:
-            pending.receiver.abort(request.reason or "aborted by client")
+        reason = request.reason or "aborted by client"
+        found = request.req_id in self.requests
         stream = self._streams.get(request.req_id)
-        if stream is not None:
+        if stream is None:
+            await self.requests.release(request.req_id, reason)
+        else:   # its Generate ends (a KV wait fails at once) and releases in its own `finally`
+            self.requests.abort_transfer(request.req_id, reason)
             stream.put_nowait(Delta([], "", Finish.ABORT))
-        await self._run(self.engine.release, request.req_id)
         return worker_pb2.AbortResponse(found=found)

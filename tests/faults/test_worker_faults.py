@@ -17,6 +17,7 @@ from pdserve.workers import client
 from pdserve.launch import start_worker
 from tests.conftest import REPO_ROOT, wait_until
 from tests.integration.conftest import Cluster
+from tests.routing import collect, route
 
 PROMPT = list(b"fault injection prompt " * 10)
 FAST_FAIL_ENV = {"PDSERVE_WORKER__RESERVATION_LEASE_S": "3", "PDSERVE_KVTRANSFER__TIMEOUT_S": "3",
@@ -44,7 +45,7 @@ def _params():
 async def _reserve_and_generate(stubs, backend, req_id):
     res = await stubs["decode"].ReserveKV(worker_pb2.ReserveKVRequest(
         req_id=req_id, num_prompt_tokens=len(PROMPT), backend=backend))
-    gen = asyncio.ensure_future(client._collect(stubs["decode"].Generate(worker_pb2.GenerateRequest(
+    gen = asyncio.ensure_future(collect(stubs["decode"].Generate(worker_pb2.GenerateRequest(
         req_id=req_id, prompt_token_ids=PROMPT, sampling=_params(), remote_prefill=True))))
     return res, gen
 
@@ -52,7 +53,7 @@ async def _reserve_and_generate(stubs, backend, req_id):
 def _still_serves(cluster):
     async def run():
         s = cluster.stubs()
-        return await client.generate_disaggregated(s["prefill"], s["decode"], "tcp", "after-fault", PROMPT, _params())
+        return await route([s["prefill"], s["decode"]], "after-fault", PROMPT, _params(), backend="tcp")
     assert len(asyncio.run(run()).token_ids) == 8
     cluster.assert_idle()
 
@@ -138,7 +139,7 @@ def test_unknown_ids_are_refused(cluster, backend):
             await s["prefill"].Prefill(worker_pb2.PrefillRequest(
                 req_id="ghost", prompt_token_ids=PROMPT, sampling=_params(), target=endpoint, transfer_id=424242))
         with pytest.raises(grpc.aio.AioRpcError) as gen_err:
-            await client._collect(s["decode"].Generate(worker_pb2.GenerateRequest(
+            await collect(s["decode"].Generate(worker_pb2.GenerateRequest(
                 req_id="ghost", prompt_token_ids=PROMPT, sampling=_params(), remote_prefill=True)))
         return _status(prefill_err.value), _status(gen_err.value)
     (p_code, p_details), (g_code, g_details) = asyncio.run(run())

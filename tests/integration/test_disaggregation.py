@@ -1,13 +1,14 @@
 """Disaggregated output (prefill process -> KV over ucx or tcp -> decode process) equals the
-aggregated reference token for token, for the tiny model and for SmolLM2-135M."""
+aggregated reference token for token, for the tiny model and for SmolLM2-135M. Both go through
+the router's own RequestFlow; which workers it may use forces the path."""
 import asyncio
 
 import pytest
 
 from pdserve.v1 import worker_pb2
-from pdserve.workers import client
 from pdserve.workers.model.loader import SMOLLM2_NAME, load_model
 from tests.integration.conftest import Cluster
+from tests.routing import route
 
 LONG_PROMPT = list(b"Disaggregated serving moves the KV cache from prefill to decode. " * 12)
 
@@ -15,8 +16,8 @@ LONG_PROMPT = list(b"Disaggregated serving moves the KV cache from prefill to de
 def _both(cluster: Cluster, backend: str, prompt: list[int], params: worker_pb2.SamplingParams, tag: str):
     async def run():
         s = cluster.stubs()
-        ref = await client.generate_aggregated(s["aggregated"], f"ref-{tag}", prompt, params)
-        got = await client.generate_disaggregated(s["prefill"], s["decode"], backend, f"dis-{tag}", prompt, params)
+        ref = await route([s["aggregated"]], f"ref-{tag}", prompt, params)
+        got = await route([s["prefill"], s["decode"]], f"dis-{tag}", prompt, params, backend=backend)
         return ref, got
     return asyncio.run(run())
 
@@ -31,7 +32,7 @@ def test_tiny_disaggregated_equals_aggregated(tiny_cluster, backend, params):
     ref, got = _both(tiny_cluster, backend, LONG_PROMPT, params, f"{backend}-{params.seed}-{len(params.stop)}")
     assert got.token_ids == ref.token_ids and got.text == ref.text
     assert got.finish_reason == ref.finish_reason
-    assert got.prefill.kv_bytes == len(LONG_PROMPT) * 4 * 2 * 4 * 32 * 4  # tokens*layers*(K,V)*heads*dim*fp32
+    assert got.kv_transfer_bytes == len(LONG_PROMPT) * 4 * 2 * 4 * 32 * 4  # tokens*layers*(K,V)*heads*dim*fp32
     tiny_cluster.assert_idle()
 
 
@@ -40,9 +41,9 @@ def test_concurrent_disaggregated_requests(tiny_cluster):
         s = tiny_cluster.stubs()
         prompts = [LONG_PROMPT[: 60 + 37 * i] for i in range(6)]
         params = worker_pb2.SamplingParams(max_tokens=16)
-        refs = [await client.generate_aggregated(s["aggregated"], f"cref{i}", p, params) for i, p in enumerate(prompts)]
+        refs = [await route([s["aggregated"]], f"cref{i}", p, params) for i, p in enumerate(prompts)]
         outs = await asyncio.gather(*[
-            client.generate_disaggregated(s["prefill"], s["decode"], ("ucx", "tcp")[i % 2], f"c{i}", p, params)
+            route([s["prefill"], s["decode"]], f"c{i}", p, params, backend=("ucx", "tcp")[i % 2])
             for i, p in enumerate(prompts)])
         return refs, outs
     refs, outs = asyncio.run(run())

@@ -13,6 +13,7 @@ from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.workers import client as wclient
 from pdserve.workers.model.tokenizer import ByteTokenizer
 from tests.conftest import wait_until
+from tests.routing import route
 
 PROMPT = "Disaggregated serving splits prefill from decode."
 
@@ -50,8 +51,7 @@ def _aggregated_reference(prompt_ids: list[int], max_tokens: int) -> str:
     try:
         async def run():
             stub = worker_pb2_grpc.WorkerStub(wclient.channel(agg.port))
-            return await wclient.generate_aggregated(stub, "ref", prompt_ids,
-                                                     worker_pb2.SamplingParams(max_tokens=max_tokens))
+            return await route([stub], "ref", prompt_ids, worker_pb2.SamplingParams(max_tokens=max_tokens))
         return asyncio.run(run()).text
     finally:
         agg.stop()

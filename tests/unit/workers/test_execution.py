@@ -1,13 +1,11 @@
 """Operator-level stepping: preemption between operators loses nothing and recomputes nothing."""
 import torch
 
-from pdserve.workers.engine import Engine
 from pdserve.workers.model.config import tiny_config
 from pdserve.workers.model.execution import OperatorKind, PrefillExecution
 from pdserve.workers.model.llama import LlamaModel, random_weights
 from pdserve.workers.model.loader import LoadedModel
 from pdserve.workers.model.tokenizer import ByteTokenizer
-from tests.conftest import assert_no_leaks, make_sampling
 
 
 def _tiny() -> LoadedModel:
@@ -52,41 +50,3 @@ def test_chunked_attention_matches_whole_prompt():
     first, k1, v1 = m.prefill_attention(0, h[:25], torch.arange(25))
     second, _, _ = m.prefill_attention(0, h[25:], torch.arange(25, 40), past_k=k1, past_v=v1)
     torch.testing.assert_close(torch.cat([first, second]), whole, rtol=1e-5, atol=1e-5)
-
-
-def test_engine_decode_matches_full_recompute_greedy():
-    loaded = _tiny()
-    engine = Engine(loaded, num_kv_blocks=64, block_size_tokens=4, max_batch_size=4)
-    prompt = loaded.tokenizer.encode("paged attention check")
-    delta = engine.start_local("r1", prompt, make_sampling(max_tokens=10, ignore_eos=True))
-    tokens = list(delta.token_ids)
-    while "r1" in engine.running:
-        tokens += engine.step()["r1"].token_ids
-    expected, ids = [], list(prompt)
-    for _ in range(10):
-        nxt = int(PrefillExecution(loaded.model, ids).run_to_end().argmax())
-        expected.append(nxt)
-        ids.append(nxt)
-    assert tokens == expected
-    assert_no_leaks(allocator=engine.allocator)
-
-
-def test_batched_decode_equals_one_at_a_time():
-    loaded = _tiny()
-    prompts = [loaded.tokenizer.encode(t) for t in ("a", "a longer prompt here", "mid size")]
-
-    def run(batch: bool) -> list[list[int]]:
-        engine = Engine(loaded, num_kv_blocks=64, block_size_tokens=4, max_batch_size=8)
-        outs = {}
-        order = [prompts] if batch else [[p] for p in prompts]
-        for group in order:
-            for i, p in enumerate(group):
-                rid = f"r{prompts.index(p)}"
-                outs[rid] = list(engine.start_local(rid, p, make_sampling(max_tokens=6, ignore_eos=True)).token_ids)
-            while engine.running:
-                for rid, d in engine.step().items():
-                    outs[rid] += d.token_ids
-        assert_no_leaks(allocator=engine.allocator)
-        return [outs[f"r{i}"] for i in range(len(prompts))]
-
-    assert run(batch=True) == run(batch=False)

@@ -10,18 +10,24 @@ import pytest
 from pdserve.clock import WallClock
 from pdserve.kvtransfer.backends.fake import FakeAgent, FakeFabric
 from pdserve.kvtransfer.faults import Faults, FaultyAgent
+from pdserve.policy.prefill_scheduler import make_scheduler
+from pdserve.router.request_flow import RouteFailed
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.workers import client
 from pdserve.workers.engine import Engine
 from pdserve.workers.model.loader import load_model
+from pdserve.workers.prefill_runner import PrefillRunner
 from pdserve.workers.service import WorkerService
-from tests.conftest import assert_no_leaks
+from pdserve.workers.lifecycle import Stage
+from tests.conftest import assert_no_leaks_async, eventually
+from tests.routing import collect, route
 
 PROMPT = list(b"The quick brown fox jumps over the lazy dog. " * 4)
 
 
 @contextlib.asynccontextmanager
-async def cluster(model_cache_dir, prefill_faults: Faults | None = None, lease_s: float = 30.0):
+async def cluster(model_cache_dir, prefill_faults: Faults | None = None, lease_s: float = 30.0,
+                  num_kv_blocks: int = 64):
     fabric, clock = FakeFabric(), WallClock()
     loaded = load_model("tiny", model_cache_dir)
     servers, services, stubs = [], [], []
@@ -29,8 +35,9 @@ async def cluster(model_cache_dir, prefill_faults: Faults | None = None, lease_s
         agent = FakeAgent(clock, fabric)
         if role == "prefill" and prefill_faults:
             agent = FaultyAgent(agent, prefill_faults)
-        svc = WorkerService(Engine(loaded, 64, 16, 8), {"fake": agent}, clock, worker_id=role, role=role,
-                            transfer_timeout_s=2.0, lease_s=lease_s, checksum=True)
+        runner = PrefillRunner(loaded.model, make_scheduler("fcfs", loaded.model.config.num_layers), clock)
+        svc = WorkerService(Engine(loaded, num_kv_blocks, 16, 8), {"fake": agent}, clock, worker_id=role, role=role,
+                            transfer_timeout_s=2.0, lease_s=lease_s, checksum=True, prefill_runner=runner)
         server = grpc.aio.server()
         port = server.add_insecure_port("127.0.0.1:0")
         worker_pb2_grpc.add_WorkerServicer_to_server(svc, server)
@@ -51,21 +58,22 @@ def sampling(**kw):
     return worker_pb2.SamplingParams(**{"max_tokens": 8, **kw})
 
 
-def _assert_clean(services):
+async def _assert_clean(services):
     for svc in services:
-        assert_no_leaks(allocator=svc.engine.allocator, agents=svc.agents.values())
-        assert not svc.engine.running and svc.num_reservations == 0
+        await assert_no_leaks_async(allocator=svc.engine.allocator, agents=svc.agents.values())
+        assert await eventually(lambda: len(svc.requests) == 0)
+        assert not svc.engine.has_work and svc.num_reservations == 0
 
 
 def test_disaggregated_equals_aggregated(model_cache_dir):
     async def body():
         async with cluster(model_cache_dir) as (services, (p, d, a)):
             for params in (sampling(), sampling(temperature=0.8, top_p=0.9, seed=11)):
-                ref = await client.generate_aggregated(a, "ref", PROMPT, params)
-                got = await client.generate_disaggregated(p, d, "fake", "dis", PROMPT, params)
+                ref = await route([a], "ref", PROMPT, params)
+                got = await route([p, d], "dis", PROMPT, params, backend="fake")
                 assert got.token_ids == ref.token_ids and len(ref.token_ids) == 8
-                assert got.prefill.kv_bytes > 0
-            _assert_clean(services)
+                assert got.kv_transfer_bytes > 0 and ref.kv_transfer_bytes == 0
+            await _assert_clean(services)
     asyncio.run(body())
 
 
@@ -73,19 +81,20 @@ def test_unknown_request_id_and_bad_input_are_rejected(model_cache_dir):
     async def body():
         async with cluster(model_cache_dir) as (services, (p, d, a)):
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await client._collect(d.Generate(worker_pb2.GenerateRequest(
+                await collect(d.Generate(worker_pb2.GenerateRequest(
                     req_id="nobody", prompt_token_ids=PROMPT, sampling=sampling(), remote_prefill=True)))
             assert err.value.code() is grpc.StatusCode.NOT_FOUND and "unknown request id" in err.value.details()
             for bad_prompt, bad_sampling in (([], sampling()), ([10**6], sampling()),
                                              (PROMPT, sampling(temperature=-1)), (PROMPT, sampling(top_p=2))):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await client.generate_aggregated(a, "bad", bad_prompt, bad_sampling)
+                    await collect(a.Generate(worker_pb2.GenerateRequest(req_id="bad", prompt_token_ids=bad_prompt,
+                                                                        sampling=bad_sampling)))
                 assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await d.ReserveKV(worker_pb2.ReserveKVRequest(req_id="x", num_prompt_tokens=5, backend="ucx"))
             assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-            assert len((await client.generate_aggregated(a, "ok", PROMPT, sampling())).token_ids) == 8
-            _assert_clean(services)
+            assert len((await route([a], "ok", PROMPT, sampling())).token_ids) == 8
+            await _assert_clean(services)
     asyncio.run(body())
 
 
@@ -94,26 +103,43 @@ def test_unknown_request_id_and_bad_input_are_rejected(model_cache_dir):
 def test_broken_transfer_fails_cleanly_and_worker_keeps_serving(model_cache_dir, faults):
     async def body():
         async with cluster(model_cache_dir, prefill_faults=faults, lease_s=2.0) as (services, (p, d, a)):
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await client.generate_disaggregated(p, d, "fake", "broken", PROMPT, sampling())
-            assert err.value.code() in (grpc.StatusCode.UNAVAILABLE,)
-            assert "KV transfer failed" in err.value.details()
-            await asyncio.sleep(0.1)
-            _assert_clean(services)
+            with pytest.raises(RouteFailed) as err:
+                await route([p, d], "broken", PROMPT, sampling(), backend="fake")
+            assert err.value.code is grpc.StatusCode.UNAVAILABLE
+            assert "KV transfer failed" in err.value.details
+            await _assert_clean(services)
             services[0].agents["fake"].faults = Faults()   # the prefill worker heals
-            ok = await client.generate_disaggregated(p, d, "fake", "after", PROMPT, sampling())
+            ok = await route([p, d], "after", PROMPT, sampling(), backend="fake")
             assert len(ok.token_ids) == 8
     asyncio.run(body())
 
 
-def test_unclaimed_reservation_expires(model_cache_dir):
+def test_unclaimed_reservation_expires_while_the_decode_loop_is_busy(model_cache_dir):
+    lease_s = 0.5
+
     async def body():
-        async with cluster(model_cache_dir, lease_s=0.5) as (services, (p, d, a)):
+        async with cluster(model_cache_dir, lease_s=lease_s, num_kv_blocks=300) as (services, (p, d, a)):
+            decode = services[1]
+            # Keep the decode loop stepping the whole time: a generation of thousands of tokens,
+            # cancelled once the check is done.
+            busy = asyncio.ensure_future(route([p, d], "busy", PROMPT, sampling(max_tokens=3800, ignore_eos=True),
+                                               backend="fake"))
+            assert await eventually(lambda: decode.engine.running)
+            held_before = decode.engine.allocator.num_free_blocks
             await d.ReserveKV(worker_pb2.ReserveKVRequest(req_id="orphan", num_prompt_tokens=100, backend="fake"))
-            assert services[1].engine.allocator.num_free_blocks < 64
-            await asyncio.sleep(1.5)
-            _assert_clean(services)
-    asyncio.run(body())
+            reserved_at = asyncio.get_running_loop().time()
+            assert decode.engine.allocator.num_free_blocks < held_before
+            assert await eventually(lambda: not decode.engine.allocator.holds("orphan"), timeout_s=lease_s + 1.0), \
+                "the unclaimed reservation's blocks outlived its lease + 1 s"
+            freed_after_s = asyncio.get_running_loop().time() - reserved_at
+            assert decode.engine.running, "the decode loop went idle: the test did not test a busy loop"
+            assert "orphan" not in decode.requests
+            busy.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await busy
+            await _assert_clean(services)
+            return freed_after_s
+    assert asyncio.run(body()) <= lease_s + 1.0
 
 
 def test_client_cancel_mid_stream_frees_kv(model_cache_dir):
@@ -125,14 +151,18 @@ def test_client_cancel_mid_stream_frees_kv(model_cache_dir):
                                                          sampling=sampling(max_tokens=500, ignore_eos=True)))
             reservation_endpoint = info.kv_endpoints[0]
             assert reservation_endpoint.backend == "fake"
-            await asyncio.sleep(0.2)
+            decode = services[1]
+            waiting = lambda: decode.requests.get("c") is not None and decode.requests.get("c").stage is Stage.RECEIVING  # noqa: E731
+            read = asyncio.ensure_future(call.read())
+            assert await eventually(waiting)    # the stream claimed its reservation and waits for KV
             call.cancel()                       # client gone before its KV even arrived
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await read
             stream = a.Generate(worker_pb2.GenerateRequest(req_id="s", prompt_token_ids=PROMPT,
                                                            sampling=sampling(max_tokens=500, ignore_eos=True)))
             async for chunk in stream:
                 if chunk.num_generated_tokens >= 3:
                     stream.cancel()             # client gone mid-stream
                     break
-            await asyncio.sleep(0.5)
-            _assert_clean(services)
+            await _assert_clean(services)
     asyncio.run(body())

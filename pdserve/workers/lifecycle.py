@@ -1,0 +1,155 @@
+"""One owner for every request's KV on a worker, from admission to its single release.
+
+Stages (after SGLang's decode prealloc/transfer queues, in one table):
+- RESERVED   (decode role) `ReserveKV`: blocks, a staging buffer and an armed KV receiver;
+- RECEIVING  its `Generate(remote_prefill)` claimed it; the KV is arriving;
+- PREFILLING (local prompt) blocks taken, the prompt is in the prefill scheduler;
+- DECODING   `start()` imported the KV into the paged pool (the staging buffer and receiver are
+  dropped right there) and the sequence is in the engine's batch;
+- RELEASED   `release()` ran: receiver aborted if still active, blocks freed.
+`release()` is the only way out and runs at most once per request, whatever the exit: finish,
+client cancel, `Abort`, deadline, transfer failure, or lease expiry (`expired()`, checked by the
+worker's reaper task on its own timer, so expiry does not wait for the decode loop to go idle).
+All engine calls go through `run_compute` (the worker's single compute thread).
+"""
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import torch
+
+from pdserve.clock import Clock
+from pdserve.kvtransfer import BaseKVReceiver, TransferState
+from pdserve.workers.engine import Engine
+from pdserve.workers.model.sampling import SamplingConfig
+from pdserve.workers.output import Delta
+
+log = logging.getLogger("pdserve.worker")
+
+RunCompute = Callable[..., Awaitable]
+
+
+class Stage(enum.Enum):
+    RESERVED = "reserved"
+    RECEIVING = "receiving"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    RELEASED = "released"
+
+
+@dataclass
+class WorkerRequest:
+    req_id: str
+    num_prompt_tokens: int
+    created_s: float
+    stage: Stage
+    staging: torch.Tensor | None = None          # [L, 2, T, KV, D], remote KV lands here
+    receiver: BaseKVReceiver | None = None
+
+
+class RequestLifecycle:
+    def __init__(self, engine: Engine, run_compute: RunCompute, clock: Clock, lease_s: float):
+        self.engine = engine
+        self._run = run_compute
+        self._clock = clock
+        self.lease_s = lease_s
+        self._requests: dict[str, WorkerRequest] = {}
+        self.num_released = 0
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self._requests
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def get(self, req_id: str) -> WorkerRequest | None:
+        return self._requests.get(req_id)
+
+    def num_in(self, stage: Stage) -> int:
+        return sum(r.stage is stage for r in self._requests.values())
+
+    # ---- admission ----
+    async def reserve(self, req_id: str, num_prompt_tokens: int,
+                      arm_receiver: Callable[[torch.Tensor], BaseKVReceiver]) -> WorkerRequest:
+        """Decode role: blocks + staging + armed receiver. Raises OutOfKVBlocks."""
+        req = await self._admit(req_id, num_prompt_tokens, Stage.RESERVED)
+        try:
+            req.staging = self.engine.new_staging(num_prompt_tokens)
+            req.receiver = arm_receiver(req.staging)
+        except BaseException:
+            await self.release(req_id, "could not arm the KV receiver")
+            raise
+        return req
+
+    async def admit_local(self, req_id: str, num_prompt_tokens: int) -> WorkerRequest:
+        """Local prompt: blocks for it while the prefill scheduler computes it. Raises OutOfKVBlocks."""
+        return await self._admit(req_id, num_prompt_tokens, Stage.PREFILLING)
+
+    async def _admit(self, req_id: str, num_prompt_tokens: int, stage: Stage) -> WorkerRequest:
+        if req_id in self._requests:
+            raise ValueError(f"request {req_id!r} is already on this worker")
+        # Registered before the compute call so a concurrent duplicate is refused, then removed
+        # again if the engine has no room.
+        req = self._requests[req_id] = WorkerRequest(req_id, num_prompt_tokens, self._clock.now_s(), stage)
+        try:
+            await self._run(self.engine.admit, req_id, num_prompt_tokens)
+        except BaseException:
+            self._requests.pop(req_id, None)
+            raise
+        return req
+
+    def claim(self, req_id: str) -> WorkerRequest | None:
+        """The decode stream takes its reservation: RESERVED -> RECEIVING; None if there is none."""
+        req = self._requests.get(req_id)
+        if req is None or req.stage is not Stage.RESERVED:
+            return None
+        req.stage = Stage.RECEIVING
+        return req
+
+    async def start(self, req: WorkerRequest, prompt_ids: list[int], layers, params: SamplingConfig,
+                    first_token_id: int) -> Delta:
+        """KV imported into the pool and the sequence in the batch; the staging copy goes at once."""
+        delta = await self._run(self.engine.start, req.req_id, prompt_ids, layers, params, first_token_id)
+        req.stage, req.staging, req.receiver = Stage.DECODING, None, None
+        return delta
+
+    # ---- the one way out ----
+    async def release(self, req_id: str, reason: str) -> bool:
+        """Free everything the request holds; False if it was already released (or never here)."""
+        req = self._requests.pop(req_id, None)
+        if req is None:
+            return False
+        req.stage = Stage.RELEASED
+        if req.receiver is not None:
+            req.receiver.abort(reason)     # idempotent; forgets the transfer on the agent
+        req.staging, req.receiver = None, None
+        await self._run(self.engine.release, req_id)
+        self.num_released += 1
+        log.info("request %s: released its KV (%s)", req_id, reason)
+        return True
+
+    async def drop_unclaimed(self, req_id: str, reason: str) -> bool:
+        """Release a reservation only if no decode stream has claimed it yet."""
+        req = self._requests.get(req_id)
+        return req is not None and req.stage is Stage.RESERVED and await self.release(req_id, reason)
+
+    def abort_transfer(self, req_id: str, reason: str) -> None:
+        """Fail a transfer in flight now (its waiter sees FAILED and ends, then releases)."""
+        req = self._requests.get(req_id)
+        if req is not None and req.receiver is not None:
+            req.receiver.abort(reason)
+
+    def expired(self, now_s: float) -> list[str]:
+        """Reservations nobody claimed within the lease, or whose transfer already failed."""
+        return [r.req_id for r in self._requests.values() if r.stage is Stage.RESERVED and (
+            now_s - r.created_s > self.lease_s or r.receiver.poll() is TransferState.FAILED)]
+
+    async def release_expired(self) -> list[str]:
+        released = []
+        for req_id in self.expired(self._clock.now_s()):
+            if await self.release(req_id, "reservation expired"):
+                released.append(req_id)
+        return released

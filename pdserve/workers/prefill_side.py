@@ -1,0 +1,149 @@
+"""Every prompt a worker computes goes through here, and through the prefill scheduler.
+
+- `compute()`: submit a prompt to the `PrefillRunner` (FlowPrefill by default) with its TTFT
+  deadline; each finished layer goes to `on_layer` at once; the first token is sampled from the
+  last position. A client that goes away before its prompt started drops it from the queue.
+- `prefill_and_send()`: the `Prefill` RPC of a prefill worker. With a TTFT budget it may refuse
+  at once (on-demand forwarding: the router offers the request to the next worker and nothing
+  was sent); otherwise each layer is handed to a KV sender as soon as it is computed, the
+  trailer carries the first token, and the answer waits for the receiver's acknowledgement.
+Local (aggregated) prompts call `compute()` and collect the layers for the paged pool.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+
+import grpc
+
+from pdserve.clock import Clock
+from pdserve.kvtransfer import BaseKVAgent, TransferLayout, TransferState, as_bytes_view
+from pdserve.v1 import kvtransfer_pb2, worker_pb2
+from pdserve.workers.engine import Engine
+from pdserve.workers.model.sampling import SamplingConfig, sample_token
+from pdserve.workers.prefill_runner import LayerCallback, PrefillRunner, Rejected
+
+log = logging.getLogger("pdserve.worker")
+_WAIT_SLICE_S = 0.5     # how long one thread-pool wait on a transfer event lasts (cancellation latency)
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    first_token_id: int
+    compute_s: float
+
+
+class _LazySender:
+    """Creates the KV sender on first use (the first finished layer), so a prefill rejected at
+    admission never touches the decode worker's armed receiver."""
+
+    def __init__(self, agent: BaseKVAgent, address: bytes, layout: TransferLayout, timeout_s: float, checksum: bool):
+        self._args = (address, layout, timeout_s, checksum)
+        self._agent = agent
+        self._sender = None
+        self._lock = threading.Lock()
+        self.kv_bytes = 0
+
+    def get(self):
+        with self._lock:
+            if self._sender is None:
+                self._sender = self._agent.create_sender(*self._args)
+            return self._sender
+
+    def send_layer(self, layer: int, kv) -> None:    # compute thread: hand the layer over at once
+        view = as_bytes_view(kv.numpy())
+        self.kv_bytes += len(view)
+        self.get().send_layer(layer, view)
+
+    def abort_if_active(self, reason: str) -> None:
+        sender = self._sender
+        if sender is not None and sender.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING):
+            sender.abort(reason)
+
+
+async def wait_transfer(end) -> TransferState:
+    """Wait for a sender or receiver to finish without blocking the event loop."""
+    while end.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING):
+        await asyncio.to_thread(end.status.finished.wait, _WAIT_SLICE_S)
+    return end.poll()
+
+
+class PrefillSide:
+    def __init__(self, runner: PrefillRunner, engine: Engine, agents: dict[str, BaseKVAgent], clock: Clock, *,
+                 transfer_timeout_s: float, checksum: bool, default_ttft_slo_ms: float):
+        self.runner = runner
+        self.engine = engine
+        self.agents = agents
+        self.clock = clock
+        self._transfer_timeout_s = transfer_timeout_s
+        self._checksum = checksum
+        self.default_ttft_slo_ms = default_ttft_slo_ms
+
+    async def compute(self, req_id: str, prompt_ids: list[int], params: SamplingConfig, ttft_slo_ms: float,
+                      on_layer: LayerCallback, admission: bool) -> Prefilled:
+        """Raises Rejected when `admission` is on and the scheduler predicts a missed deadline."""
+        started = self.clock.now_s()
+        deadline_s = started + (ttft_slo_ms or self.default_ttft_slo_ms) / 1e3
+        future = self.runner.submit(req_id, prompt_ids, deadline_s, on_layer, admission=admission)
+        try:
+            logits = await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            if self.runner.cancel(req_id):
+                log.info("request %s: cancelled before its prefill started", req_id)
+            raise
+        return Prefilled(sample_token(logits, params, 0), self.clock.now_s() - started)
+
+    async def prefill_and_send(self, request: worker_pb2.PrefillRequest, context) -> worker_pb2.PrefillResponse:
+        agent = self.agents.get(request.target.backend)
+        if agent is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"backend {request.target.backend!r} not served here")
+        ids = list(request.prompt_token_ids)
+        params = await checked_params(self.engine, ids, request.sampling, context)
+        layout = TransferLayout(request.transfer_id, self.engine.layer_nbytes(len(ids)))
+        link = _LazySender(agent, request.target.address, layout, self._transfer_timeout_s, self._checksum)
+        try:
+            try:
+                result = await self.compute(request.req_id, ids, params, request.ttft_slo_ms, link.send_layer,
+                                            admission=request.ttft_slo_ms > 0)
+            except Rejected as exc:
+                # Nothing was sent: the decode worker's receiver stays armed for another prefill worker.
+                log.info("request %s: rejected for on-demand forwarding: %s", request.req_id, exc)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill rejected: {exc}")
+            sender = link.get()
+            trailer = kvtransfer_pb2.PrefillTrailer(req_id=request.req_id, first_token_id=result.first_token_id,
+                                                    num_prompt_tokens=len(ids))
+            sender.finish(trailer.SerializeToString())
+            tail_start = self.clock.now_s()
+            if await wait_transfer(sender) is TransferState.FAILED:
+                log.warning("request %s: KV transfer failed: %s", request.req_id, sender.failure())
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {sender.failure()}")
+            log.info("request %s: prefilled %d tokens in %.1f ms, sent %d KV bytes", request.req_id, len(ids),
+                     result.compute_s * 1e3, link.kv_bytes)
+            return worker_pb2.PrefillResponse(
+                req_id=request.req_id, first_token_id=result.first_token_id, prefill_ms=result.compute_s * 1e3,
+                kv_bytes=link.kv_bytes, transfer_tail_ms=(self.clock.now_s() - tail_start) * 1e3)
+        finally:
+            link.abort_if_active("prefill request ended")
+
+
+def sampling_from_proto(p: worker_pb2.SamplingParams) -> SamplingConfig:
+    return SamplingConfig(max_tokens=p.max_tokens or 16, temperature=p.temperature,
+                          top_p=p.top_p if p.top_p > 0 else 1.0,
+                          seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop),
+                          ignore_eos=p.ignore_eos)
+
+
+async def checked_params(engine: Engine, prompt_ids: list[int], sampling: worker_pb2.SamplingParams,
+                         context) -> SamplingConfig:
+    """Validated sampling parameters, or INVALID_ARGUMENT saying what is wrong."""
+    params = sampling_from_proto(sampling)
+    try:
+        engine.check_prompt(len(prompt_ids), params)
+        vocab = engine.config.vocab_size
+        if any(t >= vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be < vocab size {vocab}")
+    except ValueError as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    return params
