@@ -12,7 +12,7 @@ import pytest
 from pdserve.clock import WallClock
 from pdserve.kvtransfer import TransferLayout, TransferState, create_agent
 from pdserve.kvtransfer.faults import Faults, FaultyAgent
-from pdserve.v1 import worker_pb2
+from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.workers import client
 from pdserve.launch import start_worker
 from tests.conftest import REPO_ROOT, wait_until
@@ -111,7 +111,7 @@ def test_decode_worker_dies_mid_transfer(cluster, backend):
 
     async def run():
         s = cluster.stubs()
-        doomed_stub = client.worker_pb2_grpc.WorkerStub(client.channel(doomed.port))
+        doomed_stub = worker_pb2_grpc.WorkerStub(client.channel(doomed.port))
         res = await doomed_stub.ReserveKV(worker_pb2.ReserveKVRequest(
             req_id="doomed", num_prompt_tokens=len(PROMPT), backend=backend))
         doomed.proc.kill()

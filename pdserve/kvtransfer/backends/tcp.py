@@ -20,6 +20,7 @@ from pdserve.v1 import kvtransfer_pb2 as pb
 
 _SOCKET_BUFFER_BYTES = 4 << 20  # large kernel buffers keep multi-MiB layers streaming
 _POLL_S = 0.05                  # how often idle threads re-check deadlines and aborts
+_DRAIN_CHUNK_BYTES = 1 << 16   # read size while draining a refused transfer before closing
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -247,14 +248,24 @@ class TcpAgent(BaseKVAgent):
             reason = f"tcp receive failed: {exc}"
             if rx is not None:
                 rx.status.mark_failed(reason)
-            try:
-                sock.sendall(frames.encode_stream(pb.KVFrame(kind=pb.KV_FRAME_KIND_ERROR, reason=reason)))
-            except OSError:
-                pass
+            self._refuse(sock, reason)
         finally:
             sock.close()
             if rx is not None:
                 self.forget_receiver(rx.layout.transfer_id, rx)
+
+    def _refuse(self, sock: socket.socket, reason: str) -> None:
+        """Send ERROR, then close gracefully: half-close and drain what the sender still sends.
+        Closing with unread bytes would reset the connection, and a reset can destroy the ERROR
+        frame before the sender reads it (it would then only see "peer closed the connection")."""
+        try:
+            sock.sendall(frames.encode_stream(pb.KVFrame(kind=pb.KV_FRAME_KIND_ERROR, reason=reason)))
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(self._stall_timeout_s)      # bounded: a silent sender cannot hold us
+            while sock.recv(_DRAIN_CHUNK_BYTES):
+                pass
+        except OSError:
+            pass
 
     def _receive_layers(self, sock: socket.socket, rx: TcpReceiver, checksum: bool) -> None:
         offset = 0

@@ -7,51 +7,19 @@ import contextlib
 import grpc
 import pytest
 
-from pdserve.clock import WallClock
-from pdserve.kvtransfer.backends.fake import FakeAgent, FakeFabric
-from pdserve.kvtransfer.faults import Faults, FaultyAgent
-from pdserve.policy.prefill_scheduler import make_scheduler
+from pdserve.kvtransfer.faults import Faults
 from pdserve.router.request_flow import RouteFailed
-from pdserve.v1 import worker_pb2, worker_pb2_grpc
-from pdserve.workers import client
-from pdserve.workers.engine import Engine
-from pdserve.workers.model.loader import load_model
-from pdserve.workers.prefill_runner import PrefillRunner
-from pdserve.workers.service import WorkerService
+from pdserve.v1 import worker_pb2
 from pdserve.workers.lifecycle import Stage
 from tests.conftest import assert_no_leaks_async, eventually
+from tests.inprocess import worker_cluster
 from tests.routing import collect, route
 
 PROMPT = list(b"The quick brown fox jumps over the lazy dog. " * 4)
 
 
-@contextlib.asynccontextmanager
-async def cluster(model_cache_dir, prefill_faults: Faults | None = None, lease_s: float = 30.0,
-                  num_kv_blocks: int = 64):
-    fabric, clock = FakeFabric(), WallClock()
-    loaded = load_model("tiny", model_cache_dir)
-    servers, services, stubs = [], [], []
-    for role in ("prefill", "decode", "aggregated"):
-        agent = FakeAgent(clock, fabric)
-        if role == "prefill" and prefill_faults:
-            agent = FaultyAgent(agent, prefill_faults)
-        runner = PrefillRunner(loaded.model, make_scheduler("fcfs", loaded.model.config.num_layers), clock)
-        svc = WorkerService(Engine(loaded, num_kv_blocks, 16, 8), {"fake": agent}, clock, worker_id=role, role=role,
-                            transfer_timeout_s=2.0, lease_s=lease_s, checksum=True, prefill_runner=runner)
-        server = grpc.aio.server()
-        port = server.add_insecure_port("127.0.0.1:0")
-        worker_pb2_grpc.add_WorkerServicer_to_server(svc, server)
-        await server.start()
-        await svc.start()
-        servers.append(server)
-        services.append(svc)
-        stubs.append(worker_pb2_grpc.WorkerStub(client.channel(port)))
-    try:
-        yield services, stubs
-    finally:
-        for server, svc in zip(servers, services):
-            await server.stop(0)
-            await svc.stop()
+def cluster(model_cache_dir, **kw):
+    return worker_cluster(model_cache_dir, **kw)
 
 
 def sampling(**kw):
