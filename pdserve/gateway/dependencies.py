@@ -1,0 +1,74 @@
+"""What every route needs, as FastAPI dependencies: the wired components (`GatewayDeps`), the
+caller's tenant (API key check) and the request body (size-capped, strict UTF-8 JSON)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from pdserve.gateway import generation
+from pdserve.gateway.errors import OpenAIError, bad_request
+from pdserve.gateway.metrics import GatewayMetrics
+from pdserve.gateway.recording import RequestRecorder
+from pdserve.gateway.router_client import RouterClient
+from pdserve.store import Store
+from pdserve.workers.model.tokenizer import Tokenizer
+
+_BEARER = "bearer "
+
+
+@dataclass
+class GatewayDeps:
+    router: RouterClient
+    tokenizer: Tokenizer
+    store: Store
+    limits: generation.Limits
+    max_body_bytes: int
+    require_api_key: bool
+
+
+def deps(request: Request) -> GatewayDeps:
+    return request.app.state.deps
+
+
+def metrics(request: Request) -> GatewayMetrics:
+    return request.app.state.metrics
+
+
+def recorder(request: Request) -> RequestRecorder:
+    return request.app.state.recorder
+
+
+async def tenant(request: Request) -> str:
+    """The API key's tenant ('' when keys are not required); 401 in OpenAI's format otherwise."""
+    d = deps(request)
+    if not d.require_api_key:
+        return ""
+    auth = request.headers.get("authorization", "")
+    key = auth[len(_BEARER):].strip() if auth.lower().startswith(_BEARER) else ""
+    ident = await asyncio.to_thread(d.store.verify_api_key, key) if key else None
+    if ident is None:
+        raise OpenAIError(401, "Incorrect or missing API key", "invalid_request_error", code="invalid_api_key")
+    return ident.tenant
+
+
+async def read_json(request: Request, max_bytes: int) -> dict:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise OpenAIError(413, f"Request body exceeds {max_bytes} bytes", code="request_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > max_bytes:
+            raise OpenAIError(413, f"Request body exceeds {max_bytes} bytes", code="request_too_large")
+    try:
+        parsed = json.loads(bytes(body).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"Request body is not valid UTF-8 (byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    if not isinstance(parsed, dict):
+        raise bad_request("Request body must be a JSON object")
+    return parsed

@@ -1,0 +1,117 @@
+"""The HTTP routes: OpenAI-compatible completions and chat, models, health, readiness, metrics.
+
+A completion: tenant checked (dependency) -> body read with a size cap -> validated and tokenized
+(generation.prepare) -> router stream opened, its first chunk awaited so placement errors still
+become status codes -> JSON body or server-sent events -> outcome recorded (recording.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import generate_latest
+
+from pdserve.gateway import generation
+from pdserve.gateway.dependencies import GatewayDeps, deps, metrics, read_json, recorder, tenant
+from pdserve.gateway.errors import OpenAIError
+from pdserve.gateway.metrics import GatewayMetrics
+from pdserve.gateway.recording import CLIENT_CLOSED, Attempt, RequestRecorder
+from pdserve.proto_maps import role_name
+
+log = logging.getLogger("pdserve.gateway")
+router = APIRouter()
+_ROLES = ("prefill", "decode", "aggregated")
+
+
+async def _serve(request: Request, chat: bool, d: GatewayDeps, m: GatewayMetrics, rec: RequestRecorder):
+    attempt = Attempt(request.state.req_id, "chat" if chat else "completions", time.perf_counter())
+    out, status, streaming = generation.Outcome(), 200, False
+    m.inflight.inc()
+    try:
+        attempt.tenant = await tenant(request)
+        body = await read_json(request, d.max_body_bytes)
+        p = attempt.prepared = generation.prepare(body, chat, attempt.req_id, d.tokenizer, d.limits)
+        log.info("request %s: %s, %d prompt tokens, max_tokens=%d, stream=%s", attempt.req_id, attempt.endpoint,
+                 len(p.prompt_ids), p.sampling.max_tokens, p.stream)
+        stream = await generation.open_stream(p, d.router, request.headers.get("x-pdserve-scenario", "")[:128],
+                                              attempt.tenant)
+        m.ttft.observe(stream.first_token_s - stream.started_s)
+        if p.stream:
+            streaming = True
+            return StreamingResponse(_sse(p, stream, out, attempt, m, rec), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await generation.collect(p, stream, m, out))
+    except OpenAIError as exc:
+        status, out.error = exc.status, exc
+        raise
+    except Exception:
+        status = 500
+        raise
+    finally:
+        if not streaming:       # a stream records itself when it ends
+            m.inflight.dec()
+            rec.record(attempt, out, status)
+
+
+async def _sse(p, stream, out, attempt: Attempt, m: GatewayMetrics, rec: RequestRecorder):
+    status = 200
+    try:
+        async for event in generation.sse(p, stream, m, out):
+            yield event
+        status = out.error.status if out.error else 200
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED
+        raise
+    finally:
+        m.inflight.dec()
+        rec.record(attempt, out, status)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, d=Depends(deps), m=Depends(metrics), rec=Depends(recorder)):
+    return await _serve(request, False, d, m, rec)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, d=Depends(deps), m=Depends(metrics), rec=Depends(recorder)):
+    return await _serve(request, True, d, m, rec)
+
+
+@router.get("/v1/models")
+async def models(d=Depends(deps), _tenant=Depends(tenant)):
+    return {"object": "list", "data": [{"id": d.limits.served_model, "object": "model", "created": 0,
+                                        "owned_by": "pdserve"}]}
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(d=Depends(deps)):
+    try:
+        workers = [w for w in await d.router.list_workers() if w.alive]
+    except grpc.aio.AioRpcError as exc:
+        return JSONResponse({"status": "router unreachable", "detail": exc.code().name}, status_code=503)
+    roles = {role_name(w.role) for w in workers}
+    ok = "aggregated" in roles or {"prefill", "decode"} <= roles
+    return JSONResponse({"status": "ready" if ok else "waiting for workers", "workers": len(workers)},
+                        status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def prometheus(d=Depends(deps), m=Depends(metrics)):
+    try:
+        workers = await d.router.list_workers()
+        for role in _ROLES:
+            m.workers_alive.labels(role).set(sum(1 for w in workers if w.alive and role_name(w.role) == role))
+        for w in workers:
+            m.worker_queue.labels(w.worker_id, role_name(w.role)).set(w.num_active_requests)
+    except grpc.aio.AioRpcError:
+        pass  # metrics of the gateway itself are still worth serving
+    return Response(generate_latest(m.registry), media_type="text/plain; version=0.0.4")
