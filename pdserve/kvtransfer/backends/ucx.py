@@ -15,6 +15,7 @@ All UCX calls run on one background thread with its own event loop.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 from pdserve.clock import Clock
@@ -56,6 +57,24 @@ class UcxSender(BaseKVSender):
             self._agent.call_soon(self.queue.put_nowait, ("abort", reason))
 
 
+# UCX writes its log (warnings included) to stdout unless told otherwise, which breaks every
+# command that prints a JSON document there.
+_UCX_LOG_DESTINATION = "stderr"
+# ucxx sets UCX_MEMTYPE_CACHE=n on import for older UCX builds; the UCX it ships (1.21) no longer
+# has that option and warns about it on every context.
+_FIRST_UCX_WITHOUT_MEMTYPE_CACHE = (1, 21)
+
+
+def _prepare_ucx_environment() -> None:
+    """Called before UCX reads its configuration (the first context). UCX takes its options from
+    the process environment only, so this adapter sets them here, and nowhere else does."""
+    os.environ.setdefault("UCX_LOG_FILE", _UCX_LOG_DESTINATION)
+    user_set_memtype_cache = "UCX_MEMTYPE_CACHE" in os.environ
+    import ucxx
+    if not user_set_memtype_cache and tuple(ucxx.get_ucx_version()) >= _FIRST_UCX_WITHOUT_MEMTYPE_CACHE:
+        os.environ.pop("UCX_MEMTYPE_CACHE", None)
+
+
 class UcxAgent(UcxFlows, BaseKVAgent):
     backend_name = "ucx"
 
@@ -71,6 +90,7 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         self._armed: dict[int, asyncio.Future] = {}   # loop thread only
         self._inbox_wake = asyncio.Event()
         self._init_error: Exception | None = None
+        _prepare_ucx_environment()
         self._thread = threading.Thread(target=self._run_loop, args=(tls,), name="kv-ucx", daemon=True)
         self._thread.start()
         self._ready.wait()
