@@ -35,17 +35,17 @@ class PrefillJob:
     num_tokens: int
     arrival_s: float
     deadline_s: float          # TTFT deadline from the request's SLO class
-    tokens_done: int = 0
+    num_tokens_done: int = 0
 
     @property
     def done(self) -> bool:
-        return self.tokens_done >= self.num_tokens
+        return self.num_tokens_done >= self.num_tokens
 
 
 @dataclass(frozen=True)
 class Piece:
     job: PrefillJob
-    start: int
+    start_token: int
     num_tokens: int
 
 
@@ -114,7 +114,7 @@ class BasePrefillScheduler(abc.ABC):
     def on_unit_done(self, unit: WorkUnit, now_s: float) -> list[PrefillJob]:
         finished = []
         for p in unit.pieces:
-            p.job.tokens_done = p.start + p.num_tokens
+            p.job.num_tokens_done = p.start_token + p.num_tokens
             if p.job.done:
                 finished.append(p.job)
         return finished
@@ -172,8 +172,8 @@ class ChunkedScheduler(BasePrefillScheduler):
         for job in self._queue:
             if budget == 0:
                 break
-            take = min(job.num_tokens - job.tokens_done, budget)
-            pieces.append(Piece(job, job.tokens_done, take))
+            take = min(job.num_tokens - job.num_tokens_done, budget)
+            pieces.append(Piece(job, job.num_tokens_done, take))
             budget -= take
         return WorkUnit(pieces, self.num_layers) if pieces else None
 
@@ -185,7 +185,7 @@ class ChunkedScheduler(BasePrefillScheduler):
 
     def remove(self, req_id: str) -> bool:
         for job in self._queue:
-            if job.req_id == req_id and job.tokens_done == 0 and job is not self._queue[0]:
+            if job.req_id == req_id and job.num_tokens_done == 0 and job is not self._queue[0]:
                 self._queue.remove(job)
                 return True
         return False
@@ -236,17 +236,17 @@ class FlowPrefillScheduler(BasePrefillScheduler):
         """Work that would run before `job`: waiting units due no later than it (earliest-deadline
         order approximates slack order), plus the running unit's current operator, or all of it when
         the running unit is due first and will not be preempted."""
-        wait = 0.0
+        wait_s = 0.0
         for u in self._waiting:
             if min(p.job.deadline_s for p in u.pieces) <= job.deadline_s:
-                wait += self.cost.remaining_s(u.piece_tokens(), u.next_op)
+                wait_s += self.cost.remaining_s(u.piece_tokens(), u.next_op)
         running = self._running
         if running is not None:
             if min(p.job.deadline_s for p in running.pieces) <= job.deadline_s:
-                wait += self.cost.remaining_s(running.piece_tokens(), running.next_op)
+                wait_s += self.cost.remaining_s(running.piece_tokens(), running.next_op)
             else:
-                wait += self.cost.op_s(running.next_op, running.piece_tokens())
-        return wait
+                wait_s += self.cost.op_s(running.next_op, running.piece_tokens())
+        return wait_s
 
     def next_unit(self, now_s: float) -> WorkUnit | None:
         if not self._waiting:

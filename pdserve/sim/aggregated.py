@@ -82,7 +82,7 @@ class AggregatedSimulation:
 
     def _prefilled(self, w: _AggWorker, r: SimRequest) -> None:
         w.busy = False
-        r.first_token_s, r.generated = self.now_s, 1
+        r.first_token_s, r.num_generated_tokens = self.now_s, 1
         if r.output_tokens <= 1:
             self._done(w, r)
         else:
@@ -93,8 +93,8 @@ class AggregatedSimulation:
         w.busy = False
         still = []
         for r in w.running:
-            r.generated += 1
-            if r.generated >= r.output_tokens:
+            r.num_generated_tokens += 1
+            if r.num_generated_tokens >= r.output_tokens:
                 self._done(w, r)
             else:
                 still.append(r)

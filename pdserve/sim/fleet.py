@@ -40,10 +40,10 @@ class SimRequest:
     tpot_slo_s: float = 0.0
     first_token_s: float | None = None
     finish_s: float | None = None
-    generated: int = 0
+    num_generated_tokens: int = 0
     decode_id: str = ""
     rejected: bool = False
-    decode_start_t: float = 0.0
+    decode_start_token_clock: float = 0.0
 
     def met_slo(self) -> bool:
         if self.finish_s is None or self.first_token_s is None:
@@ -59,10 +59,10 @@ class _Worker:
     busy: bool = False
     pending_role: Role | None = None
     batch: list = field(default_factory=list)        # heap of (finish token clock, seq, request)
-    tokens_t: float = 0.0
+    token_clock: float = 0.0
     clock_s: float = 0.0
-    sum_input: int = 0
-    sum_start_t: float = 0.0
+    sum_input_tokens: int = 0
+    sum_start_token_clock: float = 0.0
     decode_version: int = 0
     role_since_s: float = 0.0
 
@@ -219,27 +219,27 @@ class Simulation:
     # when sequences join or finish, not at every step: that is what lets a fleet-scale run fit.
     def _advance(self, w: _Worker) -> None:
         if w.batch:
-            w.tokens_t += (self.now_s - w.clock_s) / self.hw.decode_step_s(len(w.batch))
+            w.token_clock += (self.now_s - w.clock_s) / self.hw.decode_step_s(len(w.batch))
             self.decode_batch_seconds += len(w.batch) * (self.now_s - w.clock_s)
         w.clock_s = self.now_s
 
     def _kv_arrived(self, r: SimRequest) -> None:
-        r.first_token_s, r.generated = self.now_s, 1
+        r.first_token_s, r.num_generated_tokens = self.now_s, 1
         w = self.workers[r.decode_id]
         if r.output_tokens <= 1:
             self._finish(w, r)
             return
         self._advance(w)
-        r.decode_start_t = w.tokens_t
-        heapq.heappush(w.batch, (w.tokens_t + r.output_tokens - 1, next(self._seq), r))
-        w.sum_input += r.input_tokens
-        w.sum_start_t += w.tokens_t
+        r.decode_start_token_clock = w.token_clock
+        heapq.heappush(w.batch, (w.token_clock + r.output_tokens - 1, next(self._seq), r))
+        w.sum_input_tokens += r.input_tokens
+        w.sum_start_token_clock += w.token_clock
         self._schedule_decode(w)
 
     def _schedule_decode(self, w: _Worker) -> None:
         w.decode_version += 1
         if w.batch:
-            steps = max(0.0, w.batch[0][0] - w.tokens_t)
+            steps = max(0.0, w.batch[0][0] - w.token_clock)
             self._at(self.now_s + steps * self.hw.decode_step_s(len(w.batch)), self._decode_event, w,
                      w.decode_version)
 
@@ -247,11 +247,11 @@ class Simulation:
         if version != w.decode_version:
             return                       # the batch changed since this was scheduled
         self._advance(w)
-        while w.batch and w.batch[0][0] <= w.tokens_t + 1e-9:
+        while w.batch and w.batch[0][0] <= w.token_clock + 1e-9:
             _, _, r = heapq.heappop(w.batch)
-            r.generated = r.output_tokens
-            w.sum_input -= r.input_tokens
-            w.sum_start_t -= r.decode_start_t
+            r.num_generated_tokens = r.output_tokens
+            w.sum_input_tokens -= r.input_tokens
+            w.sum_start_token_clock -= r.decode_start_token_clock
             self._finish(w, r)
         self._schedule_decode(w)
         if not w.batch:
@@ -259,7 +259,7 @@ class Simulation:
 
     def _kv_tokens(self, w: _Worker) -> float:
         """Tokens held in the worker's KV: prompts plus everything generated so far."""
-        return w.sum_input + len(w.batch) * (w.tokens_t + 1) - w.sum_start_t
+        return w.sum_input_tokens + len(w.batch) * (w.token_clock + 1) - w.sum_start_token_clock
 
     def _finish(self, w: _Worker, r: SimRequest) -> None:
         r.finish_s = self.now_s

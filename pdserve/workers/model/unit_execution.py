@@ -48,11 +48,11 @@ class UnitExecution:
         self.model = model
         self.unit = unit
         self._states = [states[p.job.req_id] for p in unit.pieces]
-        self._positions = [torch.arange(p.start, p.start + p.num_tokens) for p in unit.pieces]
+        self._positions = [torch.arange(p.start_token, p.start_token + p.num_tokens) for p in unit.pieces]
         for st in self._states:
             st.init_layers(model.config.num_layers)
         with torch.inference_mode():
-            self._hidden = [model.embed(torch.tensor(st.token_ids[p.start:p.start + p.num_tokens]))
+            self._hidden = [model.embed(torch.tensor(st.token_ids[p.start_token:p.start_token + p.num_tokens]))
                             for st, p in zip(self._states, unit.pieces)]
 
     def run_operator(self) -> list[LayerReady]:
@@ -70,11 +70,11 @@ class UnitExecution:
                         layer, self._hidden[i], self._positions[i], past_k, past_v)
                     st.k_chunks[layer].append(k)
                     st.v_chunks[layer].append(v)
-                    if piece.start + piece.num_tokens == len(st.token_ids):
+                    if piece.start_token + piece.num_tokens == len(st.token_ids):
                         full_k, full_v = st.past(layer)
                         ready.append(LayerReady(st.req_id, layer, torch.stack([full_k, full_v]).contiguous()))
             if self.unit.next_op == self.unit.num_ops - 1:
                 for st, piece, h in zip(self._states, self.unit.pieces, self._hidden):
-                    if piece.start + piece.num_tokens == len(st.token_ids):
+                    if piece.start_token + piece.num_tokens == len(st.token_ids):
                         st.logits = self.model.logits(h[-1])
         return ready

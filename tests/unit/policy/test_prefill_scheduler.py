@@ -104,11 +104,11 @@ def test_chunked_fills_its_token_budget_in_arrival_order():
     sched.add(make_job("long", 1000, 0.0, 5.0), 0.0)
     sched.add(make_job("short", 100, 0.0, 1.0), 0.0)
     first = sched.next_unit(0.0)
-    assert [(p.job.req_id, p.start, p.num_tokens) for p in first.pieces] == [("long", 0, 512)]
+    assert [(p.job.req_id, p.start_token, p.num_tokens) for p in first.pieces] == [("long", 0, 512)]
     first.next_op = first.num_ops
     assert sched.on_unit_done(first, 0.1) == []
     second = sched.next_unit(0.1)
-    assert [(p.job.req_id, p.start, p.num_tokens) for p in second.pieces] == [("long", 512, 488), ("short", 0, 24)]
+    assert [(p.job.req_id, p.start_token, p.num_tokens) for p in second.pieces] == [("long", 512, 488), ("short", 0, 24)]
 
 
 def test_cost_model_fit_recovers_coefficients():
