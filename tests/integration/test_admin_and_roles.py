@@ -4,7 +4,6 @@ import asyncio
 import subprocess
 import sys
 import threading
-import time
 
 import grpc
 import httpx
@@ -116,13 +115,18 @@ def test_role_changes_under_load_lose_nothing(cluster):
     threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
+    def traffic_flows() -> None:
+        # Each role change happens while requests are completing, however fast this machine is.
+        before = completed[0]
+        assert wait_until(lambda: completed[0] >= before + 4 or failures, timeout_s=60), "no traffic completed"
+
     try:
         for target, pin in (((3, 1), True), ((1, 3), True), ((2, 2), False)):
-            time.sleep(1.0)                     # let requests pile up on the workers about to switch
+            traffic_flows()
             ratio = admin(cluster, "SetRatio", admin_pb2.SetRatioRequest(
                 scenario="default", num_prefill=target[0], num_decode=target[1], pin=pin))
             assert (ratio.num_prefill, ratio.num_decode, ratio.pinned) == (*target, pin)
-        time.sleep(1.0)
+        traffic_flows()
     finally:
         stop.set()
         for t in threads:
