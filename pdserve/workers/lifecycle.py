@@ -51,8 +51,10 @@ class WorkerRequest:
 
 
 class RequestLifecycle:
-    def __init__(self, engine: Engine, run_compute: RunCompute, clock: Clock, lease_s: float):
+    def __init__(self, engine: Engine, run_compute: RunCompute, clock: Clock, lease_s: float,
+                 on_release: Callable[[], None] | None = None):
         self.engine = engine
+        self._on_release = on_release        # e.g. wake a decode loop whose preempted work waits for blocks
         self._run = run_compute
         self._clock = clock
         self.lease_s = lease_s
@@ -128,6 +130,8 @@ class RequestLifecycle:
         req.staging, req.receiver = None, None
         await self._run(self.engine.release, req_id)
         self.num_released += 1
+        if self._on_release is not None:
+            self._on_release()
         log.info("request %s: released its KV (%s)", req_id, reason)
         return True
 

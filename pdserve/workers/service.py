@@ -54,11 +54,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._lease_s = lease_s
         self.decode_fit = OnlineLinearFit()
         self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
-        self.requests = RequestLifecycle(engine, self._run, clock, lease_s)
+        self._wakeup = asyncio.Event()
+        self.requests = RequestLifecycle(engine, self._run, clock, lease_s, on_release=self._wakeup.set)
         self.prefill = PrefillSide(prefill_runner, engine, agents, clock, transfer_timeout_s=transfer_timeout_s,
                                    checksum=checksum, default_ttft_slo_ms=default_ttft_slo_ms)
         self._streams: dict[str, asyncio.Queue] = {}
-        self._wakeup = asyncio.Event()
         # Random start so transfer ids from a restarted worker do not collide with stale ones.
         self._transfer_ids = itertools.count(random.getrandbits(40))
         self._tasks: list[asyncio.Task] = []
@@ -221,16 +221,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                      finish_reason=_FINISH[delta.finish], num_prompt_tokens=num_prompt,
                                      num_generated_tokens=num_generated)
 
+    async def _idle_wait(self) -> None:
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), _IDLE_WAIT_S)
+        except asyncio.TimeoutError:
+            pass
+
     async def _decode_loop(self) -> None:
         last = None   # (start time, batch size) of the previous step while the loop stayed busy
         while True:
             if not self.engine.has_work:
                 last = None
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), _IDLE_WAIT_S)
-                except asyncio.TimeoutError:
-                    pass
+                await self._idle_wait()
                 continue
             now = self.clock.now_s()
             if last is not None:
@@ -249,6 +252,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 stream = self._streams.get(req_id)
                 if stream is not None:
                     stream.put_nowait(delta)
+            if not self.engine.running:
+                # Only preempted sequences are left and none fit yet: wait for a release (or a new
+                # sequence) instead of spinning on empty steps.
+                last = None
+                await self._idle_wait()
 
     async def _reap_loop(self) -> None:
         """Reservations nobody claims are freed within the lease plus one interval, however busy

@@ -134,3 +134,24 @@ def test_client_cancel_mid_stream_frees_kv(model_cache_dir):
                     break
             await _assert_clean(services)
     asyncio.run(body())
+
+
+def test_a_full_pool_preempts_instead_of_failing_clients(model_cache_dir):
+    """Two requests on a 5-block pool need 8 blocks between them: one is preempted and resumed;
+    both clients get every token, the same tokens as when each ran alone."""
+    prompts = {"x": list(range(40, 70)), "y": list(range(100, 130))}       # 30 tokens: 2 blocks each
+    params = sampling(max_tokens=20, ignore_eos=True)
+
+    def generate(a, req_id, prompt):   # straight to the worker: its admission alone decides
+        return collect(a.Generate(worker_pb2.GenerateRequest(req_id=req_id, prompt_token_ids=prompt, sampling=params)))
+
+    async def body():
+        async with cluster(model_cache_dir, roles=("aggregated",), num_kv_blocks=5) as ([svc], [a]):
+            alone = {rid: (await generate(a, f"alone-{rid}", p)).token_ids for rid, p in prompts.items()}
+            assert svc.engine.stats.num_preemptions == 0
+            together = await asyncio.gather(*(generate(a, f"together-{rid}", p) for rid, p in prompts.items()))
+            await _assert_clean([svc])
+            return alone, {rid: out.token_ids for rid, out in zip(prompts, together)}, svc.engine.stats
+    alone, together, stats = asyncio.run(body())
+    assert stats.num_preemptions >= 1 and stats.num_resumes == stats.num_preemptions
+    assert together == alone and all(len(t) == 20 for t in together.values())
