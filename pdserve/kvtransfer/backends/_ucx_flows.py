@@ -8,7 +8,7 @@ import numpy as np
 from pdserve.kvtransfer import frames
 from pdserve.kvtransfer.backends._ucx_wire import (ABORT_SLOT, ACK_SLOT, IDLE_BACKOFF_S, INBOX_TAG,
                                                    Aborted, Pacer, frame_slot, tag)
-from pdserve.kvtransfer.base import TransferStatus, crc32
+from pdserve.kvtransfer.base import crc32
 from pdserve.v1 import kvtransfer_pb2 as pb
 
 

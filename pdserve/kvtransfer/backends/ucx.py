@@ -21,7 +21,7 @@ import threading
 from pdserve.clock import Clock
 from pdserve.kvtransfer import frames
 from pdserve.kvtransfer.base import (BaseKVAgent, BaseKVReceiver, BaseKVSender, TransferLayout,
-                                     TransferStatus, crc32)
+                                     TransferStatus)
 from pdserve.kvtransfer.backends._ucx_flows import UcxFlows
 from pdserve.kvtransfer.backends._ucx_wire import (ACK_SLOT, ABORT_SLOT, MAX_LAYERS, MAX_TRANSFER_ID,
                                                    DRAIN_POLL_S, DRAIN_S, REPLY_TIMEOUT_S, Aborted,
