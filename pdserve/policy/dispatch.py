@@ -3,7 +3,7 @@ offered (on-demand forwarding).
 
 Pure: no I/O, no clock reads. Placement for a request:
 1. decode side: the live decode worker with the most free KV blocks that fit prompt + output
-   (free blocks = last heartbeat's count minus what the router placed there since);
+   (free blocks = last heartbeat's count minus placements that heartbeat did not show yet);
 2. prefill side: the live prefill worker with the fewest requests in flight (ties by id);
 3. with no prefill/decode pair available, a live aggregated worker, by the same KV rule.
 Each is O(log n) in the number of workers (the registry's ranked index). The caller reports the
@@ -23,6 +23,7 @@ class Placement:
     prefill_id: str | None           # None: aggregated, prefill runs on the decode_id worker
     kv_backend: str | None
     num_blocks: int
+    req_id: str = ""
 
     @property
     def disaggregated(self) -> bool:
@@ -35,7 +36,7 @@ class Dispatcher:
         self.kv_backend_preference = kv_backend_preference
 
     def place(self, model: str, num_prompt_tokens: int, max_tokens: int,
-              exclude_ids: frozenset[str] = frozenset(), scenario: str | None = None) -> Placement:
+              exclude_ids: frozenset[str] = frozenset(), scenario: str | None = None, req_id: str = "") -> Placement:
         """Place on the scenario's workers; a scenario with no workers of its own uses every worker.
         O(log n) in the number of workers (plus skipped, excluded or unreachable ones)."""
         if scenario is not None and not self.registry.has_placeable(model, scenario):
@@ -47,10 +48,11 @@ class Dispatcher:
                                            accept=lambda w: self._common_backend(w, decode) is not None)
             if prefill:
                 backend = self._common_backend(prefill[0], decode)
-                return Placement(decode.worker_id, prefill[0].worker_id, backend, decode.blocks_needed(total_tokens))
+                return Placement(decode.worker_id, prefill[0].worker_id, backend, decode.blocks_needed(total_tokens),
+                                 req_id)
         agg = self._best_kv(model, Role.AGGREGATED, scenario, total_tokens, exclude_ids)
         if agg is not None:
-            return Placement(agg.worker_id, None, None, agg.blocks_needed(total_tokens))
+            return Placement(agg.worker_id, None, None, agg.blocks_needed(total_tokens), req_id)
         if not any(w.alive and w.model == model for w in self.registry.all()):
             raise NoWorkers(f"no live worker serves model {model!r}")
         raise NoCapacity("no worker has free KV capacity for this request now")
@@ -88,15 +90,18 @@ class Dispatcher:
     def _common_backend(self, a: WorkerRecord, b: WorkerRecord) -> str | None:
         return next((x for x in self.kv_backend_preference if x in a.kv_addresses and x in b.kv_addresses), None)
 
-    def _adjust(self, worker_id: str | None, inflight: int = 0, blocks: int = 0) -> None:
+    def _adjust(self, worker_id: str | None, inflight: int = 0) -> None:
         rec = self.registry.get(worker_id) if worker_id else None
         if rec is not None:
             rec.num_inflight = max(0, rec.num_inflight + inflight)
-            rec.num_blocks_placed += blocks
             self.registry.touch(rec)
 
     def on_start(self, p: Placement) -> None:
-        self._adjust(p.decode_id, inflight=1, blocks=p.num_blocks)
+        rec = self.registry.get(p.decode_id)
+        if rec is not None:
+            rec.placed_blocks[p.req_id] = p.num_blocks
+            rec.num_unseen_blocks += p.num_blocks
+        self._adjust(p.decode_id, inflight=1)
         self._adjust(p.prefill_id, inflight=1)
 
     def on_prefill_done(self, prefill_id: str | None) -> None:
@@ -108,7 +113,14 @@ class Dispatcher:
         self._adjust(to_id, inflight=1)
 
     def on_finish(self, p: Placement) -> None:
-        self.on_decode_done(p.decode_id)
+        self.on_decode_done(p.decode_id, p.req_id)
 
-    def on_decode_done(self, decode_id: str) -> None:
+    def on_decode_done(self, decode_id: str, req_id: str) -> None:
+        """The request left its decode worker. Its blocks stop counting at once if the worker's last
+        heartbeat never showed them; otherwise that count already holds them until the next one."""
+        rec = self.registry.get(decode_id)
+        if rec is not None:
+            blocks = rec.placed_blocks.pop(req_id, 0)
+            if req_id not in rec.held_req_ids:
+                rec.num_unseen_blocks -= blocks
         self._adjust(decode_id, inflight=-1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 
@@ -61,7 +61,12 @@ class WorkerRecord:
     alive: bool = True
     # Router-side accounting between heartbeats, so a burst does not pile onto one worker.
     num_inflight: int = 0
-    num_blocks_placed: int = 0
+    # KV the router placed here that the worker's last heartbeat did not show yet: placements by
+    # request id, and the sum of those not among the worker's held requests at that heartbeat.
+    placed_blocks: dict[str, int] = field(default_factory=dict)
+    num_unseen_blocks: int = 0
+    held_req_ids: frozenset[str] = frozenset()
+    suspect: bool = False              # a call to it just failed: no new work until it heartbeats
     scenario: str = "default"          # the scenario whose traffic it serves
     draining: bool = False             # no new work (before a role change or maintenance)
     perf: WorkerPerf | None = None
@@ -74,7 +79,7 @@ class WorkerRecord:
 
     @property
     def est_free_blocks(self) -> int:
-        return self.num_free_kv_blocks - self.num_blocks_placed
+        return self.num_free_kv_blocks - self.num_unseen_blocks
 
 
 class NoWorkers(Exception):
@@ -106,7 +111,7 @@ class WorkerRegistry:
 
     def touch(self, rec: WorkerRecord) -> None:
         rec.version += 1
-        if not rec.alive or rec.draining or self._workers.get(rec.worker_id) is not rec:
+        if not self.placeable(rec) or self._workers.get(rec.worker_id) is not rec:
             return
         entry = (*_rank_key(rec), rec.version)
         for key in ((rec.model, rec.role, rec.scenario), (rec.model, rec.role, None)):
@@ -157,7 +162,14 @@ class WorkerRegistry:
         self._workers[rec.worker_id] = rec
         self.touch(rec)
 
-    def heartbeat(self, worker_id: str, num_free_kv_blocks: int, num_active_requests: int, now_s: float) -> bool:
+    @staticmethod
+    def placeable(rec: WorkerRecord) -> bool:
+        return rec.alive and not rec.draining and not rec.suspect
+
+    def heartbeat(self, worker_id: str, num_free_kv_blocks: int, num_active_requests: int, now_s: float,
+                  held_req_ids: frozenset[str] | None = None) -> bool:
+        """`held_req_ids`: the requests holding KV on the worker when it counted its free blocks;
+        placements not among them are still to be subtracted. None: all placements were seen."""
         rec = self._workers.get(worker_id)
         if rec is None:
             return False
@@ -165,9 +177,19 @@ class WorkerRegistry:
         rec.alive = True
         rec.num_free_kv_blocks = num_free_kv_blocks
         rec.num_active_requests = num_active_requests
-        rec.num_blocks_placed = 0  # the heartbeat's count already includes what we placed
+        rec.suspect = False
+        rec.held_req_ids = frozenset(rec.placed_blocks) if held_req_ids is None else frozenset(held_req_ids)
+        rec.num_unseen_blocks = sum(b for r, b in rec.placed_blocks.items() if r not in rec.held_req_ids)
         self.touch(rec)
         return True
+
+    def mark_suspect(self, worker_id: str) -> None:
+        """A call to the worker failed as if it were gone: stop placing on it at once, well before
+        its lease runs out; its next heartbeat clears this."""
+        rec = self._workers.get(worker_id)
+        if rec is not None and not rec.suspect:
+            rec.suspect = True
+            self.touch(rec)
 
     def expire(self, now_s: float) -> list[str]:
         """Mark workers whose lease ran out as dead; returns the ids that just died."""
@@ -198,7 +220,7 @@ class WorkerRegistry:
 
     def alive(self, model: str, role: Role, scenario: str | None = None) -> list[WorkerRecord]:
         """Live workers that may take new work (draining ones may not). O(n): not for hot paths."""
-        return [w for w in self._workers.values() if w.alive and not w.draining and w.model == model
+        return [w for w in self._workers.values() if self.placeable(w) and w.model == model
                 and w.role is role and (scenario is None or w.scenario == scenario)]
 
     def has_placeable(self, model: str, scenario: str | None) -> bool:

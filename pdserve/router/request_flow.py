@@ -72,13 +72,13 @@ class RequestFlow:
             async for chunk in stream:
                 yield chunk
         finally:
-            self.dispatcher.on_decode_done(placement.decode_id)
+            self.dispatcher.on_finish(placement)
 
     async def _place_and_reserve(self, request, max_tokens: int, scenario: str):
         excluded: set[str] = set()
         for attempt in range(_MAX_PLACEMENT_TRIES):
-            placement = self._place(request.model, len(request.prompt_token_ids), max_tokens, frozenset(excluded),
-                                    scenario)
+            placement = self._place(request.req_id, request.model, len(request.prompt_token_ids), max_tokens,
+                                    frozenset(excluded), scenario)
             if not placement.disaggregated:
                 return placement, None
             try:
@@ -92,10 +92,11 @@ class RequestFlow:
                 raise RouteFailed(exc.code(), f"decode worker refused: {exc.details()}") from exc
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _place(self, model: str, num_prompt_tokens: int, max_tokens: int, excluded: frozenset[str],
+    def _place(self, req_id: str, model: str, num_prompt_tokens: int, max_tokens: int, excluded: frozenset[str],
                scenario: str) -> Placement:
         try:
-            return self.dispatcher.place(model, num_prompt_tokens, max_tokens, excluded, scenario=scenario)
+            return self.dispatcher.place(model, num_prompt_tokens, max_tokens, excluded, scenario=scenario,
+                                         req_id=req_id)
         except NoWorkers as exc:
             raise RouteFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         except NoCapacity as exc:

@@ -120,7 +120,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def Heartbeat(self, request, context):
         known = self.registry.heartbeat(request.worker_id, request.load.num_free_kv_blocks,
-                                        request.load.num_active_requests, self.clock.now_s())
+                                        request.load.num_active_requests, self.clock.now_s(),
+                                        frozenset(request.load.held_req_ids))
         return router_pb2.HeartbeatResponse(known=known)
 
     async def ListWorkers(self, request, context):

@@ -148,7 +148,7 @@ class Simulation:
             self.controller.observe(r.scenario, self.now_s, r.input_tokens, r.output_tokens)
         started = time.perf_counter()
         try:
-            p = self.dispatcher.place(_MODEL, r.input_tokens, r.output_tokens, scenario=r.scenario)
+            p = self.dispatcher.place(_MODEL, r.input_tokens, r.output_tokens, scenario=r.scenario, req_id=r.req_id)
         except (NoCapacity, NoWorkers):
             r.rejected = True
             return
@@ -180,7 +180,7 @@ class Simulation:
                 return
         # Every offer refused: the client gets 429 at once instead of a queue it cannot leave.
         self.dispatcher.on_prefill_done(current)
-        self.dispatcher.on_decode_done(p.decode_id)
+        self.dispatcher.on_finish(p)
         self._jobs.pop(r.req_id, None)
         r.rejected = True
 
@@ -263,13 +263,15 @@ class Simulation:
 
     def _finish(self, w: _Worker, r: SimRequest) -> None:
         r.finish_s = self.now_s
-        self.dispatcher.on_decode_done(w.rec.worker_id)
+        self.dispatcher.on_decode_done(w.rec.worker_id, r.req_id)
 
     # ---- control ----
     def _heartbeat(self) -> None:
         for w in self.workers.values():
             self._advance(w)
             used = int(self._kv_tokens(w) // _BLOCK_TOKENS)
+            # Simplification kept from the first simulator: a simulated decode worker does not reserve
+            # KV for requests still in prefill, and each heartbeat counts every placement as seen.
             self.registry.heartbeat(w.rec.worker_id, w.rec.num_total_kv_blocks - used, len(w.batch), self.now_s)
 
     def _control(self) -> None:

@@ -42,12 +42,14 @@ class RegisterResponse(_message.Message):
     def __init__(self, lease_s: _Optional[float] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("num_free_kv_blocks", "num_active_requests")
+    __slots__ = ("num_free_kv_blocks", "num_active_requests", "held_req_ids")
     NUM_FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    HELD_REQ_IDS_FIELD_NUMBER: _ClassVar[int]
     num_free_kv_blocks: int
     num_active_requests: int
-    def __init__(self, num_free_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ...) -> None: ...
+    held_req_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, num_free_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., held_req_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "load")

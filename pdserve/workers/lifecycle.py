@@ -47,6 +47,7 @@ class WorkerRequest:
     created_s: float
     stage: Stage
     staging: torch.Tensor | None = None          # [L, 2, T, KV, D], remote KV lands here
+    admitted: bool = False                       # its blocks are taken (counted in the free count)
     receiver: BaseKVReceiver | None = None
 
 
@@ -69,6 +70,10 @@ class RequestLifecycle:
 
     def get(self, req_id: str) -> WorkerRequest | None:
         return self._requests.get(req_id)
+
+    def admitted_ids(self) -> list[str]:
+        """Requests whose blocks are taken: what the worker's free-block count already reflects."""
+        return [r.req_id for r in self._requests.values() if r.admitted]
 
     def num_in(self, stage: Stage) -> int:
         return sum(r.stage is stage for r in self._requests.values())
@@ -101,6 +106,7 @@ class RequestLifecycle:
         except BaseException:
             self._requests.pop(req_id, None)
             raise
+        req.admitted = True
         return req
 
     def claim(self, req_id: str) -> WorkerRequest | None:

@@ -32,10 +32,13 @@ async def keep_registered(service: WorkerService, router_address: str, ad: Adver
                 lease_s = await _register(stub, service, ad)
                 while True:
                     await asyncio.sleep(lease_s / 3)
+                    # Ids first, then the free count: a request admitted in between is counted twice
+                    # until the next heartbeat (too cautious), never missed.
+                    held_req_ids = service.requests.admitted_ids()
                     info = await service.GetInfo(worker_pb2.GetInfoRequest(), None)
                     resp = await stub.Heartbeat(router_pb2.HeartbeatRequest(
                         worker_id=service.worker_id, load=router_pb2.WorkerLoad(
-                            num_free_kv_blocks=info.num_free_kv_blocks,
+                            num_free_kv_blocks=info.num_free_kv_blocks, held_req_ids=held_req_ids,
                             num_active_requests=info.num_active_requests)), timeout=lease_s)
                     if not resp.known:
                         log.warning("router forgot worker %s; registering again", service.worker_id)

@@ -61,6 +61,49 @@ def test_router_accounting_spreads_a_burst_until_the_next_heartbeat(clock):
     assert disp.place("m", 200, 200).decode_id == "d1"
 
 
+def test_short_requests_faster_than_heartbeats_are_never_refused(clock):
+    reg = WorkerRegistry(3.0)
+    for w in (make_worker("d", Role.DECODE, 30), make_worker("p", Role.PREFILL)):
+        reg.register(w, clock.now_s())
+    disp = Dispatcher(reg)
+    for i in range(1000):                                # no heartbeat in between: each finishes first
+        p = disp.place("m", 100, 100, req_id=f"r{i}")
+        disp.on_start(p)
+        disp.on_prefill_done(p.prefill_id)
+        disp.on_finish(p)
+    assert reg.get("d").est_free_blocks == 30
+
+
+def test_a_heartbeat_keeps_placements_the_worker_has_not_seen(clock):
+    reg = WorkerRegistry(3.0)
+    reg.register(make_worker("d", Role.DECODE, 100), clock.now_s())
+    reg.register(make_worker("p", Role.PREFILL), clock.now_s())
+    disp = Dispatcher(reg)
+    p = disp.place("m", 100, 100, req_id="r")              # 13 blocks
+    disp.on_start(p)
+    d = reg.get("d")
+    reg.heartbeat("d", 100, 0, clock.now_s(), held_req_ids=frozenset())   # sent before the worker admitted it
+    assert d.est_free_blocks == 87
+    reg.heartbeat("d", 87, 1, clock.now_s(), held_req_ids=frozenset({"r"}))
+    assert d.est_free_blocks == 87                        # counted once, by the worker now
+    disp.on_finish(p)
+    assert d.est_free_blocks == 87                        # the worker still held it at its last count
+    reg.heartbeat("d", 100, 0, clock.now_s(), held_req_ids=frozenset())
+    assert d.est_free_blocks == 100
+
+
+def test_a_suspect_worker_gets_no_work_until_it_heartbeats(clock):
+    reg = WorkerRegistry(3.0)
+    for w in (make_worker("d1", Role.DECODE, 90), make_worker("d2", Role.DECODE, 40), make_worker("p", Role.PREFILL)):
+        reg.register(w, clock.now_s())
+    disp = Dispatcher(reg)
+    assert disp.place("m", 10, 10).decode_id == "d1"
+    reg.mark_suspect("d1")
+    assert disp.place("m", 10, 10).decode_id == "d2"
+    reg.heartbeat("d1", 90, 0, clock.now_s())
+    assert disp.place("m", 10, 10).decode_id == "d1"
+
+
 def test_common_backend_and_aggregated_fallback(clock):
     reg = WorkerRegistry(3.0)
     reg.register(make_worker("d", Role.DECODE, backends=("tcp",)), clock.now_s())
