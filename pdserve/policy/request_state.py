@@ -1,7 +1,9 @@
 """The router's state machine for one request, with legal transitions only.
 
 RECEIVED -> PLACED -> (WAITING_FOR_KV ->) DECODING -> FINISHED, or FAILED / CANCELLED from any
-non-terminal state. Timestamps come from the caller's clock.
+non-terminal state. A worker failure moves a placed request to MIGRATING, and from there it is
+placed again (on other workers, continuing after the tokens already streamed). Timestamps come
+from the caller's clock.
 """
 from __future__ import annotations
 
@@ -14,17 +16,19 @@ class RequestState(enum.Enum):
     PLACED = "placed"
     WAITING_FOR_KV = "waiting_for_kv"   # prefill running, KV streaming to the decode worker
     DECODING = "decoding"
+    MIGRATING = "migrating"             # its worker failed; being placed again
     FINISHED = "finished"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
 
+_ENDS = {RequestState.FAILED, RequestState.CANCELLED}
 _TRANSITIONS = {
-    RequestState.RECEIVED: {RequestState.PLACED, RequestState.FAILED, RequestState.CANCELLED},
-    RequestState.PLACED: {RequestState.WAITING_FOR_KV, RequestState.DECODING, RequestState.FAILED,
-                          RequestState.CANCELLED},
-    RequestState.WAITING_FOR_KV: {RequestState.DECODING, RequestState.FAILED, RequestState.CANCELLED},
-    RequestState.DECODING: {RequestState.FINISHED, RequestState.FAILED, RequestState.CANCELLED},
+    RequestState.RECEIVED: {RequestState.PLACED, *_ENDS},
+    RequestState.PLACED: {RequestState.WAITING_FOR_KV, RequestState.DECODING, RequestState.MIGRATING, *_ENDS},
+    RequestState.WAITING_FOR_KV: {RequestState.DECODING, RequestState.MIGRATING, *_ENDS},
+    RequestState.DECODING: {RequestState.FINISHED, RequestState.MIGRATING, *_ENDS},
+    RequestState.MIGRATING: {RequestState.PLACED, *_ENDS},
 }
 TERMINAL = frozenset({RequestState.FINISHED, RequestState.FAILED, RequestState.CANCELLED})
 

@@ -33,26 +33,50 @@ log = logging.getLogger("pdserve.router")
 # One retry on another decode worker when the chosen one refuses for capacity (stale heartbeat).
 _MAX_PLACEMENT_TRIES = 2
 _ABORT_TIMEOUT_S = 2.0
+_CONTROL_CALL_TIMEOUT_S = 10.0     # ReserveKV: a hung decode worker must not hold the request
+_HEALTH_CHECK_TIMEOUT_S = 1.0
+# Codes that say a worker (or the transfer between two) failed, not the request itself.
+_WORKER_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+                              grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 StubFor = Callable[[str], worker_pb2_grpc.WorkerStub]
 
 
 class RouteFailed(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str):
+    """`worker_ids`: the workers of the failed attempt (None when no worker failed, e.g. every
+    prefill worker refused or nothing could be placed): migration checks their health."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, worker_ids: tuple[str, ...] | None = None):
         super().__init__(details)
         self.code = code
         self.details = details
+        self.worker_ids = worker_ids
+
+
+def _attempt_request(request: router_pb2.RouteRequest, attempt: int, streamed: list[int]) -> router_pb2.RouteRequest:
+    """The request as the workers of one attempt see it. A retry gets its own id on the workers
+    (the failed attempt's KV may still be being released there) and, after tokens were streamed,
+    continues from them: they join the prompt and are replayed, not sent again."""
+    if attempt == 0:
+        return request
+    wreq = router_pb2.RouteRequest()
+    wreq.CopyFrom(request)
+    wreq.req_id = f"{request.req_id}.m{attempt}"
+    wreq.prompt_token_ids.extend(streamed)
+    wreq.resume_output_token_ids.extend(streamed)
+    return wreq
 
 
 class RequestFlow:
     def __init__(self, dispatcher: Dispatcher, stub_for: StubFor, clock: Clock, scenarios: ScenarioClassifier,
-                 controller: RatioController | None = None, max_prefill_offers: int = 3):
+                 controller: RatioController | None = None, max_prefill_offers: int = 3, max_migrations: int = 3):
         self.dispatcher = dispatcher
         self._stub = stub_for
         self.clock = clock
         self.scenarios = scenarios
         self.controller = controller
         self.max_prefill_offers = max_prefill_offers
+        self.max_migrations = max_migrations
 
     async def run(self, request: router_pb2.RouteRequest, tracker: RequestTracker) -> AsyncIterator[worker_pb2.TokenChunk]:
         max_tokens = request.sampling.max_tokens or 16
@@ -61,7 +85,38 @@ class RequestFlow:
             self.controller.observe(scenario, self.clock.now_s(), len(request.prompt_token_ids), max_tokens)
         if not request.ttft_slo_ms and scenario in self.scenarios.specs:
             request.ttft_slo_ms = self.scenarios.spec(scenario).ttft_slo_ms
-        placement, reservation = await self._place_and_reserve(request, max_tokens, scenario)
+        streamed: list[int] = []        # tokens the client already has: a migration continues after them
+        excluded: set[str] = set()
+        for attempt in range(self.max_migrations + 1):
+            wreq = _attempt_request(request, attempt, streamed)
+            try:
+                async for chunk in self._attempt(wreq, max_tokens - len(streamed), scenario, tracker, excluded):
+                    streamed.extend(chunk.token_ids)
+                    yield chunk
+                return
+            except RouteFailed as exc:
+                if exc.worker_ids is None or exc.code not in _WORKER_FAILURES or attempt == self.max_migrations:
+                    raise
+                excluded |= await self._suspects(exc.worker_ids)
+                tracker.to(RequestState.MIGRATING, self.clock.now_s(), exc.details)
+                log.warning("request %s: migrating after %d streamed tokens (%s); suspect workers: %s",
+                            request.req_id, len(streamed), exc.details, sorted(excluded) or "none")
+
+    async def _suspects(self, worker_ids: tuple[str, ...]) -> set[str]:
+        """Which of the workers involved in a failure are gone: marked suspect (no new work until
+        they heartbeat again) and kept out of this request's next placement."""
+        gone = set()
+        for worker_id in worker_ids:
+            try:
+                await self._stub(worker_id).GetInfo(worker_pb2.GetInfoRequest(), timeout=_HEALTH_CHECK_TIMEOUT_S)
+            except grpc.aio.AioRpcError:
+                self.dispatcher.registry.mark_suspect(worker_id)
+                gone.add(worker_id)
+        return gone
+
+    async def _attempt(self, request, max_tokens: int, scenario: str, tracker: RequestTracker,
+                       excluded: set[str]) -> AsyncIterator[worker_pb2.TokenChunk]:
+        placement, reservation = await self._place_and_reserve(request, max_tokens, scenario, excluded)
         tracker.to(RequestState.PLACED, self.clock.now_s())
         log.info("request %s placed: scenario=%s prefill=%s decode=%s backend=%s", request.req_id, scenario,
                  placement.prefill_id, placement.decode_id, placement.kv_backend)
@@ -71,11 +126,16 @@ class RequestFlow:
                       else self._aggregated(request, placement, tracker))
             async for chunk in stream:
                 yield chunk
+        except RouteFailed as exc:
+            if exc.worker_ids is not None or exc.code in _WORKER_FAILURES:
+                # Every worker of the placement is a suspect until it answers a health check.
+                exc.worker_ids = tuple(w for w in (placement.prefill_id, placement.decode_id) if w)
+            raise
         finally:
             self.dispatcher.on_finish(placement)
 
-    async def _place_and_reserve(self, request, max_tokens: int, scenario: str):
-        excluded: set[str] = set()
+    async def _place_and_reserve(self, request, max_tokens: int, scenario: str, excluded: set[str]):
+        excluded = set(excluded)
         for attempt in range(_MAX_PLACEMENT_TRIES):
             placement = self._place(request.req_id, request.model, len(request.prompt_token_ids), max_tokens,
                                     frozenset(excluded), scenario)
@@ -84,12 +144,13 @@ class RequestFlow:
             try:
                 return placement, await self._stub(placement.decode_id).ReserveKV(worker_pb2.ReserveKVRequest(
                     req_id=request.req_id, num_prompt_tokens=len(request.prompt_token_ids),
-                    backend=placement.kv_backend))
+                    backend=placement.kv_backend), timeout=_CONTROL_CALL_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and attempt + 1 < _MAX_PLACEMENT_TRIES:
                     excluded.add(placement.decode_id)
                     continue
-                raise RouteFailed(exc.code(), f"decode worker refused: {exc.details()}") from exc
+                raise RouteFailed(exc.code(), f"decode worker refused: {exc.details()}",
+                                  (placement.decode_id,)) from exc
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _place(self, req_id: str, model: str, num_prompt_tokens: int, max_tokens: int, excluded: frozenset[str],
@@ -106,7 +167,7 @@ class RequestFlow:
         tracker.to(RequestState.DECODING, self.clock.now_s())
         call = self._stub(placement.decode_id).Generate(worker_pb2.GenerateRequest(
             req_id=request.req_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
-            ttft_slo_ms=request.ttft_slo_ms))
+            ttft_slo_ms=request.ttft_slo_ms, resume_output_token_ids=request.resume_output_token_ids))
         async for chunk in self._relay(call, placement.decode_id, request.req_id, tracker):
             yield chunk
 
@@ -114,7 +175,7 @@ class RequestFlow:
         tracker.to(RequestState.WAITING_FOR_KV, self.clock.now_s())
         call = self._stub(placement.decode_id).Generate(worker_pb2.GenerateRequest(
             req_id=request.req_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
-            remote_prefill=True))
+            remote_prefill=True, resume_output_token_ids=request.resume_output_token_ids))
         prefill = asyncio.ensure_future(self._forward_prefill(request, placement, reservation))
         try:
             first = asyncio.ensure_future(call.read())
@@ -152,7 +213,7 @@ class RequestFlow:
                     return await self._stub(prefill_id).Prefill(worker_pb2.PrefillRequest(
                         req_id=request.req_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
                         target=reservation.endpoint, transfer_id=reservation.transfer_id,
-                        ttft_slo_ms=request.ttft_slo_ms))
+                        ttft_slo_ms=request.ttft_slo_ms, resume_output_token_ids=request.resume_output_token_ids))
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
                         raise RouteFailed(exc.code(), f"prefill failed on {prefill_id}: {exc.details()}") from exc

@@ -66,7 +66,7 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, known: _Optional[bool] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("req_id", "model", "prompt_token_ids", "sampling", "timeout_s", "ttft_slo_ms", "scenario_header", "tenant")
+    __slots__ = ("req_id", "model", "prompt_token_ids", "sampling", "timeout_s", "ttft_slo_ms", "scenario_header", "tenant", "resume_output_token_ids")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class RouteRequest(_message.Message):
     TTFT_SLO_MS_FIELD_NUMBER: _ClassVar[int]
     SCENARIO_HEADER_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -83,7 +84,8 @@ class RouteRequest(_message.Message):
     ttft_slo_ms: float
     scenario_header: str
     tenant: str
-    def __init__(self, req_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_worker_pb2.SamplingParams, _Mapping]] = ..., timeout_s: _Optional[float] = ..., ttft_slo_ms: _Optional[float] = ..., scenario_header: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+    resume_output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, req_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_worker_pb2.SamplingParams, _Mapping]] = ..., timeout_s: _Optional[float] = ..., ttft_slo_ms: _Optional[float] = ..., scenario_header: _Optional[str] = ..., tenant: _Optional[str] = ..., resume_output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

@@ -74,20 +74,22 @@ class ReserveKVResponse(_message.Message):
     def __init__(self, endpoint: _Optional[_Union[KVEndpoint, _Mapping]] = ..., transfer_id: _Optional[int] = ..., lease_s: _Optional[float] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("req_id", "prompt_token_ids", "sampling", "target", "transfer_id", "ttft_slo_ms")
+    __slots__ = ("req_id", "prompt_token_ids", "sampling", "target", "transfer_id", "ttft_slo_ms", "resume_output_token_ids")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     TTFT_SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     target: KVEndpoint
     transfer_id: int
     ttft_slo_ms: float
-    def __init__(self, req_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., target: _Optional[_Union[KVEndpoint, _Mapping]] = ..., transfer_id: _Optional[int] = ..., ttft_slo_ms: _Optional[float] = ...) -> None: ...
+    resume_output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, req_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., target: _Optional[_Union[KVEndpoint, _Mapping]] = ..., transfer_id: _Optional[int] = ..., ttft_slo_ms: _Optional[float] = ..., resume_output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("req_id", "first_token_id", "prefill_ms", "kv_bytes", "transfer_tail_ms")
@@ -104,18 +106,20 @@ class PrefillResponse(_message.Message):
     def __init__(self, req_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., transfer_tail_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("req_id", "prompt_token_ids", "sampling", "remote_prefill", "ttft_slo_ms")
+    __slots__ = ("req_id", "prompt_token_ids", "sampling", "remote_prefill", "ttft_slo_ms", "resume_output_token_ids")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     REMOTE_PREFILL_FIELD_NUMBER: _ClassVar[int]
     TTFT_SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     remote_prefill: bool
     ttft_slo_ms: float
-    def __init__(self, req_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., remote_prefill: _Optional[bool] = ..., ttft_slo_ms: _Optional[float] = ...) -> None: ...
+    resume_output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, req_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., remote_prefill: _Optional[bool] = ..., ttft_slo_ms: _Optional[float] = ..., resume_output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("req_id", "token_ids", "text", "finish_reason", "num_prompt_tokens", "num_generated_tokens", "kv_transfer_bytes", "prefill_ms")

@@ -97,15 +97,22 @@ class Engine:
         cfg = self.config
         return torch.empty(cfg.num_layers, 2, num_prompt_tokens, cfg.num_kv_heads, cfg.head_dim)
 
-    def start(self, req_id: str, prompt_ids: list[int], layers: Seq[torch.Tensor], params: SamplingConfig,
-              first_token_id: int) -> Delta:
-        """Import a prefilled prompt's KV into the blocks `admit()` took and join the batch."""
+    def start(self, req_id: str, kv_token_ids: list[int], layers: Seq[torch.Tensor], params: SamplingConfig,
+              first_token_id: int, resume_output_ids: Seq[int] = ()) -> Delta:
+        """Import a prefilled prompt's KV into the blocks `admit()` took and join the batch.
+
+        `kv_token_ids` are the tokens the KV covers: the prompt, then (after a migration) the
+        `resume_output_ids` a client already received; those are replayed into the output state
+        without being emitted again, so stop sequences, max_tokens and seeded sampling carry on."""
         for layer, kv in enumerate(layers):
             self.cache.import_layer(req_id, layer, kv)
+        prompt_ids = list(kv_token_ids[:len(kv_token_ids) - len(resume_output_ids)])
         output = OutputProcessor(self.loaded.tokenizer, params, len(prompt_ids), self.config.max_position_tokens)
+        for token in resume_output_ids:
+            output.add(token)
         delta = output.add(first_token_id)
         if delta.finish is None:
-            self.running[req_id] = Sequence(req_id, list(prompt_ids), params, output, first_token_id)
+            self.running[req_id] = Sequence(req_id, prompt_ids, params, output, first_token_id)
         return delta
 
     # ---- one decode step: schedule -> run -> postprocess ----

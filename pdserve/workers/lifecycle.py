@@ -117,10 +117,11 @@ class RequestLifecycle:
         req.stage = Stage.RECEIVING
         return req
 
-    async def start(self, req: WorkerRequest, prompt_ids: list[int], layers, params: SamplingConfig,
-                    first_token_id: int) -> Delta:
+    async def start(self, req: WorkerRequest, kv_token_ids: list[int], layers, params: SamplingConfig,
+                    first_token_id: int, resume_output_ids: list[int]) -> Delta:
         """KV imported into the pool and the sequence in the batch; the staging copy goes at once."""
-        delta = await self._run(self.engine.start, req.req_id, prompt_ids, layers, params, first_token_id)
+        delta = await self._run(self.engine.start, req.req_id, kv_token_ids, layers, params, first_token_id,
+                                resume_output_ids)
         req.stage, req.staging, req.receiver = Stage.DECODING, None, None
         return delta
 

@@ -82,8 +82,9 @@ class PrefillSide:
         self.default_ttft_slo_ms = default_ttft_slo_ms
 
     async def compute(self, req_id: str, prompt_ids: list[int], params: SamplingConfig, ttft_slo_ms: float,
-                      on_layer: LayerCallback, admission: bool) -> Prefilled:
-        """Raises Rejected when `admission` is on and the scheduler predicts a missed deadline."""
+                      on_layer: LayerCallback, admission: bool, first_output_index: int = 0) -> Prefilled:
+        """Raises Rejected when `admission` is on and the scheduler predicts a missed deadline.
+        `first_output_index`: which output token the sampled one is (non-zero after a migration)."""
         started = self.clock.now_s()
         deadline_s = started + (ttft_slo_ms or self.default_ttft_slo_ms) / 1e3
         future = self.runner.submit(req_id, prompt_ids, deadline_s, on_layer, admission=admission)
@@ -93,7 +94,7 @@ class PrefillSide:
             if self.runner.cancel(req_id):
                 log.info("request %s: cancelled before its prefill started", req_id)
             raise
-        return Prefilled(sample_token(logits, params, 0), self.clock.now_s() - started)
+        return Prefilled(sample_token(logits, params, first_output_index), self.clock.now_s() - started)
 
     async def prefill_and_send(self, request: worker_pb2.PrefillRequest, context) -> worker_pb2.PrefillResponse:
         agent = self.agents.get(request.target.backend)
@@ -106,7 +107,8 @@ class PrefillSide:
         try:
             try:
                 result = await self.compute(request.req_id, ids, params, request.ttft_slo_ms, link.send_layer,
-                                            admission=request.ttft_slo_ms > 0)
+                                            admission=request.ttft_slo_ms > 0,
+                                            first_output_index=len(request.resume_output_token_ids))
             except Rejected as exc:
                 # Nothing was sent: the decode worker's receiver stays armed for another prefill worker.
                 log.info("request %s: rejected for on-demand forwarding: %s", request.req_id, exc)

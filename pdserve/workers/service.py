@@ -138,7 +138,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             endpoint=worker_pb2.KVEndpoint(backend=request.backend, address=agent.address()),
             transfer_id=layout.transfer_id, lease_s=self._lease_s)
 
-    async def _receive(self, req, prompt_ids: list[int], params, context) -> Delta:
+    async def _receive(self, req, prompt_ids: list[int], resume: list[int], params, context) -> Delta:
         """Wait for a claimed reservation's KV, then start decoding it."""
         rx = req.receiver
         if req.num_prompt_tokens != len(prompt_ids):
@@ -151,18 +151,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if trailer.req_id != req.req_id:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"KV transfer carried request {trailer.req_id!r}, expected {req.req_id!r}")
-        return await self.requests.start(req, prompt_ids, req.staging, params, trailer.first_token_id)
+        return await self.requests.start(req, prompt_ids, req.staging, params, trailer.first_token_id, resume)
 
-    async def _prefill_local(self, req, prompt_ids: list[int], params, ttft_slo_ms: float) -> Delta:
+    async def _prefill_local(self, req, prompt_ids: list[int], resume: list[int], params, ttft_slo_ms: float) -> Delta:
         layers: list = [None] * self.engine.config.num_layers
         # No other worker to forward to: FlowPrefill orders by the deadline but never refuses here.
         result = await self.prefill.compute(req.req_id, prompt_ids, params, ttft_slo_ms, layers.__setitem__,
-                                            admission=False)
-        return await self.requests.start(req, prompt_ids, layers, params, result.first_token_id)
+                                            admission=False, first_output_index=len(resume))
+        return await self.requests.start(req, prompt_ids, layers, params, result.first_token_id, resume)
 
     # ---- generation ----
     async def Generate(self, request, context):
         req_id, prompt_ids = request.req_id, list(request.prompt_token_ids)
+        resume = list(request.resume_output_token_ids)
         if not req_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "req_id is required")
         if req_id in self._streams:
@@ -175,15 +176,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 held = self.requests.claim(req_id)
                 if held is None:
                     await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown request id {req_id!r}: call ReserveKV first")
-                delta = await self._receive(held, prompt_ids, params, context)
+                delta = await self._receive(held, prompt_ids, resume, params, context)
             else:
                 held = await self._admit_local(req_id, len(prompt_ids), context)
-                delta = await self._prefill_local(held, prompt_ids, params, request.ttft_slo_ms)
+                delta = await self._prefill_local(held, prompt_ids, resume, params, request.ttft_slo_ms)
             self._wakeup.set()
-            num_generated = 0
+            num_generated, num_prompt_tokens = len(resume), len(prompt_ids) - len(resume)
             while True:
                 num_generated += len(delta.token_ids)
-                yield self._chunk(req_id, delta, len(prompt_ids), num_generated)
+                yield self._chunk(req_id, delta, num_prompt_tokens, num_generated)
                 if delta.finish is not None:
                     reason = f"finished ({delta.finish.value}, {num_generated} tokens)"
                     return
@@ -201,6 +202,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def _params_or_drop(self, request, prompt_ids: list[int], context):
         try:
+            resume = list(request.resume_output_token_ids)
+            if resume and (len(resume) >= len(prompt_ids) or prompt_ids[-len(resume):] != resume):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "resume_output_token_ids must end the prompt and leave a prompt before them")
             return await checked_params(self.engine, prompt_ids, request.sampling, context)
         except BaseException:
             if request.remote_prefill:   # a rejected decode request must not hold its reservation
