@@ -65,6 +65,9 @@ class RouterSettings(_Section):
     port: int = Field(50050, ge=0, le=65535, description="Router gRPC port; 0 picks a free one")
     lease_s: float = Field(6.0, gt=0, description="A worker silent for this long is marked dead")
     request_timeout_s: float = Field(600.0, gt=0, description="Deadline of one request end to end")
+    max_migrations: int = Field(3, ge=0, description="Times one request may move to other workers after failures")
+    decode_stall_timeout_s: float = Field(
+        10.0, gt=0, description="A stream with no token for this long (after its first) counts as a failed worker")
     kv_backend_preference: list[Literal["ucx", "tcp", "fake"]] = Field(
         ["ucx", "tcp"], description="First backend both workers serve is used for a transfer")
     admin_token: str = Field("", description="Bearer token of the gRPC Admin API; empty disables it")

@@ -37,7 +37,8 @@ async def serve(cfg: PDServeConfig) -> None:
                             rc.request_timeout_s, record_event=store.record_worker_event,
                             scenarios=scenarios, controller=controller, control_interval_s=rc.control_interval_s,
                             record_change=lambda p: store.add_ratio_change(p.scenario, p.old, p.new, p.reason_text,
-                                                                           p.inputs))
+                                                                           p.inputs),
+                            max_migrations=rc.max_migrations, decode_stall_timeout_s=rc.decode_stall_timeout_s)
     server = grpc.aio.server()
     port = server.add_insecure_port(f"{rc.host}:{rc.port}")
     router_pb2_grpc.add_RouterServicer_to_server(service, server)

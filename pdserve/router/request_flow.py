@@ -69,7 +69,8 @@ def _attempt_request(request: router_pb2.RouteRequest, attempt: int, streamed: l
 
 class RequestFlow:
     def __init__(self, dispatcher: Dispatcher, stub_for: StubFor, clock: Clock, scenarios: ScenarioClassifier,
-                 controller: RatioController | None = None, max_prefill_offers: int = 3, max_migrations: int = 3):
+                 controller: RatioController | None = None, max_prefill_offers: int = 3, max_migrations: int = 3,
+                 decode_stall_timeout_s: float = 10.0):
         self.dispatcher = dispatcher
         self._stub = stub_for
         self.clock = clock
@@ -77,6 +78,7 @@ class RequestFlow:
         self.controller = controller
         self.max_prefill_offers = max_prefill_offers
         self.max_migrations = max_migrations
+        self.decode_stall_timeout_s = decode_stall_timeout_s
 
     async def run(self, request: router_pb2.RouteRequest, tracker: RequestTracker) -> AsyncIterator[worker_pb2.TokenChunk]:
         max_tokens = request.sampling.max_tokens or 16
@@ -235,10 +237,16 @@ class RequestFlow:
             pass
 
     async def _relay(self, call, decode_id: str, req_id: str, tracker: RequestTracker, first=None):
+        started = False     # before the first token a prompt may be queued or computing: no stall limit
         try:
             while True:
-                chunk = await (first if first is not None else call.read())
-                first = None
+                if first is not None:
+                    chunk, first = await first, None
+                elif started:   # after the first token, silence means a hung worker (a stopped process)
+                    chunk = await self._next_or_stall(call, decode_id)
+                else:
+                    chunk = await call.read()
+                started = True
                 if chunk is grpc.aio.EOF:
                     return
                 if tracker.state is RequestState.WAITING_FOR_KV:
@@ -250,3 +258,10 @@ class RequestFlow:
         finally:
             if not call.done():
                 await self._abort_decode(call, decode_id, req_id)
+
+    async def _next_or_stall(self, call, decode_id: str):
+        try:
+            return await asyncio.wait_for(call.read(), self.decode_stall_timeout_s)
+        except TimeoutError:
+            raise RouteFailed(grpc.StatusCode.UNAVAILABLE, f"worker {decode_id} sent no token for "
+                              f"{self.decode_stall_timeout_s:.0f} s") from None

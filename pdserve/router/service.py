@@ -32,7 +32,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(self, registry: WorkerRegistry, dispatcher: Dispatcher, clock: Clock, request_timeout_s: float,
                  record_event: Callable[[str, str, str, str], None] | None = None, max_prefill_offers: int = 3,
                  scenarios: ScenarioClassifier | None = None, controller: RatioController | None = None,
-                 control_interval_s: float = 5.0, record_change: Callable | None = None):
+                 control_interval_s: float = 5.0, record_change: Callable | None = None, max_migrations: int = 3,
+                 decode_stall_timeout_s: float = 10.0):
         self.registry = registry
         self.scenarios = scenarios or ScenarioClassifier()
         self.controller = controller or RatioController()
@@ -48,7 +49,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._expiry_task: asyncio.Task | None = None
         self.trackers: dict[str, RequestTracker] = {}
-        self.flow = RequestFlow(dispatcher, self._stub, clock, self.scenarios, self.controller, max_prefill_offers)
+        self.flow = RequestFlow(dispatcher, self._stub, clock, self.scenarios, self.controller, max_prefill_offers,
+                                max_migrations, decode_stall_timeout_s)
 
     async def start(self) -> None:
         self._expiry_task = asyncio.create_task(self._expire_loop())
