@@ -57,6 +57,8 @@ class WorkerSettings(_Section):
     batch_budget_tokens: int = Field(512, gt=0, description="FlowPrefill batches short prompts up to this")
     default_ttft_slo_ms: float = Field(2000.0, gt=0, description="TTFT deadline when a request names none")
     router_address: str = Field("", description="host:port of the router to register with; empty: standalone")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: after deregistering, how long in-flight requests may take to finish")
     advertise_host: str = Field("", description="Host other components use to reach this worker; empty: host")
 
 

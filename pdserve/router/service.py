@@ -126,6 +126,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                         frozenset(request.load.held_req_ids))
         return router_pb2.HeartbeatResponse(known=known)
 
+    async def Deregister(self, request, context):
+        rec = self.registry.get(request.worker_id)
+        if rec is None:
+            return router_pb2.DeregisterResponse(known=False)
+        self.registry.set_draining(rec, True)
+        log.info("worker %s is shutting down; no new work goes to it", rec.worker_id)
+        self._history(rec.worker_id, rec.role.value, "deregistered", "shutting down")
+        return router_pb2.DeregisterResponse(known=True)
+
     async def ListWorkers(self, request, context):
         now = self.clock.now_s()
         return router_pb2.ListWorkersResponse(workers=[

@@ -45,6 +45,11 @@ class RouterStub:
                 request_serializer=pdserve_dot_v1_dot_router__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_router__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Deregister = channel.unary_unary(
+                '/pdserve.v1.Router/Deregister',
+                request_serializer=pdserve_dot_v1_dot_router__pb2.DeregisterRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_router__pb2.DeregisterResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/pdserve.v1.Router/Generate',
                 request_serializer=pdserve_dot_v1_dot_router__pb2.RouteRequest.SerializeToString,
@@ -68,6 +73,13 @@ class RouterServicer:
 
     def Heartbeat(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Deregister(self, request, context):
+        """A worker shutting down: no new work goes to it; what it already has may finish.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -98,6 +110,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=pdserve_dot_v1_dot_router__pb2.HeartbeatRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_router__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Deregister': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deregister,
+                    request_deserializer=pdserve_dot_v1_dot_router__pb2.DeregisterRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_router__pb2.DeregisterResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
@@ -164,6 +181,33 @@ class Router:
             '/pdserve.v1.Router/Heartbeat',
             pdserve_dot_v1_dot_router__pb2.HeartbeatRequest.SerializeToString,
             pdserve_dot_v1_dot_router__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deregister(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Router/Deregister',
+            pdserve_dot_v1_dot_router__pb2.DeregisterRequest.SerializeToString,
+            pdserve_dot_v1_dot_router__pb2.DeregisterResponse.FromString,
             options,
             channel_credentials,
             insecure,

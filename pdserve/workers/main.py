@@ -25,12 +25,13 @@ from pdserve.workers.engine import Engine
 from pdserve.workers.model.loader import load_model
 from pdserve.workers.prefill_runner import PrefillRunner
 from pdserve.workers.profiler import fit_cost_model, profile_decode
-from pdserve.workers.registration import Advertised, keep_registered
+from pdserve.workers.registration import Advertised, deregister, keep_registered
 from pdserve.workers.service import WorkerService
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 
 READY_MARKER = "PDSERVE_READY"
-_GRACE_S = 5.0
+_LAST_CALLS_GRACE_S = 1.0   # after draining: replies still on their way out
+_DRAIN_POLL_S = 0.05
 log = logging.getLogger("pdserve.worker")
 
 
@@ -106,9 +107,21 @@ async def serve(cfg: PDServeConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: draining for up to %.0f s", _GRACE_S)
+    await _drain(service, w, registration)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(_LAST_CALLS_GRACE_S)
+    await service.stop()
+
+
+async def _drain(service: WorkerService, w, registration: asyncio.Task | None) -> None:
+    """SIGTERM (what a Kubernetes pod gets): stop heartbeats, deregister so no new work arrives,
+    then let what is already here finish, up to the grace period."""
+    log.info("shutting down: draining for up to %.0f s", w.shutdown_grace_s)
     if registration is not None:
         registration.cancel()
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(_GRACE_S)
-    await service.stop()
+        await deregister(service, w.router_address)
+    deadline_s = service.clock.now_s() + w.shutdown_grace_s
+    while service.has_work and service.clock.now_s() < deadline_s:
+        await asyncio.sleep(_DRAIN_POLL_S)
+    if service.has_work:
+        log.warning("grace period over with requests still running; they will fail over")

@@ -59,3 +59,15 @@ async def _register(stub: router_pb2_grpc.RouterStub, service: WorkerService, ad
         timeout=5.0)
     log.info("registered with router as %s (lease %.1f s)", info.worker_id, resp.lease_s)
     return resp.lease_s
+
+
+async def deregister(service: WorkerService, router_address: str, timeout_s: float = 5.0) -> None:
+    """Tell the router to stop sending work here (shutdown); a router that cannot be reached will
+    find out from the missing heartbeats instead."""
+    try:
+        async with grpc.aio.insecure_channel(router_address) as channel:
+            await router_pb2_grpc.RouterStub(channel).Deregister(
+                router_pb2.DeregisterRequest(worker_id=service.worker_id), timeout=timeout_s)
+        log.info("deregistered from router %s", router_address)
+    except grpc.aio.AioRpcError as exc:
+        log.warning("could not deregister from router %s: %s", router_address, exc.code().name)

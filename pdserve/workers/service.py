@@ -77,6 +77,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             agent.close()
 
     @property
+    def has_work(self) -> bool:
+        """Requests holding KV here, prompts in (or queued for) the prefill scheduler, or KV still
+        being sent."""
+        return (len(self.requests) > 0 or self.prefill.runner.num_pending > 0
+                or any(a.num_active_transfers() for a in self.agents.values()))
+
+    @property
     def num_reservations(self) -> int:
         """KV reservations whose transfer or Generate call has not finished yet."""
         return self.requests.num_in(Stage.RESERVED) + self.requests.num_in(Stage.RECEIVING)
