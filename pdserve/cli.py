@@ -8,6 +8,9 @@ import logging
 import pathlib
 import sys
 import threading
+import time
+
+_SUPERVISE_POLL_S = 0.5   # how often `pdserve up` looks for exited components
 
 
 def _config(args: argparse.Namespace, overrides: dict | None = None):
@@ -47,15 +50,35 @@ def _up(args: argparse.Namespace) -> int:
     try:
         print(f"pdserve is up: {cluster.url}/v1  (OpenAI-compatible; model '{args.model}'). Ctrl-C stops it.",
               flush=True)
-        while not stop.wait(1.0):
-            dead = [p.name for p in cluster.processes if p.proc.poll() is not None]
-            if dead:
-                print(f"component(s) exited: {', '.join(dead)}; shutting down", file=sys.stderr)
-                return 1
+        _supervise(cluster, stop)
         return 0
     finally:
         print("stopping ...", flush=True)
         cluster.stop()
+
+
+def _supervise(cluster, stop: threading.Event) -> None:
+    """Restart a component that exits, with backoff, while the rest keeps serving."""
+    from pdserve.launch import RestartBackoff
+
+    backoff, due_s, num_restarts = RestartBackoff(), {}, 0
+    while not stop.wait(_SUPERVISE_POLL_S):
+        now_s = time.monotonic()
+        for p in list(cluster.processes):
+            if p.proc.poll() is None:
+                continue
+            if p.name not in due_s:
+                due_s[p.name] = now_s + backoff.delay_s(p.name, now_s)
+                print(f"{p.name} exited with code {p.proc.returncode}; restarting in "
+                      f"{due_s[p.name] - now_s:.1f} s", file=sys.stderr, flush=True)
+            elif now_s >= due_s[p.name] and not stop.is_set():
+                del due_s[p.name]
+                try:
+                    cluster.restart(p.name)
+                    num_restarts += 1
+                    print(f"{p.name} restarted ({num_restarts} restart(s) so far)", file=sys.stderr, flush=True)
+                except (RuntimeError, TimeoutError) as exc:
+                    print(f"{p.name} did not come back: {exc}", file=sys.stderr, flush=True)
 
 
 def _keys(args: argparse.Namespace) -> int:

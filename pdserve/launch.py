@@ -67,12 +67,32 @@ def start_process(name: str, args: list[str], env: dict[str, str] | None = None,
     return Process(name, proc, port_box[0], lines)
 
 
+def worker_env(model: str = "tiny", kv_backends: str = "ucx,tcp", router_address: str = "",
+               extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    return {"PDSERVE_MODEL__NAME": model, "PDSERVE_WORKER__PORT": "0",
+            "PDSERVE_KVTRANSFER__BACKENDS": "[" + ",".join(f'"{b}"' for b in kv_backends.split(",")) + "]",
+            "PDSERVE_WORKER__ROUTER_ADDRESS": router_address, **(extra_env or {})}
+
+
 def start_worker(role: str, model: str = "tiny", kv_backends: str = "ucx,tcp", router_address: str = "",
                  extra_env: dict[str, str] | None = None, name: str | None = None, echo: bool = False) -> Process:
-    env = {"PDSERVE_MODEL__NAME": model, "PDSERVE_WORKER__PORT": "0",
-           "PDSERVE_KVTRANSFER__BACKENDS": "[" + ",".join(f'"{b}"' for b in kv_backends.split(",")) + "]",
-           "PDSERVE_WORKER__ROUTER_ADDRESS": router_address, **(extra_env or {})}
+    env = worker_env(model, kv_backends, router_address, extra_env)
     return start_process(name or role, ["serve", role], env, echo=echo)
+
+
+class RestartBackoff:
+    """When a component that keeps dying may be started again: 0.5 s after its first exit,
+    doubling per further exit within `window_s`, at most `max_delay_s`."""
+
+    def __init__(self, base_s: float = 0.5, max_delay_s: float = 30.0, window_s: float = 60.0):
+        self.base_s, self.max_delay_s, self.window_s = base_s, max_delay_s, window_s
+        self._exits: dict[str, list[float]] = {}
+
+    def delay_s(self, name: str, now_s: float) -> float:
+        """Record an exit of `name` at `now_s` and return how long to wait before restarting it."""
+        recent = [t for t in self._exits.get(name, []) if now_s - t < self.window_s] + [now_s]
+        self._exits[name] = recent
+        return min(self.max_delay_s, self.base_s * 2 ** (len(recent) - 1))
 
 
 @dataclass
@@ -88,28 +108,48 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)
     echo: bool = False
     processes: list[Process] = field(default_factory=list)
+    _recipes: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
 
     def start(self, timeout_s: float = 180.0) -> "LocalCluster":
         try:
-            router = start_process("router", ["serve", "router"],
-                                   {**self.env, "PDSERVE_ROUTER__PORT": str(self.router_port)}, echo=self.echo)
-            self.processes.append(router)
+            router = self._launch("router", ["serve", "router"], {**self.env, "PDSERVE_ROUTER__PORT": str(self.router_port)})
+            # A restarted router comes back on the same port: workers and the gateway keep its address.
+            self.router_port = router.port
             self.router_address = f"127.0.0.1:{router.port}"
             for role, count in (("prefill", self.num_prefill), ("decode", self.num_decode),
                                 ("aggregated", self.num_aggregated)):
                 for i in range(count):
-                    self.processes.append(start_worker(role, self.model, router_address=self.router_address,
-                                                       extra_env=self.env, name=f"{role}-{i}", echo=self.echo))
-            gateway = start_process("gateway", ["serve", "gateway"], {
+                    self._launch(f"{role}-{i}", ["serve", role], worker_env(
+                        self.model, router_address=self.router_address, extra_env=self.env))
+            gateway = self._launch("gateway", ["serve", "gateway"], {
                 **self.env, "PDSERVE_MODEL__NAME": self.model, "PDSERVE_GATEWAY__PORT": str(self.gateway_port),
-                "PDSERVE_GATEWAY__ROUTER_ADDRESS": self.router_address}, echo=self.echo)
-            self.processes.append(gateway)
+                "PDSERVE_GATEWAY__ROUTER_ADDRESS": self.router_address})
+            self.gateway_port = gateway.port
             self.url = f"http://127.0.0.1:{gateway.port}"
             self._wait_ready(timeout_s)
             return self
         except BaseException:
             self.stop()
             raise
+
+    def _launch(self, name: str, args: list[str], env: dict[str, str]) -> Process:
+        proc = start_process(name, args, env, echo=self.echo)
+        self._recipes[name] = (args, env)
+        self.processes.append(proc)
+        return proc
+
+    def restart(self, name: str) -> Process:
+        """Start a component that exited again, as it was started (the router and the gateway on
+        the ports they had)."""
+        old = self.process(name)
+        args, env = self._recipes[name]
+        if name == "router":
+            env = {**env, "PDSERVE_ROUTER__PORT": str(self.router_port)}
+        elif name == "gateway":
+            env = {**env, "PDSERVE_GATEWAY__PORT": str(self.gateway_port)}
+        new = start_process(name, args, env, echo=self.echo)
+        self.processes[self.processes.index(old)] = new
+        return new
 
     def _wait_ready(self, timeout_s: float) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)   # one line per readiness poll is noise
