@@ -80,7 +80,7 @@ def prepare(body: dict, chat: bool, req_id: str, tokenizer: Tokenizer, limits: L
     if requested is not None and requested > limits.max_tokens_limit:
         raise bad_request(f"max_tokens must be <= {limits.max_tokens_limit}", param="max_tokens")
     sampling = worker_pb2.SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                         stop=req.stop_list())
+                                         stop=req.stop_list(), ignore_eos=req.ignore_eos)
     if req.seed is not None:
         sampling.seed = req.seed
     return Prepared(req_id=req_id, chat=chat, model=req.model, prompt_ids=prompt_ids, sampling=sampling,

@@ -26,6 +26,8 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's extension, what load generators use to fix output lengths: generate past end-of-sequence.
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod

@@ -53,14 +53,16 @@ class Dispatcher:
         agg = self._best_kv(model, Role.AGGREGATED, scenario, total_tokens, exclude_ids)
         if agg is not None:
             return Placement(agg.worker_id, None, None, agg.blocks_needed(total_tokens), req_id)
-        if not self._can_serve(model, exclude_ids):
+        if not self._can_serve(model):
             raise NoWorkers(f"no live worker can serve model {model!r} now (it needs an aggregated worker, "
                             f"or a prefill and a decode worker)")
         raise NoCapacity("no worker has free KV capacity for this request now")
 
-    def _can_serve(self, model: str, exclude_ids: frozenset[str]) -> bool:
-        """Placeable workers exist for a whole request, full or not (then it is a capacity problem)."""
-        has = lambda role: bool(self.registry.ranked(model, role, None, 1, exclude_ids))  # noqa: E731
+    def _can_serve(self, model: str) -> bool:
+        """Placeable workers exist for a whole request, full or not (then it is a capacity problem).
+        This request's exclusions do not count: a worker that just refused for capacity is full,
+        not gone (a gone one is suspect, hence not placeable)."""
+        has = lambda role: bool(self.registry.ranked(model, role, None, 1))  # noqa: E731
         return has(Role.AGGREGATED) or (has(Role.PREFILL) and has(Role.DECODE))
 
     def prefill_candidates(self, model: str, decode_id: str, exclude_ids: frozenset[str] = frozenset(),

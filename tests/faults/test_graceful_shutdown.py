@@ -14,7 +14,8 @@ from tests.faults.test_migration import _workers
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     db = tmp_path_factory.mktemp("db") / "d.db"
-    c = LocalCluster(model="tiny", num_prefill=1, num_decode=2, env={"PDSERVE_DATABASE__URL": f"sqlite:///{db}"}).start()
+    c = LocalCluster(model="tiny", num_prefill=1, num_decode=2, env={"PDSERVE_DATABASE__URL": f"sqlite:///{db}",
+                                                                         "PDSERVE_ROUTER__CONTROL_INTERVAL_S": "3600"}).start()
     assert wait_until(lambda: len(_workers(c)) == 3, timeout_s=60), "workers did not register"
     yield c
     c.stop()

@@ -36,15 +36,16 @@ def test_no_workers_gives_503_with_retry_after(tmp_path):
         router.stop()
 
 
-def test_full_kv_gives_429_and_dead_worker_gets_no_work(tmp_path):
-    # 20 blocks x 16 tokens: one request with max_tokens=280 takes almost all of the decode pool.
-    cluster = LocalCluster(model="tiny", env={"PDSERVE_WORKER__NUM_KV_BLOCKS": "20",
-                                              "PDSERVE_DATABASE__URL": f"sqlite:///{tmp_path}/d.db",
-                                              "PDSERVE_ROUTER__LEASE_S": "2"}).start()
+def test_full_worker_gives_429_and_dead_worker_gets_no_work(tmp_path):
+    # A decode worker with room for one sequence, busy with a 3000-token stream for seconds: the
+    # worker itself refuses the next request (whatever the router's last heartbeat said) -> 429.
+    cluster = LocalCluster(model="tiny", env={"PDSERVE_WORKER__MAX_BATCH_SIZE": "1",
+                                              "PDSERVE_WORKER__NUM_KV_BLOCKS": "256",
+                                              "PDSERVE_DATABASE__URL": f"sqlite:///{tmp_path}/d.db"}).start()
     try:
         with httpx.Client(base_url=cluster.url, timeout=30) as http:
             with http.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "long one", "stream": True,
-                                                             "max_tokens": 280}) as big:
+                                                             "max_tokens": 3000, "ignore_eos": True}) as big:
                 assert big.status_code == 200
                 r = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 40})
                 assert r.status_code == 429 and r.headers["retry-after"] == "1"
@@ -52,7 +53,7 @@ def test_full_kv_gives_429_and_dead_worker_gets_no_work(tmp_path):
             decode = cluster.process("decode-0")
             decode.proc.kill()
             decode.proc.wait()
-            # The router marks the silent worker dead after its lease and answers 503, not a hang.
+            # The first call that fails marks the worker suspect: 503 (no decode path left), not a hang.
             assert wait_until(lambda: http.post("/v1/completions", json={
                 "model": "tiny", "prompt": "x", "max_tokens": 2}).status_code == 503, 15)
     finally:
