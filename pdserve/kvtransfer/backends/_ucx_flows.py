@@ -75,8 +75,9 @@ class UcxFlows:
                 frame = pb.KVFrame(kind=pb.KV_FRAME_KIND_LAYER, layer_index=index, payload_bytes=len(buf),
                                    crc32=crc)
                 await self._send_frame(ep, frame, tag(tid, next_slot), tx.status)
-                await self._bounded(ep.send(np.frombuffer(buf, dtype=np.uint8), tag=tag(tid, next_slot + 1),
-                                            force_tag=True), tx.status)
+                payload = np.frombuffer(buf, dtype=np.uint8)
+                await self._bounded_io(ep.send(payload, tag=tag(tid, next_slot + 1), force_tag=True), payload,
+                                       tx.status)
                 next_slot += 2
         except (Aborted, asyncio.TimeoutError):
             tx.status.mark_failed("timed out")  # keeps an earlier abort's reason

@@ -84,6 +84,8 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._tasks: set[asyncio.Task] = set()
+        # UCX requests we stopped waiting for, with the buffers they still use (loop thread only).
+        self._unfinished_io: dict[asyncio.Task, object] = {}
         self._num_active = 0
         self._lock = threading.Lock()
         self._endpoints: dict[bytes, object] = {}
@@ -176,12 +178,40 @@ class UcxAgent(UcxFlows, BaseKVAgent):
             self._endpoints[peer_address] = ep
         return ep
 
+    async def _io(self, coro, buf, timeout_s: float):
+        """Await one UCX send or receive for at most `timeout_s`. Giving up on the wait (deadline,
+        abort, close) does not end the UCX request, which may still read or write `buf`: the buffer
+        is kept alive until UCX completes the request, so it never touches freed memory (a freed
+        receive buffer corrupts the heap; a freed, unmapped send buffer crashes the process)."""
+        task = asyncio.ensure_future(coro)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except BaseException:
+            if not task.done():
+                self._unfinished_io[task] = buf
+                task.add_done_callback(self._io_finished)
+            raise
+
+    def _io_finished(self, task: asyncio.Task) -> None:
+        self._unfinished_io.pop(task, None)
+        if not task.cancelled():
+            task.exception()      # retrieved: nobody awaits a request we gave up on
+
+    async def _bounded_io(self, coro, buf, status: TransferStatus):
+        """`_io` within the transfer's deadline; Aborted once the transfer has ended."""
+        remaining = status.remaining_s()
+        if remaining <= 0 or not status.active:
+            coro.close()
+            raise Aborted()
+        return await self._io(coro, buf, remaining)
+
     async def _send_frame(self, ep, frame: pb.KVFrame, frame_tag: int, status: TransferStatus | None) -> None:
-        coro = ep.send(frames.encode_slot(frame), tag=frame_tag, force_tag=True)
+        data = frames.encode_slot(frame)
+        coro = ep.send(data, tag=frame_tag, force_tag=True)
         if status is None:
-            await asyncio.wait_for(coro, REPLY_TIMEOUT_S)
+            await self._io(coro, data, REPLY_TIMEOUT_S)
         else:
-            await self._bounded(coro, status)
+            await self._bounded_io(coro, data, status)
 
     async def _reply(self, address: bytes, transfer_id: int, frame: pb.KVFrame) -> None:
         try:
@@ -204,7 +234,7 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         return found if found.matched else None
 
     async def _take(self, found, buf) -> None:
-        await asyncio.wait_for(self._ctx.recv_with_handle(buf, found), self._stall_timeout_s)
+        await self._io(self._ctx.recv_with_handle(buf, found), buf, self._stall_timeout_s)
 
     async def _take_frame(self, found) -> pb.KVFrame:
         buf = bytearray(found.length)
