@@ -63,6 +63,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._transfer_ids = itertools.count(random.getrandbits(40))
         self._tasks: list[asyncio.Task] = []
         self._compute_stopped = asyncio.Event()
+        self._stopping = False
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._decode_loop()), asyncio.create_task(self._reap_loop())]
@@ -71,6 +72,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         for task in self._tasks:
             task.cancel()
         self.prefill.runner.stop()
+        self._stopping = True
         await asyncio.to_thread(self._compute.shutdown, True, cancel_futures=True)
         self._compute_stopped.set()
         for agent in self.agents.values():
@@ -92,7 +94,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
         except RuntimeError:
-            if not self._compute.__dict__.get("_shutdown"):
+            if not self._stopping:
                 raise
             # Shutting down: calls cancelled by the server stop still release their KV, here,
             # once the compute thread has finished (nothing is left to race with).
