@@ -8,6 +8,7 @@ import sys
 
 import grpc
 
+from pdserve import rpc
 from pdserve.proto_maps import role_name
 from pdserve.v1 import admin_pb2, admin_pb2_grpc
 
@@ -49,7 +50,7 @@ def _history(resp) -> str:
 
 async def _call(args: argparse.Namespace) -> str:
     md = (("authorization", f"Bearer {args.token}"),)
-    async with grpc.aio.insecure_channel(args.router) as ch:
+    async with rpc.channel(args.router) as ch:
         a = admin_pb2_grpc.AdminStub(ch)
         cmd = args.admin_command
         if cmd == "workers":

@@ -60,6 +60,11 @@ class WorkerSettings(_Section):
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="On SIGTERM: after deregistering, how long in-flight requests may take to finish")
     advertise_host: str = Field("", description="Host other components use to reach this worker; empty: host")
+    max_queued_prefills: int = Field(
+        256, gt=0, description="Prompts waiting in the prefill scheduler; more are refused (RESOURCE_EXHAUSTED)")
+    max_prefill_wait_s: float = Field(
+        30.0, gt=0, description="A prompt without a TTFT SLO predicted to finish later than this is refused")
+    max_concurrent_rpcs: int = Field(1024, gt=0, description="gRPC calls served at once; more are refused")
 
 
 class RouterSettings(_Section):
@@ -70,6 +75,9 @@ class RouterSettings(_Section):
     max_migrations: int = Field(3, ge=0, description="Times one request may move to other workers after failures")
     decode_stall_timeout_s: float = Field(
         10.0, gt=0, description="A stream with no token for this long (after its first) counts as a failed worker")
+    max_inflight_requests: int = Field(
+        512, gt=0, description="Requests routed at once; more are refused at once (RESOURCE_EXHAUSTED -> 429)")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM: how long running requests may finish")
     kv_backend_preference: list[Literal["ucx", "tcp", "fake"]] = Field(
         ["ucx", "tcp"], description="First backend both workers serve is used for a transfer")
     admin_token: str = Field("", description="Bearer token of the gRPC Admin API; empty disables it")
@@ -89,6 +97,9 @@ class GatewaySettings(_Section):
     max_tokens_limit: int = Field(4096, gt=0, description="Largest max_tokens a request may ask for")
     require_api_key: bool = Field(False, description="Reject requests without a valid bearer API key")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429 and 503")
+    max_inflight_requests: int = Field(
+        512, gt=0, description="Completions served at once; more get 429 with Retry-After at once")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM: how long open responses may finish")
 
 
 class DatabaseSettings(_Section):

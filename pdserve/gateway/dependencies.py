@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from pdserve.gateway import generation
+from pdserve.gateway.admission import ClientGone, InflightLimit
 from pdserve.gateway.errors import OpenAIError, bad_request
 from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.recording import RequestRecorder
@@ -27,6 +29,7 @@ class GatewayDeps:
     limits: generation.Limits
     max_body_bytes: int
     require_api_key: bool
+    inflight: InflightLimit = field(default_factory=lambda: InflightLimit(512, 1))
 
 
 def deps(request: Request) -> GatewayDeps:
@@ -59,10 +62,13 @@ async def read_json(request: Request, max_bytes: int) -> dict:
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise OpenAIError(413, f"Request body exceeds {max_bytes} bytes", code="request_too_large")
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > max_bytes:
-            raise OpenAIError(413, f"Request body exceeds {max_bytes} bytes", code="request_too_large")
+    try:
+        async for part in request.stream():
+            body += part
+            if len(body) > max_bytes:
+                raise OpenAIError(413, f"Request body exceeds {max_bytes} bytes", code="request_too_large")
+    except ClientDisconnect:
+        raise ClientGone() from None
     try:
         parsed = json.loads(bytes(body).decode("utf-8"))
     except UnicodeDecodeError as exc:

@@ -134,6 +134,8 @@ class Outcome:
     finish_reason: str | None = None
     ttft_s: float | None = None
     error: OpenAIError | None = None
+    status: int = 200
+    done: bool = False          # the response body was produced to its end
 
 
 def _observe(chunk, out: Outcome, metrics: GatewayMetrics, last_s: float) -> float:

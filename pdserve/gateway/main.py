@@ -9,6 +9,7 @@ import socket
 import uvicorn
 
 from pdserve.config import PDServeConfig
+from pdserve.gateway.admission import InflightLimit
 from pdserve.gateway.app import GatewayDeps, create_app
 from pdserve.gateway.generation import Limits
 from pdserve.gateway.router_client import RouterClient
@@ -27,14 +28,16 @@ async def serve(cfg: PDServeConfig) -> None:
     router = RouterClient(g.router_address, g.retry_after_s)
     deps = GatewayDeps(router=router, tokenizer=tokenizer, store=store,
                        limits=Limits(cfg.served_model, context, g.max_tokens_limit),
-                       max_body_bytes=g.max_body_bytes, require_api_key=g.require_api_key)
+                       max_body_bytes=g.max_body_bytes, require_api_key=g.require_api_key,
+                       inflight=InflightLimit(g.max_inflight_requests, g.retry_after_s))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Accepted sockets inherit this: without it a response written in two parts (headers, body)
     # waits on the client's delayed ACK, ~40 ms per request on keep-alive connections.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((g.host, g.port))   # bind first so port 0 resolves before we announce it
-    server = uvicorn.Server(uvicorn.Config(create_app(deps), log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(create_app(deps), log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=g.shutdown_grace_s))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
@@ -44,6 +47,7 @@ async def serve(cfg: PDServeConfig) -> None:
     print(f"PDSERVE_READY component=gateway port={sock.getsockname()[1]}", flush=True)
     try:
         await task   # uvicorn handles SIGTERM/SIGINT: stops accepting, finishes in-flight responses
+        # within gateway.shutdown_grace_s
     finally:
         await router.close()
         store.engine.dispose()

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import grpc
 
+from pdserve import rpc
 from pdserve.gateway.errors import OpenAIError, bad_request, overloaded
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
 
 class RouterClient:
     def __init__(self, address: str, retry_after_s: int):
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = rpc.channel(address)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._retry_after_s = retry_after_s
 
@@ -30,7 +31,7 @@ class RouterClient:
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
             return overloaded(429, f"The server is at capacity: {details}", self._retry_after_s)
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
-            return overloaded(503, f"No worker can serve this request now: {details}", self._retry_after_s)
+            return overloaded(503, f"Service unavailable, retry later: {details}", self._retry_after_s)
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return OpenAIError(504, details, "timeout", code="timeout")
         return OpenAIError(500, f"internal error: {code.name}: {details}", "server_error")

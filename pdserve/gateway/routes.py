@@ -6,7 +6,6 @@ become status codes -> JSON body or server-sent events -> outcome recorded (reco
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -16,6 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 
 from pdserve.gateway import generation
+from pdserve.gateway.admission import ClientGone, unless_client_leaves
 from pdserve.gateway.dependencies import GatewayDeps, deps, metrics, read_json, recorder, tenant
 from pdserve.gateway.errors import OpenAIError
 from pdserve.gateway.metrics import GatewayMetrics
@@ -29,22 +29,26 @@ _ROLES = ("prefill", "decode", "aggregated")
 
 async def _serve(request: Request, chat: bool, d: GatewayDeps, m: GatewayMetrics, rec: RequestRecorder):
     attempt = Attempt(request.state.req_id, "chat" if chat else "completions", time.perf_counter())
-    out, status, streaming = generation.Outcome(), 200, False
+    out, status, streaming, admitted = generation.Outcome(), 200, False, False
     m.inflight.inc()
     try:
         attempt.tenant = await tenant(request)
+        d.inflight.acquire()
+        admitted = True
         body = await read_json(request, d.max_body_bytes)
         p = attempt.prepared = generation.prepare(body, chat, attempt.req_id, d.tokenizer, d.limits)
-        log.info("request %s: %s, %d prompt tokens, max_tokens=%d, stream=%s", attempt.req_id, attempt.endpoint,
-                 len(p.prompt_ids), p.sampling.max_tokens, p.stream)
-        stream = await generation.open_stream(p, d.router, request.headers.get("x-pdserve-scenario", "")[:128],
-                                              attempt.tenant)
+        log.debug("request %s: %s, %d prompt tokens, max_tokens=%d, stream=%s", attempt.req_id, attempt.endpoint,
+                  len(p.prompt_ids), p.sampling.max_tokens, p.stream)
+        stream = await unless_client_leaves(request, generation.open_stream(
+            p, d.router, request.headers.get("x-pdserve-scenario", "")[:128], attempt.tenant))
         m.ttft.observe(stream.first_token_s - stream.started_s)
         if p.stream:
             streaming = True
-            return StreamingResponse(_sse(p, stream, out, attempt, m, rec), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await generation.collect(p, stream, m, out))
+            return _EventStream(_sse(p, stream, out, attempt, m), _closer(stream, out, attempt, d, m, rec))
+        return JSONResponse(await unless_client_leaves(request, generation.collect(p, stream, m, out)))
+    except ClientGone:
+        status = CLIENT_CLOSED
+        return Response(status_code=CLIENT_CLOSED)
     except OpenAIError as exc:
         status, out.error = exc.status, exc
         raise
@@ -52,23 +56,42 @@ async def _serve(request: Request, chat: bool, d: GatewayDeps, m: GatewayMetrics
         status = 500
         raise
     finally:
-        if not streaming:       # a stream records itself when it ends
+        if not streaming:       # a stream settles when its response ends (_closer)
             m.inflight.dec()
+            if admitted:
+                d.inflight.release()
             rec.record(attempt, out, status)
 
 
-async def _sse(p, stream, out, attempt: Attempt, m: GatewayMetrics, rec: RequestRecorder):
-    status = 200
-    try:
-        async for event in generation.sse(p, stream, m, out):
-            yield event
-        status = out.error.status if out.error else 200
-    except asyncio.CancelledError:
-        status = CLIENT_CLOSED
-        raise
-    finally:
+class _EventStream(StreamingResponse):
+    """Server-sent events whose clean-up runs when the response ends, however it ends: also when
+    the client left before the body started, where the generator's own `finally` never runs."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _closer(stream, out, attempt: Attempt, d: GatewayDeps, m: GatewayMetrics, rec: RequestRecorder):
+    def close() -> None:
+        stream.cancel()     # no-op when finished; frees the worker's KV when the client went away
         m.inflight.dec()
-        rec.record(attempt, out, status)
+        d.inflight.release()
+        # Ended without the generator finishing: the client went away mid-stream.
+        rec.record(attempt, out, out.status if out.done else CLIENT_CLOSED)
+    return close
+
+
+async def _sse(p, stream, out, attempt: Attempt, m: GatewayMetrics):
+    async for event in generation.sse(p, stream, m, out):
+        yield event
+    out.status, out.done = (out.error.status if out.error else 200), True
 
 
 @router.post("/v1/completions")

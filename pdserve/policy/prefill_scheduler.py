@@ -119,6 +119,10 @@ class BasePrefillScheduler(abc.ABC):
                 finished.append(p.job)
         return finished
 
+    def on_abandoned(self, unit: WorkUnit, now_s: float) -> None:
+        """Every request of `unit` (running, or started and waiting for its next step) went away;
+        the runner stops it at an operator boundary and it must not be scheduled again."""
+
     def on_preempted(self, unit: WorkUnit, now_s: float) -> None:
         raise RuntimeError(f"{type(self).__name__} never preempts")
 
@@ -182,6 +186,11 @@ class ChunkedScheduler(BasePrefillScheduler):
         for job in finished:
             self._queue.remove(job)
         return finished
+
+    def on_abandoned(self, unit: WorkUnit, now_s: float) -> None:
+        for p in unit.pieces:
+            if p.job in self._queue:
+                self._queue.remove(p.job)
 
     def remove(self, req_id: str) -> bool:
         for job in self._queue:
@@ -294,6 +303,9 @@ class FlowPrefillScheduler(BasePrefillScheduler):
         unit.preempted_count += 1
         self._running = None
         self._waiting.append(unit)
+
+    def on_abandoned(self, unit: WorkUnit, now_s: float) -> None:
+        self._running = None
 
     @property
     def num_waiting(self) -> int:

@@ -134,6 +134,11 @@ class RatioController:
     def pinned(self, scenario: str) -> tuple[int, int] | None:
         return self._state(scenario).pinned
 
+    def restore_last_change(self, scenario: str, last_change_s: float) -> None:
+        """After a router restart: the cooldown runs from the last recorded change."""
+        st = self._state(scenario)
+        st.last_change_s = max(st.last_change_s, last_change_s)
+
     def demand(self, scenario: str, spec: ScenarioSpec, perf: WorkerPerf, now_s: float) -> Demand:
         st = self._state(scenario)
         self._trim(st, now_s)

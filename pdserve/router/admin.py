@@ -127,6 +127,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             self.router.controller.pin(request.scenario, *target)
         else:   # an unpinned ratio is a starting point the controller may move from
             self.router.controller.unpin(request.scenario)
+        await asyncio.to_thread(self.store.set_pin, request.scenario, target if request.pin else None)
         decision_reason = "set by an operator" + (" (pinned)" if request.pin else "")
         await asyncio.to_thread(self.store.add_ratio_change, request.scenario, current, target, decision_reason, {})
         try:
@@ -139,6 +140,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         await self._auth(context)
         await self._known_scenario(request.name, context)
         self.router.controller.unpin(request.name)
+        await asyncio.to_thread(self.store.set_pin, request.name, None)
         return self._ratio(request.name)
 
     async def _worker(self, worker_id: str, context):
@@ -153,13 +155,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def DrainWorker(self, request, context):
         await self._auth(context)
-        self.router.registry.set_draining(await self._worker(request.worker_id, context), True)
-        return await self._status(request.worker_id, context)
+        return await self._set_drained(request.worker_id, True, context)
 
     async def UndrainWorker(self, request, context):
         await self._auth(context)
-        self.router.registry.set_draining(await self._worker(request.worker_id, context), False)
-        return await self._status(request.worker_id, context)
+        return await self._set_drained(request.worker_id, False, context)
+
+    async def _set_drained(self, worker_id: str, drained: bool, context):
+        rec = await self._worker(worker_id, context)
+        await asyncio.to_thread(self.store.set_drained, worker_id, drained)
+        (self.router.drained_workers.add if drained else self.router.drained_workers.discard)(worker_id)
+        self.router.registry.set_draining(rec, drained)
+        return await self._status(worker_id, context)
 
     async def SetWorkerRole(self, request, context):
         await self._auth(context)

@@ -1,15 +1,16 @@
 """Entrypoint of the router process: registry + dispatcher + gRPC server (with health and
-reflection). Prints `PDSERVE_READY component=router port=N` once serving; SIGTERM drains."""
+reflection). Prints `PDSERVE_READY component=router port=N` once serving; SIGTERM stops
+accepting and lets running streams finish within router.shutdown_grace_s."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve import rpc
 from pdserve.clock import WallClock
 from pdserve.config import PDServeConfig
 from pdserve.policy.dispatch import Dispatcher
@@ -18,11 +19,13 @@ from pdserve.policy.registry import WorkerRegistry
 from pdserve.policy.scenarios import ScenarioClassifier
 from pdserve.router.admin import AdminService, load_scenarios
 from pdserve.router.service import RouterService
+from pdserve.router.state import apply_operator_state, load_operator_state
 from pdserve.store import Store
 from pdserve.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grpc
 
 log = logging.getLogger("pdserve.router")
-_GRACE_S = 5.0
+# Beyond the routed requests: heartbeats, registrations and admin calls (all short).
+_CONTROL_RPC_HEADROOM = 256
 
 
 async def serve(cfg: PDServeConfig) -> None:
@@ -33,13 +36,17 @@ async def serve(cfg: PDServeConfig) -> None:
     controller = RatioController(ControllerConfig(window_s=rc.ratio_window_s, cooldown_s=rc.ratio_cooldown_s,
                                                   hysteresis=rc.ratio_hysteresis))
     scenarios = ScenarioClassifier(await asyncio.to_thread(load_scenarios, store))
-    service = RouterService(registry, Dispatcher(registry, tuple(rc.kv_backend_preference)), WallClock(),
+    clock = WallClock()
+    operator_state = await asyncio.to_thread(load_operator_state, store)
+    apply_operator_state(operator_state, controller, clock.now_s())
+    service = RouterService(registry, Dispatcher(registry, tuple(rc.kv_backend_preference)), clock,
                             rc.request_timeout_s, record_event=store.record_worker_event,
                             scenarios=scenarios, controller=controller, control_interval_s=rc.control_interval_s,
                             record_change=lambda p: store.add_ratio_change(p.scenario, p.old, p.new, p.reason_text,
                                                                            p.inputs),
-                            max_migrations=rc.max_migrations, decode_stall_timeout_s=rc.decode_stall_timeout_s)
-    server = grpc.aio.server()
+                            max_migrations=rc.max_migrations, decode_stall_timeout_s=rc.decode_stall_timeout_s,
+                            max_inflight_requests=rc.max_inflight_requests, drained_workers=operator_state.drained)
+    server = rpc.server(rc.max_inflight_requests + _CONTROL_RPC_HEADROOM)
     port = server.add_insecure_port(f"{rc.host}:{rc.port}")
     router_pb2_grpc.add_RouterServicer_to_server(service, server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service, store, rc.admin_token), server)
@@ -59,6 +66,6 @@ async def serve(cfg: PDServeConfig) -> None:
     await stop.wait()
     log.info("router shutting down")
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(_GRACE_S)
+    await server.stop(rc.shutdown_grace_s)
     await service.stop()
     store.engine.dispose()

@@ -79,6 +79,7 @@ class RequestFlow:
         self.max_prefill_offers = max_prefill_offers
         self.max_migrations = max_migrations
         self.decode_stall_timeout_s = decode_stall_timeout_s
+        self._background: set[asyncio.Task] = set()
 
     async def run(self, request: router_pb2.RouteRequest, tracker: RequestTracker) -> AsyncIterator[worker_pb2.TokenChunk]:
         max_tokens = request.sampling.max_tokens or 16
@@ -147,6 +148,10 @@ class RequestFlow:
                 return placement, await self._stub(placement.decode_id).ReserveKV(worker_pb2.ReserveKVRequest(
                     req_id=request.req_id, num_prompt_tokens=len(request.prompt_token_ids),
                     backend=placement.kv_backend), timeout=_CONTROL_CALL_TIMEOUT_S)
+            except asyncio.CancelledError:
+                # The worker may have reserved already and no decode stream will claim it.
+                self._abort_in_background(placement.decode_id, request.req_id)
+                raise
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and attempt + 1 < _MAX_PLACEMENT_TRIES:
                     excluded.add(placement.decode_id)
@@ -226,15 +231,23 @@ class RequestFlow:
         finally:
             self.dispatcher.on_prefill_done(current)
 
-    async def _abort_decode(self, call, decode_id: str, req_id: str) -> None:
-        # Cancelling the stream frees the KV on the worker; Abort also covers a worker that had
-        # not yet started streaming.
-        call.cancel()
+    def _abort_in_background(self, decode_id: str, req_id: str) -> None:
+        task = asyncio.ensure_future(self._abort(decode_id, req_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort(self, decode_id: str, req_id: str) -> None:
         try:
             await self._stub(decode_id).Abort(worker_pb2.AbortRequest(req_id=req_id, reason="cancelled"),
                                               timeout=_ABORT_TIMEOUT_S)
         except grpc.aio.AioRpcError:
             pass
+
+    async def _abort_decode(self, call, decode_id: str, req_id: str) -> None:
+        # Cancelling the stream frees the KV on the worker; Abort also covers a worker that had
+        # not yet started streaming.
+        call.cancel()
+        await self._abort(decode_id, req_id)
 
     async def _relay(self, call, decode_id: str, req_id: str, tracker: RequestTracker, first=None):
         started = False     # before the first token a prompt may be queued or computing: no stall limit

@@ -33,8 +33,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
                  record_event: Callable[[str, str, str, str], None] | None = None, max_prefill_offers: int = 3,
                  scenarios: ScenarioClassifier | None = None, controller: RatioController | None = None,
                  control_interval_s: float = 5.0, record_change: Callable | None = None, max_migrations: int = 3,
-                 decode_stall_timeout_s: float = 10.0):
+                 decode_stall_timeout_s: float = 10.0, max_inflight_requests: int = 512,
+                 drained_workers: set[str] | None = None):
         self.registry = registry
+        self.max_inflight_requests = max_inflight_requests
+        # Operator drains outlive a worker's re-registration (and, through the store, a restart).
+        self.drained_workers = set(drained_workers or ())
         self.scenarios = scenarios or ScenarioClassifier()
         self.controller = controller or RatioController()
         self.control_interval_s = control_interval_s
@@ -115,6 +119,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             perf=WorkerPerf(request.prefill_tokens_per_s, request.decode_step_base_s, request.decode_step_per_seq_s)
             if request.prefill_tokens_per_s > 0 else None)
         self.registry.register(rec, self.clock.now_s())
+        if rec.worker_id in self.drained_workers:
+            self.registry.set_draining(rec, True)
         log.info("worker %s registered: role=%s model=%s at %s", rec.worker_id, role.value, rec.model,
                  rec.grpc_address)
         self._history(rec.worker_id, role.value, "registered", f"model={rec.model} address={rec.grpc_address}")
@@ -152,6 +158,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "req_id and prompt_token_ids are required")
         if req_id in self.trackers:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req_id} is already running")
+        if len(self.trackers) >= self.max_inflight_requests:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the router is routing {len(self.trackers)} requests, its limit")
         tracker = self.trackers[req_id] = RequestTracker(req_id, self.clock.now_s())
         timeout_s = request.timeout_s or self.request_timeout_s
         try:

@@ -73,3 +73,19 @@ class RatioChange(Base):
     new_decode: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(String(512))
     inputs: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class RatioPin(Base):
+    """A ratio an operator pinned; the controller enforces it until unpinned."""
+    __tablename__ = "ratio_pins"
+    scenario: Mapped[str] = mapped_column(String(128), primary_key=True)
+    num_prefill: Mapped[int] = mapped_column(Integer)
+    num_decode: Mapped[int] = mapped_column(Integer)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WorkerDrain(Base):
+    """A worker an operator drained: it gets no new work, also after it or the router restarts."""
+    __tablename__ = "worker_drains"
+    worker_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -2,6 +2,7 @@
 run them in a thread."""
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import pathlib
 import secrets
@@ -9,11 +10,12 @@ from dataclasses import dataclass
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, delete, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from pdserve.store.models import ApiKey, RatioChange, RequestRecord, Scenario, WorkerEvent
+from pdserve.store.models import (ApiKey, RatioChange, RatioPin, RequestRecord, Scenario, WorkerDrain,
+                                  WorkerEvent)
 
 _MIGRATIONS = pathlib.Path(__file__).parent / "migrations"
 KEY_PREFIX = "pds-"
@@ -27,6 +29,11 @@ def hash_key(key: str) -> str:
 class KeyIdentity:
     name: str
     tenant: str
+
+
+def _aware(at: dt.datetime) -> dt.datetime:
+    # SQLite hands back naive datetimes for timezone-aware columns; they were written in UTC.
+    return at if at.tzinfo is not None else at.replace(tzinfo=dt.timezone.utc)
 
 
 class Store:
@@ -103,6 +110,33 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(RatioChange).where(RatioChange.scenario == scenario)
                                   .order_by(RatioChange.id.desc()).limit(limit)))
+
+    def last_ratio_change_at(self) -> dict[str, dt.datetime]:
+        """Per scenario, when its ratio last changed (the controller's cooldown restarts from it)."""
+        with self.session() as s:
+            rows = s.execute(select(RatioChange.scenario, func.max(RatioChange.at)).group_by(RatioChange.scenario))
+            return {scenario: _aware(at) for scenario, at in rows}
+
+    # ---- operator state (survives router restarts) ----
+    def set_pin(self, scenario: str, ratio: tuple[int, int] | None) -> None:
+        with self.session() as s, s.begin():
+            s.execute(delete(RatioPin).where(RatioPin.scenario == scenario))
+            if ratio is not None:
+                s.add(RatioPin(scenario=scenario, num_prefill=ratio[0], num_decode=ratio[1]))
+
+    def pins(self) -> dict[str, tuple[int, int]]:
+        with self.session() as s:
+            return {r.scenario: (r.num_prefill, r.num_decode) for r in s.scalars(select(RatioPin))}
+
+    def set_drained(self, worker_id: str, drained: bool) -> None:
+        with self.session() as s, s.begin():
+            s.execute(delete(WorkerDrain).where(WorkerDrain.worker_id == worker_id))
+            if drained:
+                s.add(WorkerDrain(worker_id=worker_id))
+
+    def drained_workers(self) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(WorkerDrain.worker_id)))
 
     def list_scenarios(self) -> list[Scenario]:
         with self.session() as s:

@@ -64,6 +64,7 @@ class Engine:
         self.scheduler = DecodeScheduler(num_kv_blocks, block_size_tokens, max_batch_size)
         self.running: OrderedDict[str, Sequence] = OrderedDict()   # in join order
         self.preempted: OrderedDict[str, Sequence] = OrderedDict()  # in preemption order
+        self.admitted: set[str] = set()     # admit() .. release(): what counts against max_batch_size
         self.stats = EngineStats()
 
     @property
@@ -84,13 +85,16 @@ class Engine:
 
     def admit(self, req_id: str, num_prompt_tokens: int) -> None:
         # One extra token so the first decode step never finds the pool exhausted.
-        num_active = len(self.running) + len(self.preempted)
+        # Every admitted request counts, also those still waiting for their KV (a remote prefill):
+        # all of them join the batch, so admitting more than it holds would overfill it.
+        num_active = len(self.admitted)
         if (num_active >= self.max_batch_size or not self.scheduler.admits_new(len(self.preempted))
                 or not self.allocator.can_allocate(num_prompt_tokens + 1)):
             raise OutOfKVBlocks(f"no room for {num_prompt_tokens} more tokens: {self.allocator.num_free_blocks} "
                                 f"free KV blocks, {num_active}/{self.max_batch_size} sequences, "
                                 f"{len(self.preempted)} preempted waiting")
         self.allocator.allocate(req_id, num_prompt_tokens)
+        self.admitted.add(req_id)
 
     def new_staging(self, num_prompt_tokens: int) -> torch.Tensor:
         """Contiguous [L, 2, T, KV, D] buffer a KV receiver fills; dropped right after `start()`."""
@@ -185,3 +189,4 @@ class Engine:
         """Free a request's KV and drop it from the batch; safe to call more than once."""
         self._drop(req_id)
         self.allocator.free(req_id)
+        self.admitted.discard(req_id)

@@ -14,6 +14,7 @@ All engine calls go through `run_compute` (the worker's single compute thread).
 """
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from dataclasses import dataclass
@@ -30,6 +31,10 @@ from pdserve.workers.output import Delta
 log = logging.getLogger("pdserve.worker")
 
 RunCompute = Callable[..., Awaitable]
+
+
+class RequestGone(Exception):
+    """The request was aborted (or its caller left) while it was being admitted."""
 
 
 class Stage(enum.Enum):
@@ -101,11 +106,23 @@ class RequestLifecycle:
         # Registered before the compute call so a concurrent duplicate is refused, then removed
         # again if the engine has no room.
         req = self._requests[req_id] = WorkerRequest(req_id, num_prompt_tokens, self._clock.now_s(), stage)
+        admit = asyncio.ensure_future(self._run(self.engine.admit, req_id, num_prompt_tokens))
         try:
-            await self._run(self.engine.admit, req_id, num_prompt_tokens)
+            await asyncio.shield(admit)
+        except asyncio.CancelledError:
+            # The caller left, but the compute thread may still take the blocks: wait for it,
+            # then give them back (release() of a request not admitted is harmless).
+            await asyncio.wait({admit})
+            if self._requests.get(req_id) is req:
+                await self.release(req_id, "cancelled during admission")
+            raise
         except BaseException:
             self._requests.pop(req_id, None)
             raise
+        if self._requests.get(req_id) is not req:
+            # Aborted while admission ran: the abort's release followed the admit on the compute
+            # thread, so the blocks are back already; nothing may be attached to it any more.
+            raise RequestGone(f"request {req_id!r} was aborted during admission")
         req.admitted = True
         return req
 
@@ -135,7 +152,9 @@ class RequestLifecycle:
         if req.receiver is not None:
             req.receiver.abort(reason)     # idempotent; forgets the transfer on the agent
         req.staging, req.receiver = None, None
-        await self._run(self.engine.release, req_id)
+        # Shielded: a cancelled executor job that has not started yet would never run, and the
+        # request is already out of the table, so its blocks would be lost.
+        await asyncio.shield(self._run(self.engine.release, req_id))
         self.num_released += 1
         if self._on_release is not None:
             self._on_release()
@@ -147,6 +166,10 @@ class RequestLifecycle:
         req = self._requests.get(req_id)
         return req is not None and req.stage is Stage.RESERVED and await self.release(req_id, reason)
 
+    async def drop_all_unclaimed(self, reason: str) -> list[str]:
+        unclaimed = [r.req_id for r in self._requests.values() if r.stage is Stage.RESERVED]
+        return [req_id for req_id in unclaimed if await self.drop_unclaimed(req_id, reason)]
+
     def abort_transfer(self, req_id: str, reason: str) -> None:
         """Fail a transfer in flight now (its waiter sees FAILED and ends, then releases)."""
         req = self._requests.get(req_id)
@@ -156,7 +179,9 @@ class RequestLifecycle:
     def expired(self, now_s: float) -> list[str]:
         """Reservations nobody claimed within the lease, or whose transfer already failed."""
         return [r.req_id for r in self._requests.values() if r.stage is Stage.RESERVED and (
-            now_s - r.created_s > self.lease_s or r.receiver.poll() is TransferState.FAILED)]
+            now_s - r.created_s > self.lease_s
+            # No receiver yet: its admission is still running.
+            or (r.receiver is not None and r.receiver.poll() is TransferState.FAILED))]
 
     async def release_expired(self) -> list[str]:
         released = []

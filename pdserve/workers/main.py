@@ -11,11 +11,11 @@ import json
 import logging
 import signal
 
-import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve import rpc
 from pdserve.clock import WallClock
 from pdserve.config import PDServeConfig
 from pdserve.kvtransfer import BaseKVAgent, create_agent
@@ -81,13 +81,14 @@ async def serve(cfg: PDServeConfig) -> None:
     w = cfg.worker
     engine = Engine(loaded, w.num_kv_blocks, w.block_size_tokens, w.max_batch_size)
     clock = WallClock()
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    server = rpc.server(w.max_concurrent_rpcs)
     port = server.add_insecure_port(f"{w.host}:{w.port}")
-    runner = PrefillRunner(loaded.model, build_scheduler(cfg, loaded.model), clock)
+    runner = PrefillRunner(loaded.model, build_scheduler(cfg, loaded.model), clock, max_pending=w.max_queued_prefills)
     service = WorkerService(engine, build_agents(cfg, clock), clock, worker_id=w.worker_id or f"{w.host}:{port}",
                             role=w.role, transfer_timeout_s=cfg.kvtransfer.timeout_s,
                             lease_s=w.reservation_lease_s, checksum=cfg.kvtransfer.checksum,
-                            prefill_runner=runner, default_ttft_slo_ms=w.default_ttft_slo_ms)
+                            prefill_runner=runner, default_ttft_slo_ms=w.default_ttft_slo_ms,
+                            max_prefill_wait_s=w.max_prefill_wait_s)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

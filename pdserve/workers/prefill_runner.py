@@ -48,12 +48,15 @@ class RunnerStats:
     unit_timings: list[tuple[float, float]] = field(default_factory=list)
     num_units: int = 0
     num_rejected: int = 0
+    num_abandoned: int = 0      # started units stopped because every request in them went away
 
 
 class PrefillRunner:
     def __init__(self, model: LlamaModel, scheduler: BasePrefillScheduler, clock: Clock,
-                 record_timings: bool = False):
+                 record_timings: bool = False, max_pending: int = 256):
         self.model = model
+        self.max_pending = max_pending
+        self._abandoned: set[str] = set()   # cancelled after their compute started
         self.scheduler = scheduler
         self.clock = clock
         self.stats = RunnerStats()
@@ -69,20 +72,24 @@ class PrefillRunner:
         self._thread.start()
 
     def submit(self, req_id: str, token_ids: list[int], deadline_s: float, on_layer: LayerCallback,
-               admission: bool = False) -> concurrent.futures.Future:
+               admission_deadline_s: float | None = None) -> concurrent.futures.Future:
         """Queue a prompt; the future resolves to the last position's logits.
 
-        With `admission`, refuse at once (Rejected) a prompt the policy predicts cannot finish
-        by its deadline, so the router can offer it to another worker instead of letting it wait.
+        Refuses at once (Rejected) when `max_pending` prompts are already here, and, given an
+        `admission_deadline_s`, a prompt the policy predicts cannot finish by then: the router
+        offers it to another worker or answers 429 instead of letting it wait without bound.
         """
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if req_id in self._pending:
                 raise ValueError(f"request {req_id} is already being prefilled")
+            if len(self._pending) >= self.max_pending:
+                self.stats.num_rejected += 1
+                raise Rejected(f"{len(self._pending)} prompts are already queued here, the limit")
             now = self.clock.now_s()
             job = PrefillJob(req_id, len(token_ids), now, deadline_s)
-            if admission:
-                self._admit(job, now)
+            if admission_deadline_s is not None:
+                self._admit(PrefillJob(req_id, len(token_ids), now, admission_deadline_s), now)
             self._pending[req_id] = _Pending(JobState(req_id, list(token_ids)), on_layer, future)
             preempt = self.scheduler.add(job, now)
             if preempt and self._running is not None and self._preempt_requested_s is None:
@@ -91,13 +98,35 @@ class PrefillRunner:
         return future
 
     def cancel(self, req_id: str) -> bool:
-        """Drop a prompt whose client went away, if it has not started; True if dropped."""
+        """A prompt whose client went away: dropped from the queue if it has not started, else its
+        unit stops at the next operator boundary once every request in it went away (a batch
+        with a live member runs on; the result is dropped). False if the prompt is unknown."""
         with self._cond:
-            if not self.scheduler.remove(req_id):
-                return False
+            running = self._running is not None and req_id in self._running.req_ids
+            if running or not self.scheduler.remove(req_id):
+                if req_id not in self._pending:
+                    return False
+                self._abandoned.add(req_id)
+                return True
             pending = self._pending.pop(req_id, None)
         if pending is not None:
             pending.future.cancel()
+        return True
+
+    def _abandon_if_cancelled(self, unit: WorkUnit) -> bool:
+        with self._cond:
+            if not self._abandoned.issuperset(unit.req_ids):
+                return False
+            self.scheduler.on_abandoned(unit, self.clock.now_s())
+            for req_id in unit.req_ids:
+                self._abandoned.discard(req_id)
+                pending = self._pending.pop(req_id, None)
+                if pending is not None:
+                    pending.future.cancel()
+            self._running = None
+            self.stats.num_abandoned += 1
+        log.info("prefill of %s stopped at operator %d/%d: its client went away", unit.req_ids, unit.next_op,
+                 unit.num_ops)
         return True
 
     def _admit(self, job: PrefillJob, now: float) -> None:
@@ -144,11 +173,14 @@ class PrefillRunner:
                 states = {p.job.req_id: self._pending[p.job.req_id].state for p in unit.pieces}
             execution = UnitExecution(self.model, unit, states)
         while True:
+            if self._abandon_if_cancelled(unit):
+                return
             started = time.perf_counter()
             ready = execution.run_operator()
             self._record(unit, time.perf_counter() - started)
             for event in ready:
-                self._pending[event.req_id].on_layer(event.layer, event.kv)
+                if event.req_id not in self._abandoned:     # its KV sender is already gone
+                    self._pending[event.req_id].on_layer(event.layer, event.kv)
             with self._cond:
                 now = self.clock.now_s()
                 self.scheduler.on_operator_done(unit, now)
@@ -185,12 +217,14 @@ class PrefillRunner:
 
     def _complete(self, jobs: list[PrefillJob]) -> None:
         for job in jobs:
+            self._abandoned.discard(job.req_id)
             pending = self._pending.pop(job.req_id)
             pending.future.set_result(pending.state.logits)
 
     def _fail_unit(self, unit: WorkUnit, exc: Exception) -> None:
         with self._cond:
             for p in unit.pieces:
+                self._abandoned.discard(p.job.req_id)
                 pending = self._pending.pop(p.job.req_id, None)
                 if pending is not None and not pending.future.done():
                     pending.future.set_exception(exc)

@@ -72,7 +72,8 @@ async def wait_transfer(end) -> TransferState:
 
 class PrefillSide:
     def __init__(self, runner: PrefillRunner, engine: Engine, agents: dict[str, BaseKVAgent], clock: Clock, *,
-                 transfer_timeout_s: float, checksum: bool, default_ttft_slo_ms: float):
+                 transfer_timeout_s: float, checksum: bool, default_ttft_slo_ms: float,
+                 max_prefill_wait_s: float = 30.0):
         self.runner = runner
         self.engine = engine
         self.agents = agents
@@ -80,21 +81,30 @@ class PrefillSide:
         self._transfer_timeout_s = transfer_timeout_s
         self._checksum = checksum
         self.default_ttft_slo_ms = default_ttft_slo_ms
+        self.max_prefill_wait_s = max_prefill_wait_s
 
     async def compute(self, req_id: str, prompt_ids: list[int], params: SamplingConfig, ttft_slo_ms: float,
-                      on_layer: LayerCallback, admission: bool, first_output_index: int = 0) -> Prefilled:
-        """Raises Rejected when `admission` is on and the scheduler predicts a missed deadline.
-        `first_output_index`: which output token the sampled one is (non-zero after a migration)."""
+                      on_layer: LayerCallback, admission_budget_s: float, first_output_index: int = 0) -> Prefilled:
+        """Raises Rejected when the queue is full or the scheduler predicts the prompt cannot
+        finish within `admission_budget_s`. `first_output_index`: which output token the sampled
+        one is (non-zero after a migration)."""
         started = self.clock.now_s()
         deadline_s = started + (ttft_slo_ms or self.default_ttft_slo_ms) / 1e3
-        future = self.runner.submit(req_id, prompt_ids, deadline_s, on_layer, admission=admission)
+        future = self.runner.submit(req_id, prompt_ids, deadline_s, on_layer,
+                                    admission_deadline_s=started + admission_budget_s)
         try:
             logits = await asyncio.shield(asyncio.wrap_future(future))
         except asyncio.CancelledError:
             if self.runner.cancel(req_id):
-                log.info("request %s: cancelled before its prefill started", req_id)
+                log.info("request %s: prefill cancelled (client went away)", req_id)
             raise
         return Prefilled(sample_token(logits, params, first_output_index), self.clock.now_s() - started)
+
+    def admission_budget_s(self, ttft_slo_ms: float) -> float:
+        """A request with a TTFT SLO must be able to meet it here (else on-demand forwarding
+        offers it elsewhere); any other may wait up to `max_prefill_wait_s`, so overload gets
+        a quick refusal instead of an unbounded queue."""
+        return ttft_slo_ms / 1e3 if ttft_slo_ms > 0 else self.max_prefill_wait_s
 
     async def prefill_and_send(self, request: worker_pb2.PrefillRequest, context) -> worker_pb2.PrefillResponse:
         agent = self.agents.get(request.target.backend)
@@ -107,7 +117,7 @@ class PrefillSide:
         try:
             try:
                 result = await self.compute(request.req_id, ids, params, request.ttft_slo_ms, link.send_layer,
-                                            admission=request.ttft_slo_ms > 0,
+                                            admission_budget_s=self.admission_budget_s(request.ttft_slo_ms),
                                             first_output_index=len(request.resume_output_token_ids))
             except Rejected as exc:
                 # Nothing was sent: the decode worker's receiver stays armed for another prefill worker.

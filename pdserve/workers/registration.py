@@ -8,11 +8,14 @@ from dataclasses import dataclass
 
 import grpc
 
+from pdserve import rpc
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
 from pdserve.workers.service import WorkerService
 
 log = logging.getLogger("pdserve.worker")
 _RETRY_S = 0.5
+# A restarted router learns of every worker within this (plus one registration call).
+_MAX_HEARTBEAT_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -25,13 +28,20 @@ class Advertised:
 
 
 async def keep_registered(service: WorkerService, router_address: str, ad: Advertised) -> None:
-    async with grpc.aio.insecure_channel(router_address) as channel:
+    async with rpc.channel(router_address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
+        forgotten = False
         while True:
             try:
+                if forgotten:
+                    # Reservations nobody has claimed were made by the router that forgot us; the
+                    # new one cannot use them. Dropped before registering, so none of its own are.
+                    for req_id in await service.requests.drop_all_unclaimed("the router restarted"):
+                        log.info("request %s: reservation of a previous router dropped", req_id)
+                    forgotten = False
                 lease_s = await _register(stub, service, ad)
                 while True:
-                    await asyncio.sleep(lease_s / 3)
+                    await asyncio.sleep(min(lease_s / 3, _MAX_HEARTBEAT_INTERVAL_S))
                     # Ids first, then the free count: a request admitted in between is counted twice
                     # until the next heartbeat (too cautious), never missed.
                     held_req_ids = service.requests.admitted_ids()
@@ -42,6 +52,7 @@ async def keep_registered(service: WorkerService, router_address: str, ad: Adver
                             num_active_requests=info.num_active_requests)), timeout=lease_s)
                     if not resp.known:
                         log.warning("router forgot worker %s; registering again", service.worker_id)
+                        forgotten = True
                         break
             except grpc.aio.AioRpcError as exc:
                 log.warning("router %s unreachable (%s); retrying", router_address, exc.code().name)
@@ -65,7 +76,7 @@ async def deregister(service: WorkerService, router_address: str, timeout_s: flo
     """Tell the router to stop sending work here (shutdown); a router that cannot be reached will
     find out from the missing heartbeats instead."""
     try:
-        async with grpc.aio.insecure_channel(router_address) as channel:
+        async with rpc.channel(router_address) as channel:
             await router_pb2_grpc.RouterStub(channel).Deregister(
                 router_pb2.DeregisterRequest(worker_id=service.worker_id), timeout=timeout_s)
         log.info("deregistered from router %s", router_address)

@@ -29,10 +29,10 @@ from pdserve.proto_maps import ROLE_FROM_PROTO, ROLE_TO_PROTO
 from pdserve.v1 import kvtransfer_pb2, worker_pb2, worker_pb2_grpc
 from pdserve.workers.engine import Engine
 from pdserve.workers.kv_cache import OutOfKVBlocks
-from pdserve.workers.lifecycle import RequestLifecycle, Stage
+from pdserve.workers.lifecycle import RequestGone, RequestLifecycle, Stage
 from pdserve.workers.model.sampling import SamplingConfig
 from pdserve.workers.output import Delta, Finish
-from pdserve.workers.prefill_runner import PrefillRunner
+from pdserve.workers.prefill_runner import PrefillRunner, Rejected
 from pdserve.workers.prefill_side import PrefillSide, checked_params, wait_transfer
 
 log = logging.getLogger("pdserve.worker")
@@ -45,7 +45,8 @@ _IDLE_WAIT_S = 0.5      # the decode loop re-checks for work at least this often
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: Engine, agents: dict[str, BaseKVAgent], clock: Clock, *, worker_id: str,
                  role: str, transfer_timeout_s: float, lease_s: float, checksum: bool,
-                 prefill_runner: PrefillRunner, default_ttft_slo_ms: float = 2000.0):
+                 prefill_runner: PrefillRunner, default_ttft_slo_ms: float = 2000.0,
+                 max_prefill_wait_s: float = 30.0):
         self.engine = engine
         self.agents = agents
         self.clock = clock
@@ -57,7 +58,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._wakeup = asyncio.Event()
         self.requests = RequestLifecycle(engine, self._run, clock, lease_s, on_release=self._wakeup.set)
         self.prefill = PrefillSide(prefill_runner, engine, agents, clock, transfer_timeout_s=transfer_timeout_s,
-                                   checksum=checksum, default_ttft_slo_ms=default_ttft_slo_ms)
+                                   checksum=checksum, default_ttft_slo_ms=default_ttft_slo_ms,
+                                   max_prefill_wait_s=max_prefill_wait_s)
         self._streams: dict[str, asyncio.Queue] = {}
         # Random start so transfer ids from a restarted worker do not collide with stale ones.
         self._transfer_ids = itertools.count(random.getrandbits(40))
@@ -143,6 +145,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except OutOfKVBlocks as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except RequestGone as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
         return worker_pb2.ReserveKVResponse(
             endpoint=worker_pb2.KVEndpoint(backend=request.backend, address=agent.address()),
             transfer_id=layout.transfer_id, lease_s=self._lease_s)
@@ -162,11 +166,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                 f"KV transfer carried request {trailer.req_id!r}, expected {req.req_id!r}")
         return await self.requests.start(req, prompt_ids, req.staging, params, trailer.first_token_id, resume)
 
-    async def _prefill_local(self, req, prompt_ids: list[int], resume: list[int], params, ttft_slo_ms: float) -> Delta:
+    async def _prefill_local(self, req, prompt_ids: list[int], resume: list[int], params, ttft_slo_ms: float,
+                             context) -> Delta:
         layers: list = [None] * self.engine.config.num_layers
-        # No other worker to forward to: FlowPrefill orders by the deadline but never refuses here.
-        result = await self.prefill.compute(req.req_id, prompt_ids, params, ttft_slo_ms, layers.__setitem__,
-                                            admission=False, first_output_index=len(resume))
+        # No other worker to forward to: FlowPrefill orders by the SLO but refuses only overload.
+        try:
+            result = await self.prefill.compute(req.req_id, prompt_ids, params, ttft_slo_ms, layers.__setitem__,
+                                                admission_budget_s=self.prefill.max_prefill_wait_s,
+                                                first_output_index=len(resume))
+        except Rejected as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill refused: {exc}")
         return await self.requests.start(req, prompt_ids, layers, params, result.first_token_id, resume)
 
     # ---- generation ----
@@ -188,7 +197,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 delta = await self._receive(held, prompt_ids, resume, params, context)
             else:
                 held = await self._admit_local(req_id, len(prompt_ids), context)
-                delta = await self._prefill_local(held, prompt_ids, resume, params, request.ttft_slo_ms)
+                delta = await self._prefill_local(held, prompt_ids, resume, params, request.ttft_slo_ms, context)
             self._wakeup.set()
             num_generated, num_prompt_tokens = len(resume), len(prompt_ids) - len(resume)
             while True:
@@ -228,6 +237,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except OutOfKVBlocks as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except RequestGone as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
 
     @staticmethod
     def _chunk(req_id: str, delta: Delta, num_prompt: int, num_generated: int) -> worker_pb2.TokenChunk:

@@ -11,7 +11,7 @@ from pdserve.policy.prefill_scheduler import FlowPrefillScheduler, make_schedule
 from pdserve.workers.model.config import tiny_config
 from pdserve.workers.model.execution import PrefillExecution
 from pdserve.workers.model.llama import LlamaModel, random_weights
-from pdserve.workers.prefill_runner import PrefillRunner
+from pdserve.workers.prefill_runner import PrefillRunner, Rejected
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +86,49 @@ def test_preempted_prefill_is_bit_exact():
 
 
 @pytest.mark.parametrize("mode", ["fcfs", "chunked", "flowprefill"])
-def test_cancelled_waiting_prefill_is_dropped_not_computed(model, mode):
+def test_cancelled_prefill_is_dropped_or_stopped_at_an_operator_boundary(model, mode):
+    """A waiting prompt leaves the queue; a running one stops at its next operator boundary (it is
+    held at its first layer until cancelled, so the boundary is known) and the rest still run."""
     clock = WallClock()
     cost = OperatorCostModel(4, (1e-4, 1e-6, 1e-10), (1e-4, 1e-6))
     runner = PrefillRunner(model, make_scheduler(mode, 4, cost, chunk_tokens=256), clock)
-    started = threading.Event()
-    first = runner.submit("first", list(range(200)) * 10, clock.now_s() + 60, lambda *_: started.set())
+    started, go_on = threading.Event(), threading.Event()
+    first_layers = []
+
+    def on_first_layer(layer, kv):
+        first_layers.append(layer)
+        started.set()
+        go_on.wait(30)
+
+    # 2048 tokens: chunked mode's last chunk of it (where layers complete) is not shared with q0.
+    first = runner.submit("first", list(range(200)) * 10 + list(range(48)), clock.now_s() + 60, on_first_layer)
     queued = [runner.submit(f"q{i}", list(range(100)), clock.now_s() + 60, lambda *_: None) for i in range(2)]
-    started.wait(30)
-    assert runner.cancel("q1") and queued[1].cancelled()
-    assert not runner.cancel("first") or mode == "flowprefill"   # a running prompt finishes normally
-    first.result(60)
+    assert started.wait(30)
+    assert runner.cancel("q1") and queued[1].cancelled()       # waiting: dropped from the queue
+    assert runner.cancel("first")                              # running: stops at the next boundary
+    go_on.set()
     queued[0].result(60)
+    assert first.cancelled()
+    assert first_layers == [0]                                 # no operator ran after the cancel
+    assert runner.stats.num_abandoned == 1
+    assert not runner.cancel("first")                          # gone: nothing left to cancel
     runner.stop()
     assert runner.num_pending == 0
+
+
+def test_full_queue_refuses_at_once(model):
+    clock = WallClock()
+    runner = PrefillRunner(model, make_scheduler("fcfs", 4), clock, max_pending=2)
+    started, go_on = threading.Event(), threading.Event()
+    held = runner.submit("held", list(range(100)), clock.now_s() + 60,
+                         lambda *_: (started.set(), go_on.wait(30)))
+    assert started.wait(30)
+    queued = runner.submit("queued", list(range(100)), clock.now_s() + 60, lambda *_: None)
+    with pytest.raises(Rejected, match="already queued"):
+        runner.submit("third", list(range(100)), clock.now_s() + 60, lambda *_: None)
+    go_on.set()
+    held.result(60)
+    queued.result(60)
+    runner.submit("after", list(range(100)), clock.now_s() + 60, lambda *_: None).result(60)   # room again
+    runner.stop()
+    assert runner.stats.num_rejected == 1
