@@ -120,8 +120,16 @@ def _bench_overlap(args: argparse.Namespace) -> int:
 def _bench_gateway(args: argparse.Namespace) -> int:
     from pdserve.bench import gateway
 
-    report = gateway.run(args.requests, args.concurrency)
+    report = gateway.run(args.requests, tuple(int(c) for c in args.concurrency.split(",")))
     print(json.dumps(report) if args.json else gateway.format_report(report))
+    return 0
+
+
+def _bench_chaos(args: argparse.Namespace) -> int:
+    from pdserve.bench import chaos
+
+    report = chaos.run(args.rate, args.gap_s, args.stop_s, args.seed)
+    print(json.dumps(report) if args.json else chaos.format_report(report))
     return 0
 
 
@@ -285,9 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     fi.set_defaults(fn=_bench_fidelity)
     g = bench.add_parser("gateway", help="gateway+router overhead vs calling a worker directly")
     g.add_argument("--requests", type=int, default=300)
-    g.add_argument("--concurrency", type=int, default=8)
+    g.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts, one run each")
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=_bench_gateway)
+    ch = bench.add_parser("chaos", help="worker kills, a stopped worker and a router restart under trace load")
+    ch.add_argument("--rate", type=float, default=6.0, help="requests per second of the replayed trace")
+    ch.add_argument("--gap-s", type=float, default=10.0, help="quiet time before each fault")
+    ch.add_argument("--stop-s", type=float, default=20.0, help="how long the SIGSTOPped worker stays stopped")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--json", action="store_true")
+    ch.set_defaults(fn=_bench_chaos)
     return parser
 
 

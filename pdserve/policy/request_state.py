@@ -1,8 +1,9 @@
 """The router's state machine for one request, with legal transitions only.
 
 RECEIVED -> PLACED -> (WAITING_FOR_KV ->) DECODING -> FINISHED, or FAILED / CANCELLED from any
-non-terminal state. A worker failure moves a placed request to MIGRATING, and from there it is
-placed again (on other workers, continuing after the tokens already streamed). Timestamps come
+non-terminal state. A worker failure moves a request to MIGRATING, and from there it is placed
+again (on other workers, continuing after the tokens already streamed). That includes a failure
+while its KV was being reserved (still RECEIVED, or MIGRATING from an earlier failure). Timestamps come
 from the caller's clock.
 """
 from __future__ import annotations
@@ -24,11 +25,11 @@ class RequestState(enum.Enum):
 
 _ENDS = {RequestState.FAILED, RequestState.CANCELLED}
 _TRANSITIONS = {
-    RequestState.RECEIVED: {RequestState.PLACED, *_ENDS},
+    RequestState.RECEIVED: {RequestState.PLACED, RequestState.MIGRATING, *_ENDS},
     RequestState.PLACED: {RequestState.WAITING_FOR_KV, RequestState.DECODING, RequestState.MIGRATING, *_ENDS},
     RequestState.WAITING_FOR_KV: {RequestState.DECODING, RequestState.MIGRATING, *_ENDS},
     RequestState.DECODING: {RequestState.FINISHED, RequestState.MIGRATING, *_ENDS},
-    RequestState.MIGRATING: {RequestState.PLACED, *_ENDS},
+    RequestState.MIGRATING: {RequestState.PLACED, RequestState.MIGRATING, *_ENDS},
 }
 TERMINAL = frozenset({RequestState.FINISHED, RequestState.FAILED, RequestState.CANCELLED})
 

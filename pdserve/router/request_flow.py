@@ -35,6 +35,8 @@ _MAX_PLACEMENT_TRIES = 2
 _ABORT_TIMEOUT_S = 2.0
 _CONTROL_CALL_TIMEOUT_S = 10.0     # ReserveKV: a hung decode worker must not hold the request
 _HEALTH_CHECK_TIMEOUT_S = 1.0
+_ROOM_WAIT_FIRST_S = 0.1           # a migrated request waiting for a full cluster retries this soon,
+_ROOM_WAIT_MAX_S = 1.0             # backing off to this, for up to decode_stall_timeout_s in all
 # Codes that say a worker (or the transfer between two) failed, not the request itself.
 _WORKER_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
                               grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -90,16 +92,27 @@ class RequestFlow:
             request.ttft_slo_ms = self.scenarios.spec(scenario).ttft_slo_ms
         streamed: list[int] = []        # tokens the client already has: a migration continues after them
         excluded: set[str] = set()
-        for attempt in range(self.max_migrations + 1):
-            wreq = _attempt_request(request, attempt, streamed)
+        migrations, tries, room_waits, room_wait_s = 0, 0, 0, 0.0
+        while True:
+            wreq = _attempt_request(request, tries, streamed)
+            tries += 1
             try:
                 async for chunk in self._attempt(wreq, max_tokens - len(streamed), scenario, tracker, excluded):
                     streamed.extend(chunk.token_ids)
                     yield chunk
                 return
             except RouteFailed as exc:
-                if exc.worker_ids is None or exc.code not in _WORKER_FAILURES or attempt == self.max_migrations:
+                if migrations > 0 and exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED \
+                        and room_wait_s < self.decode_stall_timeout_s:
+                    # A moved request found every remaining worker full: it waits for room (a
+                    # client may be reading its stream already) where a new one gets a 429.
+                    delay_s = min(_ROOM_WAIT_MAX_S, _ROOM_WAIT_FIRST_S * 2 ** room_waits)
+                    room_waits, room_wait_s = room_waits + 1, room_wait_s + delay_s
+                    await asyncio.sleep(delay_s)
+                    continue
+                if exc.worker_ids is None or exc.code not in _WORKER_FAILURES or migrations == self.max_migrations:
                     raise
+                migrations += 1
                 excluded |= await self._suspects(exc.worker_ids)
                 tracker.to(RequestState.MIGRATING, self.clock.now_s(), exc.details)
                 log.warning("request %s: migrating after %d streamed tokens (%s); suspect workers: %s",

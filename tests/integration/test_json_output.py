@@ -17,3 +17,18 @@ def test_bench_kv_json_is_one_document_with_ucx_in_play():
     report = json.loads(out.stdout)          # fails on any stray line before or after the document
     assert {r["backend"] for r in report["results"]} == {"memcpy", "ucx", "tcp"}
     assert "UCX" not in out.stdout
+
+
+def test_bench_chaos_json_reports_every_fault_and_nothing_held():
+    """A short chaos run as a user would start it: every fault is reported, no request hangs and
+    no worker holds KV, requests or transfers afterwards."""
+    out = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "chaos", "--json", "--rate", "2",
+                          "--gap-s", "3", "--stop-s", "4"], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert [f["fault"] for f in report["faults"]] == ["sigkill prefill", "sigkill decode", "sigstop decode 4 s",
+                                                      "router restart"]
+    assert report["hung"] == 0
+    assert report["leaked_total"] == 0, report["held_after_run"]
+    assert report["completed"] > 0

@@ -151,3 +151,15 @@ def test_request_state_machine(clock):
     t2 = RequestTracker("r2", 0.0)
     with pytest.raises(ValueError):
         t2.to(RequestState.DECODING, 0.1)               # must be placed first
+
+
+def test_a_request_whose_reservation_fails_can_migrate_again_and_again():
+    """A decode worker that hangs on ReserveKV fails the request before it is placed; the retry
+    can fail the same way (a second hung worker) and still be placed a third time."""
+    t = RequestTracker("r", 0.0)
+    t.to(RequestState.MIGRATING, 10.0, "ReserveKV deadline exceeded")
+    t.to(RequestState.MIGRATING, 20.0, "ReserveKV deadline exceeded again")
+    t.to(RequestState.PLACED, 20.1)
+    t.to(RequestState.DECODING, 20.5)
+    t.to(RequestState.FINISHED, 21.0)
+    assert [s for s, _ in t.history][:2] == [RequestState.MIGRATING, RequestState.MIGRATING]
