@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=_bench_gateway)
     ch = bench.add_parser("chaos", help="worker kills, a stopped worker and a router restart under trace load")
-    ch.add_argument("--rate", type=float, default=6.0, help="requests per second of the replayed trace")
+    ch.add_argument("--rate", type=float, default=3.0, help="requests per second of the replayed trace")
     ch.add_argument("--gap-s", type=float, default=10.0, help="quiet time before each fault")
     ch.add_argument("--stop-s", type=float, default=20.0, help="how long the SIGSTOPped worker stays stopped")
     ch.add_argument("--seed", type=int, default=0)

@@ -67,7 +67,7 @@ def _arrivals(rate_per_s: float, duration_s: float, seed: int) -> tuple[str, lis
             t += rng.expovariate(rate_per_s)
             rows.append((t, int(rng.lognormvariate(6.7, 0.8)), int(rng.lognormvariate(5.3, 0.7))))
         source = f"synthetic Poisson (trace unavailable: {exc.__class__.__name__})"
-    return source, [(t, max(8, min(in_tok // 4, 512)), max(4, min(out_tok, 256)))
+    return source, [(t, max(8, min(in_tok // 4, 512)), max(4, min(out_tok // 2, 128)))
                     for t, in_tok, out_tok in rows if t < duration_s]
 
 
@@ -121,22 +121,33 @@ async def _full_capacity(cluster: LocalCluster, num_workers: int) -> None:
 
 
 class _Faults:
-    def __init__(self, cluster: LocalCluster, rng: random.Random, stop_s: float):
-        self.cluster, self.rng, self.stop_s = cluster, rng, stop_s
+    def __init__(self, cluster: LocalCluster, rng: random.Random, stop_s: float, on_hit):
+        self.cluster, self.rng, self.stop_s, self._on_hit = cluster, rng, stop_s, on_hit
         self.router_logs: list[list[str]] = [cluster.process("router").log_lines]
 
-    def _pick(self, role: str):
-        return self.rng.choice([p for p in self.cluster.processes if p.name.startswith(role)])
+    async def _pick(self, role: str, wait_s: float = 10.0):
+        """A random worker of `role` among those holding requests (waiting up to `wait_s` for one),
+        so the fault lands on work in flight; any worker of the role if none gets busy."""
+        procs = [p for p in self.cluster.processes if p.name.startswith(role)]
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            busy = [p for p in procs if await _num_active(p.port) > 0]
+            if busy:
+                return self.rng.choice(busy)
+            await asyncio.sleep(0.05)
+        return self.rng.choice(procs)
 
     async def kill_worker(self, role: str) -> str:
-        p = self._pick(role)
+        p = await self._pick(role)
+        self._on_hit()
         os.kill(p.proc.pid, signal.SIGKILL)
         await asyncio.to_thread(p.proc.wait)
         await asyncio.to_thread(self.cluster.restart, p.name)
         return p.name
 
     async def stop_worker(self, role: str) -> str:
-        p = self._pick(role)
+        p = await self._pick(role)
+        self._on_hit()
         os.kill(p.proc.pid, signal.SIGSTOP)
         await asyncio.sleep(self.stop_s)
         os.kill(p.proc.pid, signal.SIGCONT)
@@ -144,10 +155,21 @@ class _Faults:
 
     async def restart_router(self) -> str:
         p = self.cluster.process("router")
+        self._on_hit()
         os.kill(p.proc.pid, signal.SIGKILL)
         await asyncio.to_thread(p.proc.wait)
         self.router_logs.append((await asyncio.to_thread(self.cluster.restart, "router")).log_lines)
         return "router"
+
+
+async def _num_active(port: int) -> int:
+    """Requests a worker holds, or (a prefill worker) KV it is sending."""
+    try:
+        async with client.channel(port) as ch:
+            info = await worker_pb2_grpc.WorkerStub(ch).GetInfo(worker_pb2.GetInfoRequest(), timeout=2)
+        return info.num_active_requests + info.num_pending_transfers
+    except grpc.aio.AioRpcError:
+        return 0
 
 
 async def _held(cluster: LocalCluster) -> dict:
@@ -174,21 +196,31 @@ async def _settled(cluster: LocalCluster, timeout_s: float = 60.0) -> dict:
 
 async def _drive(cluster: LocalCluster, rate_per_s: float, gap_s: float, stop_s: float, seed: int) -> dict:
     rng = random.Random(seed)
-    faults = _Faults(cluster, rng, stop_s)
+    sent: list[Sent] = []
+    hits: list[tuple[float, list[str]]] = []    # when each fault hit, and the requests then in flight
+    clock0 = time.monotonic()
+
+    def on_hit() -> None:
+        hits.append((time.monotonic() - clock0, [s.req_id for s in sent if s.ended_s is None]))
+
+    faults = _Faults(cluster, rng, stop_s, on_hit)
     plan = [("sigkill prefill", lambda: faults.kill_worker("prefill")),
             ("sigkill decode", lambda: faults.kill_worker("decode")),
             (f"sigstop decode {stop_s:.0f} s", lambda: faults.stop_worker("decode")),
             ("router restart", faults.restart_router)]
-    duration_s = gap_s * (len(plan) + 1) + stop_s + 30
-    source, arrivals = _arrivals(rate_per_s, duration_s, seed)
-    sent: list[Sent] = []
-    clock0 = time.monotonic()
+    # Arrivals for longer than the faults can take; sending stops `gap_s` after the last one.
+    source, arrivals = _arrivals(rate_per_s, 3600.0, seed)
+    done_sending = asyncio.Event()
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
     async with httpx.AsyncClient(base_url=cluster.url, timeout=_REQUEST_DEADLINE_S, limits=limits) as http:
         async def replay() -> None:
             tasks = []
             for i, (t, n_in, n_out) in enumerate(arrivals):
-                await asyncio.sleep(max(0.0, t - (time.monotonic() - clock0)))
+                try:
+                    await asyncio.wait_for(done_sending.wait(), max(0.0, t - (time.monotonic() - clock0)))
+                    break
+                except TimeoutError:
+                    pass
                 s = Sent(f"chaos-{i}", time.monotonic() - clock0, n_in, n_out)
                 sent.append(s)
                 tasks.append(asyncio.ensure_future(_request(http, s, clock0)))
@@ -198,12 +230,13 @@ async def _drive(cluster: LocalCluster, rate_per_s: float, gap_s: float, stop_s:
         windows = []
         for name, inject in plan:
             await asyncio.sleep(gap_s)
-            at_s = time.monotonic() - clock0
-            in_flight = [s.req_id for s in sent if s.ended_s is None]
             target = await inject()
+            at_s, in_flight = hits[-1]
             await _full_capacity(cluster, 4)
             windows.append({"fault": name, "target": target, "at_s": round(at_s, 2), "in_flight_ids": in_flight,
                             "recovered_s": round(time.monotonic() - clock0 - at_s, 2)})
+        await asyncio.sleep(gap_s)
+        done_sending.set()
         await load
     held = await _settled(cluster)
     migrated = {m.group(1) for lines in faults.router_logs for line in lines if (m := _MIGRATED.search(line))}
@@ -259,7 +292,7 @@ def _summarise(raw: dict) -> dict:
                         "outside_faults": _latency([s for s in sent if s.req_id not in in_fault])}}
 
 
-def run(rate_per_s: float = 6.0, gap_s: float = 10.0, stop_s: float = 20.0, seed: int = 0) -> dict:
+def run(rate_per_s: float = 3.0, gap_s: float = 10.0, stop_s: float = 20.0, seed: int = 0) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         cluster = LocalCluster(model="tiny", num_prefill=2, num_decode=2, env={

@@ -44,7 +44,7 @@ async def _serve(request: Request, chat: bool, d: GatewayDeps, m: GatewayMetrics
         m.ttft.observe(stream.first_token_s - stream.started_s)
         if p.stream:
             streaming = True
-            return _EventStream(_sse(p, stream, out, attempt, m), _closer(stream, out, attempt, d, m, rec))
+            return _EventStream(_sse(p, stream, out, m), _closer(stream, out, attempt, d, m, rec))
         return JSONResponse(await unless_client_leaves(request, generation.collect(p, stream, m, out)))
     except ClientGone:
         status = CLIENT_CLOSED
@@ -88,7 +88,7 @@ def _closer(stream, out, attempt: Attempt, d: GatewayDeps, m: GatewayMetrics, re
     return close
 
 
-async def _sse(p, stream, out, attempt: Attempt, m: GatewayMetrics):
+async def _sse(p, stream, out, m: GatewayMetrics):
     async for event in generation.sse(p, stream, m, out):
         yield event
     out.status, out.done = (out.error.status if out.error else 200), True

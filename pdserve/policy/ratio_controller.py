@@ -134,6 +134,9 @@ class RatioController:
     def pinned(self, scenario: str) -> tuple[int, int] | None:
         return self._state(scenario).pinned
 
+    def last_change_s(self, scenario: str) -> float:
+        return self._state(scenario).last_change_s
+
     def restore_last_change(self, scenario: str, last_change_s: float) -> None:
         """After a router restart: the cooldown runs from the last recorded change."""
         st = self._state(scenario)

@@ -33,8 +33,11 @@ log = logging.getLogger("pdserve.router")
 # One retry on another decode worker when the chosen one refuses for capacity (stale heartbeat).
 _MAX_PLACEMENT_TRIES = 2
 _ABORT_TIMEOUT_S = 2.0
-_CONTROL_CALL_TIMEOUT_S = 10.0     # ReserveKV: a hung decode worker must not hold the request
+_CONTROL_CALL_TIMEOUT_S = 3.0      # ReserveKV (normally milliseconds): a hung decode worker must not hold the request
 _HEALTH_CHECK_TIMEOUT_S = 1.0
+# Backstop only: a worker refuses a prompt it predicts to finish later than its wait budget (30 s
+# by default) and a transfer stalls out after 10 s; keepalive finds a vanished worker in ~15 s.
+_PREFILL_CALL_TIMEOUT_S = 120.0
 _ROOM_WAIT_FIRST_S = 0.1           # a migrated request waiting for a full cluster retries this soon,
 _ROOM_WAIT_MAX_S = 1.0             # backing off to this, for up to decode_stall_timeout_s in all
 # Codes that say a worker (or the transfer between two) failed, not the request itself.
@@ -233,7 +236,8 @@ class RequestFlow:
                     return await self._stub(prefill_id).Prefill(worker_pb2.PrefillRequest(
                         req_id=request.req_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
                         target=reservation.endpoint, transfer_id=reservation.transfer_id,
-                        ttft_slo_ms=request.ttft_slo_ms, resume_output_token_ids=request.resume_output_token_ids))
+                        ttft_slo_ms=request.ttft_slo_ms, resume_output_token_ids=request.resume_output_token_ids),
+                        timeout=_PREFILL_CALL_TIMEOUT_S)
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
                         raise RouteFailed(exc.code(), f"prefill failed on {prefill_id}: {exc.details()}") from exc

@@ -46,7 +46,8 @@ def store(request, tmp_path):
 def test_migration_creates_schema_and_is_idempotent(store):
     store.migrate()
     tables = set(inspect(store.engine).get_table_names())
-    assert {"api_keys", "scenarios", "worker_events", "request_records", "ratio_changes", "alembic_version"} <= tables
+    assert {"api_keys", "scenarios", "worker_events", "request_records", "ratio_changes", "ratio_pins",
+            "worker_drains", "alembic_version"} <= tables
 
 
 def test_api_keys_are_stored_hashed_and_revocable(store):
@@ -79,3 +80,33 @@ def test_scenario_crud_and_ratio_history(store):
     store.add_ratio_change("code", (3, 1), (2, 2), "decode-heavy", {})
     assert [(c.new_prefill, c.reason) for c in store.ratio_history("code")] == [(2, "decode-heavy"), (3, "prefill-heavy")]
     assert store.delete_scenario("code") and store.get_scenario("code") is None and not store.delete_scenario("code")
+
+
+def test_operator_state_survives_in_the_store(store):
+    """What a restarted router reads back: pins, drains, and when each ratio last changed."""
+    store.set_pin("chat", (2, 6))
+    store.set_pin("code", (1, 1))
+    store.set_pin("code", None)                      # unpinned
+    store.set_pin("chat", (3, 5))                    # re-pinned: the newest wins
+    store.set_drained("w1", True)
+    store.set_drained("w2", True)
+    store.set_drained("w2", False)
+    store.add_ratio_change("chat", (2, 6), (3, 5), "set by an operator", {})
+    assert store.pins() == {"chat": (3, 5)}
+    assert store.drained_workers() == {"w1"}
+    at = store.last_ratio_change_at()
+    assert set(at) == {"chat"} and at["chat"].tzinfo is not None
+
+
+def test_restored_state_pins_and_keeps_the_cooldown():
+    import datetime as dt
+
+    from pdserve.policy.ratio_controller import ControllerConfig, RatioController
+    from pdserve.router.state import OperatorState, apply_operator_state
+
+    controller = RatioController(ControllerConfig(cooldown_s=30.0))
+    ten_s_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=10)
+    apply_operator_state(OperatorState({"chat": (3, 5)}, {"w1"}, {"chat": ten_s_ago}), controller, now_s=1000.0)
+    assert controller.pinned("chat") == (3, 5)
+    # The change 10 s ago lands at ~990 s on the controller's clock: 20 s of cooldown are left.
+    assert 989.0 < controller.last_change_s("chat") < 991.0
