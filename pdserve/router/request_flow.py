@@ -111,6 +111,7 @@ class RequestFlow:
                     # client may be reading its stream already) where a new one gets a 429.
                     delay_s = min(_ROOM_WAIT_MAX_S, _ROOM_WAIT_FIRST_S * 2 ** room_waits)
                     room_waits, room_wait_s = room_waits + 1, room_wait_s + delay_s
+                    tracker.to(RequestState.MIGRATING, self.clock.now_s(), f"waiting for room: {exc.details}")
                     await asyncio.sleep(delay_s)
                     continue
                 if exc.worker_ids is None or exc.code not in _WORKER_FAILURES or migrations == self.max_migrations:

@@ -1,0 +1,98 @@
+"""RequestFlow's retry decisions with scripted worker stubs (the same paths run against real worker
+processes in tests/faults/test_migration.py and test_overload.py): a migrated request that finds
+the remaining worker full waits for room and continues after the tokens already streamed; a new
+request at capacity is refused at once."""
+import asyncio
+
+import grpc
+import pytest
+
+from pdserve.clock import VirtualClock
+from pdserve.policy.dispatch import Dispatcher
+from pdserve.policy.registry import Role, WorkerRecord, WorkerRegistry
+from pdserve.policy.request_state import RequestState, RequestTracker
+from pdserve.policy.scenarios import ScenarioClassifier
+from pdserve.router.request_flow import RequestFlow, RouteFailed
+from pdserve.v1 import router_pb2, worker_pb2
+
+
+def _error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=code.name)
+
+
+class _Call:
+    def __init__(self, chunks, error=None):
+        self._chunks, self._error, self._done = list(chunks), error, False
+
+    async def read(self):
+        if self._chunks:
+            return self._chunks.pop(0)
+        self._done = True
+        if self._error is not None:
+            raise self._error
+        return grpc.aio.EOF
+
+    def done(self):
+        return self._done
+
+    def cancel(self):
+        self._done = True
+
+
+class _Stub:
+    def __init__(self, calls, alive=True):
+        self.calls, self.alive, self.requests = list(calls), alive, []
+
+    def Generate(self, request):
+        self.requests.append(request)
+        return self.calls.pop(0)
+
+    async def GetInfo(self, request, timeout=None):
+        if not self.alive:
+            raise _error(grpc.StatusCode.UNAVAILABLE)
+        return worker_pb2.WorkerInfo()
+
+    async def Abort(self, request, timeout=None):
+        return worker_pb2.AbortResponse()
+
+
+def _chunk(tokens, finish=worker_pb2.FINISH_REASON_UNSPECIFIED):
+    return worker_pb2.TokenChunk(token_ids=tokens, finish_reason=finish)
+
+
+def _flow(stubs: dict[str, _Stub], free_blocks: dict[str, int]) -> RequestFlow:
+    reg = WorkerRegistry(lease_s=60.0)
+    for wid, free in free_blocks.items():
+        reg.register(WorkerRecord(worker_id=wid, role=Role.AGGREGATED, model="m", grpc_address=f"h:{wid}",
+                                  kv_addresses={}, num_total_kv_blocks=100, block_size_tokens=16,
+                                  max_model_len_tokens=4096, num_free_kv_blocks=free), 0.0)
+    return RequestFlow(Dispatcher(reg), stubs.__getitem__, VirtualClock(), ScenarioClassifier())
+
+
+async def _collect(flow: RequestFlow, tracker: RequestTracker) -> list[int]:
+    request = router_pb2.RouteRequest(req_id="r", model="m", prompt_token_ids=[5, 6, 7],
+                                      sampling=worker_pb2.SamplingParams(max_tokens=3))
+    return [t async for chunk in flow.run(request, tracker) for t in chunk.token_ids]
+
+
+def test_a_migrated_request_waits_for_room_and_continues():
+    dying = _Stub([_Call([_chunk([1, 2])], _error(grpc.StatusCode.UNAVAILABLE))], alive=False)
+    full_then_free = _Stub([_Call([], _error(grpc.StatusCode.RESOURCE_EXHAUSTED)),
+                            _Call([_chunk([3], worker_pb2.FINISH_REASON_LENGTH)])])
+    flow = _flow({"a1": dying, "a2": full_then_free}, {"a1": 90, "a2": 80})   # a1 is placed first
+    tracker = RequestTracker("r", 0.0)
+    assert asyncio.run(_collect(flow, tracker)) == [1, 2, 3]
+    retry = full_then_free.requests[-1]
+    assert retry.req_id == "r.m2" and list(retry.prompt_token_ids) == [5, 6, 7, 1, 2]
+    assert list(retry.resume_output_token_ids) == [1, 2]
+    states = [s for s, _ in tracker.history]
+    assert states.count(RequestState.MIGRATING) == 2          # the move, then the wait for room
+
+
+def test_a_new_request_at_capacity_is_refused_at_once():
+    full = _Stub([_Call([], _error(grpc.StatusCode.RESOURCE_EXHAUSTED))])
+    flow = _flow({"a1": full}, {"a1": 90})
+    with pytest.raises(RouteFailed) as failed:
+        asyncio.run(_collect(flow, RequestTracker("r", 0.0)))
+    assert failed.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(full.requests) == 1
