@@ -36,6 +36,7 @@ from pdserve.workers import client
 log = logging.getLogger("pdserve.bench")
 _MIGRATED = re.compile(r"request (chaos-\d+)(?:\.m\d+)?: migrating")
 _REQUEST_DEADLINE_S = 120.0
+_RECOVERY_LIMIT_S = 60.0        # a fault the cluster has not recovered from by then is reported as such
 
 
 @dataclass
@@ -111,13 +112,16 @@ async def _router_workers(address: str) -> list:
         return []
 
 
-async def _full_capacity(cluster: LocalCluster, num_workers: int) -> None:
-    """Every worker registered, alive and placeable again."""
-    while True:
+async def _full_capacity(cluster: LocalCluster, num_workers: int, timeout_s: float = _RECOVERY_LIMIT_S) -> str:
+    """Wait until every worker is registered, alive and placeable again; '' then, else what the
+    router lists when `timeout_s` ran out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         ws = await _router_workers(cluster.router_address)
         if sum(w.alive and not w.draining for w in ws) == num_workers:
-            return
+            return ""
         await asyncio.sleep(0.05)
+    return "; ".join(f"{w.worker_id} alive={w.alive} draining={w.draining}" for w in ws) or "router unreachable"
 
 
 class _Faults:
@@ -232,9 +236,14 @@ async def _drive(cluster: LocalCluster, rate_per_s: float, gap_s: float, stop_s:
             await asyncio.sleep(gap_s)
             target = await inject()
             at_s, in_flight = hits[-1]
-            await _full_capacity(cluster, 4)
+            missing = await _full_capacity(cluster, 4)
+            if missing:
+                log.warning("no full capacity %.0f s after %s: %s", _RECOVERY_LIMIT_S, name, missing)
+                for p in cluster.processes:
+                    log.warning("%s (exit %s) log ends:\n%s", p.name, p.proc.poll(), "\n".join(p.log_lines[-15:]))
             windows.append({"fault": name, "target": target, "at_s": round(at_s, 2), "in_flight_ids": in_flight,
-                            "recovered_s": round(time.monotonic() - clock0 - at_s, 2)})
+                            "recovered_s": None if missing else round(time.monotonic() - clock0 - at_s, 2),
+                            **({"not_recovered": missing} if missing else {})})
         await asyncio.sleep(gap_s)
         done_sending.set()
         await load
@@ -276,7 +285,7 @@ def _summarise(raw: dict) -> dict:
     faults, in_fault = [], set()
     for w in raw["windows"]:
         affected = [by_id[i] for i in w.pop("in_flight_ids")]
-        start, end = w["at_s"], w["at_s"] + w["recovered_s"]
+        start, end = w["at_s"], w["at_s"] + (w["recovered_s"] or _RECOVERY_LIMIT_S)
         in_fault |= {s.req_id for s in raw["sent"] if start <= s.sent_s <= end or s.req_id in {a.req_id for a in affected}}
         arrived = [s for s in raw["sent"] if start <= s.sent_s <= end and s not in affected]
         faults.append({**w, "in_flight": len(affected), **_outcomes(affected, raw["migrated"]),
@@ -299,7 +308,8 @@ def run(rate_per_s: float = 3.0, gap_s: float = 10.0, stop_s: float = 20.0, seed
             "PDSERVE_DATABASE__URL": f"sqlite:///{tmp}/chaos.db", "PDSERVE_ROUTER__CONTROL_INTERVAL_S": "3600"})
         cluster.start()
         try:
-            asyncio.run(asyncio.wait_for(_full_capacity(cluster, 4), 60))
+            if missing := asyncio.run(_full_capacity(cluster, 4)):
+                raise RuntimeError(f"the cluster did not come up: {missing}")
             raw = asyncio.run(_drive(cluster, rate_per_s, gap_s, stop_s, seed))
         finally:
             cluster.stop()

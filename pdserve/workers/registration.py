@@ -57,6 +57,9 @@ async def keep_registered(service: WorkerService, router_address: str, ad: Adver
             except grpc.aio.AioRpcError as exc:
                 log.warning("router %s unreachable (%s); retrying", router_address, exc.code().name)
                 await asyncio.sleep(_RETRY_S)
+            except Exception:   # whatever went wrong, a worker that stops registering is lost to the router
+                log.exception("registration with router %s failed; retrying", router_address)
+                await asyncio.sleep(_RETRY_S)
 
 
 async def _register(stub: router_pb2_grpc.RouterStub, service: WorkerService, ad: Advertised) -> float:
