@@ -38,6 +38,9 @@ _HEALTH_CHECK_TIMEOUT_S = 1.0
 # Backstop only: a worker refuses a prompt it predicts to finish later than its wait budget (30 s
 # by default) and a transfer stalls out after 10 s; keepalive finds a vanished worker in ~15 s.
 _PREFILL_CALL_TIMEOUT_S = 120.0
+# The decode worker can finish a short request before the prefill worker's reply (sent once its
+# transfer completes) arrives; the reply is then moments away and carries the usage figures.
+_PREFILL_REPLY_WAIT_S = 2.0
 _ROOM_WAIT_FIRST_S = 0.1           # a migrated request waiting for a full cluster retries this soon,
 _ROOM_WAIT_MAX_S = 1.0             # backing off to this, for up to decode_stall_timeout_s in all
 # Codes that say a worker (or the transfer between two) failed, not the request itself.
@@ -56,6 +59,16 @@ class RouteFailed(Exception):
         self.code = code
         self.details = details
         self.worker_ids = worker_ids
+
+
+async def _settle(prefill: asyncio.Future, last: worker_pb2.TokenChunk) -> None:
+    """Let a prefill whose KV already arrived finish (rather than cancel it as the request ends)
+    and copy its figures onto the last chunk."""
+    if not prefill.done():
+        await asyncio.wait({prefill}, timeout=_PREFILL_REPLY_WAIT_S)
+    if prefill.done() and not prefill.cancelled() and prefill.exception() is None:
+        last.kv_transfer_bytes = prefill.result().kv_bytes
+        last.prefill_ms = prefill.result().prefill_ms
 
 
 def _attempt_request(request: router_pb2.RouteRequest, attempt: int, streamed: list[int]) -> router_pb2.RouteRequest:
@@ -208,10 +221,8 @@ class RequestFlow:
                 first.cancel()
                 raise prefill.exception()
             async for chunk in self._relay(call, placement.decode_id, request.req_id, tracker, first):
-                if chunk.finish_reason != worker_pb2.FINISH_REASON_UNSPECIFIED and prefill.done() \
-                        and not prefill.exception():
-                    chunk.kv_transfer_bytes = prefill.result().kv_bytes
-                    chunk.prefill_ms = prefill.result().prefill_ms
+                if chunk.finish_reason != worker_pb2.FINISH_REASON_UNSPECIFIED:
+                    await _settle(prefill, chunk)
                 yield chunk
         except RouteFailed:
             # The decode side usually fails *because* the prefill did: report the cause.

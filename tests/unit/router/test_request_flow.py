@@ -96,3 +96,62 @@ def test_a_new_request_at_capacity_is_refused_at_once():
         asyncio.run(_collect(flow, RequestTracker("r", 0.0)))
     assert failed.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert len(full.requests) == 1
+
+
+class _PrefillStub:
+    """Replies only after the decode stream has ended: the order a short request sees when the
+    decode worker finishes before the prefill worker's transfer acknowledgement comes back."""
+
+    def __init__(self, decode_done: asyncio.Event):
+        self.decode_done, self.cancelled = decode_done, False
+
+    async def Prefill(self, request, timeout=None):
+        try:
+            await self.decode_done.wait()
+            for _ in range(20):     # the reply is still a few event-loop turns away
+                await asyncio.sleep(0)
+            return worker_pb2.PrefillResponse(req_id=request.req_id, kv_bytes=4096, prefill_ms=7.0)
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+
+class _DecodeStub(_Stub):
+    def __init__(self, decode_done: asyncio.Event):
+        super().__init__([])
+        self.decode_done = decode_done
+
+    async def ReserveKV(self, request, timeout=None):
+        return worker_pb2.ReserveKVResponse(endpoint=worker_pb2.KVEndpoint(backend="tcp"), transfer_id=1)
+
+    def Generate(self, request):
+        done = self.decode_done
+
+        class _Finishing(_Call):
+            async def read(self):
+                chunk = await super().read()
+                if chunk is not grpc.aio.EOF and chunk.finish_reason:
+                    done.set()
+                return chunk
+        return _Finishing([_chunk([1]), _chunk([2], worker_pb2.FINISH_REASON_LENGTH)])
+
+
+def test_a_prefill_reply_after_the_last_token_is_awaited_not_cancelled():
+    async def run():
+        decode_done = asyncio.Event()
+        prefill, decode = _PrefillStub(decode_done), _DecodeStub(decode_done)
+        reg = WorkerRegistry(lease_s=60.0)
+        for wid, role in (("p", Role.PREFILL), ("d", Role.DECODE)):
+            reg.register(WorkerRecord(worker_id=wid, role=role, model="m", grpc_address=f"h:{wid}",
+                                      kv_addresses={"tcp": f"h:{wid}"}, num_total_kv_blocks=100,
+                                      block_size_tokens=16, max_model_len_tokens=4096, num_free_kv_blocks=100), 0.0)
+        flow = RequestFlow(Dispatcher(reg), {"p": prefill, "d": decode}.__getitem__, VirtualClock(),
+                           ScenarioClassifier())
+        request = router_pb2.RouteRequest(req_id="r", model="m", prompt_token_ids=[5, 6, 7],
+                                          sampling=worker_pb2.SamplingParams(max_tokens=2))
+        chunks = [c async for c in flow.run(request, RequestTracker("r", 0.0))]
+        return chunks, prefill
+    chunks, prefill = asyncio.run(run())
+    assert [t for c in chunks for t in c.token_ids] == [1, 2]
+    assert not prefill.cancelled
+    assert (chunks[-1].kv_transfer_bytes, chunks[-1].prefill_ms) == (4096, 7.0)
