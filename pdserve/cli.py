@@ -128,7 +128,7 @@ def _bench_gateway(args: argparse.Namespace) -> int:
 def _bench_chaos(args: argparse.Namespace) -> int:
     from pdserve.bench import chaos
 
-    report = chaos.run(args.rate, args.gap_s, args.stop_s, args.seed)
+    report = chaos.run(args.rate, args.gap_s, args.stop_s, args.seed, args.trace_file)
     print(json.dumps(report) if args.json else chaos.format_report(report))
     return 0
 
@@ -142,7 +142,8 @@ def _bench_prefill(args: argparse.Namespace) -> int:
               f"long p99 {row['ttft_long_p99_ms']} ms", file=sys.stderr, flush=True)
 
     report = prefill.run([float(r) for r in args.rates.split(",")], args.num_requests,
-                         [int(c) for c in args.chunk_sizes.split(",")], seed=args.seed, progress=progress)
+                         [int(c) for c in args.chunk_sizes.split(",")], seed=args.seed, trace_file=args.trace_file,
+                         progress=progress)
     print(json.dumps(report) if args.json else json.dumps(report, indent=2))
     return 0
 
@@ -150,7 +151,7 @@ def _bench_prefill(args: argparse.Namespace) -> int:
 def _bench_ratio(args: argparse.Namespace) -> int:
     from pdserve.bench import ratio
 
-    report = ratio.run(args.minutes, args.speedup, args.workers_per_scenario, args.hardware)
+    report = ratio.run(args.minutes, args.speedup, args.workers_per_scenario, args.hardware, args.trace_file)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -173,11 +174,13 @@ def _sim(args: argparse.Namespace) -> int:
         print(json.dumps(report, sort_keys=True) if args.json else json.dumps(report, indent=2, sort_keys=True))
         return 0
     report = compare.run(args.minutes, args.speedup, args.workers_per_scenario, args.hardware, args.seed,
-                         progress=None if args.json else compare.stderr_progress, trace=args.trace)
+                         progress=None if args.json else compare.stderr_progress, trace=args.trace,
+                         trace_file=args.trace_file)
     if args.plot:
         rows = compare.sweep([args.speedup / 2, args.speedup, args.speedup * 1.5, args.speedup * 2],
                              minutes=args.minutes, workers_per_scenario=args.workers_per_scenario,
-                             hardware=args.hardware, seed=args.seed, trace=args.trace)["sweep"]
+                             hardware=args.hardware, seed=args.seed, trace=args.trace,
+                             trace_file=args.trace_file)["sweep"]
         report["sweep"] = rows
         for path in compare.plot(report, rows, args.plot):
             print(f"wrote {path}", file=sys.stderr)
@@ -188,7 +191,7 @@ def _sim(args: argparse.Namespace) -> int:
 def _bench_fidelity(args: argparse.Namespace) -> int:
     from pdserve.bench import fidelity
 
-    print(json.dumps(fidelity.run(args.minutes), indent=None if args.json else 2))
+    print(json.dumps(fidelity.run(args.minutes, args.trace_file), indent=None if args.json else 2))
     return 0
 
 
@@ -241,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--scale-speedup", type=float, default=100.0,
                      help="with --workers: replay the hour this many times faster, to load the fleet")
     sim.add_argument("--json", action="store_true")
+    _trace_file_option(sim)
     sim.set_defaults(fn=_sim)
 
     prof = sub.add_parser("profile", help="time the model runner's operators and fit the cost model")
@@ -279,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--chunk-sizes", default="256,512,1024")
     pf.add_argument("--seed", type=int, default=0)
     pf.add_argument("--json", action="store_true")
+    _trace_file_option(pf)
     pf.set_defaults(fn=_bench_prefill)
     ra = bench.add_parser("ratio", help="dynamic per-scenario P/D ratio vs best static, simulated on Azure traces")
     ra.add_argument("--minutes", type=float, default=20, help="trace minutes replayed")
@@ -286,10 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     ra.add_argument("--workers-per-scenario", type=int, default=8)
     ra.add_argument("--hardware", default="llama3-8b-h100", help="llama3-8b-h100 or llama3-70b-h200x8")
     ra.add_argument("--json", action="store_true")
+    _trace_file_option(ra)
     ra.set_defaults(fn=_bench_ratio)
     fi = bench.add_parser("fidelity", help="simulator vs a real 1P+1D tiny cluster on the same trace slice")
     fi.add_argument("--minutes", type=float, default=2.0)
     fi.add_argument("--json", action="store_true")
+    _trace_file_option(fi)
     fi.set_defaults(fn=_bench_fidelity)
     g = bench.add_parser("gateway", help="gateway+router overhead vs calling a worker directly")
     g.add_argument("--requests", type=int, default=300)
@@ -302,15 +309,28 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--stop-s", type=float, default=20.0, help="how long the SIGSTOPped worker stays stopped")
     ch.add_argument("--seed", type=int, default=0)
     ch.add_argument("--json", action="store_true")
+    _trace_file_option(ch)
     ch.set_defaults(fn=_bench_chaos)
     return parser
 
 
+def _trace_file_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace-file", type=pathlib.Path, metavar="PATH",
+                        help="replay this trace instead: Azure CSV, Mooncake JSONL or CSV of "
+                             "timestamp_s,input_tokens,output_tokens[,session_id] (.gz/.xz too)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pdserve.traces import TraceError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except TraceError as exc:
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

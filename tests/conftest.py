@@ -13,7 +13,6 @@ os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 from pdserve.workers.model.sampling import SamplingConfig  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHARED = REPO_ROOT.parent / "shared"
 
 
 def make_sampling(**kw) -> SamplingConfig:

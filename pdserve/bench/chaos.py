@@ -9,8 +9,7 @@ SIGKILL a random prefill worker, SIGKILL a random decode worker (each then start
 and restart. Per fault: requests in flight when it hit and how they ended (completed, migrated,
 failed with reason, hung), and seconds until the cluster had its full capacity back. After the
 run: KV blocks, requests and transfers still held on each worker (all must be 0), and TTFT/TPOT
-p99 inside fault windows vs outside them. Without ../shared the arrivals are a seeded Poisson
-process with the trace's typical lengths, and the report says so.
+p99 inside fault windows vs outside them. `trace_file` replays another trace instead.
 """
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import pathlib
 import random
 import re
 import signal
@@ -29,7 +29,7 @@ import grpc
 import httpx
 
 from pdserve.launch import LocalCluster
-from pdserve.traces import load_azure
+from pdserve.traces import load_azure, load_file
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from pdserve.workers import client
 
@@ -53,21 +53,14 @@ class Sent:
     detail: str = ""                # the error message, for the report's examples
 
 
-def _arrivals(rate_per_s: float, duration_s: float, seed: int) -> tuple[str, list[tuple[float, int, int]]]:
+def _arrivals(rate_per_s: float, duration_s: float, trace_file: pathlib.Path | None = None
+              ) -> tuple[str, list[tuple[float, int, int]]]:
     """(source, [(send time s, prompt tokens, output tokens)]), lengths scaled for a CPU."""
-    rng = random.Random(seed)
-    try:
-        trace = load_azure("conv", limit=4000)
-        span_s = trace[-1].arrival_s or 1.0
-        scale = len(trace) / span_s / rate_per_s
-        rows = [(r.arrival_s * scale, r.input_tokens, r.output_tokens) for r in trace]
-        source = f"azure2023 conv, time x{scale:.2f}"
-    except OSError as exc:
-        t, rows = 0.0, []
-        while t < duration_s:
-            t += rng.expovariate(rate_per_s)
-            rows.append((t, int(rng.lognormvariate(6.7, 0.8)), int(rng.lognormvariate(5.3, 0.7))))
-        source = f"synthetic Poisson (trace unavailable: {exc.__class__.__name__})"
+    trace = load_file(trace_file, limit=4000) if trace_file else load_azure("conv", limit=4000)
+    span_s = trace[-1].arrival_s or 1.0
+    scale = len(trace) / span_s / rate_per_s
+    rows = [(r.arrival_s * scale, r.input_tokens, r.output_tokens) for r in trace]
+    source = f"{trace_file or 'azure2023 conv'}, time x{scale:.2f}"
     return source, [(t, max(8, min(in_tok // 4, 512)), max(4, min(out_tok // 2, 128)))
                     for t, in_tok, out_tok in rows if t < duration_s]
 
@@ -198,7 +191,8 @@ async def _settled(cluster: LocalCluster, timeout_s: float = 60.0) -> dict:
         await asyncio.sleep(0.5)
 
 
-async def _drive(cluster: LocalCluster, rate_per_s: float, gap_s: float, stop_s: float, seed: int) -> dict:
+async def _drive(cluster: LocalCluster, rate_per_s: float, gap_s: float, stop_s: float, seed: int,
+                 trace_file: pathlib.Path | None) -> dict:
     rng = random.Random(seed)
     sent: list[Sent] = []
     hits: list[tuple[float, list[str]]] = []    # when each fault hit, and the requests then in flight
@@ -213,7 +207,7 @@ async def _drive(cluster: LocalCluster, rate_per_s: float, gap_s: float, stop_s:
             (f"sigstop decode {stop_s:.0f} s", lambda: faults.stop_worker("decode")),
             ("router restart", faults.restart_router)]
     # Arrivals for longer than the faults can take; sending stops `gap_s` after the last one.
-    source, arrivals = _arrivals(rate_per_s, 3600.0, seed)
+    source, arrivals = _arrivals(rate_per_s, 3600.0, trace_file)
     done_sending = asyncio.Event()
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
     async with httpx.AsyncClient(base_url=cluster.url, timeout=_REQUEST_DEADLINE_S, limits=limits) as http:
@@ -301,7 +295,8 @@ def _summarise(raw: dict) -> dict:
                         "outside_faults": _latency([s for s in sent if s.req_id not in in_fault])}}
 
 
-def run(rate_per_s: float = 3.0, gap_s: float = 10.0, stop_s: float = 20.0, seed: int = 0) -> dict:
+def run(rate_per_s: float = 3.0, gap_s: float = 10.0, stop_s: float = 20.0, seed: int = 0,
+        trace_file: pathlib.Path | None = None) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         cluster = LocalCluster(model="tiny", num_prefill=2, num_decode=2, env={
@@ -310,7 +305,7 @@ def run(rate_per_s: float = 3.0, gap_s: float = 10.0, stop_s: float = 20.0, seed
         try:
             if missing := asyncio.run(_full_capacity(cluster, 4)):
                 raise RuntimeError(f"the cluster did not come up: {missing}")
-            raw = asyncio.run(_drive(cluster, rate_per_s, gap_s, stop_s, seed))
+            raw = asyncio.run(_drive(cluster, rate_per_s, gap_s, stop_s, seed, trace_file))
         finally:
             cluster.stop()
     return {"cluster": "2 prefill + 2 decode, tiny", "rate_per_s": rate_per_s, "seed": seed, **_summarise(raw)}

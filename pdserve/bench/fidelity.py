@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pathlib
 import statistics
 import tempfile
 import time
@@ -23,7 +24,7 @@ from pdserve.policy.cost_model import OperatorCostModel
 from pdserve.policy.scenarios import ScenarioClassifier, ScenarioSpec
 from pdserve.sim.fleet import SimRequest, Simulation
 from pdserve.sim.hardware import from_host_profile
-from pdserve.traces import load_azure
+from pdserve.traces import load_azure, load_file
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from pdserve.workers.model.loader import load_model
 from pdserve.workers.profiler import profile_decode
@@ -35,9 +36,9 @@ MAX_OUTPUT = 64
 _LOOSE = ScenarioSpec("default", ttft_slo_ms=1e9, tpot_slo_ms=1e9)
 
 
-def trace_slice(minutes: float) -> list[SimRequest]:
+def trace_slice(minutes: float, trace_file: pathlib.Path | None = None) -> list[SimRequest]:
     out = []
-    for i, t in enumerate(load_azure("conv")):
+    for i, t in enumerate(load_file(trace_file) if trace_file else load_azure("conv")):
         if t.arrival_s > minutes * 60:
             break
         out.append(SimRequest(f"f{i}", "", t.arrival_s, max(8, min(t.input_tokens, MAX_INPUT)),
@@ -77,8 +78,8 @@ async def _replay(router_address: str, reqs: list[SimRequest]) -> dict:
     return {"overhead_s": overhead, "per_request": {r.req_id: results[r.req_id] for r in reqs}}
 
 
-def run(minutes: float = 2.0) -> dict:
-    reqs = trace_slice(minutes)
+def run(minutes: float = 2.0, trace_file: pathlib.Path | None = None) -> dict:
+    reqs = trace_slice(minutes, trace_file)
     cfg = load_config()
     model = load_model("tiny", cfg.model.cache_dir).model
     with tempfile.TemporaryDirectory() as db:

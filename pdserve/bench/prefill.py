@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from pdserve.clock import WallClock
 from pdserve.policy.prefill_scheduler import make_scheduler
-from pdserve.traces import load_azure
+from pdserve.traces import load_azure, load_file
 from pdserve.workers.model.loader import load_model
 from pdserve.workers.prefill_runner import PrefillRunner
 from pdserve.workers.profiler import fit_cost_model
@@ -38,10 +38,15 @@ class Req:
 
 
 def make_workload(rate: float, num: int, seed: int, max_tokens: int, slo_short_s: float, slo_long_s: float,
-                  shared: pathlib.Path | None) -> list[Req]:
+                  trace_file: pathlib.Path | None = None) -> list[Req]:
+    """Long prompts draw lengths from the code trace, short ones from conv; a trace file given
+    instead serves both."""
     rng = random.Random(seed)
-    code = [r.input_tokens for r in load_azure("code", shared)]
-    conv = [r.input_tokens for r in load_azure("conv", shared)]
+    if trace_file is not None:
+        code = conv = [r.input_tokens for r in load_file(trace_file)]
+    else:
+        code = [r.input_tokens for r in load_azure("code")]
+        conv = [r.input_tokens for r in load_azure("conv")]
     t, out = 0.0, []
     for i in range(num):
         t += rng.expovariate(rate)
@@ -114,7 +119,7 @@ def _summarise(workload: list[Req], done_s: dict[str, float], runner: PrefillRun
 
 
 def run(rates: list[float], num_requests: int, chunk_sizes: list[int], seed: int = 0,
-        slo_short_ms: float = 150.0, slo_long_ms: float = 3000.0, shared: pathlib.Path | None = None,
+        slo_short_ms: float = 150.0, slo_long_ms: float = 3000.0, trace_file: pathlib.Path | None = None,
         cache_dir: pathlib.Path = pathlib.Path.home() / ".cache" / "pdserve", progress=print) -> dict:
     model = load_model("tiny", cache_dir).model
     cost, samples, fit_error = fit_cost_model(model)
@@ -122,7 +127,7 @@ def run(rates: list[float], num_requests: int, chunk_sizes: list[int], seed: int
     results = []
     for rate in rates:
         workload = make_workload(rate, num_requests, seed, model.config.max_position_tokens - 1,
-                                 slo_short_ms / 1e3, slo_long_ms / 1e3, shared)
+                                 slo_short_ms / 1e3, slo_long_ms / 1e3, trace_file)
         for mode, chunk in modes:
             row = {"rate_rps": rate, "mode": mode if not chunk else f"chunked-{chunk}",
                    **run_mode(model, mode, cost, workload, chunk or 512)}

@@ -20,7 +20,7 @@ from pdserve.sim.aggregated import AggregatedSimulation
 from pdserve.sim.fleet import SimRequest, Simulation
 from pdserve.sim.hardware import PRESETS
 from pdserve.sim.report import summarize
-from pdserve.traces import load_azure, load_mooncake
+from pdserve.traces import TraceRequest, load_azure, load_file, load_mooncake
 
 SCENARIOS = {
     "conv": ScenarioSpec("conv", ttft_slo_ms=1000, tpot_slo_ms=50, header_values=("conv",)),
@@ -28,10 +28,10 @@ SCENARIOS = {
 }
 
 
-def azure_merged(minutes: float, speedup: float, shared: pathlib.Path | None = None) -> list[SimRequest]:
+def azure_merged(minutes: float, speedup: float) -> list[SimRequest]:
     out = []
     for kind in ("conv", "code"):
-        for i, t in enumerate(load_azure(kind, shared)):
+        for i, t in enumerate(load_azure(kind)):
             if t.arrival_s > minutes * 60:
                 break
             out.append(SimRequest(f"{kind}-{i}", kind, t.arrival_s / speedup, t.input_tokens, max(1, t.output_tokens)))
@@ -41,14 +41,19 @@ def azure_merged(minutes: float, speedup: float, shared: pathlib.Path | None = N
 MOONCAKE_SCENARIOS = {"default": ScenarioSpec("default", ttft_slo_ms=5000, tpot_slo_ms=100)}
 
 
-def mooncake(minutes: float, speedup: float, shared: pathlib.Path | None = None
-             ) -> tuple[list[SimRequest], dict[str, tuple[int, ...]]]:
+def mooncake(minutes: float, speedup: float) -> tuple[list[SimRequest], dict[str, tuple[int, ...]]]:
     """Requests of the Mooncake conversation trace and their 512-token block hashes."""
+    return one_scenario(load_mooncake("conversation"), minutes, speedup, "mc")
+
+
+def one_scenario(trace: list[TraceRequest], minutes: float, speedup: float, prefix: str
+                 ) -> tuple[list[SimRequest], dict[str, tuple[int, ...]]]:
+    """A trace replayed as one scenario, with its block hashes where it has them."""
     out, hashes = [], {}
-    for i, t in enumerate(load_mooncake("conversation", shared)):
+    for i, t in enumerate(trace):
         if t.arrival_s > minutes * 60:
             break
-        r = SimRequest(f"mc-{i}", "", t.arrival_s / speedup, t.input_tokens, max(1, t.output_tokens))
+        r = SimRequest(f"{prefix}-{i}", "", t.arrival_s / speedup, t.input_tokens, max(1, t.output_tokens))
         out.append(r)
         hashes[r.req_id] = t.block_hashes
     return out, hashes
@@ -63,16 +68,18 @@ def _with_slos(reqs: list[SimRequest], classifier: ScenarioClassifier) -> list[S
 
 
 def run(minutes: float = 20, speedup: float = 4, workers_per_scenario: int = 8, hardware: str = "llama3-8b-h100",
-        seed: int = 0, shared: pathlib.Path | None = None, progress=None, trace: str = "azure") -> dict:
+        seed: int = 0, progress=None, trace: str = "azure", trace_file: pathlib.Path | None = None) -> dict:
     """trace 'azure': merged conv+code as two scenarios; 'mooncake': the conversation trace as one
-    scenario, with prefix sharing (its block hashes) for the prefix-aware baseline."""
+    scenario, with prefix sharing (its block hashes) for the prefix-aware baseline; `trace_file`
+    (any format pdserve.traces reads) replaces either, as one scenario."""
     hw = PRESETS[hardware]
-    if trace == "mooncake":
-        base, block_hashes = mooncake(minutes, speedup, shared)
+    if trace_file is not None or trace == "mooncake":
+        base, block_hashes = (one_scenario(load_file(trace_file), minutes, speedup, "f") if trace_file
+                              else mooncake(minutes, speedup))
         scenarios = MOONCAKE_SCENARIOS
         workers_per_scenario *= 2            # one scenario holds the whole fleet
     else:
-        base, block_hashes, scenarios = azure_merged(minutes, speedup, shared), {}, SCENARIOS
+        base, block_hashes, scenarios = azure_merged(minutes, speedup), {}, SCENARIOS
     classifier = ScenarioClassifier(dict(scenarios))
     g, n_total = workers_per_scenario, workers_per_scenario * len(scenarios)
     say = progress or (lambda _msg: None)
@@ -99,7 +106,8 @@ def run(minutes: float = 20, speedup: float = 4, workers_per_scenario: int = 8, 
         reqs = _with_slos(copy.deepcopy(base), classifier)
         results[f"aggregated-{name}"] = summarize(AggregatedSimulation(hw, n_total, router, block_hashes).run(reqs))
     ours = results["pdserve"]["goodput_rps"]
-    workload = "mooncake FAST'25 conversation" if trace == "mooncake" else "azure2023 conv+code merged"
+    workload = (str(trace_file) if trace_file else
+                "mooncake FAST'25 conversation" if trace == "mooncake" else "azure2023 conv+code merged")
     return {"workload": workload, "minutes": minutes, "speedup": speedup, "hardware": hardware,
             "num_workers": n_total, "num_requests": len(base), "seed": seed, "results": results,
             "goodput_ratio_pdserve_vs": {k: round(ours / max(v["goodput_rps"], 1e-9), 3)

@@ -1,23 +1,20 @@
 """The simulator drives the router's policy objects deterministically on virtual time."""
-import pytest
 
 from pdserve.bench import ratio
 from pdserve.policy.ratio_controller import ControllerConfig, RatioController
 from pdserve.policy.scenarios import ScenarioClassifier
 from pdserve.sim.fleet import SimRequest, Simulation
 from pdserve.sim.hardware import LLAMA3_8B_H100
-from tests.conftest import SHARED
 
 
 def _prefill_heavy(n: int) -> list[SimRequest]:
     return [SimRequest(f"r{i}", "code", i * 0.05, 6000, 4) for i in range(n)]
 
 
-@pytest.mark.skipif(not (SHARED / "traces" / "azure2023").is_dir(), reason="../shared/traces is not laid out here")
 def test_same_input_gives_the_same_result():
     runs = []
     for _ in range(2):
-        reqs = ratio.workload(minutes=3, speedup=4, shared=SHARED)
+        reqs = ratio.workload(minutes=3, speedup=4)
         sim = Simulation(LLAMA3_8B_H100, {"conv": (4, 4), "code": (4, 4)}, ScenarioClassifier(dict(ratio.SCENARIOS)),
                          RatioController(ControllerConfig(window_s=20, cooldown_s=10)), control_interval_s=2.0)
         done = sim.run(reqs)
@@ -51,21 +48,18 @@ def test_routing_baselines_pick_as_documented():
 def test_mooncake_loader_keeps_block_hashes():
     from pdserve.traces import load_mooncake
 
-    if not (SHARED / "traces" / "mooncake_fast25").is_dir():
-        pytest.skip("../shared/traces is not laid out here")
-    reqs = load_mooncake("conversation", SHARED, limit=50)
+    reqs = load_mooncake("conversation", limit=50)
     assert reqs[0].arrival_s == 0.0 and reqs[0].block_hashes[:2] == (0, 1)
     assert all(len(r.block_hashes) >= r.input_tokens // 512 for r in reqs)
 
 
-@pytest.mark.skipif(not (SHARED / "traces" / "azure2023").is_dir(), reason="../shared/traces is not laid out here")
 def test_sim_report_is_deterministic_and_compares_every_baseline():
     import json
 
     from pdserve.sim import compare
 
-    a = json.dumps(compare.run(minutes=2, speedup=4, workers_per_scenario=4, shared=SHARED), sort_keys=True)
-    b = json.dumps(compare.run(minutes=2, speedup=4, workers_per_scenario=4, shared=SHARED), sort_keys=True)
+    a = json.dumps(compare.run(minutes=2, speedup=4, workers_per_scenario=4), sort_keys=True)
+    b = json.dumps(compare.run(minutes=2, speedup=4, workers_per_scenario=4), sort_keys=True)
     assert a == b
     ratios = json.loads(a)["goodput_ratio_pdserve_vs"]
     assert set(ratios) == {"static-best", "aggregated-round-robin", "aggregated-least-loaded",
@@ -75,9 +69,7 @@ def test_sim_report_is_deterministic_and_compares_every_baseline():
 def test_mooncake_workload_feeds_block_hashes_to_prefix_aware_routing():
     from pdserve.sim import compare
 
-    if not (SHARED / "traces" / "mooncake_fast25").is_dir():
-        pytest.skip("../shared/traces is not laid out here")
-    reqs, hashes = compare.mooncake(minutes=1, speedup=1, shared=SHARED)
+    reqs, hashes = compare.mooncake(minutes=1, speedup=1)
     assert reqs and all(hashes[r.req_id] for r in reqs)
-    report = compare.run(minutes=1, speedup=1, workers_per_scenario=2, shared=SHARED, trace="mooncake")
+    report = compare.run(minutes=1, speedup=1, workers_per_scenario=2, trace="mooncake")
     assert report["workload"].startswith("mooncake") and report["num_workers"] == 4
