@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--json", action="store_true")
     _trace_file_option(ch)
     ch.set_defaults(fn=_bench_chaos)
+    from pdserve.loadtest.run import add_parser as add_loadtest_parser
+    add_loadtest_parser(sub)
     return parser
 
 
