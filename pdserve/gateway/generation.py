@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from pdserve.gateway.errors import OpenAIError, bad_request
 from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.router_client import RouterClient
-from pdserve.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from pdserve.gateway.schemas import ChatCompletionRequest, CompletionRequest, UnsupportedField, check_fields
 from pdserve.v1 import router_pb2, worker_pb2
 from pdserve.workers.model.tokenizer import Tokenizer
 
@@ -57,8 +57,12 @@ def validation_error(exc: ValidationError) -> OpenAIError:
 
 
 def prepare(body: dict, chat: bool, req_id: str, tokenizer: Tokenizer, limits: Limits) -> Prepared:
+    schema = ChatCompletionRequest if chat else CompletionRequest
     try:
-        req = ChatCompletionRequest.model_validate(body) if chat else CompletionRequest.model_validate(body)
+        check_fields(body, schema)
+        req = schema.model_validate(body)
+    except UnsupportedField as exc:
+        raise bad_request(str(exc), param=exc.field, code="unsupported_parameter") from exc
     except ValidationError as exc:
         raise validation_error(exc) from exc
     if req.model != limits.served_model:
@@ -68,7 +72,7 @@ def prepare(body: dict, chat: bool, req_id: str, tokenizer: Tokenizer, limits: L
         prompt_ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
         requested = req.requested_max_tokens()
     else:
-        prompt_ids = tokenizer.encode(req.prompt)
+        prompt_ids = list(req.prompt) if isinstance(req.prompt, list) else tokenizer.encode(req.prompt)
         requested = req.max_tokens or _DEFAULT_COMPLETION_MAX_TOKENS
     room = limits.max_context_tokens - len(prompt_ids)
     if room <= 0 or (requested is not None and requested > room):
@@ -80,12 +84,25 @@ def prepare(body: dict, chat: bool, req_id: str, tokenizer: Tokenizer, limits: L
     if requested is not None and requested > limits.max_tokens_limit:
         raise bad_request(f"max_tokens must be <= {limits.max_tokens_limit}", param="max_tokens")
     sampling = worker_pb2.SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                         stop=req.stop_list(), ignore_eos=req.ignore_eos)
+                                         stop=req.stop_list(), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens)
+    if req.min_tokens > max_tokens:
+        raise bad_request(f"min_tokens ({req.min_tokens}) must be <= max_tokens ({max_tokens})", param="min_tokens")
     if req.seed is not None:
         sampling.seed = req.seed
     return Prepared(req_id=req_id, chat=chat, model=req.model, prompt_ids=prompt_ids, sampling=sampling,
                     stream=req.stream, include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                    echo_text=req.prompt if (not chat and req.echo) else "")
+                    echo_text=_echo_text(req, prompt_ids, tokenizer) if not chat else "")
+
+
+def _echo_text(req: CompletionRequest, prompt_ids: list[int], tokenizer: Tokenizer) -> str:
+    if not req.echo:
+        return ""
+    if not isinstance(req.prompt, list):
+        return req.prompt
+    try:
+        return tokenizer.decode(prompt_ids)
+    except (IndexError, ValueError, OverflowError, TypeError) as exc:
+        raise bad_request(f"prompt token ids cannot be decoded: {exc}", param="prompt") from exc
 
 
 class Stream:

@@ -1,5 +1,7 @@
-"""Request bodies of the OpenAI-compatible endpoints, validated strictly (unknown fields that we
-cannot honour are rejected rather than silently ignored)."""
+"""Request bodies of the OpenAI-compatible endpoints, validated strictly: a field that would change
+the output but is not supported here is refused with a 400 naming it (unless it has its
+no-op value), fields that cannot change the output are accepted and listed below, and unknown
+fields are refused (a typo such as `max_token` must not silently fall back to a default)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -8,13 +10,43 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 _MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 
+# Accepted and ignored: they cannot change what is generated.
+ACCEPTED_WITHOUT_EFFECT = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction",
+                           "web_search_options")
+# Output-changing fields not supported here, with the values that mean "off" (those are accepted).
+_UNSUPPORTED_UNLESS = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0), "top_k": (None, 0, -1),
+    "best_of": (None, 1), "suffix": (None, ""), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "modalities": (None, ["text"]), "audio": (None,), "reasoning_effort": (None,),
+}
+
+
+class UnsupportedField(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def check_fields(body: dict, model: type[BaseModel]) -> None:
+    """Raises UnsupportedField for the first field that `model` cannot honour."""
+    for name, value in (body.items() if isinstance(body, dict) else ()):
+        if name in model.model_fields or name in ACCEPTED_WITHOUT_EFFECT:
+            continue
+        if name not in _UNSUPPORTED_UNLESS:
+            raise UnsupportedField(name, f"Unrecognized request argument supplied: {name}")
+        if not any(value is None if off is None else (type(value) is type(off) and value == off)
+                   for off in _UNSUPPORTED_UNLESS[name]):
+            raise UnsupportedField(name, f"'{name}' is not supported by this server (only {_UNSUPPORTED_UNLESS[name][-1]!r})")
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore")     # check_fields() has refused what must not pass
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -28,6 +60,8 @@ class _Common(BaseModel):
     user: str | None = None
     # vLLM's extension, what load generators use to fix output lengths: generate past end-of-sequence.
     ignore_eos: bool = False
+    # vLLM's extension: end-of-sequence and stop strings are suppressed until this many tokens.
+    min_tokens: int = Field(0, ge=0)
 
     @field_validator("stop")
     @classmethod
@@ -42,16 +76,19 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    # Text, or token ids (a list of ints); a list of one of either is also one prompt.
+    prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
 
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, v):
-        if isinstance(v, list):
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
             if len(v) != 1:
                 raise ValueError("exactly one prompt is supported per request")
             v = v[0]
+        if isinstance(v, list) and (not v or min(v) < 0):
+            raise ValueError("a prompt of token ids must be non-empty and hold ids >= 0")
         return v
 
 

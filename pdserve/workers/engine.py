@@ -147,7 +147,7 @@ class Engine:
         deltas = {}
         for seq, row in zip(batch, logits):
             # Sampling is seeded by (seed, token index), so a resumed sequence draws the same tokens.
-            token = sample_token(row, seq.params, len(seq.output.token_ids))
+            token = sample_token(row, seq.params, len(seq.output.token_ids), self.config.eos_token_ids)
             delta = deltas[seq.req_id] = seq.output.add(token)
             seq.last_token_id = token
             if delta.finish is not None:

@@ -34,6 +34,7 @@ class OutputProcessor:
         self._max_new = min(params.max_tokens, max_context_tokens - num_prompt_tokens)
         self.token_ids: list[int] = []
         self._emitted_chars = 0
+        self._stops_from_char = 0      # stop strings count only after the first min_tokens tokens
         self.finish: Finish | None = None
 
     def add(self, token_id: int) -> Delta:
@@ -44,8 +45,10 @@ class OutputProcessor:
             return Delta([], self._flush(self._text()), self.finish)
         self.token_ids.append(token_id)
         text = self._text()
+        if len(self.token_ids) <= self._params.min_tokens:
+            self._stops_from_char = len(text)
         for stop in self._params.stop:
-            idx = text.find(stop, max(0, self._emitted_chars - len(stop)))
+            idx = text.find(stop, max(self._stops_from_char, self._emitted_chars - len(stop)))
             if idx != -1:
                 self.finish = Finish.STOP
                 return Delta([token_id], self._flush(text[:idx]), self.finish)

@@ -98,7 +98,8 @@ class PrefillSide:
             if self.runner.cancel(req_id):
                 log.info("request %s: prefill cancelled (client went away)", req_id)
             raise
-        return Prefilled(sample_token(logits, params, first_output_index), self.clock.now_s() - started)
+        token = sample_token(logits, params, first_output_index, self.engine.config.eos_token_ids)
+        return Prefilled(token, self.clock.now_s() - started)
 
     def admission_budget_s(self, ttft_slo_ms: float) -> float:
         """A request with a TTFT SLO must be able to meet it here (else on-demand forwarding
@@ -144,7 +145,7 @@ def sampling_from_proto(p: worker_pb2.SamplingParams) -> SamplingConfig:
     return SamplingConfig(max_tokens=p.max_tokens or 16, temperature=p.temperature,
                           top_p=p.top_p if p.top_p > 0 else 1.0,
                           seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop),
-                          ignore_eos=p.ignore_eos)
+                          ignore_eos=p.ignore_eos, min_tokens=p.min_tokens)
 
 
 async def checked_params(engine: Engine, prompt_ids: list[int], sampling: worker_pb2.SamplingParams,

@@ -129,8 +129,18 @@ def test_models_health_ready_metrics_and_request_ids(cluster, oai):
     (b'{"model": "tiny", "prompt": "' + b"a" * 5000 + b'"}', 400, "context_length_exceeded"),
     (b'{"model": "tiny", "prompt": "\xff\xfe bad utf8"}', 400, None),
     (b'{"model": "tiny", "prompt": "' + b"a" * (10 << 20) + b'"}', 413, "request_too_large"),
+    (b'{"model": "tiny", "prompt": "x", "tools": [{"type": "function"}]}', 400, "unsupported_parameter"),
+    (b'{"model": "tiny", "prompt": "x", "response_format": {"type": "json_object"}}', 400, "unsupported_parameter"),
+    (b'{"model": "tiny", "prompt": "x", "presence_penalty": 0.5}', 400, "unsupported_parameter"),
+    (b'{"model": "tiny", "prompt": "x", "max_token": 5}', 400, "unsupported_parameter"),
+    (b'{"model": "tiny", "prompt": "x", "n": 2}', 400, None),
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": 2, "min_tokens": 3}', 400, None),
+    (b'{"model": "tiny", "prompt": [1, 2, 99999]}', 400, None),
+    (b'{"model": "tiny", "prompt": [1, 2, 99999], "echo": true}', 400, None),
+    (b'{"model": "tiny", "prompt": []}', 400, None),
 ], ids=["malformed", "wrong-type", "negative-max", "huge-max", "bad-temperature", "prompt-type", "not-object",
-        "unknown-model", "too-long", "invalid-utf8", "10MB"])
+        "unknown-model", "too-long", "invalid-utf8", "10MB", "tools", "response-format", "penalty", "typo-field",
+        "n-2", "min-over-max", "token-id-out-of-vocab", "token-id-echo", "no-token-ids"])
 def test_bad_input_gets_openai_errors_and_cluster_keeps_serving(cluster, oai, body, status, code):
     r = httpx.post(f"{cluster.url}/v1/completions", content=body, headers={"content-type": "application/json"},
                    timeout=30)
@@ -221,3 +231,21 @@ def test_router_records_worker_history_and_enforces_deadlines(cluster):
     for w in workers:
         assert "registered" in [e.event for e in store.worker_events(w.worker_id)]
     assert wait_until(lambda: _workers_idle(cluster), 15)     # the timed-out request left nothing behind
+
+
+def test_token_id_prompts_min_tokens_and_no_op_fields(cluster, oai):
+    ids = ByteTokenizer().encode(PROMPT)
+    as_text = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0)
+    as_ids = oai.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0, user="u-1",
+                                    presence_penalty=0, extra_body={"metadata": {"k": "v"}})
+    assert as_ids.choices[0].text == as_text.choices[0].text
+    assert as_ids.usage.prompt_tokens == len(ids)
+    echoed = oai.completions.create(model="tiny", prompt=[ids], max_tokens=1, temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith(PROMPT)
+    # A stop string that greedy decoding hits at once is ignored until min_tokens are out.
+    first = as_text.choices[0].text[:1]
+    stopped = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, stop=[first])
+    held = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, stop=[first],
+                                  extra_body={"min_tokens": 4})
+    assert stopped.usage.completion_tokens == 1 and held.usage.completion_tokens >= 4
+    assert held.choices[0].text.startswith(as_text.choices[0].text[:1])

@@ -23,6 +23,7 @@ class SamplingConfig:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    min_tokens: int = 0
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -31,9 +32,16 @@ class SamplingConfig:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must be <= max_tokens")
 
 
-def sample_token(logits: torch.Tensor, params: SamplingConfig, step_index: int) -> int:
+def sample_token(logits: torch.Tensor, params: SamplingConfig, step_index: int,
+                 eos_token_ids: tuple[int, ...] = ()) -> int:
+    """`step_index`: which output token this is (counting tokens from before a migration)."""
+    if step_index < params.min_tokens and eos_token_ids and not params.ignore_eos:
+        logits = logits.clone()
+        logits[list(eos_token_ids)] = float("-inf")
     if params.temperature == 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)

@@ -49,3 +49,16 @@ def test_incomplete_utf8_is_held_back():
     first, second = "é".encode()
     assert out.add(first).text == ""
     assert out.add(second).text == "é"
+
+
+def test_min_tokens_suppresses_eos_and_stop_strings_until_reached():
+    eos = ByteTokenizer.EOS_ID
+    logits = torch.zeros(320)
+    logits[eos] = 10.0
+    p = SamplingConfig(min_tokens=2, max_tokens=5)
+    assert all(sample_token(logits, p, i, (eos,)) != eos for i in range(2))
+    assert sample_token(logits, p, 2, (eos,)) == eos                     # from the third token on
+    assert sample_token(logits, SamplingConfig(min_tokens=2, ignore_eos=True), 0, (eos,)) == eos
+    # "ab" would stop at once; with min_tokens=3 it is kept, and a later "ab" stops.
+    assert _feed("abcab!", stop=("ab",), min_tokens=3) == ("abc", Finish.STOP, 5)
+    assert _feed("abcab!", stop=("ab",)) == ("", Finish.STOP, 2)
