@@ -24,6 +24,8 @@ class Completion:
     finish_reason: int = worker_pb2.FINISH_REASON_UNSPECIFIED
     num_prompt_tokens: int = 0
     kv_transfer_bytes: int = 0
+    logprobs: list[tuple[int, float]] = field(default_factory=list)          # (token id, logprob)
+    prompt_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
 
 async def collect(stream) -> Completion:
@@ -34,6 +36,8 @@ async def collect(stream) -> Completion:
         out.finish_reason = chunk.finish_reason
         out.num_prompt_tokens = chunk.num_prompt_tokens
         out.kv_transfer_bytes = chunk.kv_transfer_bytes or out.kv_transfer_bytes
+        out.logprobs += [(e.token_id, e.logprob) for e in chunk.logprobs]
+        out.prompt_logprobs += [(e.token_id, e.logprob) for e in chunk.prompt_logprobs]
     return out
 
 

@@ -15,6 +15,7 @@ import grpc
 from pydantic import ValidationError
 
 from pdserve.gateway.errors import OpenAIError, bad_request
+from pdserve.gateway.logprobs import LogprobFormatter
 from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.router_client import RouterClient
 from pdserve.gateway.schemas import ChatCompletionRequest, CompletionRequest, UnsupportedField, check_fields
@@ -43,6 +44,7 @@ class Prepared:
     stream: bool
     include_usage: bool
     echo_text: str = ""
+    logprobs: LogprobFormatter | None = None     # set when the client asked for logprobs
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -89,9 +91,27 @@ def prepare(body: dict, chat: bool, req_id: str, tokenizer: Tokenizer, limits: L
         raise bad_request(f"min_tokens ({req.min_tokens}) must be <= max_tokens ({max_tokens})", param="min_tokens")
     if req.seed is not None:
         sampling.seed = req.seed
+    formatter = _ask_logprobs(req, chat, sampling, tokenizer)
     return Prepared(req_id=req_id, chat=chat, model=req.model, prompt_ids=prompt_ids, sampling=sampling,
                     stream=req.stream, include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                    echo_text=_echo_text(req, prompt_ids, tokenizer) if not chat else "")
+                    echo_text=_echo_text(req, prompt_ids, tokenizer) if not chat else "", logprobs=formatter)
+
+
+def _ask_logprobs(req, chat: bool, sampling: worker_pb2.SamplingParams, tokenizer: Tokenizer):
+    if chat:
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
+        if not req.logprobs:
+            return None
+        sampling.logprobs = req.top_logprobs or 0
+    else:
+        if req.logprobs is None:
+            return None
+        sampling.logprobs = req.logprobs
+        sampling.prompt_logprobs = req.echo
+    if req.return_tokens_as_token_ids:
+        return LogprobFormatter(lambda token_id: f"token_id:{token_id}", chat)
+    return LogprobFormatter(lambda token_id: tokenizer.decode([token_id]), chat)
 
 
 def _echo_text(req: CompletionRequest, prompt_ids: list[int], tokenizer: Tokenizer) -> str:
@@ -151,6 +171,8 @@ class Outcome:
     finish_reason: str | None = None
     ttft_s: float | None = None
     error: OpenAIError | None = None
+    logprobs: list = field(default_factory=list)          # every chunk's, for a non-streamed body
+    prompt_logprobs: list = field(default_factory=list)
     status: int = 200
     done: bool = False          # the response body was produced to its end
 
@@ -160,6 +182,8 @@ def _observe(chunk, out: Outcome, metrics: GatewayMetrics, last_s: float) -> flo
     if chunk.token_ids and out.num_generated:
         metrics.itl.observe((now - last_s) / len(chunk.token_ids))
     out.text += chunk.text
+    out.logprobs += chunk.logprobs
+    out.prompt_logprobs += chunk.prompt_logprobs
     out.num_generated = chunk.num_generated_tokens
     if chunk.finish_reason != worker_pb2.FINISH_REASON_UNSPECIFIED:
         out.finish_reason = _FINISH.get(chunk.finish_reason)
@@ -182,18 +206,28 @@ async def collect(p: Prepared, s: Stream, metrics: GatewayMetrics, out: Outcome)
     if out.error:
         raise out.error
     text = p.echo_text + out.text
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": out.finish_reason}
-              if p.chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": out.finish_reason})
+    logprobs = None
+    if p.logprobs is not None:
+        logprobs = p.logprobs.format(out.logprobs, *_echo_logprobs(p, out.prompt_logprobs))
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+               "finish_reason": out.finish_reason}
+              if p.chat else {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason})
     return {"id": p.response_id, "object": "chat.completion" if p.chat else "text_completion",
             "created": p.created, "model": p.model, "choices": [choice], "usage": usage(p, out.num_generated)}
 
 
-def _event(p: Prepared, delta_text: str | None, finish: str | None, *, role: bool = False) -> str:
+def _echo_logprobs(p: Prepared, prompt: list) -> tuple[int | None, list]:
+    """(first prompt token, logprobs of the rest) when echo asked for the prompt's logprobs."""
+    return (p.prompt_ids[0], prompt) if p.sampling.prompt_logprobs else (None, [])
+
+
+def _event(p: Prepared, delta_text: str | None, finish: str | None, *, role: bool = False,
+           logprobs: dict | None = None) -> str:
     if p.chat:
         delta = {"role": "assistant", "content": ""} if role else ({"content": delta_text} if delta_text else {})
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": delta_text or "", "logprobs": logprobs, "finish_reason": finish}
     body = {"id": p.response_id, "object": "chat.completion.chunk" if p.chat else "text_completion",
             "created": p.created, "model": p.model, "choices": [choice]}
     if p.include_usage:
@@ -209,13 +243,16 @@ async def sse(p: Prepared, s: Stream, metrics: GatewayMetrics, out: Outcome):
         if p.chat:
             yield _event(p, None, None, role=True)
         elif p.echo_text:
-            yield _event(p, p.echo_text, None)
+            echo = (p.logprobs.format([], *_echo_logprobs(p, list(s.first.prompt_logprobs)))
+                    if p.logprobs is not None else None)
+            yield _event(p, p.echo_text, None, logprobs=echo)
         async for chunk in s.chunks():
             last = _observe(chunk, out, metrics, last)
             if out.error:
                 raise out.error
-            if chunk.text or out.finish_reason:
-                yield _event(p, chunk.text, out.finish_reason)
+            if chunk.text or out.finish_reason or chunk.logprobs:
+                logprobs = p.logprobs.format(chunk.logprobs) if p.logprobs is not None else None
+                yield _event(p, chunk.text, out.finish_reason, logprobs=logprobs)
         if p.include_usage:
             body = {"id": p.response_id, "object": "chat.completion.chunk" if p.chat else "text_completion",
                     "created": p.created, "model": p.model, "choices": [], "usage": usage(p, out.num_generated)}

@@ -18,7 +18,7 @@ _UNSUPPORTED_UNLESS = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}), "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0), "top_k": (None, 0, -1),
-    "best_of": (None, 1), "suffix": (None, ""), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "best_of": (None, 1), "suffix": (None, ""), "top_logprobs": (None, 0),
     "modalities": (None, ["text"]), "audio": (None,), "reasoning_effort": (None,),
 }
 
@@ -62,6 +62,8 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     # vLLM's extension: end-of-sequence and stop strings are suppressed until this many tokens.
     min_tokens: int = Field(0, ge=0)
+    # vLLM's extension: logprobs name tokens "token_id:<id>" (exact even where a token is part of a character).
+    return_tokens_as_token_ids: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -79,6 +81,8 @@ class CompletionRequest(_Common):
     # Text, or token ids (a list of ints); a list of one of either is also one prompt.
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
+    # The sampled token's logprob and this many alternatives per position (with echo: the prompt's too).
+    logprobs: int | None = Field(None, ge=0, le=20)
 
     @field_validator("prompt")
     @classmethod
@@ -108,6 +112,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

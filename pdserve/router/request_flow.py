@@ -82,6 +82,8 @@ def _attempt_request(request: router_pb2.RouteRequest, attempt: int, streamed: l
     wreq.req_id = f"{request.req_id}.m{attempt}"
     wreq.prompt_token_ids.extend(streamed)
     wreq.resume_output_token_ids.extend(streamed)
+    if streamed:     # the client has the prompt's logprobs (first chunk) already
+        wreq.sampling.prompt_logprobs = False
     return wreq
 
 

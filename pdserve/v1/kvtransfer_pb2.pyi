@@ -1,8 +1,9 @@
+from pdserve.v1 import logprobs_pb2 as _logprobs_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -58,11 +59,15 @@ class KVFrame(_message.Message):
     def __init__(self, kind: _Optional[_Union[KVFrameKind, str]] = ..., transfer_id: _Optional[int] = ..., layer_index: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., num_layers: _Optional[int] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., checksum: _Optional[_Union[ChecksumKind, str]] = ..., trailer: _Optional[bytes] = ..., reason: _Optional[str] = ..., reply_address: _Optional[bytes] = ...) -> None: ...
 
 class PrefillTrailer(_message.Message):
-    __slots__ = ("req_id", "first_token_id", "num_prompt_tokens")
+    __slots__ = ("req_id", "first_token_id", "num_prompt_tokens", "first_token_logprob", "prompt_logprobs")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     first_token_id: int
     num_prompt_tokens: int
-    def __init__(self, req_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
+    first_token_logprob: _logprobs_pb2.TokenLogprob
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_logprobs_pb2.TokenLogprob]
+    def __init__(self, req_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., first_token_logprob: _Optional[_Union[_logprobs_pb2.TokenLogprob, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_logprobs_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...

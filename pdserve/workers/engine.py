@@ -26,7 +26,7 @@ from pdserve.policy.decode_scheduler import DecodeScheduler, DecodeStepPlan, Seq
 from pdserve.workers.kv_cache import BlockAllocator, OutOfKVBlocks, PagedKVCache
 from pdserve.workers.model.execution import OperatorKind, PrefillExecution, decode_step
 from pdserve.workers.model.loader import LoadedModel
-from pdserve.workers.model.sampling import SamplingConfig, sample_token
+from pdserve.workers.model.sampling import SamplingConfig, sample_token, token_logprob
 from pdserve.workers.output import Delta, Finish, OutputProcessor
 
 
@@ -149,6 +149,8 @@ class Engine:
             # Sampling is seeded by (seed, token index), so a resumed sequence draws the same tokens.
             token = sample_token(row, seq.params, len(seq.output.token_ids), self.config.eos_token_ids)
             delta = deltas[seq.req_id] = seq.output.add(token)
+            if seq.params.logprobs is not None and delta.token_ids:
+                delta.logprobs = [token_logprob(row, token, seq.params.logprobs)]
             seq.last_token_id = token
             if delta.finish is not None:
                 self.running.pop(seq.req_id)            # blocks stay until release()

@@ -7,9 +7,9 @@ later retracted.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from pdserve.workers.model.sampling import SamplingConfig
+from pdserve.workers.model.sampling import SamplingConfig, TokenLogprob
 from pdserve.workers.model.tokenizer import Tokenizer
 
 
@@ -24,6 +24,8 @@ class Delta:
     token_ids: list[int]
     text: str
     finish: Finish | None
+    logprobs: list[TokenLogprob] = field(default_factory=list)          # one per token id, when asked
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # the first delta only
 
 
 class OutputProcessor:

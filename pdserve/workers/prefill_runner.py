@@ -72,8 +72,10 @@ class PrefillRunner:
         self._thread.start()
 
     def submit(self, req_id: str, token_ids: list[int], deadline_s: float, on_layer: LayerCallback,
-               admission_deadline_s: float | None = None) -> concurrent.futures.Future:
-        """Queue a prompt; the future resolves to the last position's logits.
+               admission_deadline_s: float | None = None, prompt_top: int | None = None
+               ) -> concurrent.futures.Future:
+        """Queue a prompt; the future resolves to its JobState (`logits`: the last position's;
+        `prompt_logprobs` when `prompt_top` asks for them).
 
         Refuses at once (Rejected) when `max_pending` prompts are already here, and, given an
         `admission_deadline_s`, a prompt the policy predicts cannot finish by then: the router
@@ -90,7 +92,8 @@ class PrefillRunner:
             job = PrefillJob(req_id, len(token_ids), now, deadline_s)
             if admission_deadline_s is not None:
                 self._admit(PrefillJob(req_id, len(token_ids), now, admission_deadline_s), now)
-            self._pending[req_id] = _Pending(JobState(req_id, list(token_ids)), on_layer, future)
+            self._pending[req_id] = _Pending(JobState(req_id, list(token_ids), prompt_top=prompt_top), on_layer,
+                                             future)
             preempt = self.scheduler.add(job, now)
             if preempt and self._running is not None and self._preempt_requested_s is None:
                 self._preempt_requested_s = now
@@ -219,7 +222,7 @@ class PrefillRunner:
         for job in jobs:
             self._abandoned.discard(job.req_id)
             pending = self._pending.pop(job.req_id)
-            pending.future.set_result(pending.state.logits)
+            pending.future.set_result(pending.state)
 
     def _fail_unit(self, unit: WorkUnit, exc: Exception) -> None:
         with self._cond:

@@ -20,9 +20,9 @@ import grpc
 
 from pdserve.clock import Clock
 from pdserve.kvtransfer import BaseKVAgent, TransferLayout, TransferState, as_bytes_view
-from pdserve.v1 import kvtransfer_pb2, worker_pb2
+from pdserve.v1 import kvtransfer_pb2, logprobs_pb2, worker_pb2
 from pdserve.workers.engine import Engine
-from pdserve.workers.model.sampling import SamplingConfig, sample_token
+from pdserve.workers.model.sampling import SamplingConfig, TokenLogprob, sample_token, token_logprob
 from pdserve.workers.prefill_runner import LayerCallback, PrefillRunner, Rejected
 
 log = logging.getLogger("pdserve.worker")
@@ -33,6 +33,8 @@ _WAIT_SLICE_S = 0.5     # how long one thread-pool wait on a transfer event last
 class Prefilled:
     first_token_id: int
     compute_s: float
+    first_logprob: TokenLogprob | None = None       # when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class _LazySender:
@@ -91,15 +93,18 @@ class PrefillSide:
         started = self.clock.now_s()
         deadline_s = started + (ttft_slo_ms or self.default_ttft_slo_ms) / 1e3
         future = self.runner.submit(req_id, prompt_ids, deadline_s, on_layer,
-                                    admission_deadline_s=started + admission_budget_s)
+                                    admission_deadline_s=started + admission_budget_s,
+                                    prompt_top=params.logprobs if params.prompt_logprobs else None)
         try:
-            logits = await asyncio.shield(asyncio.wrap_future(future))
+            state = await asyncio.shield(asyncio.wrap_future(future))
         except asyncio.CancelledError:
             if self.runner.cancel(req_id):
                 log.info("request %s: prefill cancelled (client went away)", req_id)
             raise
-        token = sample_token(logits, params, first_output_index, self.engine.config.eos_token_ids)
-        return Prefilled(token, self.clock.now_s() - started)
+        token = sample_token(state.logits, params, first_output_index, self.engine.config.eos_token_ids)
+        first_logprob = None if params.logprobs is None else token_logprob(state.logits, token, params.logprobs)
+        return Prefilled(token, self.clock.now_s() - started, first_logprob,
+                         state.prompt_logprobs if params.prompt_logprobs else None)
 
     def admission_budget_s(self, ttft_slo_ms: float) -> float:
         """A request with a TTFT SLO must be able to meet it here (else on-demand forwarding
@@ -127,6 +132,9 @@ class PrefillSide:
             sender = link.get()
             trailer = kvtransfer_pb2.PrefillTrailer(req_id=request.req_id, first_token_id=result.first_token_id,
                                                     num_prompt_tokens=len(ids))
+            if result.first_logprob is not None:
+                trailer.first_token_logprob.CopyFrom(logprob_to_proto(result.first_logprob))
+            trailer.prompt_logprobs.extend(logprob_to_proto(lp) for lp in result.prompt_logprobs or ())
             sender.finish(trailer.SerializeToString())
             tail_start = self.clock.now_s()
             if await wait_transfer(sender) is TransferState.FAILED:
@@ -145,7 +153,18 @@ def sampling_from_proto(p: worker_pb2.SamplingParams) -> SamplingConfig:
     return SamplingConfig(max_tokens=p.max_tokens or 16, temperature=p.temperature,
                           top_p=p.top_p if p.top_p > 0 else 1.0,
                           seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop),
-                          ignore_eos=p.ignore_eos, min_tokens=p.min_tokens)
+                          ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
+                          logprobs=p.logprobs if p.HasField("logprobs") else None,
+                          prompt_logprobs=p.prompt_logprobs)
+
+
+def logprob_to_proto(lp: TokenLogprob) -> logprobs_pb2.TokenLogprob:
+    return logprobs_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                                     top=[logprobs_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+
+
+def logprob_from_proto(p: logprobs_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(p.token_id, p.logprob, tuple((t.token_id, t.logprob) for t in p.top))
 
 
 async def checked_params(engine: Engine, prompt_ids: list[int], sampling: worker_pb2.SamplingParams,

@@ -30,10 +30,11 @@ from pdserve.v1 import kvtransfer_pb2, worker_pb2, worker_pb2_grpc
 from pdserve.workers.engine import Engine
 from pdserve.workers.kv_cache import OutOfKVBlocks
 from pdserve.workers.lifecycle import RequestGone, RequestLifecycle, Stage
-from pdserve.workers.model.sampling import SamplingConfig
+from pdserve.workers.model.sampling import SamplingConfig, TokenLogprob
 from pdserve.workers.output import Delta, Finish
 from pdserve.workers.prefill_runner import PrefillRunner, Rejected
-from pdserve.workers.prefill_side import PrefillSide, checked_params, wait_transfer
+from pdserve.workers.prefill_side import (PrefillSide, checked_params, logprob_from_proto, logprob_to_proto,
+                                          wait_transfer)
 
 log = logging.getLogger("pdserve.worker")
 
@@ -164,7 +165,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if trailer.req_id != req.req_id:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"KV transfer carried request {trailer.req_id!r}, expected {req.req_id!r}")
-        return await self.requests.start(req, prompt_ids, req.staging, params, trailer.first_token_id, resume)
+        delta = await self.requests.start(req, prompt_ids, req.staging, params, trailer.first_token_id, resume)
+        first = logprob_from_proto(trailer.first_token_logprob) if trailer.HasField("first_token_logprob") else None
+        return _with_logprobs(delta, first, [logprob_from_proto(p) for p in trailer.prompt_logprobs])
 
     async def _prefill_local(self, req, prompt_ids: list[int], resume: list[int], params, ttft_slo_ms: float,
                              context) -> Delta:
@@ -176,7 +179,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                                 first_output_index=len(resume))
         except Rejected as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill refused: {exc}")
-        return await self.requests.start(req, prompt_ids, layers, params, result.first_token_id, resume)
+        delta = await self.requests.start(req, prompt_ids, layers, params, result.first_token_id, resume)
+        return _with_logprobs(delta, result.first_logprob, result.prompt_logprobs or [])
 
     # ---- generation ----
     async def Generate(self, request, context):
@@ -244,7 +248,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def _chunk(req_id: str, delta: Delta, num_prompt: int, num_generated: int) -> worker_pb2.TokenChunk:
         return worker_pb2.TokenChunk(req_id=req_id, token_ids=delta.token_ids, text=delta.text,
                                      finish_reason=_FINISH[delta.finish], num_prompt_tokens=num_prompt,
-                                     num_generated_tokens=num_generated)
+                                     num_generated_tokens=num_generated,
+                                     logprobs=[logprob_to_proto(lp) for lp in delta.logprobs],
+                                     prompt_logprobs=[logprob_to_proto(lp) for lp in delta.prompt_logprobs])
 
     async def _idle_wait(self) -> None:
         self._wakeup.clear()
@@ -316,3 +322,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self.requests.abort_transfer(request.req_id, reason)
             stream.put_nowait(Delta([], "", Finish.ABORT))
         return worker_pb2.AbortResponse(found=found)
+
+
+def _with_logprobs(first: Delta, first_logprob: TokenLogprob | None, prompt: list[TokenLogprob]) -> Delta:
+    """The first token's delta, with the logprobs the prefill computed (the decode loop adds the
+    rest as it samples)."""
+    if first_logprob is not None and first.token_ids:
+        first.logprobs = [first_logprob]
+    first.prompt_logprobs = prompt
+    return first

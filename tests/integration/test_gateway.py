@@ -249,3 +249,42 @@ def test_token_id_prompts_min_tokens_and_no_op_fields(cluster, oai):
                                   extra_body={"min_tokens": 4})
     assert stopped.usage.completion_tokens == 1 and held.usage.completion_tokens >= 4
     assert held.choices[0].text.startswith(as_text.choices[0].text[:1])
+
+
+def test_completion_logprobs_with_echo_agree_across_prefill_and_decode(cluster, oai):
+    """Generated tokens' logprobs (the first from the prefill worker, the rest from the decode
+    worker) agree with the same tokens scored as a prompt (echo), and greedy picks the top one."""
+    out = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 4
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and max(top.values()) == pytest.approx(value) and top[token] == value
+    assert lp.text_offset == sorted(lp.text_offset)
+    as_ids = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2,
+                                    extra_body={"return_tokens_as_token_ids": True}).choices[0].logprobs
+    assert as_ids.token_logprobs == lp.token_logprobs
+    ids = ByteTokenizer().encode(PROMPT) + [int(t.removeprefix("token_id:")) for t in as_ids.tokens]
+    scored = oai.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, logprobs=0, echo=True)
+    slp = scored.choices[0].logprobs
+    assert slp.token_logprobs[0] is None and len(slp.token_logprobs) == len(ids) + 1
+    prompt_part = slp.token_logprobs[len(ids) - 4:len(ids)]     # the 4 generated tokens, scored as prompt
+    assert prompt_part == pytest.approx(lp.token_logprobs, abs=2e-3)
+    streamed = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2,
+                                      stream=True)
+    tokens = [t for chunk in streamed for t in (chunk.choices[0].logprobs.tokens if chunk.choices[0].logprobs else [])]
+    assert tokens == lp.tokens
+
+
+def test_chat_logprobs_streamed_and_not(cluster, oai):
+    msgs = [{"role": "user", "content": "hi"}]
+    full = oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob) for c in content)     # greedy
+    streamed = oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, temperature=0, logprobs=True,
+                                           top_logprobs=3, stream=True)
+    entries = [c for ch in streamed if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [e.logprob for e in entries] == [c.logprob for c in content]
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=1, top_logprobs=2)

@@ -13,6 +13,40 @@ import torch
 # Large odd multiplier spreading (seed, step) pairs over the 63-bit seed space.
 _STEP_MIX = 0x9E3779B97F4A7C15
 _SEED_MASK = (1 << 63) - 1
+MAX_TOP_LOGPROBS = 20
+_PROMPT_LOGITS_ROWS = 256    # lm_head rows computed at once for prompt logprobs: bounds memory
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (raw logits: before temperature and top_p) and
+    the `num_top` most likely tokens at its position."""
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: torch.Tensor, token_id: int, num_top: int) -> TokenLogprob:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return _entry(logp, token_id, num_top)
+
+
+def prompt_logprobs(hidden: torch.Tensor, lm_head, next_ids: list[int], num_top: int) -> list[TokenLogprob]:
+    """Logprob of `next_ids[i]` given positions up to i, from final hidden states [T, H]
+    (`lm_head` maps them to logits), a few hundred rows at a time."""
+    out = []
+    for start in range(0, len(next_ids), _PROMPT_LOGITS_ROWS):
+        rows = torch.log_softmax(lm_head(hidden[start:start + _PROMPT_LOGITS_ROWS]).float(), dim=-1)
+        out.extend(_entry(row, tok, num_top) for row, tok in zip(rows, next_ids[start:start + _PROMPT_LOGITS_ROWS]))
+    return out
+
+
+def _entry(logp: torch.Tensor, token_id: int, num_top: int) -> TokenLogprob:
+    top = ()
+    if num_top:
+        values, ids = torch.topk(logp, num_top)
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token_id, float(logp[token_id]), top)
 
 
 @dataclass(frozen=True)
@@ -24,6 +58,8 @@ class SamplingConfig:
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     min_tokens: int = 0
+    logprobs: int | None = None        # None: no logprobs; else alternatives per token (0-20)
+    prompt_logprobs: bool = False
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -34,6 +70,10 @@ class SamplingConfig:
             raise ValueError("top_p must be in (0, 1]")
         if self.min_tokens > self.max_tokens:
             raise ValueError("min_tokens must be <= max_tokens")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+        if self.prompt_logprobs and self.logprobs is None:
+            raise ValueError("prompt_logprobs needs logprobs")
 
 
 def sample_token(logits: torch.Tensor, params: SamplingConfig, step_index: int,

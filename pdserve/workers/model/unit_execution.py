@@ -14,6 +14,7 @@ import torch
 
 from pdserve.policy.prefill_scheduler import WorkUnit
 from pdserve.workers.model.llama import LlamaModel
+from pdserve.workers.model.sampling import TokenLogprob, prompt_logprobs
 
 
 @dataclass(eq=False)
@@ -24,6 +25,9 @@ class JobState:
     k_chunks: list[list[torch.Tensor]] = field(default_factory=list)
     v_chunks: list[list[torch.Tensor]] = field(default_factory=list)
     logits: torch.Tensor | None = None
+    # Set to a number of alternatives to collect every prompt token's logprob (completions' echo).
+    prompt_top: int | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def init_layers(self, num_layers: int) -> None:
         if not self.k_chunks:
@@ -75,6 +79,10 @@ class UnitExecution:
                         ready.append(LayerReady(st.req_id, layer, torch.stack([full_k, full_v]).contiguous()))
             if self.unit.next_op == self.unit.num_ops - 1:
                 for st, piece, h in zip(self._states, self.unit.pieces, self._hidden):
-                    if piece.start_token + piece.num_tokens == len(st.token_ids):
+                    end = piece.start_token + piece.num_tokens
+                    if st.prompt_top is not None:   # pieces of one job finish in order
+                        st.prompt_logprobs += prompt_logprobs(h, self.model.logits, st.token_ids[piece.start_token + 1:end + 1],
+                                                              st.prompt_top)
+                    if end == len(st.token_ids):
                         st.logits = self.model.logits(h[-1])
         return ready

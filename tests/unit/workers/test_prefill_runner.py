@@ -30,7 +30,7 @@ def _run(model, mode, prompts, deadlines_s, cost=None, gate_first=False):
     for name, ids in prompts.items():
         futures[name] = runner.submit(name, ids, clock.now_s() + deadlines_s[name],
                                       lambda layer, kv, name=name: layers[name].__setitem__(layer, kv))
-    logits = {name: f.result(timeout=60) for name, f in futures.items()}
+    logits = {name: f.result(timeout=60).logits for name, f in futures.items()}
     runner.stop()
     return logits, layers, runner.stats
 
@@ -75,7 +75,7 @@ def test_preempted_prefill_is_bit_exact():
     short_future.add_done_callback(lambda _: finished.append("short"))
     go_on.set()
     short_future.result(60)
-    long_logits = long_future.result(120)
+    long_logits = long_future.result(120).logits
     runner.stop()
     assert finished == ["short", "long"]                   # the short one overtook it
     assert len(runner.stats.preemption_latencies_s) == 1
@@ -132,3 +132,21 @@ def test_full_queue_refuses_at_once(model):
     runner.submit("after", list(range(100)), clock.now_s() + 60, lambda *_: None).result(60)   # room again
     runner.stop()
     assert runner.stats.num_rejected == 1
+
+
+@pytest.mark.parametrize("mode", ["fcfs", "chunked"])
+def test_prompt_logprobs_match_one_prefill_per_position(model, mode):
+    """Every prompt token's logprob (echo + logprobs) equals the last-position logits of a prefill
+    of the prompt up to it, also when chunked prefill splits the prompt into pieces."""
+    ids = [(7 * i + 3) % 250 for i in range(150)]        # 150 tokens: two pieces at 96 per chunk
+    sched = make_scheduler(mode, model.config.num_layers, chunk_tokens=96)
+    runner = PrefillRunner(model, sched, WallClock())
+    state = runner.submit("r", ids, WallClock().now_s() + 60, lambda *_: None, prompt_top=3).result(60)
+    runner.stop()
+    assert len(state.prompt_logprobs) == len(ids) - 1
+    for i in (0, 1, 95, 96, 148):                           # both sides of the chunk boundary
+        ref = torch.log_softmax(PrefillExecution(model, ids[:i + 1]).run_to_end().float(), dim=-1)
+        got = state.prompt_logprobs[i]
+        assert got.token_id == ids[i + 1]
+        assert got.logprob == pytest.approx(float(ref[ids[i + 1]]), abs=1e-4)
+        assert [t for t, _ in got.top] == torch.topk(ref, 3).indices.tolist()

@@ -45,6 +45,22 @@ def test_disaggregated_equals_aggregated(model_cache_dir):
     asyncio.run(body())
 
 
+def test_logprobs_disaggregated_equal_aggregated(model_cache_dir):
+    async def body():
+        async with cluster(model_cache_dir) as (services, (p, d, a)):
+            params = sampling(logprobs=2, prompt_logprobs=True)
+            ref = await route([a], "ref", PROMPT, params)
+            got = await route([p, d], "dis", PROMPT, params, backend="fake")
+            assert [t for t, _ in got.logprobs] == got.token_ids == ref.token_ids
+            assert [v for _, v in got.logprobs] == pytest.approx([v for _, v in ref.logprobs], abs=1e-5)
+            assert [t for t, _ in got.prompt_logprobs] == PROMPT[1:]
+            assert got.prompt_logprobs == ref.prompt_logprobs
+            plain = await route([p, d], "plain", PROMPT, sampling())
+            assert plain.logprobs == [] and plain.prompt_logprobs == [] and plain.token_ids == ref.token_ids
+            await _assert_clean(services)
+    asyncio.run(body())
+
+
 def test_unknown_request_id_and_bad_input_are_rejected(model_cache_dir):
     async def body():
         async with cluster(model_cache_dir) as (services, (p, d, a)):
@@ -53,7 +69,9 @@ def test_unknown_request_id_and_bad_input_are_rejected(model_cache_dir):
                     req_id="nobody", prompt_token_ids=PROMPT, sampling=sampling(), remote_prefill=True)))
             assert err.value.code() is grpc.StatusCode.NOT_FOUND and "unknown request id" in err.value.details()
             for bad_prompt, bad_sampling in (([], sampling()), ([10**6], sampling()),
-                                             (PROMPT, sampling(temperature=-1)), (PROMPT, sampling(top_p=2))):
+                                             (PROMPT, sampling(temperature=-1)), (PROMPT, sampling(top_p=2)),
+                                             (PROMPT, sampling(logprobs=21)), (PROMPT, sampling(prompt_logprobs=True)),
+                                             (PROMPT, sampling(max_tokens=2, min_tokens=3))):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await collect(a.Generate(worker_pb2.GenerateRequest(req_id="bad", prompt_token_ids=bad_prompt,
                                                                         sampling=bad_sampling)))
