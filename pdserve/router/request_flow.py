@@ -120,10 +120,12 @@ class RequestFlow:
                     yield chunk
                 return
             except RouteFailed as exc:
-                if migrations > 0 and exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED \
-                        and room_wait_s < self.decode_stall_timeout_s:
-                    # A moved request found every remaining worker full: it waits for room (a
-                    # client may be reading its stream already) where a new one gets a 429.
+                no_room = exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED or (
+                    exc.code is grpc.StatusCode.UNAVAILABLE and exc.worker_ids is None)
+                if migrations > 0 and no_room and room_wait_s < self.decode_stall_timeout_s:
+                    # A moved request found every remaining worker full, or none live (one that
+                    # was stopped has not heartbeated yet): it waits for room (a client may be
+                    # reading its stream already) where a new one gets a 429 or 503 at once.
                     delay_s = min(_ROOM_WAIT_MAX_S, _ROOM_WAIT_FIRST_S * 2 ** room_waits)
                     room_waits, room_wait_s = room_waits + 1, room_wait_s + delay_s
                     tracker.to(RequestState.MIGRATING, self.clock.now_s(), f"waiting for room: {exc.details}")

@@ -98,6 +98,22 @@ def test_a_new_request_at_capacity_is_refused_at_once():
     assert len(full.requests) == 1
 
 
+
+def test_a_migrated_request_waits_for_a_worker_to_come_back():
+    """The only other worker is not live when the request moves (stopped, its heartbeat due):
+    the request waits for it instead of failing."""
+    async def run():
+        dying = _Stub([_Call([_chunk([1, 2])], _error(grpc.StatusCode.UNAVAILABLE))], alive=False)
+        back = _Stub([_Call([_chunk([3], worker_pb2.FINISH_REASON_LENGTH)])])
+        flow = _flow({"a1": dying, "a2": back}, {"a1": 90, "a2": 80})
+        registry = flow.dispatcher.registry
+        registry.mark_suspect("a2")
+        # Its next heartbeat arrives while the moved request is already waiting.
+        asyncio.get_running_loop().call_later(0.05, registry.heartbeat, "a2", 80, 0, 1.0)
+        return await _collect(flow, RequestTracker("r", 0.0)), back
+    tokens, back = asyncio.run(run())
+    assert tokens == [1, 2, 3] and list(back.requests[-1].resume_output_token_ids) == [1, 2]
+
 class _PrefillStub:
     """Replies only after the decode stream has ended: the order a short request sees when the
     decode worker finishes before the prefill worker's transfer acknowledgement comes back."""
