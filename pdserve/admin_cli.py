@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import os
+import pathlib
 import sys
 
 import grpc
@@ -12,6 +14,7 @@ from pdserve import rpc
 from pdserve.proto_maps import role_name
 from pdserve.v1 import admin_pb2, admin_pb2_grpc
 
+TOKEN_ENV = "PDSERVE_ADMIN_TOKEN"
 
 
 def table(headers: list[str], rows: list[list]) -> str:
@@ -49,7 +52,7 @@ def _history(resp) -> str:
 
 
 async def _call(args: argparse.Namespace) -> str:
-    md = (("authorization", f"Bearer {args.token}"),)
+    md = (("authorization", f"Bearer {admin_token(args)}"),)
     async with rpc.channel(args.router) as ch:
         a = admin_pb2_grpc.AdminStub(ch)
         cmd = args.admin_command
@@ -93,10 +96,23 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def admin_token(args: argparse.Namespace) -> str:
+    if args.token:
+        return args.token
+    if args.token_file:
+        return pathlib.Path(args.token_file).read_text().strip()
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise SystemExit(f"pdserve admin: no token: set ${TOKEN_ENV}, or pass --token-file")
+    return token
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("admin", help="inspect and steer a running cluster (gRPC Admin API)")
     p.add_argument("--router", default="127.0.0.1:50050", help="router host:port")
-    p.add_argument("--token", required=True, help="the router's admin token")
+    p.add_argument("--token", help="the router's admin token; prefer $PDSERVE_ADMIN_TOKEN or --token-file "
+                                   "(a command line is visible to every user of the host)")
+    p.add_argument("--token-file", help="file holding the admin token")
     cmds = p.add_subparsers(dest="admin_command", required=True)
     cmds.add_parser("workers", help="workers with role, load and health")
     cmds.add_parser("scenarios", help="scenarios with SLOs and matching rules")

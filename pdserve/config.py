@@ -11,7 +11,7 @@ import pathlib
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 ENV_PREFIX = "PDSERVE_"
 CONFIG_ENV = "PDSERVE_CONFIG"   # path of the YAML file when --config is not given
@@ -96,10 +96,24 @@ class GatewaySettings(_Section):
     max_body_bytes: int = Field(1 << 20, gt=0, description="Larger request bodies get HTTP 413")
     max_tokens_limit: int = Field(4096, gt=0, description="Largest max_tokens a request may ask for")
     require_api_key: bool = Field(False, description="Reject requests without a valid bearer API key")
+    allow_anonymous: bool = Field(
+        False, description="Serve a non-loopback address without API keys (otherwise the gateway refuses to start)")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429 and 503")
     max_inflight_requests: int = Field(
         512, gt=0, description="Completions served at once; more get 429 with Retry-After at once")
     shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM: how long open responses may finish")
+
+
+class ClusterSettings(_Section):
+    secret: SecretStr = Field(SecretStr(""), description=(
+        "Shared secret every Router and Worker call carries; give it as PDSERVE_CLUSTER__SECRET or in "
+        "secret_file, never on a command line. Required to listen on a non-loopback address"))
+    secret_file: str = Field("", description="File holding the cluster secret (e.g. a mounted Kubernetes Secret)")
+
+    @field_validator("secret", mode="before")
+    @classmethod
+    def _as_text(cls, v):
+        return v if isinstance(v, SecretStr) else SecretStr(str(v))   # env values may parse as numbers
 
 
 class DatabaseSettings(_Section):
@@ -114,10 +128,19 @@ class PDServeConfig(_Section):
     router: RouterSettings = RouterSettings()
     gateway: GatewaySettings = GatewaySettings()
     database: DatabaseSettings = DatabaseSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     @property
     def served_model(self) -> str:
         return self.gateway.model or self.model.name
+
+    @property
+    def cluster_secret(self) -> str:
+        """The secret itself, from the file when one is named (read at each call: a rotated
+        Kubernetes Secret is picked up on the component's next start)."""
+        if self.cluster.secret_file:
+            return pathlib.Path(self.cluster.secret_file).read_text().strip()
+        return self.cluster.secret.get_secret_value()
 
     @property
     def database_url(self) -> str:

@@ -14,9 +14,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import grpc
 import httpx
 
+from pdserve import rpc
+from pdserve.cluster_auth import new_secret
+
 READY_MARKER = "PDSERVE_READY"
+SECRET_ENV = "PDSERVE_CLUSTER__SECRET"
 
 
 @dataclass
@@ -107,10 +112,15 @@ class LocalCluster:
     router_port: int = 0
     env: dict[str, str] = field(default_factory=dict)
     echo: bool = False
+    # Carried by every call between the components; a fresh one per cluster unless env names one.
+    cluster_secret: str = ""
     processes: list[Process] = field(default_factory=list)
     _recipes: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
 
     def start(self, timeout_s: float = 180.0) -> "LocalCluster":
+        self.cluster_secret = self.cluster_secret or self.env.get(SECRET_ENV) or new_secret()
+        # Environment, not command line: other users on the host can read a command line in ps.
+        self.env = {**self.env, SECRET_ENV: self.cluster_secret}
         try:
             router = self._launch("router", ["serve", "router"], {**self.env, "PDSERVE_ROUTER__PORT": str(self.router_port)})
             # A restarted router comes back on the same port: workers and the gateway keep its address.
@@ -162,6 +172,10 @@ class LocalCluster:
                 pass
             time.sleep(0.1)
         raise TimeoutError("cluster did not become ready")
+
+    def channel(self, target: str | int) -> grpc.aio.Channel:
+        """A channel (carrying the cluster secret) to an address, or to a port on loopback."""
+        return rpc.channel(f"127.0.0.1:{target}" if isinstance(target, int) else target, self.cluster_secret)
 
     def process(self, name: str) -> Process:
         return next(p for p in self.processes if p.name == name)

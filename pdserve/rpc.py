@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import grpc
 
+from pdserve import cluster_auth
+
 MAX_MESSAGE_BYTES = 64 << 20
 _KEEPALIVE_TIME_MS = 10_000
 _KEEPALIVE_TIMEOUT_MS = 5_000
@@ -36,10 +38,15 @@ _SERVER_OPTIONS = (
 )
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+def channel(address: str, cluster_secret: str = "") -> grpc.aio.Channel:
+    """`cluster_secret`: carried by every call (what Router and Worker servers require)."""
+    return grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS),
+                                     interceptors=cluster_auth.client_interceptors(cluster_secret) or None)
 
 
-def server(max_concurrent_rpcs: int | None) -> grpc.aio.Server:
-    """Calls beyond `max_concurrent_rpcs` are refused at once with RESOURCE_EXHAUSTED."""
-    return grpc.aio.server(options=list(_SERVER_OPTIONS), maximum_concurrent_rpcs=max_concurrent_rpcs)
+def server(max_concurrent_rpcs: int | None, cluster_secret: str = "") -> grpc.aio.Server:
+    """Calls beyond `max_concurrent_rpcs` are refused at once with RESOURCE_EXHAUSTED; with a
+    `cluster_secret`, Router and Worker calls without it are refused with UNAUTHENTICATED."""
+    interceptors = [cluster_auth.RequireSecret(cluster_secret)] if cluster_secret else None
+    return grpc.aio.server(options=list(_SERVER_OPTIONS), maximum_concurrent_rpcs=max_concurrent_rpcs,
+                           interceptors=interceptors)

@@ -31,7 +31,6 @@ import httpx
 from pdserve.launch import LocalCluster
 from pdserve.traces import load_azure, load_file
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
-from pdserve.workers import client
 
 log = logging.getLogger("pdserve.bench")
 _MIGRATED = re.compile(r"request (chaos-\d+)(?:\.m\d+)?: migrating")
@@ -96,9 +95,9 @@ async def _request(http: httpx.AsyncClient, s: Sent, clock0: float) -> None:
         s.ended_s = time.monotonic() - clock0
 
 
-async def _router_workers(address: str) -> list:
+async def _router_workers(cluster: LocalCluster) -> list:
     try:
-        async with grpc.aio.insecure_channel(address) as ch:
+        async with cluster.channel(cluster.router_address) as ch:
             resp = await router_pb2_grpc.RouterStub(ch).ListWorkers(router_pb2.ListWorkersRequest(), timeout=2)
             return list(resp.workers)
     except grpc.aio.AioRpcError:
@@ -110,7 +109,7 @@ async def _full_capacity(cluster: LocalCluster, num_workers: int, timeout_s: flo
     router lists when `timeout_s` ran out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        ws = await _router_workers(cluster.router_address)
+        ws = await _router_workers(cluster)
         if sum(w.alive and not w.draining for w in ws) == num_workers:
             return ""
         await asyncio.sleep(0.05)
@@ -128,7 +127,7 @@ class _Faults:
         procs = [p for p in self.cluster.processes if p.name.startswith(role)]
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            busy = [p for p in procs if await _num_active(p.port) > 0]
+            busy = [p for p in procs if await _num_active(self.cluster, p.port) > 0]
             if busy:
                 return self.rng.choice(busy)
             await asyncio.sleep(0.05)
@@ -159,10 +158,10 @@ class _Faults:
         return "router"
 
 
-async def _num_active(port: int) -> int:
+async def _num_active(cluster: LocalCluster, port: int) -> int:
     """Requests a worker holds, or (a prefill worker) KV it is sending."""
     try:
-        async with client.channel(port) as ch:
+        async with cluster.channel(port) as ch:
             info = await worker_pb2_grpc.WorkerStub(ch).GetInfo(worker_pb2.GetInfoRequest(), timeout=2)
         return info.num_active_requests + info.num_pending_transfers
     except grpc.aio.AioRpcError:
@@ -174,7 +173,7 @@ async def _held(cluster: LocalCluster) -> dict:
     for p in cluster.processes:
         if p.name.split("-")[0] not in ("prefill", "decode"):
             continue
-        async with client.channel(p.port) as ch:
+        async with cluster.channel(p.port) as ch:
             info = await worker_pb2_grpc.WorkerStub(ch).GetInfo(worker_pb2.GetInfoRequest(), timeout=10)
         out[p.name] = {"kv_blocks": info.num_total_kv_blocks - info.num_free_kv_blocks,
                        "requests": info.num_active_requests, "transfers": info.num_pending_transfers}

@@ -16,7 +16,6 @@ import statistics
 import tempfile
 import time
 
-import grpc
 
 from pdserve.config import load_config
 from pdserve.launch import LocalCluster
@@ -61,14 +60,14 @@ async def _one(stub, r: SimRequest, start_wall: float, results: dict) -> None:
     results[r.req_id] = (first - sent, (last - first) / max(n - 1, 1))
 
 
-async def _measured(port: int) -> worker_pb2.WorkerInfo:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+async def _measured(cluster: LocalCluster, port: int) -> worker_pb2.WorkerInfo:
+    async with cluster.channel(port) as ch:
         return await worker_pb2_grpc.WorkerStub(ch).GetInfo(worker_pb2.GetInfoRequest())
 
 
-async def _replay(router_address: str, reqs: list[SimRequest]) -> dict:
+async def _replay(cluster: LocalCluster, reqs: list[SimRequest]) -> dict:
     results: dict = {}
-    async with grpc.aio.insecure_channel(router_address) as ch:
+    async with cluster.channel(cluster.router_address) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
         for i in range(5):   # warm-up, and the per-request overhead at idle
             await _one(stub, SimRequest(f"warm{i}", "", 0.0, 16, 2), time.perf_counter(), results)
@@ -88,9 +87,9 @@ def run(minutes: float = 2.0, trace_file: pathlib.Path | None = None) -> dict:
                                                   "PDSERVE_WORKER__NUM_KV_BLOCKS": "8192",
                                                   "PDSERVE_WORKER__MAX_BATCH_SIZE": "256"}).start()
         try:
-            real = asyncio.run(_replay(cluster.router_address, reqs))
-            decode_info = asyncio.run(_measured(cluster.process("decode-0").port))
-            prefill_info = asyncio.run(_measured(cluster.process("prefill-0").port))
+            real = asyncio.run(_replay(cluster, reqs))
+            decode_info = asyncio.run(_measured(cluster, cluster.process("decode-0").port))
+            prefill_info = asyncio.run(_measured(cluster, cluster.process("prefill-0").port))
         finally:
             cluster.stop()
     import torch

@@ -21,7 +21,6 @@ import httpx
 
 from pdserve.launch import LocalCluster
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
-from pdserve.workers import client as wclient
 from pdserve.workers.model.tokenizer import ByteTokenizer
 
 PROMPT = "Measure the control plane, not the model."
@@ -62,9 +61,10 @@ async def _drive(call, num_requests: int, concurrency: int) -> dict:
             "p99_ms": round(_percentile(ok, 0.99) * 1e3, 3)}
 
 
-async def _measure(worker_port: int, gateway_url: str, num_requests: int, concurrencies: list[int]) -> dict:
+async def _measure(cluster: LocalCluster, num_requests: int, concurrencies: list[int]) -> dict:
+    worker_port, gateway_url = cluster.process("aggregated-0").port, cluster.url
     prompt_ids = ByteTokenizer().encode(PROMPT)
-    channel = wclient.channel(worker_port)
+    channel = cluster.channel(worker_port)
     stub = worker_pb2_grpc.WorkerStub(channel)
 
     async def direct() -> None:
@@ -95,7 +95,7 @@ def run(num_requests: int = 300, concurrencies: tuple[int, ...] = (1, 8, 32)) ->
     cluster = LocalCluster(model="tiny", num_prefill=0, num_decode=0, num_aggregated=1,
                            env={"PDSERVE_DATABASE__URL": f"sqlite:///{db_dir.name}/bench.db"}).start()
     try:
-        rows = asyncio.run(_measure(cluster.process("aggregated-0").port, cluster.url, num_requests,
+        rows = asyncio.run(_measure(cluster, num_requests,
                                     list(concurrencies)))
     finally:
         cluster.stop()

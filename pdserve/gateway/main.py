@@ -8,6 +8,7 @@ import socket
 
 import uvicorn
 
+from pdserve.cluster_auth import is_loopback
 from pdserve.config import PDServeConfig
 from pdserve.gateway.admission import InflightLimit
 from pdserve.gateway.app import GatewayDeps, create_app
@@ -21,11 +22,14 @@ log = logging.getLogger("pdserve.gateway")
 
 async def serve(cfg: PDServeConfig) -> None:
     g = cfg.gateway
+    if not is_loopback(g.host) and not g.require_api_key and not g.allow_anonymous:
+        raise SystemExit(f"pdserve gateway: refusing to serve {g.host} without API keys; set "
+                         "gateway.require_api_key (or gateway.allow_anonymous to serve anyone on purpose)")
     store = Store(cfg.database_url)
     await asyncio.to_thread(store.migrate)
     tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model.name, cfg.model.cache_dir)
     context = await asyncio.to_thread(model_context_tokens, cfg.model.name, cfg.model.cache_dir)
-    router = RouterClient(g.router_address, g.retry_after_s)
+    router = RouterClient(g.router_address, g.retry_after_s, cfg.cluster_secret)
     deps = GatewayDeps(router=router, tokenizer=tokenizer, store=store,
                        limits=Limits(cfg.served_model, context, g.max_tokens_limit),
                        max_body_bytes=g.max_body_bytes, require_api_key=g.require_api_key,

@@ -9,8 +9,8 @@ from pdserve.v1 import router_pb2, router_pb2_grpc
 
 
 class RouterClient:
-    def __init__(self, address: str, retry_after_s: int):
-        self._channel = rpc.channel(address)
+    def __init__(self, address: str, retry_after_s: int, cluster_secret: str = ""):
+        self._channel = rpc.channel(address, cluster_secret)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._retry_after_s = retry_after_s
 

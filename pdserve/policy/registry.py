@@ -70,6 +70,7 @@ class WorkerRecord:
     scenario: str = "default"          # the scenario whose traffic it serves
     draining: bool = False             # no new work (before a role change or maintenance)
     perf: WorkerPerf | None = None
+    instance_id: str = ""              # the process that registered this id (identity binding)
     # Bumped by WorkerRegistry.touch() on every change that affects placement: index entries
     # carrying an older version are stale and skipped.
     version: int = 0

@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdserve import rpc
+from pdserve.cluster_auth import require_for_bind
 from pdserve.clock import WallClock
 from pdserve.config import PDServeConfig
 from pdserve.policy.dispatch import Dispatcher
@@ -30,6 +31,8 @@ _CONTROL_RPC_HEADROOM = 256
 
 async def serve(cfg: PDServeConfig) -> None:
     rc = cfg.router
+    secret = cfg.cluster_secret
+    require_for_bind("router", rc.host, secret)
     registry = WorkerRegistry(rc.lease_s)
     store = Store(cfg.database_url)
     await asyncio.to_thread(store.migrate)
@@ -45,8 +48,9 @@ async def serve(cfg: PDServeConfig) -> None:
                             record_change=lambda p: store.add_ratio_change(p.scenario, p.old, p.new, p.reason_text,
                                                                            p.inputs),
                             max_migrations=rc.max_migrations, decode_stall_timeout_s=rc.decode_stall_timeout_s,
-                            max_inflight_requests=rc.max_inflight_requests, drained_workers=operator_state.drained)
-    server = rpc.server(rc.max_inflight_requests + _CONTROL_RPC_HEADROOM)
+                            max_inflight_requests=rc.max_inflight_requests, drained_workers=operator_state.drained,
+                            cluster_secret=secret)
+    server = rpc.server(rc.max_inflight_requests + _CONTROL_RPC_HEADROOM, secret)
     port = server.add_insecure_port(f"{rc.host}:{rc.port}")
     router_pb2_grpc.add_RouterServicer_to_server(service, server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service, store, rc.admin_token), server)

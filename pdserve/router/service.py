@@ -26,6 +26,7 @@ from pdserve.workers import client
 
 log = logging.getLogger("pdserve.router")
 _SET_ROLE_TIMEOUT_S = 10.0
+_LIVENESS_TIMEOUT_S = 1.0     # how long a registered instance has to prove it is still there
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
@@ -34,8 +35,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                  scenarios: ScenarioClassifier | None = None, controller: RatioController | None = None,
                  control_interval_s: float = 5.0, record_change: Callable | None = None, max_migrations: int = 3,
                  decode_stall_timeout_s: float = 10.0, max_inflight_requests: int = 512,
-                 drained_workers: set[str] | None = None):
+                 drained_workers: set[str] | None = None, cluster_secret: str = ""):
         self.registry = registry
+        self._cluster_secret = cluster_secret      # carried by every call to a worker
         self.max_inflight_requests = max_inflight_requests
         # Operator drains outlive a worker's re-registration (and, through the store, a restart).
         self.drained_workers = set(drained_workers or ())
@@ -102,7 +104,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         ch = self._channels.get(rec.grpc_address)
         if ch is None:
             host, _, port = rec.grpc_address.rpartition(":")
-            ch = self._channels[rec.grpc_address] = client.channel(int(port), host)
+            ch = self._channels[rec.grpc_address] = client.channel(int(port), host, self._cluster_secret)
         return worker_pb2_grpc.WorkerStub(ch)
 
     # ---- registry ----
@@ -117,7 +119,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
             num_total_kv_blocks=request.num_total_kv_blocks, block_size_tokens=request.kv_block_size_tokens or 16,
             max_model_len_tokens=request.max_model_len_tokens, scenario=request.scenario or DEFAULT_SCENARIO,
             perf=WorkerPerf(request.prefill_tokens_per_s, request.decode_step_base_s, request.decode_step_per_seq_s)
-            if request.prefill_tokens_per_s > 0 else None)
+            if request.prefill_tokens_per_s > 0 else None, instance_id=request.instance_id)
+        if await self._held_by_another_live_instance(rec):
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"worker id {rec.worker_id!r} belongs to a live "
+                                "worker; a new instance may take it over only once that one is gone")
         self.registry.register(rec, self.clock.now_s())
         if rec.worker_id in self.drained_workers:
             self.registry.set_draining(rec, True)
@@ -126,7 +131,28 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self._history(rec.worker_id, role.value, "registered", f"model={rec.model} address={rec.grpc_address}")
         return router_pb2.RegisterResponse(lease_s=self.registry.lease_s)
 
+    async def _held_by_another_live_instance(self, new: WorkerRecord) -> bool:
+        """Whether the id is registered by another instance that still answers as itself (a
+        restarted worker replaces its dead predecessor at once; an impostor is refused)."""
+        old = self.registry.get(new.worker_id)
+        if old is None or old.instance_id == new.instance_id:
+            return False
+        try:
+            info = await self._stub(old.worker_id).GetInfo(worker_pb2.GetInfoRequest(), timeout=_LIVENESS_TIMEOUT_S)
+            if info.instance_id == old.instance_id:
+                return True
+        except grpc.aio.AioRpcError:
+            pass
+        log.info("worker %s: a new instance replaces one that is gone", new.worker_id)
+        return False
+
+    def _same_instance(self, worker_id: str, instance_id: str) -> bool:
+        rec = self.registry.get(worker_id)
+        return rec is not None and rec.instance_id == instance_id
+
     async def Heartbeat(self, request, context):
+        if not self._same_instance(request.worker_id, request.instance_id):
+            return router_pb2.HeartbeatResponse(known=False)     # not the instance registered under this id
         known = self.registry.heartbeat(request.worker_id, request.load.num_free_kv_blocks,
                                         request.load.num_active_requests, self.clock.now_s(),
                                         frozenset(request.load.held_req_ids))
@@ -134,7 +160,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def Deregister(self, request, context):
         rec = self.registry.get(request.worker_id)
-        if rec is None:
+        if rec is None or rec.instance_id != request.instance_id:
             return router_pb2.DeregisterResponse(known=False)
         self.registry.set_draining(rec, True)
         log.info("worker %s is shutting down; no new work goes to it", rec.worker_id)

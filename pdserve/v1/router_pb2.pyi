@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "grpc_address", "kv_endpoints", "num_total_kv_blocks", "kv_block_size_tokens", "max_model_len_tokens", "scenario", "prefill_tokens_per_s", "decode_step_base_s", "decode_step_per_seq_s")
+    __slots__ = ("worker_id", "role", "model", "grpc_address", "kv_endpoints", "num_total_kv_blocks", "kv_block_size_tokens", "max_model_len_tokens", "scenario", "prefill_tokens_per_s", "decode_step_base_s", "decode_step_per_seq_s", "instance_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class RegisterRequest(_message.Message):
     PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_BASE_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_PER_SEQ_S_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: _worker_pb2.WorkerRole
     model: str
@@ -33,7 +34,8 @@ class RegisterRequest(_message.Message):
     prefill_tokens_per_s: float
     decode_step_base_s: float
     decode_step_per_seq_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_worker_pb2.WorkerRole, str]] = ..., model: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[_worker_pb2.KVEndpoint, _Mapping]]] = ..., num_total_kv_blocks: _Optional[int] = ..., kv_block_size_tokens: _Optional[int] = ..., max_model_len_tokens: _Optional[int] = ..., scenario: _Optional[str] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_base_s: _Optional[float] = ..., decode_step_per_seq_s: _Optional[float] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_worker_pb2.WorkerRole, str]] = ..., model: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[_worker_pb2.KVEndpoint, _Mapping]]] = ..., num_total_kv_blocks: _Optional[int] = ..., kv_block_size_tokens: _Optional[int] = ..., max_model_len_tokens: _Optional[int] = ..., scenario: _Optional[str] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_base_s: _Optional[float] = ..., decode_step_per_seq_s: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("lease_s",)
@@ -52,12 +54,14 @@ class WorkerLoad(_message.Message):
     def __init__(self, num_free_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., held_req_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "load")
+    __slots__ = ("worker_id", "load", "instance_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     load: WorkerLoad
-    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known",)
@@ -124,10 +128,12 @@ class ListWorkersResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "instance_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class DeregisterResponse(_message.Message):
     __slots__ = ("known",)

@@ -171,7 +171,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "kv_endpoints", "num_free_kv_blocks", "num_total_kv_blocks", "num_active_requests", "kv_block_size_tokens", "max_model_len_tokens", "num_pending_transfers", "measured_decode_step_base_s", "measured_decode_step_per_seq_s", "num_decode_steps", "prefill_cost_scale")
+    __slots__ = ("worker_id", "role", "model", "kv_endpoints", "num_free_kv_blocks", "num_total_kv_blocks", "num_active_requests", "kv_block_size_tokens", "max_model_len_tokens", "num_pending_transfers", "measured_decode_step_base_s", "measured_decode_step_per_seq_s", "num_decode_steps", "prefill_cost_scale", "instance_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,7 @@ class WorkerInfo(_message.Message):
     MEASURED_DECODE_STEP_PER_SEQ_S_FIELD_NUMBER: _ClassVar[int]
     NUM_DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_COST_SCALE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     model: str
@@ -200,7 +201,8 @@ class WorkerInfo(_message.Message):
     measured_decode_step_per_seq_s: float
     num_decode_steps: int
     prefill_cost_scale: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[KVEndpoint, _Mapping]]] = ..., num_free_kv_blocks: _Optional[int] = ..., num_total_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., kv_block_size_tokens: _Optional[int] = ..., max_model_len_tokens: _Optional[int] = ..., num_pending_transfers: _Optional[int] = ..., measured_decode_step_base_s: _Optional[float] = ..., measured_decode_step_per_seq_s: _Optional[float] = ..., num_decode_steps: _Optional[int] = ..., prefill_cost_scale: _Optional[float] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[KVEndpoint, _Mapping]]] = ..., num_free_kv_blocks: _Optional[int] = ..., num_total_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., kv_block_size_tokens: _Optional[int] = ..., max_model_len_tokens: _Optional[int] = ..., num_pending_transfers: _Optional[int] = ..., measured_decode_step_base_s: _Optional[float] = ..., measured_decode_step_per_seq_s: _Optional[float] = ..., num_decode_steps: _Optional[int] = ..., prefill_cost_scale: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
     __slots__ = ("role",)

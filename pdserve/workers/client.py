@@ -7,5 +7,5 @@ import grpc
 from pdserve import rpc
 
 
-def channel(port: int, host: str = "127.0.0.1") -> grpc.aio.Channel:
-    return rpc.channel(f"{host}:{port}")
+def channel(port: int, host: str = "127.0.0.1", cluster_secret: str = "") -> grpc.aio.Channel:
+    return rpc.channel(f"{host}:{port}", cluster_secret)

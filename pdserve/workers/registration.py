@@ -27,8 +27,9 @@ class Advertised:
     decode_step_per_seq_s: float
 
 
-async def keep_registered(service: WorkerService, router_address: str, ad: Advertised) -> None:
-    async with rpc.channel(router_address) as channel:
+async def keep_registered(service: WorkerService, router_address: str, ad: Advertised,
+                          cluster_secret: str = "") -> None:
+    async with rpc.channel(router_address, cluster_secret) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         forgotten = False
         while True:
@@ -47,7 +48,7 @@ async def keep_registered(service: WorkerService, router_address: str, ad: Adver
                     held_req_ids = service.requests.admitted_ids()
                     info = await service.GetInfo(worker_pb2.GetInfoRequest(), None)
                     resp = await stub.Heartbeat(router_pb2.HeartbeatRequest(
-                        worker_id=service.worker_id, load=router_pb2.WorkerLoad(
+                        worker_id=service.worker_id, instance_id=service.instance_id, load=router_pb2.WorkerLoad(
                             num_free_kv_blocks=info.num_free_kv_blocks, held_req_ids=held_req_ids,
                             num_active_requests=info.num_active_requests)), timeout=lease_s)
                     if not resp.known:
@@ -69,19 +70,21 @@ async def _register(stub: router_pb2_grpc.RouterStub, service: WorkerService, ad
         kv_endpoints=info.kv_endpoints, num_total_kv_blocks=info.num_total_kv_blocks,
         kv_block_size_tokens=info.kv_block_size_tokens, max_model_len_tokens=info.max_model_len_tokens,
         scenario=ad.scenario, prefill_tokens_per_s=ad.prefill_tokens_per_s,
-        decode_step_base_s=ad.decode_step_base_s, decode_step_per_seq_s=ad.decode_step_per_seq_s),
-        timeout=5.0)
+        decode_step_base_s=ad.decode_step_base_s, decode_step_per_seq_s=ad.decode_step_per_seq_s,
+        instance_id=info.instance_id), timeout=5.0)
     log.info("registered with router as %s (lease %.1f s)", info.worker_id, resp.lease_s)
     return resp.lease_s
 
 
-async def deregister(service: WorkerService, router_address: str, timeout_s: float = 5.0) -> None:
+async def deregister(service: WorkerService, router_address: str, cluster_secret: str = "",
+                     timeout_s: float = 5.0) -> None:
     """Tell the router to stop sending work here (shutdown); a router that cannot be reached will
     find out from the missing heartbeats instead."""
     try:
-        async with rpc.channel(router_address) as channel:
+        async with rpc.channel(router_address, cluster_secret) as channel:
             await router_pb2_grpc.RouterStub(channel).Deregister(
-                router_pb2.DeregisterRequest(worker_id=service.worker_id), timeout=timeout_s)
+                router_pb2.DeregisterRequest(worker_id=service.worker_id, instance_id=service.instance_id),
+                timeout=timeout_s)
         log.info("deregistered from router %s", router_address)
     except grpc.aio.AioRpcError as exc:
         log.warning("could not deregister from router %s: %s", router_address, exc.code().name)

@@ -17,6 +17,7 @@ import concurrent.futures
 import itertools
 import logging
 import random
+import secrets
 
 import grpc
 
@@ -52,6 +53,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.agents = agents
         self.clock = clock
         self.worker_id = worker_id
+        self.instance_id = secrets.token_hex(16)    # this process: the router binds worker_id to it
         self.role = Role(role)
         self._lease_s = lease_s
         self.decode_fit = OnlineLinearFit()
@@ -114,7 +116,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             num_active_requests=len(self.requests), kv_block_size_tokens=alloc.block_size_tokens,
             max_model_len_tokens=self.engine.config.max_position_tokens,
             num_pending_transfers=sum(a.num_active_transfers() for a in self.agents.values()),
-            **self._measured())
+            instance_id=self.instance_id, **self._measured())
 
     def _measured(self) -> dict:
         fit = self.decode_fit.fit()

@@ -11,7 +11,6 @@ import pytest
 
 from pdserve.launch import LocalCluster
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
-from pdserve.workers import client
 from tests.conftest import wait_until
 
 NUM_CLIENTS = 1000
@@ -66,9 +65,9 @@ async def _clients(url: str) -> dict[str, int]:
     return counts
 
 
-def _idle(port: int) -> bool:
+def _idle(cluster, port: int) -> bool:
     async def get():
-        async with client.channel(port) as ch:
+        async with cluster.channel(port) as ch:
             return await worker_pb2_grpc.WorkerStub(ch).GetInfo(worker_pb2.GetInfoRequest(), timeout=10)
     info = asyncio.run(get())
     return (info.num_active_requests == 0 and info.num_free_kv_blocks == info.num_total_kv_blocks
@@ -86,7 +85,7 @@ def test_a_thousand_disconnects_leave_nothing_held(cluster):
     # Well inside the 30 s reservation lease: releases come from the cancellations, not expiry.
     for p in cluster.processes:
         if p.name.split("-")[0] in ("prefill", "decode", "aggregated"):
-            assert wait_until(lambda p=p: _idle(p.port), timeout_s=20), f"{p.name} still holds KV or transfers"
+            assert wait_until(lambda p=p: _idle(cluster, p.port), timeout_s=20), f"{p.name} still holds KV or transfers"
     assert wait_until(lambda: _gateway_inflight(cluster) == 0, timeout_s=20)
     resp = httpx.post(f"{cluster.url}/v1/completions", json={"model": "tiny", "prompt": "ok?", "max_tokens": 4},
                       timeout=60)

@@ -6,12 +6,10 @@ import asyncio
 import os
 import signal
 
-import grpc
 import pytest
 
 from pdserve.launch import LocalCluster
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
-from pdserve.workers import client
 from tests.conftest import wait_until
 
 PROMPT = list(b"Migration keeps a stream going when its worker dies. ")
@@ -21,7 +19,7 @@ MAX_TOKENS = 1000
 
 
 async def _live_workers(cluster) -> list:
-    async with grpc.aio.insecure_channel(cluster.router_address) as ch:
+    async with cluster.channel(cluster.router_address) as ch:
         workers = (await router_pb2_grpc.RouterStub(ch).ListWorkers(router_pb2.ListWorkersRequest())).workers
     return [w for w in workers if w.alive]
 
@@ -37,7 +35,7 @@ def _request(req_id: str) -> router_pb2.RouteRequest:
 
 async def _stream(cluster, req_id: str, on_token_20=None) -> list[int]:
     tokens = []
-    async with grpc.aio.insecure_channel(cluster.router_address) as ch:
+    async with cluster.channel(cluster.router_address) as ch:
         async for chunk in router_pb2_grpc.RouterStub(ch).Generate(_request(req_id)):
             before = len(tokens)
             tokens.extend(chunk.token_ids)
@@ -46,8 +44,8 @@ async def _stream(cluster, req_id: str, on_token_20=None) -> list[int]:
     return tokens
 
 
-async def _active(port: int) -> int:
-    async with client.channel(port) as ch:
+async def _active(cluster, port: int) -> int:
+    async with cluster.channel(port) as ch:
         return (await worker_pb2_grpc.WorkerStub(ch).GetInfo(worker_pb2.GetInfoRequest())).num_active_requests
 
 
@@ -83,7 +81,7 @@ def test_decode_worker_stopped_mid_stream_tokens_resume_from_a_replica(cluster, 
 
     async def stop_the_decode_worker_streaming_it():
         for p in await _decode_processes(cluster):
-            if await _active(p.port) > 0:
+            if await _active(cluster, p.port) > 0:
                 os.kill(p.proc.pid, signal.SIGSTOP)      # hung, not dead: its sockets stay open
                 stopped.append(p)
                 return
@@ -96,7 +94,7 @@ def test_decode_worker_stopped_mid_stream_tokens_resume_from_a_replica(cluster, 
     router_log = "\n".join(cluster.process("router").log_lines)
     assert "sent no token for 3 s" in router_log and "migrating after" in router_log
     # Woken up, the stopped worker finds its stream gone and frees what it held.
-    assert wait_until(lambda: asyncio.run(_active(stopped[0].port)) == 0, timeout_s=30)
+    assert wait_until(lambda: asyncio.run(_active(cluster, stopped[0].port)) == 0, timeout_s=30)
 
 
 def test_decode_worker_killed_mid_stream_the_stream_completes_unchanged(cluster, reference):
@@ -104,7 +102,7 @@ def test_decode_worker_killed_mid_stream_the_stream_completes_unchanged(cluster,
 
     async def kill_the_decode_worker_streaming_it():
         for p in await _decode_processes(cluster):
-            if await _active(p.port) > 0:
+            if await _active(cluster, p.port) > 0:
                 os.kill(p.proc.pid, signal.SIGKILL)
                 killed.append(p)
                 return
@@ -113,7 +111,7 @@ def test_decode_worker_killed_mid_stream_the_stream_completes_unchanged(cluster,
     assert len(killed) == 1, "no decode worker was streaming the request"
     assert got == reference
     survivor = next(p for p in asyncio.run(_decode_processes(cluster)) if p is not killed[0])
-    assert wait_until(lambda: asyncio.run(_active(survivor.port)) == 0, timeout_s=30)
+    assert wait_until(lambda: asyncio.run(_active(cluster, survivor.port)) == 0, timeout_s=30)
     cluster.restart(killed[0].name)
 
 

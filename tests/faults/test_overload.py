@@ -17,7 +17,6 @@ import pytest
 
 from pdserve.launch import LocalCluster
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
-from pdserve.workers import client
 from tests.conftest import wait_until
 
 LIMIT = 16
@@ -55,9 +54,9 @@ async def _timed_post(http: httpx.AsyncClient, url: str) -> tuple[httpx.Response
     return resp, time.monotonic() - started
 
 
-async def _router_refusals(address: str, n: int) -> list[grpc.StatusCode]:
+async def _router_refusals(cluster, n: int) -> list[grpc.StatusCode]:
     codes = []
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with cluster.channel(cluster.router_address) as ch:
         for i in range(n):
             req = router_pb2.RouteRequest(req_id=f"direct-{i}", model="tiny", prompt_token_ids=[1, 2, 3],
                                           sampling=worker_pb2.SamplingParams(max_tokens=4))
@@ -80,7 +79,7 @@ async def _overload(cluster, decode_pid: int):
         os.kill(decode_pid, signal.SIGSTOP)          # every admitted request now stays in flight
         try:
             refused = await asyncio.gather(*(_timed_post(http, url) for _ in range(LIMIT * 9)))
-            direct = await _router_refusals(cluster.router_address, 5)
+            direct = await _router_refusals(cluster, 5)
             assert not any(t.done() for t in held)   # refused while the admitted ones were held
         finally:
             os.kill(decode_pid, signal.SIGCONT)
@@ -100,7 +99,7 @@ def test_ten_times_overload_is_refused_at_once_and_the_admitted_finish(cluster):
     print(f"429 latency: p50 {latencies[len(latencies) // 2] * 1e3:.0f} ms, max {latencies[-1] * 1e3:.0f} ms")
 
     async def info():
-        async with client.channel(decode.port) as ch:
+        async with cluster.channel(decode.port) as ch:
             return await worker_pb2_grpc.WorkerStub(ch).GetInfo(worker_pb2.GetInfoRequest())
     assert wait_until(lambda: asyncio.run(info()).num_active_requests == 0, timeout_s=60)
     got = asyncio.run(info())

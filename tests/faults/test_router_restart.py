@@ -13,33 +13,32 @@ import pytest
 
 from pdserve.launch import LocalCluster
 from pdserve.v1 import admin_pb2, admin_pb2_grpc, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
-from pdserve.workers import client
 from tests.conftest import wait_until
 
 TOKEN = "restart-test-admin-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 
-async def _call(address: str, stub_cls, method: str, request, metadata=()):
-    async with grpc.aio.insecure_channel(address) as ch:
+async def _call(cluster, stub_cls, method: str, request, metadata=()):
+    async with cluster.channel(cluster.router_address) as ch:
         return await getattr(stub_cls(ch), method)(request, metadata=metadata, timeout=10)
 
 
 def admin(cluster, method: str, request):
-    return asyncio.run(_call(cluster.router_address, admin_pb2_grpc.AdminStub, method, request, AUTH))
+    return asyncio.run(_call(cluster, admin_pb2_grpc.AdminStub, method, request, AUTH))
 
 
 def workers(cluster) -> list:
     try:
-        return list(asyncio.run(_call(cluster.router_address, router_pb2_grpc.RouterStub, "ListWorkers",
+        return list(asyncio.run(_call(cluster, router_pb2_grpc.RouterStub, "ListWorkers",
                                       router_pb2.ListWorkersRequest())).workers)
     except grpc.aio.AioRpcError:
         return []
 
 
-def worker_info(port: int) -> worker_pb2.WorkerInfo:
+def worker_info(cluster, port: int) -> worker_pb2.WorkerInfo:
     async def get():
-        async with client.channel(port) as ch:
+        async with cluster.channel(port) as ch:
             return await worker_pb2_grpc.WorkerStub(ch).GetInfo(worker_pb2.GetInfoRequest(), timeout=10)
     return asyncio.run(get())
 
@@ -66,7 +65,7 @@ def test_router_restart_keeps_operator_state_and_leaves_nothing_held(cluster):
             "ignore_eos": True}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(httpx.post, f"{cluster.url}/v1/completions", json=body, timeout=120)
-        assert wait_until(lambda: worker_info(busy_port).num_active_requests == 1, timeout_s=60)
+        assert wait_until(lambda: worker_info(cluster, busy_port).num_active_requests == 1, timeout_s=60)
         router = cluster.process("router")
         os.kill(router.proc.pid, signal.SIGKILL)
         router.proc.wait(30)
@@ -87,7 +86,7 @@ def test_router_restart_keeps_operator_state_and_leaves_nothing_held(cluster):
 
     for p in cluster.processes:
         if p.name.startswith(("prefill", "decode")):
-            assert wait_until(lambda p=p: _idle(worker_info(p.port)), timeout_s=30), f"{p.name} still holds KV"
+            assert wait_until(lambda p=p: _idle(worker_info(cluster, p.port)), timeout_s=30), f"{p.name} still holds KV"
     resp = httpx.post(f"{cluster.url}/v1/completions", json={**body, "max_tokens": 4}, timeout=60)
     assert resp.status_code == 200, resp.text
 

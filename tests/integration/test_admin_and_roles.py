@@ -1,6 +1,7 @@
 """gRPC Admin API against a real cluster: authentication, every call, invalid arguments, and role
 changes under continuous load that lose no request."""
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -30,7 +31,7 @@ def cluster(tmp_path_factory):
 
 def admin(cluster, method: str, request, metadata=AUTH):
     async def call():
-        async with grpc.aio.insecure_channel(cluster.router_address) as ch:
+        async with cluster.channel(cluster.router_address) as ch:
             return await getattr(admin_pb2_grpc.AdminStub(ch), method)(request, metadata=metadata)
     return asyncio.run(call())
 
@@ -135,6 +136,8 @@ def test_role_changes_under_load_lose_nothing(cluster):
     assert admin(cluster, "UnpinRatio", admin_pb2.ScenarioName(name="default")).pinned is False
     history = admin(cluster, "GetRatioHistory", admin_pb2.ScenarioName(name="default")).changes
     assert [(c.new_prefill, c.new_decode) for c in history[:3]] == [(2, 2), (1, 3), (3, 1)]
+    # The token from the environment, not the command line (which every user of the host can read).
     out = subprocess.run([sys.executable, "-m", "pdserve.cli", "admin", "--router", cluster.router_address,
-                          "--token", TOKEN, "workers"], capture_output=True, text=True, timeout=60)
+                          "workers"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PDSERVE_ADMIN_TOKEN": TOKEN})
     assert out.returncode == 0 and "draining" in out.stdout and out.stdout.count("127.0.0.1:") == 4

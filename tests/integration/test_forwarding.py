@@ -64,7 +64,7 @@ def cluster(tmp_path_factory):
 def test_all_refusing_gives_resource_exhausted(cluster):
     """Real processes and the real router: when every worker refuses, the client is told so."""
     async def run():
-        async with grpc.aio.insecure_channel(cluster.router_address) as ch:
+        async with cluster.channel(cluster.router_address) as ch:
             router = router_pb2_grpc.RouterStub(ch)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 # 1 ms budget: no worker can prefill 3500 tokens in time, so every one refuses.

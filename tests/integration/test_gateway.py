@@ -34,7 +34,7 @@ def oai(cluster):
 
 def _worker_info(cluster, name: str) -> worker_pb2.WorkerInfo:
     async def get():
-        stub = worker_pb2_grpc.WorkerStub(wclient.channel(cluster.process(name).port))
+        stub = worker_pb2_grpc.WorkerStub(cluster.channel(cluster.process(name).port))
         return await stub.GetInfo(worker_pb2.GetInfoRequest())
     return asyncio.run(get())
 
@@ -177,7 +177,8 @@ def test_api_keys_required_when_enabled(cluster):
     key = store.create_api_key(f"tester-{time.time_ns()}", tenant="acme")
     gw = start_process("gateway-auth", ["serve", "gateway"], {
         "PDSERVE_MODEL__NAME": "tiny", "PDSERVE_GATEWAY__PORT": "0", "PDSERVE_GATEWAY__REQUIRE_API_KEY": "true",
-        "PDSERVE_GATEWAY__ROUTER_ADDRESS": cluster.router_address, "PDSERVE_DATABASE__URL": cluster.db_url})
+        "PDSERVE_GATEWAY__ROUTER_ADDRESS": cluster.router_address, "PDSERVE_DATABASE__URL": cluster.db_url,
+        "PDSERVE_CLUSTER__SECRET": cluster.cluster_secret})
     try:
         base = f"http://127.0.0.1:{gw.port}/v1"
         with pytest.raises(openai.AuthenticationError):
@@ -215,7 +216,7 @@ def test_router_records_worker_history_and_enforces_deadlines(cluster):
     import grpc
 
     async def run():
-        async with grpc.aio.insecure_channel(cluster.router_address) as ch:
+        async with cluster.channel(cluster.router_address) as ch:
             stub = router_pb2_grpc.RouterStub(ch)
             workers = (await stub.ListWorkers(router_pb2.ListWorkersRequest())).workers
             call = stub.Generate(router_pb2.RouteRequest(

@@ -1,0 +1,95 @@
+"""The cluster credential: every call to the Router and Worker services carries the cluster's
+shared secret in its metadata, and their servers refuse a call without it (UNAUTHENTICATED).
+
+Only members of the cluster hold the secret (`pdserve up` makes a fresh one per run; a deployment
+gives it through PDSERVE_CLUSTER__SECRET or a file, never on a command line). The Admin service
+keeps its own bearer token (operators are not cluster members), and gRPC health stays open for
+probes (Kubernetes cannot send metadata); neither carries prompts or placements.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import secrets
+
+import grpc
+
+METADATA_KEY = "x-pdserve-cluster-secret"
+PROTECTED_PREFIXES = ("/pdserve.v1.Router/", "/pdserve.v1.Worker/")
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_for_bind(component: str, host: str, secret: str) -> None:
+    """A component reachable from other hosts must not run without the cluster credential."""
+    if not secret and not is_loopback(host):
+        raise SystemExit(f"pdserve {component}: refusing to listen on {host} without a cluster secret "
+                         f"(set PDSERVE_CLUSTER__SECRET or cluster.secret_file; loopback needs none)")
+
+
+class _SecretDetails:
+    def __init__(self, secret: str):
+        self._pair = (METADATA_KEY, secret)
+
+    def _details(self, d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(d.metadata or ()), self._pair)
+        return grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
+
+
+# One class per call kind: a channel files each interceptor under the first kind it matches.
+class _UnaryWithSecret(_SecretDetails, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class _StreamWithSecret(_SecretDetails, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+def client_interceptors(secret: str) -> list:
+    """Add the secret to every outgoing call of a channel."""
+    return [_UnaryWithSecret(secret), _StreamWithSecret(secret)] if secret else []
+
+
+class RequireSecret(grpc.aio.ServerInterceptor):
+    """Refuses Router and Worker calls that do not carry the cluster secret."""
+
+    def __init__(self, secret: str):
+        self._secret = secret.encode()
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(PROTECTED_PREFIXES):
+            return handler
+        offered = next((v for k, v in (details.invocation_metadata or ()) if k == METADATA_KEY), "")
+        if hmac.compare_digest(offered.encode() if isinstance(offered, str) else offered, self._secret):
+            return handler
+        return _refusal(handler)
+
+
+async def _refuse(request, context) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this call needs the cluster credential")
+
+
+async def _refuse_stream(request, context):
+    await _refuse(request, context)
+    yield  # pragma: no cover - unreachable: abort raises
+
+
+def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    # No deserializer: a caller without the credential does not get its bytes parsed.
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(_refuse_stream)
+    return grpc.unary_unary_rpc_method_handler(_refuse)
