@@ -31,6 +31,10 @@ class KVTransferError(RuntimeError):
     pass
 
 
+# Transfer ids are random capabilities below this (every backend's wire format carries 48 bits).
+MAX_TRANSFER_ID = (1 << 48) - 1
+
+
 @dataclass(frozen=True)
 class TransferLayout:
     """What one transfer carries: the byte size of each layer's contiguous KV buffer."""

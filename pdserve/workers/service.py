@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import logging
-import random
 import secrets
 
 import grpc
 
 from pdserve.clock import Clock
-from pdserve.kvtransfer import BaseKVAgent, TransferLayout, TransferState, as_bytes_view
+from pdserve.kvtransfer import MAX_TRANSFER_ID, BaseKVAgent, TransferLayout, TransferState, as_bytes_view
 from pdserve.policy.cost_model import CalibratedCostModel
 from pdserve.policy.online_fit import OnlineLinearFit
 from pdserve.policy.registry import Role
@@ -65,7 +63,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                    max_prefill_wait_s=max_prefill_wait_s)
         self._streams: dict[str, asyncio.Queue] = {}
         # Random start so transfer ids from a restarted worker do not collide with stale ones.
-        self._transfer_ids = itertools.count(random.getrandbits(40))
+        # Random, not sequential: a transfer id is the capability a KV sender must present, so
+        # nobody can guess another request's (48 bits: what the UCX tag layout leaves).
+        self._new_transfer_id = lambda: secrets.randbelow(MAX_TRANSFER_ID) + 1
         self._tasks: list[asyncio.Task] = []
         self._compute_stopped = asyncio.Event()
         self._stopping = False
@@ -140,7 +140,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self.engine.check_prompt(request.num_prompt_tokens, SamplingConfig())
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        layout = TransferLayout(next(self._transfer_ids), self.engine.layer_nbytes(request.num_prompt_tokens))
+        layout = TransferLayout(self._new_transfer_id(), self.engine.layer_nbytes(request.num_prompt_tokens))
         arm = lambda staging: agent.create_receiver(layout, as_bytes_view(staging.numpy()), self._lease_s)  # noqa: E731
         try:
             await self.requests.reserve(request.req_id, request.num_prompt_tokens, arm)

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import asyncio
 
+from pdserve.kvtransfer import base
+
 _SLOT_BITS = 16
 ACK_SLOT = (1 << _SLOT_BITS) - 2
 ABORT_SLOT = (1 << _SLOT_BITS) - 1
 INBOX_TAG = 0                       # transfer id 0 is reserved for the inbox
 MAX_LAYERS = (ACK_SLOT - 2) // 2
 MAX_TRANSFER_ID = (1 << (64 - _SLOT_BITS)) - 1
+assert MAX_TRANSFER_ID == base.MAX_TRANSFER_ID, "tags must carry every transfer id"
 # Probe pacing: spin briefly (messages of one transfer follow each other closely), then back off
 # exponentially up to a cap, so waiting through a long prefill costs few wake-ups: on a small host
 # every wake-up steals time from the compute threads the transfer is meant to hide behind.

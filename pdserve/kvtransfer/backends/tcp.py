@@ -235,12 +235,15 @@ class TcpAgent(BaseKVAgent):
             sock.settimeout(self._stall_timeout_s)
             head = _read_frame(sock)
             with self._lock:
-                rx = self._receivers.get(head.transfer_id)
-            if rx is None or not rx.attach(sock):
-                raise LookupError(f"unknown or expired transfer id {head.transfer_id}")
-            problem = frames.check_header(head, rx.layout)
+                armed = self._receivers.get(head.transfer_id)
+            # Checked before attaching: a connection whose header does not fit is refused and the
+            # armed receiver stays open for the sender it was reserved for.
+            problem = "unknown or expired transfer id" if armed is None else frames.check_header(head, armed.layout)
             if problem:
-                raise ValueError(problem)
+                raise LookupError(f"{problem} ({head.transfer_id})")
+            if not armed.attach(sock):
+                raise LookupError(f"transfer {head.transfer_id} already has a sender")
+            rx = armed
             rx.status.mark_transferring()
             self._receive_layers(sock, rx, head.checksum == pb.CHECKSUM_KIND_CRC32)
             sock.sendall(frames.encode_stream(pb.KVFrame(kind=pb.KV_FRAME_KIND_ACK)))

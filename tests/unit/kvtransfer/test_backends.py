@@ -111,6 +111,30 @@ def test_layout_mismatch_is_refused(agent_pairs, backend):
     assert_no_leaks(agents=(a, b))
 
 
+def test_tcp_refuses_a_forged_sender_and_the_real_one_still_completes(agent_pairs):
+    """A connection presenting an armed transfer id with a header that does not fit is refused
+    before it touches the receiver: the transfer's own sender then completes it."""
+    a, b = agent_pairs["tcp"]
+    layers = _layers(num_layers=2, nbytes=4096)
+    layout = TransferLayout(next(_ids), tuple(x.nbytes for x in layers))
+    dest = np.zeros(layout.total_nbytes, dtype=np.uint8)
+    rx = b.create_receiver(layout, memoryview(dest), 10.0)
+    forged = a.create_sender(b.address(), TransferLayout(layout.transfer_id, (4096,)), 5.0)
+    forged.send_layer(0, memoryview(bytearray(4096)))
+    forged.finish(b"forged")
+    assert wait_until(lambda: forged.poll() in _ENDED, 6)
+    assert forged.poll() is TransferState.FAILED and "layout mismatch" in forged.failure()
+    assert rx.poll() is not TransferState.FAILED
+    real = a.create_sender(b.address(), layout, 5.0)
+    for i, buf in enumerate(layers):
+        real.send_layer(i, memoryview(buf))
+    real.finish(b"real")
+    assert wait_until(lambda: rx.poll() in _ENDED and real.poll() in _ENDED, 8)
+    assert (rx.poll(), real.poll()) == (TransferState.DONE, TransferState.DONE)
+    assert np.array_equal(dest, np.concatenate(layers)) and rx.trailer == b"real"
+    assert_no_leaks(agents=(a, b))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_abort_from_either_side(agent_pairs, backend):
     a, b = agent_pairs[backend]
