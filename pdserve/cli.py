@@ -125,6 +125,14 @@ def _bench_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_auth(args: argparse.Namespace) -> int:
+    from pdserve.bench import auth
+
+    report = auth.run(args.calls, args.rounds)
+    print(json.dumps(report) if args.json else auth.format_report(report))
+    return 0
+
+
 def _bench_chaos(args: argparse.Namespace) -> int:
     from pdserve.bench import chaos
 
@@ -311,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--json", action="store_true")
     _trace_file_option(ch)
     ch.set_defaults(fn=_bench_chaos)
+    au = bench.add_parser("auth", help="gRPC call latency with the cluster secret vs without")
+    au.add_argument("--calls", type=int, default=500, help="calls per round")
+    au.add_argument("--rounds", type=int, default=6, help="alternating rounds per mode")
+    au.add_argument("--json", action="store_true")
+    au.set_defaults(fn=_bench_auth)
     from pdserve.loadtest.run import add_parser as add_loadtest_parser
     add_loadtest_parser(sub)
     return parser

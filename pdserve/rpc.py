@@ -40,8 +40,8 @@ _SERVER_OPTIONS = (
 
 def channel(address: str, cluster_secret: str = "") -> grpc.aio.Channel:
     """`cluster_secret`: carried by every call (what Router and Worker servers require)."""
-    return grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS),
-                                     interceptors=cluster_auth.client_interceptors(cluster_secret) or None)
+    channel = grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
+    return cluster_auth.SecretChannel(channel, cluster_secret) if cluster_secret else channel
 
 
 def server(max_concurrent_rpcs: int | None, cluster_secret: str = "") -> grpc.aio.Server:

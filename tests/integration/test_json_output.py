@@ -39,3 +39,13 @@ def test_bench_chaos_json_reports_every_fault_and_nothing_held():
     assert report["hung"] == 0
     assert report["leaked_total"] == 0, report["held_after_run"]
     assert report["completed"] > 0
+
+
+def test_bench_auth_json_compares_the_three_channel_kinds():
+    out = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "auth", "--json", "--calls", "20",
+                          "--rounds", "1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    for kind in ("unary", "stream"):
+        assert set(report["results"][kind]) == {"plain", "secret", "secret_by_interceptor"}
+        assert report["results"][kind]["plain"]["p50_ratio_to_plain"] == 1.0
