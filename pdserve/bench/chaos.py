@@ -33,7 +33,8 @@ from pdserve.traces import load_azure, load_file
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("pdserve.bench")
-_MIGRATED = re.compile(r"request (chaos-\d+)(?:\.m\d+)?: migrating")
+# The gateway suffixes a client's request id (".1a2b3c4d") to keep it unique; a retry adds ".mN".
+_MIGRATED = re.compile(r"request (chaos-\d+)(?:\.[0-9a-f]{8})?(?:\.m\d+)?: migrating")
 _REQUEST_DEADLINE_S = 120.0
 _RECOVERY_LIMIT_S = 60.0        # a fault the cluster has not recovered from by then is reported as such
 

@@ -1,13 +1,16 @@
 """Pure ASGI middleware (not Starlette's BaseHTTPMiddleware, which runs the app in a separate
 task and hides client disconnects from streaming responses).
 
-`RequestIdMiddleware`: every request gets an id (the client's `x-request-id` when it is safe to
-log, else a new one), stored in `request.state.req_id` and echoed on the response; the same id
-travels to the router and workers, so one grep follows a request through every log.
+`RequestIdMiddleware`: every request gets an id, stored in `request.state.req_id`: the client's
+`x-request-id` (when it is safe to log) with a random suffix, else a new one. The suffix keeps ids
+unique, so a client-chosen id can never collide with another request's (another tenant's usage
+record, or a request still running). The response echoes the client's id; the internal one
+travels to the router and workers, so one grep for the client's id follows it through every log.
 """
 from __future__ import annotations
 
 import re
+import secrets
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -31,13 +34,15 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        req_id = _given_id(scope) or f"req-{uuid.uuid4().hex}"
+        given = _given_id(scope)
+        req_id = f"{given}.{secrets.token_hex(4)}" if given else f"req-{uuid.uuid4().hex}"
         scope.setdefault("state", {})["req_id"] = req_id
+        echoed = (given or req_id).encode("latin-1")
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", req_id.encode("latin-1"))]
+                message["headers"] = [*message["headers"], (b"x-request-id", echoed)]
             await send(message)
 
         await self.app(scope, receive, send_with_id)

@@ -64,11 +64,13 @@ class ScenarioClassifier:
     specs: dict[str, ScenarioSpec] = field(default_factory=dict)
 
     def classify(self, header: str, tenant: str, prompt_ids: list[int]) -> str:
+        """A header naming a scenario is honoured unless the caller's tenant (known when API keys
+        are on) is not among that scenario's tenants: then it is ignored, so no client picks
+        another tenant's workers."""
         if header:
-            if header in self.specs:
-                return header
-            for spec in self.specs.values():
-                if header in spec.header_values:
+            named = [self.specs[header]] if header in self.specs else []
+            for spec in named + [s for s in self.specs.values() if header in s.header_values]:
+                if self._may_use(spec, tenant):
                     return spec.name
         if tenant:
             for spec in self.specs.values():
@@ -79,6 +81,10 @@ class ScenarioClassifier:
                     and prefix_hash(prompt_ids, spec.prefix_tokens) in spec.prefix_hashes:
                 return spec.name
         return DEFAULT_SCENARIO
+
+    @staticmethod
+    def _may_use(spec: ScenarioSpec, tenant: str) -> bool:
+        return not tenant or not spec.tenants or tenant in spec.tenants
 
     def spec(self, name: str) -> ScenarioSpec:
         return self.specs.get(name) or ScenarioSpec(DEFAULT_SCENARIO)

@@ -153,8 +153,9 @@ class Store:
                                   .order_by(WorkerEvent.id)))
 
     def record_request(self, rec: RequestRecord) -> None:
+        """Inserts, never overwrites: request ids are unique (the gateway suffixes a client's)."""
         with self.session() as s, s.begin():
-            s.merge(rec)
+            s.add(rec)
 
     def get_request(self, req_id: str) -> RequestRecord | None:
         with self.session() as s:

@@ -68,7 +68,8 @@ def test_scenarios_crud_and_invalid_arguments(cluster):
     r = httpx.post(f"{cluster.url}/v1/completions", headers={"x-pdserve-scenario": "coding", "x-request-id": "cls-1"},
                    json={"model": "tiny", "prompt": "def f():", "max_tokens": 2})
     assert r.status_code == 200
-    assert wait_until(lambda: any("cls-1 placed: scenario=code" in l for l in cluster.process("router").log_lines), 5)
+    assert wait_until(lambda: any("request cls-1." in l and "placed: scenario=code" in l
+                                  for l in cluster.process("router").log_lines), 5)
     admin(cluster, "DeleteScenario", admin_pb2.ScenarioName(name="code"))
     for method in ("GetScenario", "DeleteScenario"):
         with pytest.raises(grpc.aio.AioRpcError) as err:

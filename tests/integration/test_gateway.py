@@ -112,8 +112,10 @@ def test_models_health_ready_metrics_and_request_ids(cluster, oai):
     assert "pdserve_ttft_seconds_count" in metrics and "pdserve_workers_alive" in metrics
     sample = [l for l in metrics.splitlines() if l.startswith("pdserve_kv_transfer_bytes_total")][0]
     assert float(sample.split()[-1]) > 0
-    assert wait_until(lambda: Store(cluster.db_url).get_request("trace-me-42") is not None, 5)
-    rec = Store(cluster.db_url).get_request("trace-me-42")
+    internal_id = r.json()["id"].removeprefix("cmpl-")      # the client's id plus a suffix that keeps it unique
+    assert internal_id.startswith("trace-me-42.")
+    assert wait_until(lambda: Store(cluster.db_url).get_request(internal_id) is not None, 5)
+    rec = Store(cluster.db_url).get_request(internal_id)
     assert rec.outcome == "ok" and rec.num_completion_tokens == 2 and rec.ttft_ms > 0
 
 
@@ -189,8 +191,30 @@ def test_api_keys_required_when_enabled(cluster):
         req_id = r.id.removeprefix("cmpl-")
         assert wait_until(lambda: store.get_request(req_id) is not None, 5)   # recorded off the hot path
         assert store.get_request(req_id).tenant == "acme"
+        _same_request_id_from_two_tenants(store, f"http://127.0.0.1:{gw.port}/v1/completions", key)
     finally:
         gw.stop()
+
+
+def _same_request_id_from_two_tenants(store: Store, url: str, acme_key: str) -> None:
+    """Two tenants send the same x-request-id at once: both are served (no 500) and each gets its
+    own usage record, neither overwriting the other."""
+    other_key = store.create_api_key(f"other-{time.time_ns()}", tenant="globex")
+    shared = f"same-{time.time_ns()}"
+
+    async def both():
+        async with httpx.AsyncClient(timeout=60) as http:
+            return await asyncio.gather(*(http.post(url, headers={"authorization": f"Bearer {k}", "x-request-id": shared},
+                                                    json={"model": "tiny", "prompt": "dup", "max_tokens": 8,
+                                                          "ignore_eos": True})
+                                          for k in (acme_key, other_key)))
+    responses = asyncio.run(both())
+    assert [r.status_code for r in responses] == [200, 200]
+    assert all(r.headers["x-request-id"] == shared for r in responses)
+    ids = [r.json()["id"].removeprefix("cmpl-") for r in responses]
+    assert ids[0] != ids[1] and all(i.startswith(shared) for i in ids)
+    assert wait_until(lambda: all(store.get_request(i) is not None for i in ids), 5)
+    assert sorted(store.get_request(i).tenant for i in ids) == ["acme", "globex"]
 
 
 def test_grpc_health_and_reflection_on_router_and_workers(cluster):

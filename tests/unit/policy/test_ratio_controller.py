@@ -103,3 +103,15 @@ def test_classifier_order_header_tenant_prefix_default():
     assert c.classify("", "acme", system + [9]) == "code"   # tenant beats prefix
     assert c.classify("", "", system + [9, 9]) == "rag"
     assert c.classify("", "other", [4, 3, 2, 1]) == "default"
+
+
+def test_a_scenario_header_is_honoured_only_for_its_tenants():
+    c = ScenarioClassifier({
+        "premium": ScenarioSpec("premium", header_values=("fast",), tenants=("acme",)),
+        "open": ScenarioSpec("open", header_values=("any",)),
+    })
+    assert c.classify("fast", "acme", []) == "premium"
+    assert c.classify("premium", "intruder", []) == "default"     # ignored: not its tenant
+    assert c.classify("fast", "intruder", []) == "default"
+    assert c.classify("fast", "", []) == "premium"                 # API keys off: no tenants to check
+    assert c.classify("any", "intruder", []) == "open"             # a scenario without tenants is open
