@@ -2,20 +2,17 @@
 worker that dies mid-transfer, unknown request ids. Each fails with a clear error, frees KV on both
 sides, and the workers keep serving."""
 import asyncio
+import json
 import subprocess
 import sys
 
 import grpc
-import numpy as np
 import pytest
 
-from pdserve.clock import WallClock
-from pdserve.kvtransfer import TransferLayout, TransferState, create_agent
-from pdserve.kvtransfer.faults import Faults, FaultyAgent
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.workers import client
 from pdserve.launch import start_worker
-from tests.conftest import REPO_ROOT, wait_until
+from tests.conftest import REPO_ROOT
 from tests.integration.conftest import Cluster
 from tests.routing import collect, route
 
@@ -59,31 +56,25 @@ def _still_serves(cluster):
 
 
 @pytest.mark.parametrize("backend", ["ucx", "tcp"])
-@pytest.mark.parametrize("faults,needs_checksum", [(Faults(truncate_layers=frozenset({2})), False),
-                                                   (Faults(corrupt_layers=frozenset({1})), True)],
+@pytest.mark.parametrize("fault,needs_checksum", [("truncated", False), ("corrupted", True)],
                          ids=["truncated", "corrupted"])
-def test_bad_kv_message_fails_cleanly(cluster, backend, faults, needs_checksum):
+def test_bad_kv_message_fails_cleanly(cluster, backend, fault, needs_checksum):
     async def run():
         s = cluster.stubs()
         res, gen = await _reserve_and_generate(s, backend, f"bad-{backend}-{needs_checksum}")
-        opts = {"host": "127.0.0.1"} if backend == "tcp" else {}
-        agent = FaultyAgent(create_agent(backend, WallClock(), **opts), faults)
-        layout = TransferLayout(res.transfer_id, (len(PROMPT) * KV_BYTES_PER_TOKEN_PER_LAYER,) * NUM_LAYERS)
-        tx = agent.create_sender(res.endpoint.address, layout, 5.0, checksum=needs_checksum)
-        bufs = [np.ones(n, np.uint8) for n in layout.layer_nbytes]
-        for i, b in enumerate(bufs):
-            tx.send_layer(i, memoryview(b))
-        tx.finish(b"")
+        sender = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.faults.faulty_sender", backend, res.endpoint.address.hex(),
+            str(res.transfer_id), str(len(PROMPT) * KV_BYTES_PER_TOKEN_PER_LAYER), str(NUM_LAYERS), fault,
+            "1" if needs_checksum else "0", cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await gen
-        await asyncio.to_thread(wait_until, lambda: tx.poll() is TransferState.FAILED, 5)
-        agent.close()
-        return _status(err.value), tx
+        out, _ = await asyncio.wait_for(sender.communicate(), 60)
+        return _status(err.value), json.loads(out.decode().strip().splitlines()[-1])
     (code, details), tx = asyncio.run(run())
     assert code is grpc.StatusCode.UNAVAILABLE
     expected = "checksum mismatch" if needs_checksum else "bytes"
     assert "KV transfer failed" in details and expected in details
-    assert tx.poll() is TransferState.FAILED and "receiver refused" in tx.failure()
+    assert tx["state"] == "FAILED" and "receiver refused" in tx["failure"], tx
     _still_serves(cluster)
 
 
