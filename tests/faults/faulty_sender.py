@@ -2,8 +2,11 @@
 the receiver's verdict and prints the sender's end state as JSON. A process of its own: the test
 process then hosts no UCX agent, whose native state (threads, pinned buffers) outlives `close()`.
 
-Usage: python -m tests.faults.faulty_sender BACKEND HEX_ADDRESS TRANSFER_ID LAYER_BYTES NUM_LAYERS FAULT CHECKSUM
+Usage: python -m tests.faults.faulty_sender, then one line on stdin:
+BACKEND HEX_ADDRESS TRANSFER_ID LAYER_BYTES NUM_LAYERS FAULT CHECKSUM
 FAULT: "truncated" (layer 2 cut short) or "corrupted" (layer 1 flipped); CHECKSUM: 0 or 1.
+The line comes once the process is up (imports done), so the transfer starts at once: the
+receiver's deadlines run from its reservation, and a cold interpreter would eat into them.
 """
 import json
 import os
@@ -20,7 +23,8 @@ FAULTS = {"truncated": Faults(truncate_layers=frozenset({2})), "corrupted": Faul
 
 
 def main() -> None:
-    backend, address, transfer_id, layer_bytes, num_layers, fault, checksum = sys.argv[1:8]
+    print("ready", flush=True)
+    backend, address, transfer_id, layer_bytes, num_layers, fault, checksum = sys.stdin.readline().split()
     inner = create_agent(backend, WallClock(), **({"host": "127.0.0.1"} if backend == "tcp" else {}))
     agent = FaultyAgent(inner, FAULTS[fault])
     layout = TransferLayout(int(transfer_id), (int(layer_bytes),) * int(num_layers))

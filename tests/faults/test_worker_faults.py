@@ -17,7 +17,10 @@ from tests.integration.conftest import Cluster
 from tests.routing import collect, route
 
 PROMPT = list(b"fault injection prompt " * 10)
-FAST_FAIL_ENV = {"PDSERVE_WORKER__RESERVATION_LEASE_S": "3", "PDSERVE_KVTRANSFER__TIMEOUT_S": "3",
+# A bad transfer is found by the 2 s stall limit (the receiver waits for bytes that never come);
+# the 6 s transfer deadline and lease stay well behind it, so the receiver's own verdict reaches
+# the sender before any deadline aborts the transfer (a 3 s deadline left under 1 s of margin).
+FAST_FAIL_ENV = {"PDSERVE_WORKER__RESERVATION_LEASE_S": "6", "PDSERVE_KVTRANSFER__TIMEOUT_S": "6",
                  "PDSERVE_KVTRANSFER__STALL_TIMEOUT_S": "2"}
 KV_BYTES_PER_TOKEN_PER_LAYER = 2 * 4 * 32 * 4   # tiny: (K,V) * kv heads * head dim * fp32
 NUM_LAYERS = 4
@@ -61,11 +64,15 @@ def _still_serves(cluster):
 def test_bad_kv_message_fails_cleanly(cluster, backend, fault, needs_checksum):
     async def run():
         s = cluster.stubs()
-        res, gen = await _reserve_and_generate(s, backend, f"bad-{backend}-{needs_checksum}")
         sender = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.faults.faulty_sender", backend, res.endpoint.address.hex(),
-            str(res.transfer_id), str(len(PROMPT) * KV_BYTES_PER_TOKEN_PER_LAYER), str(NUM_LAYERS), fault,
-            "1" if needs_checksum else "0", cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            sys.executable, "-m", "tests.faults.faulty_sender", cwd=REPO_ROOT, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert (await sender.stdout.readline()).strip() == b"ready"      # warm before the reservation
+        res, gen = await _reserve_and_generate(s, backend, f"bad-{backend}-{needs_checksum}")
+        args = (backend, res.endpoint.address.hex(), res.transfer_id, len(PROMPT) * KV_BYTES_PER_TOKEN_PER_LAYER,
+                NUM_LAYERS, fault, "1" if needs_checksum else "0")
+        sender.stdin.write((" ".join(map(str, args)) + "\n").encode())
+        await sender.stdin.drain()
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await gen
         out, _ = await asyncio.wait_for(sender.communicate(), 60)
