@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pdserve.clock import Clock
 from pdserve.kvtransfer.base import (BaseKVAgent, BaseKVReceiver, BaseKVSender, KVTransferError,
-                                     MAX_TRANSFER_ID, TransferLayout, TransferState, as_bytes_view)
+                                     MAX_TRANSFER_ID, TransferLayout, TransferState, as_bytes_view, new_token)
 
 BACKENDS = ("ucx", "tcp", "fake")
 
@@ -26,4 +26,4 @@ def create_agent(backend: str, clock: Clock, **options) -> BaseKVAgent:
 
 
 __all__ = ["BACKENDS", "BaseKVAgent", "BaseKVReceiver", "BaseKVSender", "KVTransferError",
-           "MAX_TRANSFER_ID", "TransferLayout", "TransferState", "as_bytes_view", "create_agent"]
+           "MAX_TRANSFER_ID", "TransferLayout", "TransferState", "as_bytes_view", "create_agent", "new_token"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import abc
 import enum
+import hashlib
+import secrets
 import threading
 import zlib
 from dataclasses import dataclass
@@ -37,10 +39,15 @@ MAX_TRANSFER_ID = (1 << 48) - 1
 
 @dataclass(frozen=True)
 class TransferLayout:
-    """What one transfer carries: the byte size of each layer's contiguous KV buffer."""
+    """What one transfer carries: the byte size of each layer's contiguous KV buffer.
+
+    `token` is the transfer's secret capability: a receiver accepts only a sender presenting it,
+    so knowing (or guessing) the transfer id is not enough to fail or fill another request's KV.
+    Workers always set one (`new_token()`); an empty token is for benchmarks and unit tests."""
 
     transfer_id: int
     layer_nbytes: tuple[int, ...]
+    token: bytes = b""
 
     @property
     def num_layers(self) -> int:
@@ -52,6 +59,26 @@ class TransferLayout:
 
     def layer_offset(self, layer_index: int) -> int:
         return sum(self.layer_nbytes[:layer_index])
+
+    @property
+    def wire_id(self) -> int:
+        """What the data messages of this transfer are labelled with (UCX tags): derived from the
+        token, so a sender without it cannot even address them; the transfer id otherwise."""
+        return wire_id(self.transfer_id, self.token)
+
+
+TOKEN_BYTES = 16
+
+
+def new_token() -> bytes:
+    return secrets.token_bytes(TOKEN_BYTES)
+
+
+def wire_id(transfer_id: int, token: bytes) -> int:
+    if not token:
+        return transfer_id
+    digest = int.from_bytes(hashlib.blake2b(token, digest_size=8).digest(), "big")
+    return digest % MAX_TRANSFER_ID + 1
 
 
 def crc32(buf: memoryview) -> int:

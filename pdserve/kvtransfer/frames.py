@@ -5,6 +5,7 @@ slot (`SLOT_BYTES`) so the receiver can post a receive before knowing the exact 
 """
 from __future__ import annotations
 
+import hmac
 import struct
 
 from pdserve.kvtransfer.base import TransferLayout
@@ -27,6 +28,7 @@ def header(layout: TransferLayout, checksum: bool) -> pb.KVFrame:
         kind=pb.KV_FRAME_KIND_HEADER, transfer_id=layout.transfer_id, num_layers=layout.num_layers,
         payload_bytes=layout.total_nbytes,
         checksum=pb.CHECKSUM_KIND_CRC32 if checksum else pb.CHECKSUM_KIND_NONE,
+        transfer_token=layout.token,
     )
 
 
@@ -75,6 +77,8 @@ def check_header(frame: pb.KVFrame, layout: TransferLayout) -> str | None:
         return f"expected a header frame, got {Kind.Name(frame.kind)}"
     if frame.transfer_id != layout.transfer_id:
         return f"header names transfer {frame.transfer_id}, expected {layout.transfer_id}"
+    if not hmac.compare_digest(frame.transfer_token, layout.token):
+        return f"wrong token for transfer {layout.transfer_id}"
     if frame.num_layers != layout.num_layers or frame.payload_bytes != layout.total_nbytes:
         return (f"layout mismatch: sender has {frame.num_layers} layers / {frame.payload_bytes} bytes, "
                 f"receiver expects {layout.num_layers} layers / {layout.total_nbytes} bytes")

@@ -252,6 +252,7 @@ class RequestFlow:
                     return await self._stub(prefill_id).Prefill(worker_pb2.PrefillRequest(
                         req_id=request.req_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
                         target=reservation.endpoint, transfer_id=reservation.transfer_id,
+                        transfer_token=reservation.transfer_token,
                         ttft_slo_ms=request.ttft_slo_ms, resume_output_token_ids=request.resume_output_token_ids),
                         timeout=_PREFILL_CALL_TIMEOUT_S)
                 except grpc.aio.AioRpcError as exc:

@@ -71,17 +71,19 @@ class ReserveKVRequest(_message.Message):
     def __init__(self, req_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class ReserveKVResponse(_message.Message):
-    __slots__ = ("endpoint", "transfer_id", "lease_s")
+    __slots__ = ("endpoint", "transfer_id", "lease_s", "transfer_token")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     endpoint: KVEndpoint
     transfer_id: int
     lease_s: float
-    def __init__(self, endpoint: _Optional[_Union[KVEndpoint, _Mapping]] = ..., transfer_id: _Optional[int] = ..., lease_s: _Optional[float] = ...) -> None: ...
+    transfer_token: bytes
+    def __init__(self, endpoint: _Optional[_Union[KVEndpoint, _Mapping]] = ..., transfer_id: _Optional[int] = ..., lease_s: _Optional[float] = ..., transfer_token: _Optional[bytes] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("req_id", "prompt_token_ids", "sampling", "target", "transfer_id", "ttft_slo_ms", "resume_output_token_ids")
+    __slots__ = ("req_id", "prompt_token_ids", "sampling", "target", "transfer_id", "ttft_slo_ms", "resume_output_token_ids", "transfer_token")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +91,7 @@ class PrefillRequest(_message.Message):
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     TTFT_SLO_MS_FIELD_NUMBER: _ClassVar[int]
     RESUME_OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
@@ -96,7 +99,8 @@ class PrefillRequest(_message.Message):
     transfer_id: int
     ttft_slo_ms: float
     resume_output_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, req_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., target: _Optional[_Union[KVEndpoint, _Mapping]] = ..., transfer_id: _Optional[int] = ..., ttft_slo_ms: _Optional[float] = ..., resume_output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    transfer_token: bytes
+    def __init__(self, req_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., target: _Optional[_Union[KVEndpoint, _Mapping]] = ..., transfer_id: _Optional[int] = ..., ttft_slo_ms: _Optional[float] = ..., resume_output_token_ids: _Optional[_Iterable[int]] = ..., transfer_token: _Optional[bytes] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("req_id", "first_token_id", "prefill_ms", "kv_bytes", "transfer_tail_ms")

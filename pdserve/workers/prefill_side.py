@@ -118,7 +118,7 @@ class PrefillSide:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"backend {request.target.backend!r} not served here")
         ids = list(request.prompt_token_ids)
         params = await checked_params(self.engine, ids, request.sampling, context)
-        layout = TransferLayout(request.transfer_id, self.engine.layer_nbytes(len(ids)))
+        layout = TransferLayout(request.transfer_id, self.engine.layer_nbytes(len(ids)), request.transfer_token)
         link = _LazySender(agent, request.target.address, layout, self._transfer_timeout_s, self._checksum)
         try:
             try:

@@ -20,7 +20,8 @@ import secrets
 import grpc
 
 from pdserve.clock import Clock
-from pdserve.kvtransfer import MAX_TRANSFER_ID, BaseKVAgent, TransferLayout, TransferState, as_bytes_view
+from pdserve.kvtransfer import (MAX_TRANSFER_ID, BaseKVAgent, TransferLayout, TransferState, as_bytes_view,
+                               new_token)
 from pdserve.policy.cost_model import CalibratedCostModel
 from pdserve.policy.online_fit import OnlineLinearFit
 from pdserve.policy.registry import Role
@@ -140,7 +141,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self.engine.check_prompt(request.num_prompt_tokens, SamplingConfig())
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        layout = TransferLayout(self._new_transfer_id(), self.engine.layer_nbytes(request.num_prompt_tokens))
+        layout = TransferLayout(self._new_transfer_id(), self.engine.layer_nbytes(request.num_prompt_tokens),
+                                new_token())
         arm = lambda staging: agent.create_receiver(layout, as_bytes_view(staging.numpy()), self._lease_s)  # noqa: E731
         try:
             await self.requests.reserve(request.req_id, request.num_prompt_tokens, arm)
@@ -152,7 +154,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
         return worker_pb2.ReserveKVResponse(
             endpoint=worker_pb2.KVEndpoint(backend=request.backend, address=agent.address()),
-            transfer_id=layout.transfer_id, lease_s=self._lease_s)
+            transfer_id=layout.transfer_id, lease_s=self._lease_s, transfer_token=layout.token)
 
     async def _receive(self, req, prompt_ids: list[int], resume: list[int], params, context) -> Delta:
         """Wait for a claimed reservation's KV, then start decoding it."""

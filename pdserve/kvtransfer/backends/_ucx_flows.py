@@ -8,7 +8,7 @@ import numpy as np
 from pdserve.kvtransfer import frames
 from pdserve.kvtransfer.backends._ucx_wire import (ABORT_SLOT, ACK_SLOT, IDLE_BACKOFF_S, INBOX_TAG,
                                                    Aborted, Pacer, frame_slot, tag)
-from pdserve.kvtransfer.base import crc32
+from pdserve.kvtransfer.base import crc32, wire_id
 from pdserve.v1 import kvtransfer_pb2 as pb
 
 
@@ -28,14 +28,18 @@ class UcxFlows:
                 head = await self._take_frame(found)
             except Exception:
                 continue  # a malformed header names no transfer to answer
-            waiter = self._armed.get(head.transfer_id)
-            if waiter is not None and not waiter.done():
+            waiter, layout = self._armed.get(head.transfer_id, (None, None))
+            wire = wire_id(head.transfer_id, head.transfer_token)
+            # A header without the transfer's token is refused before the receiver sees it, which
+            # stays armed for the sender it was reserved for. A sender holding the token shares the
+            # transfer's tags, so its bad header (wrong layout) fails the receive itself.
+            if waiter is None or waiter.done():
+                reason = f"unknown or expired transfer id {head.transfer_id}"
+            elif (reason := frames.check_header(head, layout)) is None or wire == layout.wire_id:
                 waiter.set_result(head)
                 continue
-            reason = f"unknown or expired transfer id {head.transfer_id}"
-            self._spawn(self._reply(head.reply_address, head.transfer_id,
-                                    pb.KVFrame(kind=pb.KV_FRAME_KIND_ERROR, reason=reason)))
-            self._spawn(self._drain(head.transfer_id, head.num_layers))
+            self._spawn(self._reply(head.reply_address, wire, pb.KVFrame(kind=pb.KV_FRAME_KIND_ERROR, reason=reason)))
+            self._spawn(self._drain(wire, head.num_layers))
 
     async def _inbox_pause(self, pacer: Pacer) -> None:
         """Poll briskly while some receiver expects a header (it bounds time to first byte); with
@@ -51,7 +55,7 @@ class UcxFlows:
             pass
 
     async def _send(self, tx, peer_address: bytes, checksum: bool) -> None:
-        tid = tx.layout.transfer_id
+        tid = tx.layout.wire_id   # labels the data tags
         ep = None
         try:
             ep = await self._bounded(self._endpoint(peer_address), tx.status)
@@ -89,15 +93,15 @@ class UcxFlows:
                 await self._send_abort(ep, tid, tx.failure() or "failed")
             self._track(-1)
 
-    async def _raise_if_refused(self, transfer_id: int) -> None:
+    async def _raise_if_refused(self, wire_id: int) -> None:
         """An early ERROR from the receiver (bad header, unknown id) ends the send at once."""
-        found = self._probe(tag(transfer_id, ACK_SLOT))
+        found = self._probe(tag(wire_id, ACK_SLOT))
         if found is not None:
             raise _Refused(f"receiver refused: {(await self._take_frame(found)).reason}")
 
     async def _await_ack(self, tx) -> None:
         pacer = Pacer()
-        while (found := self._probe(tag(tx.layout.transfer_id, ACK_SLOT))) is None:
+        while (found := self._probe(tag(tx.layout.wire_id, ACK_SLOT))) is None:
             if not tx.status.active:
                 raise Aborted()
             await pacer.wait()
@@ -107,16 +111,17 @@ class UcxFlows:
         else:
             tx.status.mark_failed(f"receiver refused: {reply.reason}")
 
-    async def _send_abort(self, ep, transfer_id: int, reason: str) -> None:
+    async def _send_abort(self, ep, wire_id: int, reason: str) -> None:
         try:
-            await self._send_frame(ep, frames.abort_frame(reason), tag(transfer_id, ABORT_SLOT), None)
+            await self._send_frame(ep, frames.abort_frame(reason), tag(wire_id, ABORT_SLOT), None)
         except Exception:  # best effort: the receiver's deadline covers a lost abort
             pass
 
     async def _receive(self, rx) -> None:
-        tid, layout = rx.layout.transfer_id, rx.layout
+        layout = rx.layout
+        tid, wire = layout.transfer_id, layout.wire_id
         waiter = asyncio.get_running_loop().create_future()
-        self._armed[tid] = waiter
+        self._armed[tid] = (waiter, layout)
         self._inbox_wake.set()
         head = None
         try:
@@ -142,9 +147,9 @@ class UcxFlows:
             if head is not None and head.reply_address:
                 reply = (pb.KVFrame(kind=pb.KV_FRAME_KIND_ERROR, reason=rx.failure() or "")
                          if failed else pb.KVFrame(kind=pb.KV_FRAME_KIND_ACK))
-                self._spawn(self._reply(head.reply_address, tid, reply))
+                self._spawn(self._reply(head.reply_address, wire, reply))
             if failed:
-                self._spawn(self._drain(tid, layout.num_layers))
+                self._spawn(self._drain(wire, layout.num_layers))
 
     async def _receive_layers(self, rx, checksum: bool) -> None:
         offset = 0
@@ -166,7 +171,7 @@ class UcxFlows:
             rx.num_layers_received = index + 1
 
     async def _wait_probe(self, rx, slot: int):
-        wanted, abort_tag = tag(rx.layout.transfer_id, slot), tag(rx.layout.transfer_id, ABORT_SLOT)
+        wanted, abort_tag = tag(rx.layout.wire_id, slot), tag(rx.layout.wire_id, ABORT_SLOT)
         pacer = Pacer()
         while True:
             if (found := self._probe(wanted)) is not None:

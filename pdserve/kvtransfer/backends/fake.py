@@ -9,6 +9,7 @@ import itertools
 import threading
 
 from pdserve.clock import Clock
+from pdserve.kvtransfer import frames
 from pdserve.kvtransfer.base import (BaseKVAgent, BaseKVReceiver, BaseKVSender, TransferLayout,
                                      TransferState, TransferStatus, crc32)
 
@@ -75,11 +76,11 @@ class FakeSender(BaseKVSender):
         self._checksum = checksum
         if rx is None:
             status.mark_failed(f"receiver refused: unknown transfer id {layout.transfer_id}")
-        elif rx.layout != layout:
-            problem = (f"layout mismatch: sender has {layout.num_layers} layers / {layout.total_nbytes} bytes, "
-                       f"receiver expects {rx.layout.num_layers} layers / {rx.layout.total_nbytes} bytes")
+        elif problem := frames.check_header(frames.header(layout, checksum), rx.layout):
+            # As the real backends do: a sender that does not fit is refused and the receiver
+            # stays armed for the sender it was reserved for.
             status.mark_failed(f"receiver refused: {problem}")
-            rx.status.mark_failed(problem)
+            self._rx = None
 
     def send_layer(self, layer_index: int, buf: memoryview, crc32: int | None = None) -> None:
         checksum = None

@@ -6,8 +6,10 @@ endpoint error handling off: that path lets UCX pick shared memory between proce
 us a peer died, so every transfer has a deadline, and a receive is only ever posted for a message
 that a probe has shown to be there; failed transfers' late messages are drained to scratch memory.
 
-Tags are transfer_id << 16 | slot. Headers of all transfers go to the agent's inbox tag, so a
-transfer the receiver does not know is answered with an ERROR instead of sitting in UCX's queue.
+Tags are wire_id << 16 | slot, where the wire id derives from the transfer's secret token (see
+TransferLayout.wire_id). Headers of all transfers go to the agent's inbox tag, so a transfer the
+receiver does not know, or a header with the wrong token, is answered with an ERROR instead of
+sitting in UCX's queue; a sender without the token cannot address the data tags at all.
 Slot 1+2i carries the frame of layer i, 2+2i its payload, 1+2L the trailer; the receiver answers
 ACK or ERROR on the sender's ACK_SLOT, and a sender's ABORT goes to ABORT_SLOT, always watched.
 All UCX calls run on one background thread with its own event loop.
@@ -89,7 +91,7 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         self._num_active = 0
         self._lock = threading.Lock()
         self._endpoints: dict[bytes, object] = {}
-        self._armed: dict[int, asyncio.Future] = {}   # loop thread only
+        self._armed: dict[int, tuple[asyncio.Future, TransferLayout]] = {}   # loop thread only
         self._inbox_wake = asyncio.Event()
         self._init_error: Exception | None = None
         _prepare_ucx_environment()
@@ -152,7 +154,7 @@ class UcxAgent(UcxFlows, BaseKVAgent):
 
     def wake_receiver(self, transfer_id: int) -> None:
         """Loop thread: end the header wait of an aborted receiver."""
-        waiter = self._armed.get(transfer_id)
+        waiter, _ = self._armed.get(transfer_id, (None, None))
         if waiter is not None and not waiter.done():
             waiter.set_exception(Aborted())
 
@@ -213,10 +215,10 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         else:
             await self._bounded_io(coro, data, status)
 
-    async def _reply(self, address: bytes, transfer_id: int, frame: pb.KVFrame) -> None:
+    async def _reply(self, address: bytes, wire_id: int, frame: pb.KVFrame) -> None:
         try:
             ep = await asyncio.wait_for(self._endpoint(address), REPLY_TIMEOUT_S)
-            await self._send_frame(ep, frame, tag(transfer_id, ACK_SLOT), None)
+            await self._send_frame(ep, frame, tag(wire_id, ACK_SLOT), None)
         except Exception:  # best effort: the peer's own deadline covers a lost reply
             pass
 
@@ -243,12 +245,12 @@ class UcxAgent(UcxFlows, BaseKVAgent):
             raise ValueError(f"malformed control frame of {found.length} bytes")
         return frames.decode_slot(buf)
 
-    async def _drain(self, transfer_id: int, num_layers: int) -> None:
+    async def _drain(self, wire_id: int, num_layers: int) -> None:
         """Discard late messages of a failed transfer so they do not sit in UCX memory."""
         slots = [*range(1, frame_slot(num_layers) + 1), ABORT_SLOT]
         end_s = self._clock.now_s() + DRAIN_S
         while self._clock.now_s() < end_s:
             for slot in slots:
-                if (found := self._probe(tag(transfer_id, slot))) is not None:
+                if (found := self._probe(tag(wire_id, slot))) is not None:
                     await self._take(found, bytearray(found.length))
             await asyncio.sleep(DRAIN_POLL_S)

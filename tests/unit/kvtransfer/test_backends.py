@@ -1,10 +1,12 @@
 """Every backend honours the same contract: data arrives intact, every failure is reported with a
 reason on both sides, nothing waits past its deadline, and nothing stays tracked afterwards."""
+import dataclasses
+
 import numpy as np
 import pytest
 
 from pdserve.clock import WallClock
-from pdserve.kvtransfer import TransferLayout, TransferState, create_agent
+from pdserve.kvtransfer import TransferLayout, TransferState, create_agent, new_token
 from pdserve.kvtransfer.backends.fake import FakeFabric
 from pdserve.kvtransfer.faults import Faults, FaultyAgent
 from tests.conftest import assert_no_leaks, wait_until
@@ -108,6 +110,33 @@ def test_layout_mismatch_is_refused(agent_pairs, backend):
     tx.finish(b"")
     assert wait_until(lambda: rx.poll() in _ENDED and tx.poll() in _ENDED, 8)
     assert rx.poll() is TransferState.FAILED and tx.poll() is TransferState.FAILED
+    assert_no_leaks(agents=(a, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("forged_token", [b"", b"x" * 16], ids=["no-token", "wrong-token"])
+def test_a_sender_without_the_token_is_refused_and_the_real_one_completes(agent_pairs, backend, forged_token):
+    """Knowing a live transfer's id is not enough: a sender without its token is refused before
+    anything reaches the receiver, which then completes with its real sender's bytes."""
+    a, b = agent_pairs[backend]
+    layers = _layers(num_layers=2, nbytes=4096)
+    layout = TransferLayout(next(_ids), tuple(x.nbytes for x in layers), new_token())
+    dest = np.zeros(layout.total_nbytes, dtype=np.uint8)
+    rx = b.create_receiver(layout, memoryview(dest), 10.0)
+    forged = a.create_sender(b.address(), dataclasses.replace(layout, token=forged_token), 5.0)
+    for i in range(2):
+        forged.send_layer(i, memoryview(bytearray(4096)))
+    forged.finish(b"forged")
+    assert wait_until(lambda: forged.poll() in _ENDED, 6)
+    assert forged.poll() is TransferState.FAILED and "wrong token" in forged.failure(), forged.failure()
+    assert rx.poll() is not TransferState.FAILED and rx.num_layers_received == 0
+    real = a.create_sender(b.address(), layout, 5.0)
+    for i, buf in enumerate(layers):
+        real.send_layer(i, memoryview(buf))
+    real.finish(b"real")
+    assert wait_until(lambda: rx.poll() in _ENDED and real.poll() in _ENDED, 8)
+    assert (rx.poll(), real.poll()) == (TransferState.DONE, TransferState.DONE), (rx.failure(), real.failure())
+    assert np.array_equal(dest, np.concatenate(layers)) and rx.trailer == b"real"
     assert_no_leaks(agents=(a, b))
 
 
