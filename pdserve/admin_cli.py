@@ -11,6 +11,7 @@ import sys
 import grpc
 
 from pdserve import rpc
+from pdserve.cluster_auth import ClusterCredential, TlsMaterial
 from pdserve.proto_maps import role_name
 from pdserve.v1 import admin_pb2, admin_pb2_grpc
 
@@ -53,7 +54,7 @@ def _history(resp) -> str:
 
 async def _call(args: argparse.Namespace) -> str:
     md = (("authorization", f"Bearer {admin_token(args)}"),)
-    async with rpc.channel(args.router) as ch:
+    async with rpc.channel(args.router, _tls_credential(args)) as ch:
         a = admin_pb2_grpc.AdminStub(ch)
         cmd = args.admin_command
         if cmd == "workers":
@@ -107,12 +108,29 @@ def admin_token(args: argparse.Namespace) -> str:
     return token
 
 
+def _tls_credential(args: argparse.Namespace) -> ClusterCredential | None:
+    """A router serving mutual TLS wants a certificate from the cluster CA (`pdserve certs` makes
+    an admin one)."""
+    files = (args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
+    if not any(files):
+        return None
+    if not all(files):
+        raise SystemExit("pdserve admin: --tls-ca-file, --tls-cert-file and --tls-key-file go together")
+    ca, cert, key = (pathlib.Path(f).read_bytes() for f in files)
+    return ClusterCredential(tls=TlsMaterial(ca, cert, key, args.tls_server_name))
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("admin", help="inspect and steer a running cluster (gRPC Admin API)")
     p.add_argument("--router", default="127.0.0.1:50050", help="router host:port")
     p.add_argument("--token", help="the router's admin token; prefer $PDSERVE_ADMIN_TOKEN or --token-file "
                                    "(a command line is visible to every user of the host)")
     p.add_argument("--token-file", help="file holding the admin token")
+    p.add_argument("--tls-ca-file", help="mutual TLS: the cluster CA (PEM)")
+    p.add_argument("--tls-cert-file", help="mutual TLS: a certificate the cluster CA signed (PEM)")
+    p.add_argument("--tls-key-file", help="mutual TLS: its private key (PEM)")
+    p.add_argument("--tls-server-name", default="", help="mutual TLS: name to check the router's certificate "
+                                                          "against instead of its host (e.g. pdserve-cluster)")
     cmds = p.add_subparsers(dest="admin_command", required=True)
     cmds.add_parser("workers", help="workers with role, load and health")
     cmds.add_parser("scenarios", help="scenarios with SLOs and matching rules")

@@ -41,7 +41,8 @@ def _up(args: argparse.Namespace) -> int:
     if args.config:
         env["PDSERVE_CONFIG"] = str(args.config)
     cluster = LocalCluster(model=args.model, num_prefill=args.prefill, num_decode=args.decode,
-                           gateway_port=args.port, router_port=args.router_port, env=env, echo=args.verbose)
+                           gateway_port=args.port, router_port=args.router_port, env=env, echo=args.verbose,
+                           tls=args.tls)
     print(f"starting {args.prefill} prefill + {args.decode} decode workers of {args.model} ...", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -50,11 +51,30 @@ def _up(args: argparse.Namespace) -> int:
     try:
         print(f"pdserve is up: {cluster.url}/v1  (OpenAI-compatible; model '{args.model}'). Ctrl-C stops it.",
               flush=True)
+        if args.tls:
+            print(f"mutual TLS between components; HTTPS certificate signed by the development CA {cluster.ca_file}",
+                  flush=True)
         _supervise(cluster, stop)
         return 0
     finally:
         print("stopping ...", flush=True)
         cluster.stop()
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from pdserve.certs import make_dev_pki
+
+    files = make_dev_pki(args.out, hosts=tuple(args.host), days=args.days)
+    listing = {name: {"ca_file": str(f.ca_file), "cert_file": str(f.cert_file), "key_file": str(f.key_file)}
+               for name, f in files.items()}
+    if args.json:
+        print(json.dumps(listing))
+    else:
+        for name, f in listing.items():
+            print(f"{name:8} cert {f['cert_file']}  key {f['key_file']}")
+        print(f"CA: {next(iter(listing.values()))['ca_file']} (give each component cluster.tls_ca_file, "
+              f"tls_cert_file, tls_key_file)")
+    return 0
 
 
 def _supervise(cluster, stop: threading.Event) -> None:
@@ -87,8 +107,13 @@ def _keys(args: argparse.Namespace) -> int:
     store = Store(_config(args).database_url)
     store.migrate()
     if args.action == "create":
-        print(store.create_api_key(args.name, args.tenant))
+        print(store.create_api_key(args.name, args.tenant, args.rpm, args.tpm))
         return 0
+    if args.action == "limit":
+        if store.set_api_key_limits(args.name, args.rpm, args.tpm):
+            return 0
+        print(f"no key named {args.name!r}", file=sys.stderr)
+        return 1
     if not store.revoke_api_key(args.name):
         print(f"no key named {args.name!r}", file=sys.stderr)
         return 1
@@ -232,7 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000, help="gateway HTTP port")
     up.add_argument("--router-port", type=int, default=0, help="router gRPC port (0: any free port)")
     up.add_argument("--config", type=pathlib.Path, help="YAML config file applied to every component")
+    up.add_argument("--tls", action="store_true", help="mutual TLS between components and HTTPS at the "
+                                                       "gateway, with a fresh development CA")
     up.set_defaults(fn=_up)
+
+    ce = sub.add_parser("certs", help="make a development CA and per-component certificates for mutual TLS")
+    ce.add_argument("--out", type=pathlib.Path, required=True, help="directory for ca.pem, <component>.pem "
+                                                                     "and <component>-key.pem")
+    ce.add_argument("--host", action="append", default=[], help="extra DNS name or IP every certificate names "
+                                                                 "(repeatable)")
+    ce.add_argument("--days", type=int, default=30, help="validity in days")
+    ce.add_argument("--json", action="store_true")
+    ce.set_defaults(fn=_certs)
 
     from pdserve.admin_cli import add_parser as add_admin_parser
     add_admin_parser(sub)
@@ -261,9 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     prof.set_defaults(fn=_profile)
 
     keys = sub.add_parser("keys", help="manage API keys (stored hashed)")
-    keys.add_argument("action", choices=["create", "revoke"])
+    keys.add_argument("action", choices=["create", "limit", "revoke"],
+                      help="limit: set a key's --rpm and --tpm (applied from its next request)")
     keys.add_argument("name")
     keys.add_argument("--tenant", default="default")
+    keys.add_argument("--rpm", type=int, default=0, help="requests per minute (0: no limit)")
+    keys.add_argument("--tpm", type=int, default=0, help="tokens per minute, counted as prompt + max_tokens "
+                                                          "at admission (0: no limit)")
     keys.add_argument("--config", type=pathlib.Path)
     keys.set_defaults(fn=_keys)
 

@@ -1,5 +1,7 @@
 """The cluster credential: every call to the Router and Worker services carries the cluster's
 shared secret in its metadata, and their servers refuse a call without it (UNAUTHENTICATED).
+With mutual TLS configured, every gRPC connection is also encrypted and both ends must present a
+certificate signed by the cluster CA; a peer without one cannot even connect.
 
 Only members of the cluster hold the secret (`pdserve up` makes a fresh one per run; a deployment
 gives it through PDSERVE_CLUSTER__SECRET or a file, never on a command line). The Admin service
@@ -11,11 +13,52 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import secrets
+from dataclasses import dataclass
 
 import grpc
 
 METADATA_KEY = "x-pdserve-cluster-secret"
 PROTECTED_PREFIXES = ("/pdserve.v1.Router/", "/pdserve.v1.Worker/")
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """PEM bytes of the cluster CA and of this component's certificate and key."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+    # Name the peers' certificates are checked against instead of the address dialled (for fleets
+    # whose pods have no stable names; every cluster certificate carries it, see `pdserve certs`).
+    server_name: str = ""
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.key_pem, self.cert_pem)], root_certificates=self.ca_pem,
+                                           require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=self.key_pem,
+                                            certificate_chain=self.cert_pem)
+
+
+@dataclass(frozen=True)
+class ClusterCredential:
+    """What a component proves membership with: the shared secret, mutual TLS, or both."""
+
+    secret: str = ""
+    tls: TlsMaterial | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.secret) or self.tls is not None
+
+
+Credential = ClusterCredential | str   # a bare string is a secret alone
+
+
+def as_credential(credential: Credential | None) -> ClusterCredential:
+    if isinstance(credential, ClusterCredential):
+        return credential
+    return ClusterCredential(secret=credential or "")
 
 
 def new_secret() -> str:
@@ -31,11 +74,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def require_for_bind(component: str, host: str, secret: str) -> None:
+def require_for_bind(component: str, host: str, credential: Credential) -> None:
     """A component reachable from other hosts must not run without the cluster credential."""
-    if not secret and not is_loopback(host):
-        raise SystemExit(f"pdserve {component}: refusing to listen on {host} without a cluster secret "
-                         f"(set PDSERVE_CLUSTER__SECRET or cluster.secret_file; loopback needs none)")
+    if not as_credential(credential) and not is_loopback(host):
+        raise SystemExit(f"pdserve {component}: refusing to listen on {host} without a cluster credential "
+                         f"(set PDSERVE_CLUSTER__SECRET, cluster.secret_file or cluster.tls_*_file; "
+                         f"loopback needs none)")
 
 
 class _WithSecret:

@@ -11,7 +11,9 @@ import pathlib
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from pdserve.cluster_auth import ClusterCredential, TlsMaterial
 
 ENV_PREFIX = "PDSERVE_"
 CONFIG_ENV = "PDSERVE_CONFIG"   # path of the YAML file when --config is not given
@@ -102,6 +104,14 @@ class GatewaySettings(_Section):
     max_inflight_requests: int = Field(
         512, gt=0, description="Completions served at once; more get 429 with Retry-After at once")
     shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM: how long open responses may finish")
+    tls_cert_file: str = Field("", description="PEM certificate (chain): serve HTTPS instead of HTTP")
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file")
+
+    @model_validator(mode="after")
+    def _tls_pair(self):
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("gateway.tls_cert_file and gateway.tls_key_file go together: set both or neither")
+        return self
 
 
 class ClusterSettings(_Section):
@@ -109,6 +119,21 @@ class ClusterSettings(_Section):
         "Shared secret every Router and Worker call carries; give it as PDSERVE_CLUSTER__SECRET or in "
         "secret_file, never on a command line. Required to listen on a non-loopback address"))
     secret_file: str = Field("", description="File holding the cluster secret (e.g. a mounted Kubernetes Secret)")
+    tls_ca_file: str = Field("", description=(
+        "Mutual TLS between components: PEM of the cluster CA; peers must present a certificate it "
+        "signed (make a development set with `pdserve certs`)"))
+    tls_cert_file: str = Field("", description="Mutual TLS: this component's PEM certificate")
+    tls_key_file: str = Field("", description="Mutual TLS: this component's PEM private key")
+    tls_server_name: str = Field("", description=(
+        "Mutual TLS: name every peer certificate is checked against instead of the dialled host "
+        "(`pdserve certs` puts pdserve-cluster in every certificate); empty checks the host"))
+
+    @model_validator(mode="after")
+    def _tls_complete(self):
+        given = [bool(self.tls_ca_file), bool(self.tls_cert_file), bool(self.tls_key_file)]
+        if any(given) and not all(given):
+            raise ValueError("cluster.tls_ca_file, tls_cert_file and tls_key_file go together: set all three or none")
+        return self
 
     @field_validator("secret", mode="before")
     @classmethod
@@ -141,6 +166,16 @@ class PDServeConfig(_Section):
         if self.cluster.secret_file:
             return pathlib.Path(self.cluster.secret_file).read_text().strip()
         return self.cluster.secret.get_secret_value()
+
+    @property
+    def cluster_credential(self) -> ClusterCredential:
+        """The secret and, when configured, the mutual TLS material (files read at each call)."""
+        c = self.cluster
+        tls = None
+        if c.tls_ca_file:
+            read = lambda name: pathlib.Path(name).read_bytes()  # noqa: E731
+            tls = TlsMaterial(read(c.tls_ca_file), read(c.tls_cert_file), read(c.tls_key_file), c.tls_server_name)
+        return ClusterCredential(self.cluster_secret, tls)
 
     @property
     def database_url(self) -> str:

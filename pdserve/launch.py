@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
+import shutil
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +22,8 @@ import grpc
 import httpx
 
 from pdserve import rpc
-from pdserve.cluster_auth import new_secret
+from pdserve.certs import CertFiles, cluster_env, make_dev_pki
+from pdserve.cluster_auth import ClusterCredential, TlsMaterial, new_secret
 
 READY_MARKER = "PDSERVE_READY"
 SECRET_ENV = "PDSERVE_CLUSTER__SECRET"
@@ -114,15 +119,23 @@ class LocalCluster:
     echo: bool = False
     # Carried by every call between the components; a fresh one per cluster unless env names one.
     cluster_secret: str = ""
+    # Mutual TLS between the components and HTTPS at the gateway, with a fresh development CA.
+    tls: bool = False
     processes: list[Process] = field(default_factory=list)
     _recipes: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    _certs: dict[str, CertFiles] = field(default_factory=dict)
+    _tls_dir: pathlib.Path | None = None
 
     def start(self, timeout_s: float = 180.0) -> "LocalCluster":
         self.cluster_secret = self.cluster_secret or self.env.get(SECRET_ENV) or new_secret()
         # Environment, not command line: other users on the host can read a command line in ps.
         self.env = {**self.env, SECRET_ENV: self.cluster_secret}
         try:
-            router = self._launch("router", ["serve", "router"], {**self.env, "PDSERVE_ROUTER__PORT": str(self.router_port)})
+            if self.tls:
+                self._tls_dir = pathlib.Path(tempfile.mkdtemp(prefix="pdserve-tls-"))
+                self._certs = make_dev_pki(self._tls_dir)
+            router = self._launch("router", ["serve", "router"], {
+                **self._env_of("router"), "PDSERVE_ROUTER__PORT": str(self.router_port)})
             # A restarted router comes back on the same port: workers and the gateway keep its address.
             self.router_port = router.port
             self.router_address = f"127.0.0.1:{router.port}"
@@ -130,17 +143,41 @@ class LocalCluster:
                                 ("aggregated", self.num_aggregated)):
                 for i in range(count):
                     self._launch(f"{role}-{i}", ["serve", role], worker_env(
-                        self.model, router_address=self.router_address, extra_env=self.env))
+                        self.model, router_address=self.router_address, extra_env=self._env_of("worker")))
             gateway = self._launch("gateway", ["serve", "gateway"], {
-                **self.env, "PDSERVE_MODEL__NAME": self.model, "PDSERVE_GATEWAY__PORT": str(self.gateway_port),
-                "PDSERVE_GATEWAY__ROUTER_ADDRESS": self.router_address})
+                **self._env_of("gateway"), "PDSERVE_MODEL__NAME": self.model,
+                "PDSERVE_GATEWAY__PORT": str(self.gateway_port), "PDSERVE_GATEWAY__ROUTER_ADDRESS": self.router_address})
             self.gateway_port = gateway.port
-            self.url = f"http://127.0.0.1:{gateway.port}"
+            self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{gateway.port}"
             self._wait_ready(timeout_s)
             return self
         except BaseException:
             self.stop()
             raise
+
+    def _env_of(self, component: str) -> dict[str, str]:
+        if not self.tls:
+            return dict(self.env)
+        files = self._certs[component]
+        env = {**self.env, **cluster_env(files)}
+        if component == "gateway":
+            env |= {"PDSERVE_GATEWAY__TLS_CERT_FILE": str(files.cert_file),
+                    "PDSERVE_GATEWAY__TLS_KEY_FILE": str(files.key_file)}
+        return env
+
+    @property
+    def ca_file(self) -> pathlib.Path | None:
+        """The development CA clients verify the gateway with (None without tls)."""
+        return self._certs["admin"].ca_file if self.tls else None
+
+    @property
+    def credential(self) -> ClusterCredential:
+        """What a test or benchmark presents to the cluster: the secret and the admin certificate."""
+        tls = None
+        if self.tls:
+            f = self._certs["admin"]
+            tls = TlsMaterial(f.ca_file.read_bytes(), f.cert_file.read_bytes(), f.key_file.read_bytes())
+        return ClusterCredential(self.cluster_secret, tls)
 
     def _launch(self, name: str, args: list[str], env: dict[str, str]) -> Process:
         proc = start_process(name, args, env, echo=self.echo)
@@ -166,16 +203,23 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.url}/ready", timeout=2.0).status_code == 200:
+                if httpx.get(f"{self.url}/ready", timeout=2.0, verify=self._verify()).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
         raise TimeoutError("cluster did not become ready")
 
+    def _verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.tls else True
+
+    def http_client(self, **kwargs) -> httpx.Client:
+        """An HTTP client for the gateway that trusts the cluster's development CA under tls."""
+        return httpx.Client(verify=self._verify(), **kwargs)
+
     def channel(self, target: str | int) -> grpc.aio.Channel:
-        """A channel (carrying the cluster secret) to an address, or to a port on loopback."""
-        return rpc.channel(f"127.0.0.1:{target}" if isinstance(target, int) else target, self.cluster_secret)
+        """A channel (carrying the cluster credential) to an address, or to a port on loopback."""
+        return rpc.channel(f"127.0.0.1:{target}" if isinstance(target, int) else target, self.credential)
 
     def process(self, name: str) -> Process:
         return next(p for p in self.processes if p.name == name)
@@ -184,3 +228,6 @@ class LocalCluster:
         for p in reversed(self.processes):   # gateway first, router last
             p.stop()
         self.processes.clear()
+        if self._tls_dir is not None:
+            shutil.rmtree(self._tls_dir, ignore_errors=True)
+            self._tls_dir = None

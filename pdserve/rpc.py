@@ -38,15 +38,34 @@ _SERVER_OPTIONS = (
 )
 
 
-def channel(address: str, cluster_secret: str = "") -> grpc.aio.Channel:
-    """`cluster_secret`: carried by every call (what Router and Worker servers require)."""
-    channel = grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS))
-    return cluster_auth.SecretChannel(channel, cluster_secret) if cluster_secret else channel
+def channel(address: str, credential: cluster_auth.Credential | None = None) -> grpc.aio.Channel:
+    """`credential`: the cluster secret every call carries and/or the mutual TLS material (what
+    Router and Worker servers require)."""
+    cred = cluster_auth.as_credential(credential)
+    options = list(CHANNEL_OPTIONS)
+    if cred.tls is None:
+        ch = grpc.aio.insecure_channel(address, options=options)
+    else:
+        if cred.tls.server_name:
+            options.append(("grpc.ssl_target_name_override", cred.tls.server_name))
+        ch = grpc.aio.secure_channel(address, cred.tls.channel_credentials(), options=options)
+    return cluster_auth.SecretChannel(ch, cred.secret) if cred.secret else ch
 
 
-def server(max_concurrent_rpcs: int | None, cluster_secret: str = "") -> grpc.aio.Server:
+def server(max_concurrent_rpcs: int | None, credential: cluster_auth.Credential | None = None) -> grpc.aio.Server:
     """Calls beyond `max_concurrent_rpcs` are refused at once with RESOURCE_EXHAUSTED; with a
-    `cluster_secret`, Router and Worker calls without it are refused with UNAUTHENTICATED."""
-    interceptors = [cluster_auth.RequireSecret(cluster_secret)] if cluster_secret else None
+    cluster secret, Router and Worker calls without it are refused with UNAUTHENTICATED. Bind it
+    with `listen()`, which adds mutual TLS when the credential has it."""
+    secret = cluster_auth.as_credential(credential).secret
+    interceptors = [cluster_auth.RequireSecret(secret)] if secret else None
     return grpc.aio.server(options=list(_SERVER_OPTIONS), maximum_concurrent_rpcs=max_concurrent_rpcs,
                            interceptors=interceptors)
+
+
+def listen(server: grpc.aio.Server, address: str, credential: cluster_auth.Credential | None = None) -> int:
+    """Bind `address` (TLS requiring a client certificate from the cluster CA when configured);
+    returns the port."""
+    tls = cluster_auth.as_credential(credential).tls
+    if tls is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, tls.server_credentials())

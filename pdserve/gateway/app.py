@@ -3,9 +3,13 @@ request-id middleware (middleware.py, pure ASGI) and error handlers that answer 
 format with the status code OpenAI would use."""
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pdserve import __version__
+from pdserve.gateway import openapi
 from pdserve.gateway.dependencies import GatewayDeps
 from pdserve.gateway.errors import OpenAIError
 from pdserve.gateway.metrics import GatewayMetrics
@@ -14,6 +18,7 @@ from pdserve.gateway.recording import RequestRecorder
 from pdserve.gateway.routes import router
 
 __all__ = ["GatewayDeps", "create_app"]
+log = logging.getLogger("pdserve.gateway")
 
 
 async def _openai_error(request: Request, exc: OpenAIError):
@@ -25,13 +30,21 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     return OpenAIError(exc.status_code, str(exc.detail), type_).response()
 
 
+async def _unexpected(request: Request, exc: Exception):
+    # A bug, not a client error: logged with its traceback, answered in OpenAI's format.
+    log.error("request %s failed: %r", getattr(request.state, "req_id", "?"), exc, exc_info=exc)
+    return OpenAIError(500, "The server had an error while processing your request", "server_error").response()
+
+
 def create_app(deps: GatewayDeps, metrics: GatewayMetrics | None = None) -> FastAPI:
-    app = FastAPI(title="pdserve gateway", docs_url=None, redoc_url=None)
+    app = FastAPI(title="pdserve gateway", version=__version__, docs_url=None, redoc_url=None)
     app.state.deps = deps
     app.state.metrics = metrics or GatewayMetrics()
     app.state.recorder = RequestRecorder(deps.store, app.state.metrics)
     app.add_exception_handler(OpenAIError, _openai_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
     app.include_router(router)
+    openapi.install(app, deps.limits)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -1,5 +1,5 @@
 """What every route needs, as FastAPI dependencies: the wired components (`GatewayDeps`), the
-caller's tenant (API key check) and the request body (size-capped, strict UTF-8 JSON)."""
+caller's tenant (API key check), its rate limits and the request body (size-capped, strict UTF-8 JSON)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,12 +9,14 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
+from pdserve.clock import Clock, WallClock
 from pdserve.gateway import generation
 from pdserve.gateway.admission import ClientGone, InflightLimit
 from pdserve.gateway.errors import OpenAIError, bad_request
 from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.recording import RequestRecorder
 from pdserve.gateway.router_client import RouterClient
+from pdserve.policy.rate_limit import KeyLimits, RateLimiter, retry_after_header
 from pdserve.store import Store
 from pdserve.workers.model.tokenizer import Tokenizer
 
@@ -30,6 +32,8 @@ class GatewayDeps:
     max_body_bytes: int
     require_api_key: bool
     inflight: InflightLimit = field(default_factory=lambda: InflightLimit(512, 1))
+    rate_limiter: RateLimiter = field(default_factory=RateLimiter)
+    clock: Clock = field(default_factory=WallClock)
 
 
 def deps(request: Request) -> GatewayDeps:
@@ -54,7 +58,22 @@ async def tenant(request: Request) -> str:
     ident = await asyncio.to_thread(d.store.verify_api_key, key) if key else None
     if ident is None:
         raise OpenAIError(401, "Incorrect or missing API key", "invalid_request_error", code="invalid_api_key")
+    request.state.api_key = ident
     return ident.tenant
+
+
+def charge(request: Request, num_tokens: int) -> None:
+    """Charge a request of `num_tokens` (prompt + max_tokens) to its API key's rate limits; 429
+    with Retry-After when the key is over them (without Retry-After when it never fits)."""
+    ident = getattr(request.state, "api_key", None)
+    if ident is None:
+        return
+    d = deps(request)
+    limits = KeyLimits(ident.requests_per_minute, ident.tokens_per_minute)
+    decision = d.rate_limiter.admit(ident.name, limits, num_tokens, d.clock.now_s())
+    if not decision.admitted:
+        headers = {} if decision.never else {"Retry-After": retry_after_header(decision.retry_after_s)}
+        raise OpenAIError(429, decision.reason, "rate_limit_error", code="rate_limit_exceeded", headers=headers)
 
 
 async def read_json(request: Request, max_bytes: int) -> dict:

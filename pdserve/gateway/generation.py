@@ -32,6 +32,7 @@ class Limits:
     served_model: str
     max_context_tokens: int
     max_tokens_limit: int
+    vocab_size: int = 0         # token ids of a prompt are below it (0: not checked here)
 
 
 @dataclass
@@ -52,9 +53,21 @@ class Prepared:
         return f"{'chatcmpl' if self.chat else 'cmpl'}-{self.req_id}"
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "none", "function-before", "function-after"}
+
+
+def _field_path(loc) -> str | None:
+    """'prompt.0' from ('prompt', 'list[constrained-int]', 0): drops the union branch labels."""
+    parts = [str(p) for p in loc if isinstance(p, int) or not ("[" in p or "-" in p or p in _TYPE_NAMES)]
+    return ".".join(parts) or None
+
+
 def validation_error(exc: ValidationError) -> OpenAIError:
-    err = exc.errors()[0]
-    param = ".".join(str(p) for p in err.get("loc", ())) or None
+    errors = exc.errors()
+    # A value matching no alternative of a union fails each one; the error worth reporting is one
+    # that got past the type check (a bound, a length), not "should be a valid string".
+    err = next((e for e in errors if not e["type"].endswith("_type")), errors[0])
+    param = _field_path(err.get("loc", ()))
     return bad_request(f"Invalid value for '{param}': {err.get('msg')}", param=param)
 
 
@@ -75,7 +88,10 @@ def prepare(body: dict, chat: bool, req_id: str, tokenizer: Tokenizer, limits: L
         requested = req.requested_max_tokens()
     else:
         prompt_ids = list(req.prompt) if isinstance(req.prompt, list) else tokenizer.encode(req.prompt)
-        requested = req.max_tokens or _DEFAULT_COMPLETION_MAX_TOKENS
+        if isinstance(req.prompt, list) and limits.vocab_size and max(prompt_ids) >= limits.vocab_size:
+            raise bad_request(f"prompt token ids must be < {limits.vocab_size} (the model's vocabulary size)",
+                              param="prompt")
+        requested = req.max_tokens or min(_DEFAULT_COMPLETION_MAX_TOKENS, limits.max_tokens_limit)
     room = limits.max_context_tokens - len(prompt_ids)
     if room <= 0 or (requested is not None and requested > room):
         raise bad_request(
@@ -85,10 +101,10 @@ def prepare(body: dict, chat: bool, req_id: str, tokenizer: Tokenizer, limits: L
     max_tokens = min(requested or room, limits.max_tokens_limit)
     if requested is not None and requested > limits.max_tokens_limit:
         raise bad_request(f"max_tokens must be <= {limits.max_tokens_limit}", param="max_tokens")
-    sampling = worker_pb2.SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                         stop=req.stop_list(), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens)
     if req.min_tokens > max_tokens:
         raise bad_request(f"min_tokens ({req.min_tokens}) must be <= max_tokens ({max_tokens})", param="min_tokens")
+    sampling = worker_pb2.SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                         stop=req.stop_list(), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens)
     if req.seed is not None:
         sampling.seed = req.seed
     formatter = _ask_logprobs(req, chat, sampling, tokenizer)

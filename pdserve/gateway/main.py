@@ -15,7 +15,7 @@ from pdserve.gateway.app import GatewayDeps, create_app
 from pdserve.gateway.generation import Limits
 from pdserve.gateway.router_client import RouterClient
 from pdserve.store import Store
-from pdserve.workers.model.loader import load_tokenizer, model_context_tokens
+from pdserve.workers.model.loader import load_tokenizer, model_context_tokens, model_vocab_size
 
 log = logging.getLogger("pdserve.gateway")
 
@@ -29,9 +29,10 @@ async def serve(cfg: PDServeConfig) -> None:
     await asyncio.to_thread(store.migrate)
     tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model.name, cfg.model.cache_dir)
     context = await asyncio.to_thread(model_context_tokens, cfg.model.name, cfg.model.cache_dir)
-    router = RouterClient(g.router_address, g.retry_after_s, cfg.cluster_secret)
+    vocab = await asyncio.to_thread(model_vocab_size, cfg.model.name, cfg.model.cache_dir)
+    router = RouterClient(g.router_address, g.retry_after_s, cfg.cluster_credential)
     deps = GatewayDeps(router=router, tokenizer=tokenizer, store=store,
-                       limits=Limits(cfg.served_model, context, g.max_tokens_limit),
+                       limits=Limits(cfg.served_model, context, g.max_tokens_limit, vocab),
                        max_body_bytes=g.max_body_bytes, require_api_key=g.require_api_key,
                        inflight=InflightLimit(g.max_inflight_requests, g.retry_after_s))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -41,7 +42,8 @@ async def serve(cfg: PDServeConfig) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((g.host, g.port))   # bind first so port 0 resolves before we announce it
     server = uvicorn.Server(uvicorn.Config(create_app(deps), log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=g.shutdown_grace_s))
+                                           timeout_graceful_shutdown=g.shutdown_grace_s,
+                                           ssl_certfile=g.tls_cert_file or None, ssl_keyfile=g.tls_key_file or None))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():

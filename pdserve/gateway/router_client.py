@@ -4,13 +4,14 @@ from __future__ import annotations
 import grpc
 
 from pdserve import rpc
+from pdserve.cluster_auth import Credential
 from pdserve.gateway.errors import OpenAIError, bad_request, overloaded
 from pdserve.v1 import router_pb2, router_pb2_grpc
 
 
 class RouterClient:
-    def __init__(self, address: str, retry_after_s: int, cluster_secret: str = ""):
-        self._channel = rpc.channel(address, cluster_secret)
+    def __init__(self, address: str, retry_after_s: int, credential: Credential | None = None):
+        self._channel = rpc.channel(address, credential)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._retry_after_s = retry_after_s
 

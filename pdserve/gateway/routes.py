@@ -1,8 +1,9 @@
 """The HTTP routes: OpenAI-compatible completions and chat, models, health, readiness, metrics.
 
 A completion: tenant checked (dependency) -> body read with a size cap -> validated and tokenized
-(generation.prepare) -> router stream opened, its first chunk awaited so placement errors still
-become status codes -> JSON body or server-sent events -> outcome recorded (recording.py).
+(generation.prepare) -> charged to the key's rate limits -> router stream opened, its first chunk
+awaited so placement errors still become status codes -> JSON body or server-sent events ->
+outcome recorded (recording.py).
 """
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ import time
 
 import grpc
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 
 from pdserve.gateway import generation
 from pdserve.gateway.admission import ClientGone, unless_client_leaves
-from pdserve.gateway.dependencies import GatewayDeps, deps, metrics, read_json, recorder, tenant
+from pdserve.gateway.dependencies import GatewayDeps, charge, deps, metrics, read_json, recorder, tenant
 from pdserve.gateway.errors import OpenAIError
 from pdserve.gateway.metrics import GatewayMetrics
+from pdserve.gateway.openapi import COMPLETION_RESPONSES, KEYED_ERRORS, body_of
 from pdserve.gateway.recording import CLIENT_CLOSED, Attempt, RequestRecorder
 from pdserve.proto_maps import role_name
 
@@ -37,6 +39,7 @@ async def _serve(request: Request, chat: bool, d: GatewayDeps, m: GatewayMetrics
         admitted = True
         body = await read_json(request, d.max_body_bytes)
         p = attempt.prepared = generation.prepare(body, chat, attempt.req_id, d.tokenizer, d.limits)
+        charge(request, len(p.prompt_ids) + p.sampling.max_tokens)
         log.debug("request %s: %s, %d prompt tokens, max_tokens=%d, stream=%s", attempt.req_id, attempt.endpoint,
                   len(p.prompt_ids), p.sampling.max_tokens, p.stream)
         stream = await unless_client_leaves(request, generation.open_stream(
@@ -94,17 +97,17 @@ async def _sse(p, stream, out, m: GatewayMetrics):
     out.status, out.done = (out.error.status if out.error else 200), True
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=body_of("/v1/completions"), responses=COMPLETION_RESPONSES)
 async def completions(request: Request, d=Depends(deps), m=Depends(metrics), rec=Depends(recorder)):
     return await _serve(request, False, d, m, rec)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=body_of("/v1/chat/completions"), responses=COMPLETION_RESPONSES)
 async def chat_completions(request: Request, d=Depends(deps), m=Depends(metrics), rec=Depends(recorder)):
     return await _serve(request, True, d, m, rec)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=KEYED_ERRORS)
 async def models(d=Depends(deps), _tenant=Depends(tenant)):
     return {"object": "list", "data": [{"id": d.limits.served_model, "object": "model", "created": 0,
                                         "owned_by": "pdserve"}]}
@@ -115,7 +118,8 @@ async def health():
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"description": "Router unreachable or no workers to serve yet",
+                                       "content": {"application/json": {}}}})
 async def ready(d=Depends(deps)):
     try:
         workers = [w for w in await d.router.list_workers() if w.alive]
@@ -127,7 +131,7 @@ async def ready(d=Depends(deps)):
                         status_code=200 if ok else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def prometheus(d=Depends(deps), m=Depends(metrics)):
     try:
         workers = await d.router.list_workers()

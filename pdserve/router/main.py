@@ -31,8 +31,8 @@ _CONTROL_RPC_HEADROOM = 256
 
 async def serve(cfg: PDServeConfig) -> None:
     rc = cfg.router
-    secret = cfg.cluster_secret
-    require_for_bind("router", rc.host, secret)
+    credential = cfg.cluster_credential
+    require_for_bind("router", rc.host, credential)
     registry = WorkerRegistry(rc.lease_s)
     store = Store(cfg.database_url)
     await asyncio.to_thread(store.migrate)
@@ -49,9 +49,9 @@ async def serve(cfg: PDServeConfig) -> None:
                                                                            p.inputs),
                             max_migrations=rc.max_migrations, decode_stall_timeout_s=rc.decode_stall_timeout_s,
                             max_inflight_requests=rc.max_inflight_requests, drained_workers=operator_state.drained,
-                            cluster_secret=secret)
-    server = rpc.server(rc.max_inflight_requests + _CONTROL_RPC_HEADROOM, secret)
-    port = server.add_insecure_port(f"{rc.host}:{rc.port}")
+                            credential=credential)
+    server = rpc.server(rc.max_inflight_requests + _CONTROL_RPC_HEADROOM, credential)
+    port = rpc.listen(server, f"{rc.host}:{rc.port}", credential)
     router_pb2_grpc.add_RouterServicer_to_server(service, server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(service, store, rc.admin_token), server)
     health_servicer = health.aio.HealthServicer()

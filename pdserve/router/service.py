@@ -13,6 +13,7 @@ from typing import Callable
 import grpc
 
 from pdserve.clock import Clock
+from pdserve.cluster_auth import Credential
 from pdserve.policy.dispatch import Dispatcher
 from pdserve.policy.ratio_controller import RatioController
 from pdserve.policy.registry import Role, WorkerPerf, WorkerRecord, WorkerRegistry
@@ -35,9 +36,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                  scenarios: ScenarioClassifier | None = None, controller: RatioController | None = None,
                  control_interval_s: float = 5.0, record_change: Callable | None = None, max_migrations: int = 3,
                  decode_stall_timeout_s: float = 10.0, max_inflight_requests: int = 512,
-                 drained_workers: set[str] | None = None, cluster_secret: str = ""):
+                 drained_workers: set[str] | None = None, credential: Credential | None = None):
         self.registry = registry
-        self._cluster_secret = cluster_secret      # carried by every call to a worker
+        self._credential = credential      # carried by every call to a worker
         self.max_inflight_requests = max_inflight_requests
         # Operator drains outlive a worker's re-registration (and, through the store, a restart).
         self.drained_workers = set(drained_workers or ())
@@ -104,7 +105,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         ch = self._channels.get(rec.grpc_address)
         if ch is None:
             host, _, port = rec.grpc_address.rpartition(":")
-            ch = self._channels[rec.grpc_address] = client.channel(int(port), host, self._cluster_secret)
+            ch = self._channels[rec.grpc_address] = client.channel(int(port), host, self._credential)
         return worker_pb2_grpc.WorkerStub(ch)
 
     # ---- registry ----

@@ -29,6 +29,8 @@ def hash_key(key: str) -> str:
 class KeyIdentity:
     name: str
     tenant: str
+    requests_per_minute: int = 0    # 0: no limit
+    tokens_per_minute: int = 0
 
 
 def _aware(at: dt.datetime) -> dt.datetime:
@@ -56,16 +58,26 @@ class Store:
         return self._sessions()
 
     # ---- API keys ----
-    def create_api_key(self, name: str, tenant: str = "default") -> str:
+    def create_api_key(self, name: str, tenant: str = "default", requests_per_minute: int = 0,
+                       tokens_per_minute: int = 0) -> str:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         with self.session() as s, s.begin():
-            s.add(ApiKey(name=name, tenant=tenant, key_hash=hash_key(key), key_prefix=key[:8]))
+            s.add(ApiKey(name=name, tenant=tenant, key_hash=hash_key(key), key_prefix=key[:8],
+                         requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute))
         return key
+
+    def set_api_key_limits(self, name: str, requests_per_minute: int, tokens_per_minute: int) -> bool:
+        with self.session() as s, s.begin():
+            row = s.scalar(select(ApiKey).where(ApiKey.name == name))
+            if row is None:
+                return False
+            row.requests_per_minute, row.tokens_per_minute = requests_per_minute, tokens_per_minute
+            return True
 
     def verify_api_key(self, key: str) -> KeyIdentity | None:
         with self.session() as s:
             row = s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked.is_(False)))
-            return KeyIdentity(row.name, row.tenant) if row else None
+            return KeyIdentity(row.name, row.tenant, row.requests_per_minute, row.tokens_per_minute) if row else None
 
     def revoke_api_key(self, name: str) -> bool:
         with self.session() as s, s.begin():

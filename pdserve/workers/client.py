@@ -5,7 +5,8 @@ from __future__ import annotations
 import grpc
 
 from pdserve import rpc
+from pdserve.cluster_auth import Credential
 
 
-def channel(port: int, host: str = "127.0.0.1", cluster_secret: str = "") -> grpc.aio.Channel:
-    return rpc.channel(f"{host}:{port}", cluster_secret)
+def channel(port: int, host: str = "127.0.0.1", credential: Credential | None = None) -> grpc.aio.Channel:
+    return rpc.channel(f"{host}:{port}", credential)

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdserve import rpc
-from pdserve.cluster_auth import require_for_bind
+from pdserve.cluster_auth import Credential, require_for_bind
 from pdserve.clock import WallClock
 from pdserve.config import PDServeConfig
 from pdserve.kvtransfer import BaseKVAgent, create_agent
@@ -80,12 +80,12 @@ async def serve(cfg: PDServeConfig) -> None:
         torch.set_num_threads(cfg.model.torch_num_threads)
     loaded = load_model(cfg.model.name, cfg.model.cache_dir)
     w = cfg.worker
-    secret = cfg.cluster_secret
-    require_for_bind("worker", w.host, secret)
+    credential = cfg.cluster_credential
+    require_for_bind("worker", w.host, credential)
     engine = Engine(loaded, w.num_kv_blocks, w.block_size_tokens, w.max_batch_size)
     clock = WallClock()
-    server = rpc.server(w.max_concurrent_rpcs, secret)
-    port = server.add_insecure_port(f"{w.host}:{w.port}")
+    server = rpc.server(w.max_concurrent_rpcs, credential)
+    port = rpc.listen(server, f"{w.host}:{w.port}", credential)
     runner = PrefillRunner(loaded.model, build_scheduler(cfg, loaded.model), clock, max_pending=w.max_queued_prefills)
     service = WorkerService(engine, build_agents(cfg, clock), clock, worker_id=w.worker_id or f"{w.host}:{port}",
                             role=w.role, transfer_timeout_s=cfg.kvtransfer.timeout_s,
@@ -104,26 +104,26 @@ async def serve(cfg: PDServeConfig) -> None:
     registration = None
     if w.router_address:
         registration = asyncio.create_task(keep_registered(service, w.router_address,
-                                                           await _advertised(cfg, loaded.model, port), secret))
+                                                           await _advertised(cfg, loaded.model, port), credential))
     print(f"{READY_MARKER} component=worker role={w.role} port={port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await _drain(service, w, registration, secret)
+    await _drain(service, w, registration, credential)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(_LAST_CALLS_GRACE_S)
     await service.stop()
 
 
-async def _drain(service: WorkerService, w, registration: asyncio.Task | None, secret: str) -> None:
+async def _drain(service: WorkerService, w, registration: asyncio.Task | None, credential: Credential | None) -> None:
     """SIGTERM (what a Kubernetes pod gets): stop heartbeats, deregister so no new work arrives,
     then let what is already here finish, up to the grace period."""
     log.info("shutting down: draining for up to %.0f s", w.shutdown_grace_s)
     if registration is not None:
         registration.cancel()
-        await deregister(service, w.router_address, secret)
+        await deregister(service, w.router_address, credential)
     deadline_s = service.clock.now_s() + w.shutdown_grace_s
     while service.has_work and service.clock.now_s() < deadline_s:
         await asyncio.sleep(_DRAIN_POLL_S)

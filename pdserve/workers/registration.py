@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 
 from pdserve import rpc
+from pdserve.cluster_auth import Credential
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2
 from pdserve.workers.service import WorkerService
 
@@ -28,8 +29,8 @@ class Advertised:
 
 
 async def keep_registered(service: WorkerService, router_address: str, ad: Advertised,
-                          cluster_secret: str = "") -> None:
-    async with rpc.channel(router_address, cluster_secret) as channel:
+                          credential: Credential | None = None) -> None:
+    async with rpc.channel(router_address, credential) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         forgotten = False
         while True:
@@ -76,12 +77,12 @@ async def _register(stub: router_pb2_grpc.RouterStub, service: WorkerService, ad
     return resp.lease_s
 
 
-async def deregister(service: WorkerService, router_address: str, cluster_secret: str = "",
+async def deregister(service: WorkerService, router_address: str, credential: Credential | None = None,
                      timeout_s: float = 5.0) -> None:
     """Tell the router to stop sending work here (shutdown); a router that cannot be reached will
     find out from the missing heartbeats instead."""
     try:
-        async with rpc.channel(router_address, cluster_secret) as channel:
+        async with rpc.channel(router_address, credential) as channel:
             await router_pb2_grpc.RouterStub(channel).Deregister(
                 router_pb2.DeregisterRequest(worker_id=service.worker_id, instance_id=service.instance_id),
                 timeout=timeout_s)

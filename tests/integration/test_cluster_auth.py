@@ -134,8 +134,8 @@ def test_a_restarted_worker_takes_its_id_back_at_once(cluster):
 
 
 @pytest.mark.parametrize("component, env, message", [
-    ("router", {"PDSERVE_ROUTER__HOST": "0.0.0.0"}, "without a cluster secret"),
-    ("decode", {"PDSERVE_WORKER__HOST": "0.0.0.0", "PDSERVE_MODEL__NAME": "tiny"}, "without a cluster secret"),
+    ("router", {"PDSERVE_ROUTER__HOST": "0.0.0.0"}, "without a cluster credential"),
+    ("decode", {"PDSERVE_WORKER__HOST": "0.0.0.0", "PDSERVE_MODEL__NAME": "tiny"}, "without a cluster credential"),
     ("gateway", {"PDSERVE_GATEWAY__HOST": "0.0.0.0"}, "without API keys"),
 ])
 def test_nothing_listens_beyond_loopback_without_credentials(component, env, message):

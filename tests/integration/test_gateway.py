@@ -192,8 +192,27 @@ def test_api_keys_required_when_enabled(cluster):
         assert wait_until(lambda: store.get_request(req_id) is not None, 5)   # recorded off the hot path
         assert store.get_request(req_id).tenant == "acme"
         _same_request_id_from_two_tenants(store, f"http://127.0.0.1:{gw.port}/v1/completions", key)
+        _rate_limits_give_429_with_retry_after(store, base)
     finally:
         gw.stop()
+
+
+def _rate_limits_give_429_with_retry_after(store: Store, base: str) -> None:
+    """A key limited to 2 requests a minute gets its third refused with 429, Retry-After and an
+    OpenAI-format error; a request larger than its token limit is refused without Retry-After."""
+    key = store.create_api_key(f"limited-{time.time_ns()}", tenant="acme", requests_per_minute=2,
+                               tokens_per_minute=1000)
+    limited = openai.OpenAI(base_url=base, api_key=key, max_retries=0)
+    for _ in range(2):
+        assert limited.completions.create(model="tiny", prompt="rl", max_tokens=2).usage.completion_tokens >= 1
+    with pytest.raises(openai.RateLimitError) as refused:
+        limited.completions.create(model="tiny", prompt="rl", max_tokens=2)
+    assert int(refused.value.response.headers["retry-after"]) >= 1
+    assert refused.value.body["code"] == "rate_limit_exceeded" and "2 requests per minute" in refused.value.message
+    big = httpx.post(f"{base}/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+                     json={"model": "tiny", "prompt": "rl", "max_tokens": 2000})
+    assert big.status_code == 429 and "retry-after" not in big.headers
+    assert "more than the key's limit of 1000 tokens" in big.json()["error"]["message"]
 
 
 def _same_request_id_from_two_tenants(store: Store, url: str, acme_key: str) -> None:

@@ -77,12 +77,21 @@ def smollm2_hf_dir(cache_dir: pathlib.Path) -> pathlib.Path:
     return out
 
 
+def _config_only(name_or_path: str, cache_dir: pathlib.Path):
+    if name_or_path == "tiny":
+        return tiny_config()
+    path = smollm2_hf_dir(cache_dir) if name_or_path == SMOLLM2_NAME else pathlib.Path(name_or_path)
+    return config_from_hf(json.loads((path / "config.json").read_text()), name_or_path)
+
+
 def model_context_tokens(name_or_path: str, cache_dir: pathlib.Path) -> int:
     """Context length of a model without loading its weights."""
-    if name_or_path == "tiny":
-        return tiny_config().max_position_tokens
-    path = smollm2_hf_dir(cache_dir) if name_or_path == SMOLLM2_NAME else pathlib.Path(name_or_path)
-    return config_from_hf(json.loads((path / "config.json").read_text()), name_or_path).max_position_tokens
+    return _config_only(name_or_path, cache_dir).max_position_tokens
+
+
+def model_vocab_size(name_or_path: str, cache_dir: pathlib.Path) -> int:
+    """Vocabulary size of a model without loading its weights (token ids are below it)."""
+    return _config_only(name_or_path, cache_dir).vocab_size
 
 
 def load_tokenizer(name_or_path: str, cache_dir: pathlib.Path) -> Tokenizer:
