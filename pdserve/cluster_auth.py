@@ -11,6 +11,7 @@ probes (Kubernetes cannot send metadata); neither carries prompts or placements.
 from __future__ import annotations
 
 import hmac
+import inspect
 import ipaddress
 import secrets
 from dataclasses import dataclass
@@ -148,3 +149,48 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(_refuse_stream)
     return grpc.unary_unary_rpc_method_handler(_refuse)
+
+
+class ParseRequests(grpc.aio.ServerInterceptor):
+    """Malformed request bytes get INVALID_ARGUMENT with a reason, as any other bad input does.
+
+    grpc parses a request before our code runs and answers INTERNAL ("Exception deserializing
+    request") when it cannot, which reads as a server bug; here the handler receives the raw bytes
+    and parses them itself. Only pdserve's own services are wrapped."""
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(PDSERVE_PREFIX) or handler.request_deserializer is None:
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_parsed_unary(handler), None, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_parsed_stream(handler), None, handler.response_serializer)
+        return handler
+
+
+PDSERVE_PREFIX = "/pdserve.v1."
+
+
+async def _parse(deserialize, raw: bytes, context):
+    try:
+        return deserialize(raw)
+    except Exception as exc:   # DecodeError, or anything a corrupt message makes the parser raise
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc}")
+
+
+def _parsed_unary(handler: grpc.RpcMethodHandler):
+    async def behavior(raw, context):
+        return await handler.unary_unary(await _parse(handler.request_deserializer, raw, context), context)
+    return behavior
+
+
+def _parsed_stream(handler: grpc.RpcMethodHandler):
+    async def behavior(raw, context):
+        result = handler.unary_stream(await _parse(handler.request_deserializer, raw, context), context)
+        if inspect.isasyncgen(result):
+            async for item in result:
+                yield item
+        else:                      # a handler that writes with context.write()
+            await result
+    return behavior

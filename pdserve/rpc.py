@@ -54,10 +54,13 @@ def channel(address: str, credential: cluster_auth.Credential | None = None) -> 
 
 def server(max_concurrent_rpcs: int | None, credential: cluster_auth.Credential | None = None) -> grpc.aio.Server:
     """Calls beyond `max_concurrent_rpcs` are refused at once with RESOURCE_EXHAUSTED; with a
-    cluster secret, Router and Worker calls without it are refused with UNAUTHENTICATED. Bind it
-    with `listen()`, which adds mutual TLS when the credential has it."""
+    cluster secret, Router and Worker calls without it are refused with UNAUTHENTICATED; a
+    malformed request message gets INVALID_ARGUMENT. Bind it with `listen()`, which adds mutual
+    TLS when the credential has it."""
     secret = cluster_auth.as_credential(credential).secret
-    interceptors = [cluster_auth.RequireSecret(secret)] if secret else None
+    # Credential first: bytes of a caller without it are never parsed.
+    interceptors = [cluster_auth.RequireSecret(secret)] if secret else []
+    interceptors.append(cluster_auth.ParseRequests())
     return grpc.aio.server(options=list(_SERVER_OPTIONS), maximum_concurrent_rpcs=max_concurrent_rpcs,
                            interceptors=interceptors)
 

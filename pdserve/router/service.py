@@ -7,6 +7,7 @@ the ratio controller (rebalancer.py).
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 from typing import Callable
 
@@ -114,6 +115,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if role is None or not request.worker_id or not request.grpc_address or request.num_total_kv_blocks == 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "worker_id, role, grpc_address and num_total_kv_blocks are required")
+        if problem := _registration_problem(request):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         rec = WorkerRecord(
             worker_id=request.worker_id, role=role, model=request.model, grpc_address=request.grpc_address,
             kv_addresses={e.backend: e.address for e in request.kv_endpoints},
@@ -208,3 +211,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
         finally:
             self.trackers.pop(req_id, None)
             log.info("request %s ended: %s %s", req_id, tracker.state.value, tracker.reason)
+
+
+def _registration_problem(request: router_pb2.RegisterRequest) -> str | None:
+    """What makes a registration unusable: an address the router cannot dial, or speeds the
+    dispatch policy cannot compute with."""
+    host, _, port = request.grpc_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"grpc_address must be host:port, got {request.grpc_address[:80]!r}"
+    speeds = (request.prefill_tokens_per_s, request.decode_step_base_s, request.decode_step_per_seq_s)
+    if not all(math.isfinite(v) and v >= 0 for v in speeds):
+        return "prefill_tokens_per_s and decode_step_*_s must be finite and >= 0"
+    return None
