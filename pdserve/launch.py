@@ -170,12 +170,16 @@ class LocalCluster:
         """The development CA clients verify the gateway with (None without tls)."""
         return self._certs["admin"].ca_file if self.tls else None
 
+    def cert_files(self, component: str) -> CertFiles:
+        """Under tls: the certificate files of router, worker, gateway or admin (the operator's)."""
+        return self._certs[component]
+
     @property
     def credential(self) -> ClusterCredential:
         """What a test or benchmark presents to the cluster: the secret and the admin certificate."""
         tls = None
         if self.tls:
-            f = self._certs["admin"]
+            f = self.cert_files("admin")
             tls = TlsMaterial(f.ca_file.read_bytes(), f.cert_file.read_bytes(), f.key_file.read_bytes())
         return ClusterCredential(self.cluster_secret, tls)
 

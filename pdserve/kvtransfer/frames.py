@@ -18,7 +18,9 @@ _SLOT_LEN = struct.Struct(">H")
 SLOT_BYTES = 1024
 MAX_REASON_CHARS = 400
 # Refuse absurd lengths before allocating: a corrupted length prefix must not allocate gigabytes.
-MAX_FRAME_BYTES = 1 << 20
+# The trailer is the largest frame: with prompt logprobs it holds ~20 alternatives per prompt token.
+MAX_FRAME_BYTES = 64 << 20
+MAX_TRAILER_BYTES = MAX_FRAME_BYTES - 1024
 
 Kind = pb.KVFrameKind
 

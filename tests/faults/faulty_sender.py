@@ -3,7 +3,7 @@ the receiver's verdict and prints the sender's end state as JSON. A process of i
 process then hosts no UCX agent, whose native state (threads, pinned buffers) outlives `close()`.
 
 Usage: python -m tests.faults.faulty_sender, then one line on stdin:
-BACKEND HEX_ADDRESS TRANSFER_ID LAYER_BYTES NUM_LAYERS FAULT CHECKSUM
+BACKEND HEX_ADDRESS TRANSFER_ID HEX_TOKEN LAYER_BYTES NUM_LAYERS FAULT CHECKSUM
 FAULT: "truncated" (layer 2 cut short) or "corrupted" (layer 1 flipped); CHECKSUM: 0 or 1.
 The line comes once the process is up (imports done), so the transfer starts at once: the
 receiver's deadlines run from its reservation, and a cold interpreter would eat into them.
@@ -24,10 +24,10 @@ FAULTS = {"truncated": Faults(truncate_layers=frozenset({2})), "corrupted": Faul
 
 def main() -> None:
     print("ready", flush=True)
-    backend, address, transfer_id, layer_bytes, num_layers, fault, checksum = sys.stdin.readline().split()
+    backend, address, transfer_id, token, layer_bytes, num_layers, fault, checksum = sys.stdin.readline().split()
     inner = create_agent(backend, WallClock(), **({"host": "127.0.0.1"} if backend == "tcp" else {}))
     agent = FaultyAgent(inner, FAULTS[fault])
-    layout = TransferLayout(int(transfer_id), (int(layer_bytes),) * int(num_layers))
+    layout = TransferLayout(int(transfer_id), (int(layer_bytes),) * int(num_layers), bytes.fromhex(token))
     tx = agent.create_sender(bytes.fromhex(address), layout, 5.0, checksum=checksum == "1")
     bufs = [np.ones(n, np.uint8) for n in layout.layer_nbytes]
     for i, buf in enumerate(bufs):

@@ -69,8 +69,8 @@ def test_bad_kv_message_fails_cleanly(cluster, backend, fault, needs_checksum):
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert (await sender.stdout.readline()).strip() == b"ready"      # warm before the reservation
         res, gen = await _reserve_and_generate(s, backend, f"bad-{backend}-{needs_checksum}")
-        args = (backend, res.endpoint.address.hex(), res.transfer_id, len(PROMPT) * KV_BYTES_PER_TOKEN_PER_LAYER,
-                NUM_LAYERS, fault, "1" if needs_checksum else "0")
+        args = (backend, res.endpoint.address.hex(), res.transfer_id, res.transfer_token.hex(),
+                len(PROMPT) * KV_BYTES_PER_TOKEN_PER_LAYER, NUM_LAYERS, fault, "1" if needs_checksum else "0")
         sender.stdin.write((" ".join(map(str, args)) + "\n").encode())
         await sender.stdin.drain()
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -93,7 +93,8 @@ def test_sender_process_dies_mid_transfer(cluster, backend):
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.faults.dying_sender", backend, res.endpoint.address.hex(),
             str(res.transfer_id), str(len(PROMPT) * KV_BYTES_PER_TOKEN_PER_LAYER), str(NUM_LAYERS), "2",
-            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await proc.communicate(res.transfer_token.hex().encode() + b"\n")   # the token: stdin, not argv
         assert await proc.wait() == 17
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await asyncio.wait_for(gen, 15)    # bounded: nothing may hang
@@ -117,7 +118,7 @@ def test_decode_worker_dies_mid_transfer(cluster, backend):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await asyncio.wait_for(s["prefill"].Prefill(worker_pb2.PrefillRequest(
                 req_id="doomed", prompt_token_ids=PROMPT, sampling=_params(), target=res.endpoint,
-                transfer_id=res.transfer_id)), 15)
+                transfer_id=res.transfer_id, transfer_token=res.transfer_token)), 15)
         return _status(err.value)
     try:
         code, details = asyncio.run(run())

@@ -41,11 +41,11 @@ def test_bench_chaos_json_reports_every_fault_and_nothing_held():
     assert report["completed"] > 0
 
 
-def test_bench_auth_json_compares_the_three_channel_kinds():
+def test_bench_auth_json_compares_the_channel_kinds():
     out = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "auth", "--json", "--calls", "20",
                           "--rounds", "1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
     for kind in ("unary", "stream"):
-        assert set(report["results"][kind]) == {"plain", "secret", "secret_by_interceptor"}
-        assert report["results"][kind]["plain"]["p50_ratio_to_plain"] == 1.0
+        assert set(report["results"][kind]) == {"bare", "plain", "secret", "secret_by_interceptor", "mtls_and_secret"}
+        assert report["results"][kind]["bare"]["p50_ratio_to_bare"] == 1.0

@@ -92,7 +92,7 @@ def test_only_certificates_from_the_cluster_ca_connect(cluster, tmp_path):
 
 
 def test_admin_cli_connects_with_its_certificate(cluster):
-    admin = cluster._certs["admin"]
+    admin = cluster.cert_files("admin")
     env = {**os.environ, "PDSERVE_ADMIN_TOKEN": ADMIN_TOKEN}
     base = [sys.executable, "-m", "pdserve.cli", "admin", "--router", cluster.router_address]
     refused = subprocess.run([*base, "workers"], capture_output=True, text=True, timeout=60, env=env)

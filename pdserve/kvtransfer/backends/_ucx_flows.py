@@ -70,8 +70,7 @@ class UcxFlows:
                 if item[0] == "abort":
                     raise Aborted()
                 if item[0] == "trailer":
-                    await self._send_frame(ep, pb.KVFrame(kind=pb.KV_FRAME_KIND_TRAILER, trailer=item[1]),
-                                           tag(tid, next_slot), tx.status)
+                    await self._send_trailer(ep, tx, tag(tid, next_slot), item[1])
                     await self._await_ack(tx)
                     return
                 _, index, buf, given_crc = item
@@ -92,6 +91,17 @@ class UcxFlows:
             if ep is not None and tx.poll().name == "FAILED":
                 await self._send_abort(ep, tid, tx.failure() or "failed")
             self._track(-1)
+
+    async def _send_trailer(self, ep, tx, frame_tag: int, trailer: bytes) -> None:
+        """The trailer's size in a control frame, then its bytes as a payload of their own (the
+        next tag): with prompt logprobs it can be far larger than a control slot."""
+        if len(trailer) > frames.MAX_TRAILER_BYTES:
+            raise ValueError(f"trailer of {len(trailer)} bytes exceeds {frames.MAX_TRAILER_BYTES}")
+        await self._send_frame(ep, pb.KVFrame(kind=pb.KV_FRAME_KIND_TRAILER, payload_bytes=len(trailer)),
+                               frame_tag, tx.status)
+        if trailer:
+            payload = np.frombuffer(trailer, dtype=np.uint8)
+            await self._bounded_io(ep.send(payload, tag=frame_tag + 1, force_tag=True), payload, tx.status)
 
     async def _raise_if_refused(self, wire_id: int) -> None:
         """An early ERROR from the receiver (bad header, unknown id) ends the send at once."""
@@ -131,10 +141,7 @@ class UcxFlows:
                 raise ValueError(problem)
             rx.status.mark_transferring()
             await self._receive_layers(rx, head.checksum == pb.CHECKSUM_KIND_CRC32)
-            tail = await self._take_frame(await self._wait_probe(rx, frame_slot(layout.num_layers)))
-            if tail.kind != pb.KV_FRAME_KIND_TRAILER:
-                raise ValueError(frames.check_layer(tail, layout.num_layers, layout) or "expected trailer")
-            rx.trailer = tail.trailer
+            rx.trailer = await self._receive_trailer(rx)
             rx.status.mark_done()
         except (Aborted, asyncio.TimeoutError):
             rx.status.mark_failed("timed out")
@@ -169,6 +176,22 @@ class UcxFlows:
                 raise ValueError(f"checksum mismatch in layer {index}")
             offset += frame.payload_bytes
             rx.num_layers_received = index + 1
+
+    async def _receive_trailer(self, rx) -> bytes:
+        layout = rx.layout
+        tail = await self._take_frame(await self._wait_probe(rx, frame_slot(layout.num_layers)))
+        if tail.kind != pb.KV_FRAME_KIND_TRAILER:
+            raise ValueError(frames.check_layer(tail, layout.num_layers, layout) or "expected trailer")
+        if tail.payload_bytes > frames.MAX_TRAILER_BYTES:
+            raise ValueError(f"trailer of {tail.payload_bytes} bytes exceeds {frames.MAX_TRAILER_BYTES}")
+        if not tail.payload_bytes:
+            return b""
+        found = await self._wait_probe(rx, frame_slot(layout.num_layers) + 1)
+        buf = bytearray(found.length)
+        await self._take(found, buf)
+        if found.length != tail.payload_bytes:
+            raise ValueError(f"trailer is {found.length} bytes, its frame says {tail.payload_bytes}")
+        return bytes(buf)
 
     async def _wait_probe(self, rx, slot: int):
         wanted, abort_tag = tag(rx.layout.wire_id, slot), tag(rx.layout.wire_id, ABORT_SLOT)

@@ -9,7 +9,7 @@ _SLOT_BITS = 16
 ACK_SLOT = (1 << _SLOT_BITS) - 2
 ABORT_SLOT = (1 << _SLOT_BITS) - 1
 INBOX_TAG = 0                       # transfer id 0 is reserved for the inbox
-MAX_LAYERS = (ACK_SLOT - 2) // 2
+MAX_LAYERS = (ACK_SLOT - 3) // 2   # layer slots, then the trailer's frame and payload, below ACK_SLOT
 MAX_TRANSFER_ID = (1 << (64 - _SLOT_BITS)) - 1
 assert MAX_TRANSFER_ID == base.MAX_TRANSFER_ID, "tags must carry every transfer id"
 # Probe pacing: spin briefly (messages of one transfer follow each other closely), then back off

@@ -10,7 +10,8 @@ Tags are wire_id << 16 | slot, where the wire id derives from the transfer's sec
 TransferLayout.wire_id). Headers of all transfers go to the agent's inbox tag, so a transfer the
 receiver does not know, or a header with the wrong token, is answered with an ERROR instead of
 sitting in UCX's queue; a sender without the token cannot address the data tags at all.
-Slot 1+2i carries the frame of layer i, 2+2i its payload, 1+2L the trailer; the receiver answers
+Slot 1+2i carries the frame of layer i, 2+2i its payload, 1+2L the trailer's frame and 2+2L its
+bytes (a trailer can outgrow a control slot: prompt logprobs); the receiver answers
 ACK or ERROR on the sender's ACK_SLOT, and a sender's ABORT goes to ABORT_SLOT, always watched.
 All UCX calls run on one background thread with its own event loop.
 """
@@ -247,7 +248,7 @@ class UcxAgent(UcxFlows, BaseKVAgent):
 
     async def _drain(self, wire_id: int, num_layers: int) -> None:
         """Discard late messages of a failed transfer so they do not sit in UCX memory."""
-        slots = [*range(1, frame_slot(num_layers) + 1), ABORT_SLOT]
+        slots = [*range(1, frame_slot(num_layers) + 2), ABORT_SLOT]
         end_s = self._clock.now_s() + DRAIN_S
         while self._clock.now_s() < end_s:
             for slot in slots:

@@ -60,6 +60,25 @@ def test_layers_arrive_intact(agent_pairs, backend, checksum):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_trailer_larger_than_a_control_frame_arrives_intact(agent_pairs, backend):
+    """Prompt logprobs make the trailer large (a fuzzed request found UCX refusing 1063 bytes)."""
+    a, b = agent_pairs[backend]
+    layers = _layers(num_layers=2, nbytes=4096)
+    trailer = np.random.default_rng(7).integers(0, 255, 300_000, dtype=np.uint8).tobytes()
+    layout = TransferLayout(next(_ids), tuple(x.nbytes for x in layers), new_token())
+    dest = np.zeros(layout.total_nbytes, dtype=np.uint8)
+    rx = b.create_receiver(layout, memoryview(dest), 10.0)
+    tx = a.create_sender(b.address(), layout, 10.0)
+    for i, buf in enumerate(layers):
+        tx.send_layer(i, memoryview(buf))
+    tx.finish(trailer)
+    assert wait_until(lambda: rx.poll() in _ENDED and tx.poll() in _ENDED, 12)
+    assert (rx.poll(), tx.poll()) == (TransferState.DONE, TransferState.DONE), (rx.failure(), tx.failure())
+    assert rx.trailer == trailer and np.array_equal(dest, np.concatenate(layers))
+    assert_no_leaks(agents=(a, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fault,needs_checksum,expected", [
     (Faults(truncate_layers=frozenset({1})), False, "bytes"),
     (Faults(corrupt_layers=frozenset({2})), True, "checksum mismatch"),
