@@ -13,7 +13,7 @@ from schemathesis.checks import (content_type_conformance, negative_data_rejecti
 
 from pdserve.launch import LocalCluster
 
-MAX_EXAMPLES = 60
+MAX_EXAMPLES = 40
 CASES: collections.Counter = collections.Counter()
 REFUSED: collections.Counter = collections.Counter()
 

@@ -17,7 +17,7 @@ from pdserve.v1 import router_pb2, worker_pb2, worker_pb2_grpc
 from tests.conftest import wait_until
 from tests.proto_strategies import messages
 
-MAX_EXAMPLES = 30
+MAX_EXAMPLES = 20
 CALL_TIMEOUT_S = 30.0
 CLIENT_ERRORS = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                  grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION,

@@ -9,7 +9,7 @@ import pytest
 from pdserve.loadtest.workload import plan
 from tests.conftest import REPO_ROOT
 
-SLICE_S = 20.0
+SLICE_S = 15.0
 
 
 @pytest.mark.timeout(600)

@@ -74,7 +74,8 @@ def _worker_info(ch):
 
 
 def test_only_certificates_from_the_cluster_ca_connect(cluster, tmp_path):
-    worker_address = f"127.0.0.1:{cluster.process('decode-0').port}"
+    targets = [(cluster.router_address, _list_workers)] + [
+        (f"127.0.0.1:{cluster.process(name).port}", _worker_info) for name in ("prefill-0", "decode-0")]
     foreign = _material(make_dev_pki(tmp_path, components=("admin",))["admin"])
     own = cluster.credential
     strangers = {
@@ -85,10 +86,10 @@ def test_only_certificates_from_the_cluster_ca_connect(cluster, tmp_path):
             own.tls.ca_pem, foreign.cert_pem, foreign.key_pem)),
     }
     for name, credential in strangers.items():
-        for address, call in ((cluster.router_address, _list_workers), (worker_address, _worker_info)):
+        for address, call in targets:
             assert asyncio.run(_code(address, credential, call)) is grpc.StatusCode.UNAVAILABLE, (name, address)
-    assert asyncio.run(_code(cluster.router_address, own, _list_workers)) is grpc.StatusCode.OK
-    assert asyncio.run(_code(worker_address, own, _worker_info)) is grpc.StatusCode.OK
+    for address, call in targets:
+        assert asyncio.run(_code(address, own, call)) is grpc.StatusCode.OK, address
 
 
 def test_admin_cli_connects_with_its_certificate(cluster):
