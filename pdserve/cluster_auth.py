@@ -20,6 +20,7 @@ import grpc
 
 METADATA_KEY = "x-pdserve-cluster-secret"
 PROTECTED_PREFIXES = ("/pdserve.v1.Router/", "/pdserve.v1.Worker/")
+PDSERVE_PREFIX = "/pdserve.v1."
 
 
 @dataclass(frozen=True)
@@ -167,9 +168,6 @@ class ParseRequests(grpc.aio.ServerInterceptor):
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(_parsed_stream(handler), None, handler.response_serializer)
         return handler
-
-
-PDSERVE_PREFIX = "/pdserve.v1."
 
 
 async def _parse(deserialize, raw: bytes, context):

@@ -60,9 +60,12 @@ class TcpReceiver(BaseKVReceiver):
         return True
 
     def abort(self, reason: str) -> None:
-        self.status.mark_failed(f"aborted: {reason}")
+        # Only an abort that ends the transfer touches the socket: once the connection thread has
+        # failed it (a bad layer, say), that thread is telling the sender why, and a shutdown here
+        # would cut its ERROR frame off (the sender then saw only "peer closed the connection").
+        ended_here = self.status.mark_failed(f"aborted: {reason}")
         sock = self._sock
-        if sock is not None:
+        if ended_here and sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # unblocks the connection thread at once
             except OSError:

@@ -203,3 +203,25 @@ def test_abort_from_either_side(agent_pairs, backend):
 def test_unknown_backend_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown KV transfer backend"):
         create_agent("carrier-pigeon", WallClock())
+
+
+def test_tcp_abort_after_a_failure_leaves_the_refusal_to_the_connection_thread(agent_pairs):
+    """The decode worker aborts a receiver as soon as it sees it FAILED; if that abort shut the
+    socket down, the connection thread's ERROR frame to the sender was lost (a 1-in-20 flake of
+    test_bad_kv_message_fails_cleanly): an abort of an already-ended transfer leaves it alone."""
+    import socket
+
+    _, b = agent_pairs["tcp"]
+    rx = b.create_receiver(TransferLayout(next(_ids), (16,)), memoryview(np.zeros(16, np.uint8)), 5.0)
+    ours, peer = socket.socketpair()
+    try:
+        assert rx.attach(ours)
+        assert rx.status.mark_failed("checksum mismatch in layer 0")   # what the connection thread does
+        rx.abort("decode request failed")                               # what the worker then does
+        ours.sendall(b"ERROR frame")                                    # the thread can still answer
+        assert peer.recv(64) == b"ERROR frame"
+        assert rx.failure() == "checksum mismatch in layer 0"
+    finally:
+        ours.close()
+        peer.close()
+    assert_no_leaks(agents=(b,))
