@@ -201,6 +201,11 @@ class BaseKVAgent(abc.ABC):
     ) -> BaseKVSender:
         """Start a transfer to the receiver armed under layout.transfer_id at peer_address."""
 
+    def check_peer_address(self, peer_address: bytes) -> str | None:
+        """Why `peer_address` cannot be a peer of this backend, or None; checked where it arrives
+        (a request), so a bad one is the caller's error rather than a failed transfer later."""
+        return None if peer_address else "empty KV address"
+
     @abc.abstractmethod
     def num_active_transfers(self) -> int:
         """Senders and receivers not yet forgotten: zero when idle (leak checks use it)."""

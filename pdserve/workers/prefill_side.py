@@ -116,6 +116,8 @@ class PrefillSide:
         agent = self.agents.get(request.target.backend)
         if agent is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"backend {request.target.backend!r} not served here")
+        if problem := agent.check_peer_address(request.target.address):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         ids = list(request.prompt_token_ids)
         params = await checked_params(self.engine, ids, request.sampling, context)
         layout = TransferLayout(request.transfer_id, self.engine.layer_nbytes(len(ids)), request.transfer_token)

@@ -34,7 +34,7 @@ def targets(tmp_path_factory):
     db = tmp_path_factory.mktemp("db") / "fuzz-grpc.db"
     router = start_process("router", ["serve", "router"], {
         SECRET_ENV: secret, "PDSERVE_ROUTER__PORT": "0", "PDSERVE_DATABASE__URL": f"sqlite:///{db}"})
-    worker = start_worker("aggregated", model="tiny", kv_backends="tcp", extra_env={
+    worker = start_worker("aggregated", model="tiny", kv_backends="ucx,tcp", extra_env={
         SECRET_ENV: secret, "PDSERVE_KVTRANSFER__TIMEOUT_S": "2", "PDSERVE_WORKER__RESERVATION_LEASE_S": "2"})
     yield {"Router": (f"127.0.0.1:{router.port}", router_pb2), "Worker": (f"127.0.0.1:{worker.port}", worker_pb2)}, \
         secret, (router, worker)
@@ -127,3 +127,21 @@ def _assert_worker_idle(address: str, metadata) -> None:
             return (info.num_free_kv_blocks == info.num_total_kv_blocks and info.num_pending_transfers == 0
                     and info.num_active_requests == 0)
         assert wait_until(idle, 15), "the worker holds KV, transfers or requests after fuzzing"
+
+
+@pytest.mark.parametrize("backend", ["ucx", "tcp"])
+def test_a_malformed_kv_address_is_invalid_argument_not_a_crash(targets, backend):
+    """A garbage UCX address made UCX abort the worker process (an assertion on the address
+    format version); a garbage TCP address made the handler raise (UNKNOWN)."""
+    services, secret, processes = targets
+    metadata = ((METADATA_KEY, secret),)
+    with grpc.insecure_channel(services["Worker"][0]) as channel:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+        for address in (b"\x00", b"garbage" * 20, bytes(217)):
+            request = worker_pb2.PrefillRequest(
+                req_id=f"bad-address-{backend}", prompt_token_ids=_PROMPT, sampling=_SAMPLING, transfer_id=9,
+                target=worker_pb2.KVEndpoint(backend=backend, address=address))
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Prefill(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert all(p.proc.poll() is None for p in processes), "a process crashed"

@@ -185,11 +185,17 @@ class TcpAgent(BaseKVAgent):
             self._receivers[layout.transfer_id] = rx
         return rx
 
+    def check_peer_address(self, peer_address: bytes) -> str | None:
+        host, _, port = peer_address.decode(errors="replace").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return f"bad tcp KV address {peer_address[:80]!r}, expected b'host:port'"
+        return None
+
     def create_sender(self, peer_address: bytes, layout: TransferLayout, timeout_s: float,
                       checksum: bool = False) -> TcpSender:
+        if problem := self.check_peer_address(peer_address):
+            raise ValueError(problem)
         host, _, port = peer_address.decode().rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"bad tcp KV address {peer_address!r}, expected b'host:port'")
         status = TransferStatus(self._clock, timeout_s)
         with self._lock:
             tx = TcpSender((host, int(port)), layout, status, checksum, self._forget_sender)

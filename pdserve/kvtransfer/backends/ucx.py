@@ -31,6 +31,8 @@ from pdserve.kvtransfer.backends._ucx_wire import (ACK_SLOT, ABORT_SLOT, MAX_LAY
                                                    frame_slot, tag)
 from pdserve.v1 import kvtransfer_pb2 as pb
 
+MAX_ADDRESS_BYTES = 64 << 10
+
 class UcxReceiver(BaseKVReceiver):
     def __init__(self, agent: "UcxAgent", layout: TransferLayout, dest: memoryview, status: TransferStatus):
         super().__init__(layout, status)
@@ -171,10 +173,19 @@ class UcxAgent(UcxFlows, BaseKVAgent):
                 task.cancel()
         self.call_soon(cancel_all)
 
+    def check_peer_address(self, peer_address: bytes) -> str | None:
+        """UCX asserts (aborting the process) on a worker address of another format version, so
+        an address is only handed to it when its header byte matches ours: same UCX, same format."""
+        if not 1 < len(peer_address) <= MAX_ADDRESS_BYTES or peer_address[0] != self._address[0]:
+            return f"not a UCX worker address of this UCX version ({len(peer_address)} bytes)"
+        return None
+
     # ---- helpers on the loop thread (the flows themselves are in _ucx_flows.py) ----
     async def _endpoint(self, peer_address: bytes):
         ep = self._endpoints.get(peer_address)
         if ep is None:
+            if problem := self.check_peer_address(peer_address):
+                raise ValueError(problem)
             from ucxx import get_ucx_address_from_buffer
             ep = await self._ctx.create_endpoint_from_worker_address(
                 get_ucx_address_from_buffer(peer_address), endpoint_error_handling=False)

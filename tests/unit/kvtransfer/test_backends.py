@@ -225,3 +225,19 @@ def test_tcp_abort_after_a_failure_leaves_the_refusal_to_the_connection_thread(a
         ours.close()
         peer.close()
     assert_no_leaks(agents=(b,))
+
+
+@pytest.mark.parametrize("backend", ["tcp", "ucx"])
+def test_a_malformed_peer_address_is_refused_before_it_reaches_the_backend(agent_pairs, backend):
+    """UCX aborts the whole process on a worker address of another format version (found by
+    hand while fixing a fuzzed TCP address): such addresses never reach it."""
+    a, b = agent_pairs[backend]
+    other_version = bytes([b.address()[0] ^ 0x47]) + b.address()[1:]
+    for bad in (b"", b"garbage" * 10, *([other_version] if backend == "ucx" else [b"127.0.0.1:99999"])):
+        assert a.check_peer_address(bad), bad
+        tx = a.create_sender(bad, TransferLayout(next(_ids), (16,)), 2.0) if backend == "ucx" else None
+        if tx is not None:
+            assert wait_until(lambda: tx.poll() in _ENDED, 4)
+            assert tx.poll() is TransferState.FAILED and "UCX worker address" in tx.failure()
+    assert a.check_peer_address(b.address()) is None
+    assert_no_leaks(agents=(a, b))
