@@ -87,11 +87,9 @@ class _Common(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _check_stop(cls, v):
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > _MAX_STOP_SEQUENCES or any(not s for s in stops):
-            raise ValueError(f"stop must be up to {_MAX_STOP_SEQUENCES} non-empty strings")
-        return stops
+    def _as_list(cls, v):
+        # The field's type has checked count and emptiness; one string is a list of one.
+        return [v] if isinstance(v, str) else (v or [])
 
     def stop_list(self) -> list[str]:
         return list(self.stop or [])
