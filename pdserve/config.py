@@ -49,6 +49,8 @@ class WorkerSettings(_Section):
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     num_kv_blocks: int = Field(512, gt=0, description="Paged KV blocks in the decode pool")
     block_size_tokens: int = Field(16, gt=0, description="Tokens per KV block")
+    prefix_caching: bool = Field(True, description="Keep full prompt blocks for reuse by later prompts sharing "
+                                 "the prefix (cached blocks are evicted LRU when the pool needs room)")
     max_batch_size: int = Field(32, gt=0, description="Most sequences in one decode step")
     reservation_lease_s: float = Field(30.0, gt=0,
                                        description="A KV reservation with no Generate call is freed after this")

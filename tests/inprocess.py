@@ -27,7 +27,7 @@ def fcfs(model):
 @contextlib.asynccontextmanager
 async def worker_cluster(model_cache_dir, roles=("prefill", "decode", "aggregated"),
                          prefill_faults: Faults | None = None, lease_s: float = 30.0, num_kv_blocks: int = 64,
-                         scheduler: Callable = fcfs):
+                         scheduler: Callable = fcfs, prefix_caching: bool = False):
     """Yields (services, stubs) in the order of `roles`; worker ids are '<role>-<index>'."""
     fabric, clock = FakeFabric(), WallClock()
     loaded = load_model("tiny", model_cache_dir)
@@ -38,7 +38,7 @@ async def worker_cluster(model_cache_dir, roles=("prefill", "decode", "aggregate
             if role == "prefill" and prefill_faults:
                 agent = FaultyAgent(agent, prefill_faults)
             runner = PrefillRunner(loaded.model, scheduler(loaded.model), clock)
-            svc = WorkerService(Engine(loaded, num_kv_blocks, 16, 8), {"fake": agent}, clock,
+            svc = WorkerService(Engine(loaded, num_kv_blocks, 16, 8, prefix_caching), {"fake": agent}, clock,
                                 worker_id=f"{role}-{i}", role=role, transfer_timeout_s=2.0, lease_s=lease_s,
                                 checksum=True, prefill_runner=runner)
             server = grpc.aio.server()

@@ -24,6 +24,7 @@ class Completion:
     finish_reason: int = worker_pb2.FINISH_REASON_UNSPECIFIED
     num_prompt_tokens: int = 0
     kv_transfer_bytes: int = 0
+    num_cached_tokens: int = 0
     logprobs: list[tuple[int, float]] = field(default_factory=list)          # (token id, logprob)
     prompt_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
@@ -36,6 +37,7 @@ async def collect(stream) -> Completion:
         out.finish_reason = chunk.finish_reason
         out.num_prompt_tokens = chunk.num_prompt_tokens
         out.kv_transfer_bytes = chunk.kv_transfer_bytes or out.kv_transfer_bytes
+        out.num_cached_tokens = chunk.num_cached_tokens or out.num_cached_tokens
         out.logprobs += [(e.token_id, e.logprob) for e in chunk.logprobs]
         out.prompt_logprobs += [(e.token_id, e.logprob) for e in chunk.prompt_logprobs]
     return out

@@ -36,10 +36,22 @@ class PrefillJob:
     arrival_s: float
     deadline_s: float          # TTFT deadline from the request's SLO class
     num_tokens_done: int = 0
+    # Leading tokens whose KV came from a prefix cache: never computed, never costed.
+    cached_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.num_tokens_done = max(self.num_tokens_done, self.cached_tokens)
 
     @property
     def done(self) -> bool:
         return self.num_tokens_done >= self.num_tokens
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.num_tokens - self.num_tokens_done
+
+    def whole_piece(self) -> "Piece":
+        return Piece(self, self.num_tokens_done, self.remaining_tokens)
 
 
 @dataclass(frozen=True)
@@ -105,7 +117,7 @@ class BasePrefillScheduler(abc.ABC):
         wait_s = self.admission_wait_s(job, now_s)
         if wait_s is None or self.cost_model is None:
             return True, 0.0
-        finish_s = wait_s + self.cost_model.prefill_s(job.num_tokens)
+        finish_s = wait_s + self.cost_model.prefill_s(job.remaining_tokens)
         return now_s + finish_s <= job.deadline_s, finish_s
 
     def on_operator_done(self, unit: WorkUnit, now_s: float) -> None:
@@ -149,7 +161,7 @@ class FcfsScheduler(BasePrefillScheduler):
         if not self._queue:
             return None
         job = self._queue.popleft()
-        return WorkUnit([Piece(job, 0, job.num_tokens)], self.num_layers)
+        return WorkUnit([job.whole_piece()], self.num_layers)
 
     @property
     def num_waiting(self) -> int:
@@ -176,7 +188,7 @@ class ChunkedScheduler(BasePrefillScheduler):
         for job in self._queue:
             if budget == 0:
                 break
-            take = min(job.num_tokens - job.num_tokens_done, budget)
+            take = min(job.remaining_tokens, budget)
             pieces.append(Piece(job, job.num_tokens_done, take))
             budget -= take
         return WorkUnit(pieces, self.num_layers) if pieces else None
@@ -194,7 +206,7 @@ class ChunkedScheduler(BasePrefillScheduler):
 
     def remove(self, req_id: str) -> bool:
         for job in self._queue:
-            if job.req_id == req_id and job.num_tokens_done == 0 and job is not self._queue[0]:
+            if job.req_id == req_id and job.num_tokens_done == job.cached_tokens and job is not self._queue[0]:
                 self._queue.remove(job)
                 return True
         return False
@@ -228,7 +240,7 @@ class FlowPrefillScheduler(BasePrefillScheduler):
         return min(p.job.deadline_s for p in unit.pieces) - finish_s
 
     def add(self, job: PrefillJob, now_s: float) -> bool:
-        unit = WorkUnit([Piece(job, 0, job.num_tokens)], self.num_layers)
+        unit = WorkUnit([job.whole_piece()], self.num_layers)
         self._waiting.append(unit)
         running = self._running
         if running is None:

@@ -69,6 +69,7 @@ async def _settle(prefill: asyncio.Future, last: worker_pb2.TokenChunk) -> None:
     if prefill.done() and not prefill.cancelled() and prefill.exception() is None:
         last.kv_transfer_bytes = prefill.result().kv_bytes
         last.prefill_ms = prefill.result().prefill_ms
+        last.num_cached_tokens = prefill.result().num_cached_tokens
 
 
 def _attempt_request(request: router_pb2.RouteRequest, attempt: int, streamed: list[int]) -> router_pb2.RouteRequest:
@@ -181,7 +182,8 @@ class RequestFlow:
             try:
                 return placement, await self._stub(placement.decode_id).ReserveKV(worker_pb2.ReserveKVRequest(
                     req_id=request.req_id, num_prompt_tokens=len(request.prompt_token_ids),
-                    backend=placement.kv_backend), timeout=_CONTROL_CALL_TIMEOUT_S)
+                    prompt_token_ids=request.prompt_token_ids, backend=placement.kv_backend),
+                    timeout=_CONTROL_CALL_TIMEOUT_S)
             except asyncio.CancelledError:
                 # The worker may have reserved already and no decode stream will claim it.
                 self._abort_in_background(placement.decode_id, request.req_id)
@@ -252,7 +254,7 @@ class RequestFlow:
                     return await self._stub(prefill_id).Prefill(worker_pb2.PrefillRequest(
                         req_id=request.req_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
                         target=reservation.endpoint, transfer_id=reservation.transfer_id,
-                        transfer_token=reservation.transfer_token,
+                        transfer_token=reservation.transfer_token, skip_kv_tokens=reservation.num_cached_tokens,
                         ttft_slo_ms=request.ttft_slo_ms, resume_output_token_ids=request.resume_output_token_ids),
                         timeout=_PREFILL_CALL_TIMEOUT_S)
                 except grpc.aio.AioRpcError as exc:

@@ -44,14 +44,22 @@ class RegisterResponse(_message.Message):
     def __init__(self, lease_s: _Optional[float] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("num_free_kv_blocks", "num_active_requests", "held_req_ids")
+    __slots__ = ("num_free_kv_blocks", "num_active_requests", "held_req_ids", "stored_block_hashes", "evicted_block_hashes", "block_hashes_reset", "prefix_cache")
     NUM_FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     HELD_REQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    STORED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_RESET_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     num_free_kv_blocks: int
     num_active_requests: int
     held_req_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, num_free_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., held_req_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    stored_block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    evicted_block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    block_hashes_reset: bool
+    prefix_cache: _worker_pb2.PrefixCacheStats
+    def __init__(self, num_free_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., held_req_ids: _Optional[_Iterable[str]] = ..., stored_block_hashes: _Optional[_Iterable[int]] = ..., evicted_block_hashes: _Optional[_Iterable[int]] = ..., block_hashes_reset: _Optional[bool] = ..., prefix_cache: _Optional[_Union[_worker_pb2.PrefixCacheStats, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "load", "instance_id")

@@ -25,43 +25,45 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import logprobs_pb2 as pdserve_dot_v1_dot_logprobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x19pdserve/v1/logprobs.proto\"\xd7\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x12\n\nmin_tokens\x18\x07 \x01(\r\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x01\x88\x01\x01\x12\x17\n\x0fprompt_logprobs\x18\t \x01(\x08\x42\x07\n\x05_seedB\x0b\n\t_logprobs\".\n\nKVEndpoint\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0c\"N\n\x10ReserveKVRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"{\n\x11ReserveKVResponse\x12(\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x16.pdserve.v1.KVEndpoint\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\x12\x16\n\x0etransfer_token\x18\x04 \x01(\x0c\"\xf3\x01\n\x0ePrefillRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12&\n\x06target\x18\x04 \x01(\x0b\x32\x16.pdserve.v1.KVEndpoint\x12\x13\n\x0btransfer_id\x18\x05 \x01(\x04\x12\x13\n\x0bttft_slo_ms\x18\x06 \x01(\x01\x12\x1f\n\x17resume_output_token_ids\x18\x07 \x03(\r\x12\x16\n\x0etransfer_token\x18\x08 \x01(\x0c\"y\n\x0fPrefillResponse\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x18\n\x10transfer_tail_ms\x18\x05 \x01(\x01\"\xb7\x01\n\x0fGenerateRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x16\n\x0eremote_prefill\x18\x04 \x01(\x08\x12\x13\n\x0bttft_slo_ms\x18\x05 \x01(\x01\x12\x1f\n\x17resume_output_token_ids\x18\x06 \x03(\r\"\xb5\x02\n\nTokenChunk\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x1c\n\x14num_generated_tokens\x18\x06 \x01(\r\x12\x19\n\x11kv_transfer_bytes\x18\x07 \x01(\x04\x12\x12\n\nprefill_ms\x18\x08 \x01(\x01\x12*\n\x08logprobs\x18\t \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\".\n\x0c\x41\x62ortRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetInfoRequest\"\xcb\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\r\n\x05model\x18\x03 \x01(\t\x12,\n\x0ckv_endpoints\x18\x04 \x03(\x0b\x32\x16.pdserve.v1.KVEndpoint\x12\x1a\n\x12num_free_kv_blocks\x18\x05 \x01(\r\x12\x1b\n\x13num_total_kv_blocks\x18\x06 \x01(\r\x12\x1b\n\x13num_active_requests\x18\x07 \x01(\r\x12\x1c\n\x14kv_block_size_tokens\x18\x08 \x01(\r\x12\x1c\n\x14max_model_len_tokens\x18\t \x01(\r\x12\x1d\n\x15num_pending_transfers\x18\n \x01(\r\x12#\n\x1bmeasured_decode_step_base_s\x18\x0b \x01(\x01\x12&\n\x1emeasured_decode_step_per_seq_s\x18\x0c \x01(\x01\x12\x18\n\x10num_decode_steps\x18\r \x01(\x04\x12\x1a\n\x12prefill_cost_scale\x18\x0e \x01(\x01\x12\x13\n\x0binstance_id\x18\x0f \x01(\t\"6\n\x0eSetRoleRequest\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole*v\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x1a\n\x16WORKER_ROLE_AGGREGATED\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x95\x03\n\x06Worker\x12=\n\x07GetInfo\x12\x1a.pdserve.v1.GetInfoRequest\x1a\x16.pdserve.v1.WorkerInfo\x12H\n\tReserveKV\x12\x1c.pdserve.v1.ReserveKVRequest\x1a\x1d.pdserve.v1.ReserveKVResponse\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12\x41\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x16.pdserve.v1.TokenChunk0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12=\n\x07SetRole\x12\x1a.pdserve.v1.SetRoleRequest\x1a\x16.pdserve.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x19pdserve/v1/logprobs.proto\"\xd7\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x12\n\nmin_tokens\x18\x07 \x01(\r\x12\x15\n\x08logprobs\x18\x08 \x01(\rH\x01\x88\x01\x01\x12\x17\n\x0fprompt_logprobs\x18\t \x01(\x08\x42\x07\n\x05_seedB\x0b\n\t_logprobs\".\n\nKVEndpoint\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0c\"h\n\x10ReserveKVRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\"\x96\x01\n\x11ReserveKVResponse\x12(\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\x16.pdserve.v1.KVEndpoint\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\x12\x16\n\x0etransfer_token\x18\x04 \x01(\x0c\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\"\x8b\x02\n\x0ePrefillRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12&\n\x06target\x18\x04 \x01(\x0b\x32\x16.pdserve.v1.KVEndpoint\x12\x13\n\x0btransfer_id\x18\x05 \x01(\x04\x12\x13\n\x0bttft_slo_ms\x18\x06 \x01(\x01\x12\x1f\n\x17resume_output_token_ids\x18\x07 \x03(\r\x12\x16\n\x0etransfer_token\x18\x08 \x01(\x0c\x12\x16\n\x0eskip_kv_tokens\x18\t \x01(\r\"\x94\x01\n\x0fPrefillResponse\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12\x18\n\x10transfer_tail_ms\x18\x05 \x01(\x01\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\"\xb7\x01\n\x0fGenerateRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x16\n\x0eremote_prefill\x18\x04 \x01(\x08\x12\x13\n\x0bttft_slo_ms\x18\x05 \x01(\x01\x12\x1f\n\x17resume_output_token_ids\x18\x06 \x03(\r\"\xd0\x02\n\nTokenChunk\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x1c\n\x14num_generated_tokens\x18\x06 \x01(\r\x12\x19\n\x11kv_transfer_bytes\x18\x07 \x01(\x04\x12\x12\n\nprefill_ms\x18\x08 \x01(\x01\x12*\n\x08logprobs\x18\t \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x19\n\x11num_cached_tokens\x18\x0b \x01(\r\".\n\x0c\x41\x62ortRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetInfoRequest\"\xff\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\r\n\x05model\x18\x03 \x01(\t\x12,\n\x0ckv_endpoints\x18\x04 \x03(\x0b\x32\x16.pdserve.v1.KVEndpoint\x12\x1a\n\x12num_free_kv_blocks\x18\x05 \x01(\r\x12\x1b\n\x13num_total_kv_blocks\x18\x06 \x01(\r\x12\x1b\n\x13num_active_requests\x18\x07 \x01(\r\x12\x1c\n\x14kv_block_size_tokens\x18\x08 \x01(\r\x12\x1c\n\x14max_model_len_tokens\x18\t \x01(\r\x12\x1d\n\x15num_pending_transfers\x18\n \x01(\r\x12#\n\x1bmeasured_decode_step_base_s\x18\x0b \x01(\x01\x12&\n\x1emeasured_decode_step_per_seq_s\x18\x0c \x01(\x01\x12\x18\n\x10num_decode_steps\x18\r \x01(\x04\x12\x1a\n\x12prefill_cost_scale\x18\x0e \x01(\x01\x12\x13\n\x0binstance_id\x18\x0f \x01(\t\x12\x32\n\x0cprefix_cache\x18\x10 \x01(\x0b\x32\x1c.pdserve.v1.PrefixCacheStats\"\xa5\x01\n\x10PrefixCacheStats\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x14\n\x0cquery_tokens\x18\x02 \x01(\x04\x12\x12\n\nhit_tokens\x18\x03 \x01(\x04\x12\x14\n\x0cquery_blocks\x18\x04 \x01(\x04\x12\x12\n\nhit_blocks\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x19\n\x11num_cached_blocks\x18\x07 \x01(\r\"6\n\x0eSetRoleRequest\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole*v\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x1a\n\x16WORKER_ROLE_AGGREGATED\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x95\x03\n\x06Worker\x12=\n\x07GetInfo\x12\x1a.pdserve.v1.GetInfoRequest\x1a\x16.pdserve.v1.WorkerInfo\x12H\n\tReserveKV\x12\x1c.pdserve.v1.ReserveKVRequest\x1a\x1d.pdserve.v1.ReserveKVResponse\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12\x41\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x16.pdserve.v1.TokenChunk0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12=\n\x07SetRole\x12\x1a.pdserve.v1.SetRoleRequest\x1a\x16.pdserve.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=2020
-  _globals['_WORKERROLE']._serialized_end=2138
-  _globals['_FINISHREASON']._serialized_start=2140
-  _globals['_FINISHREASON']._serialized_end=2260
+  _globals['_WORKERROLE']._serialized_start=2373
+  _globals['_WORKERROLE']._serialized_end=2491
+  _globals['_FINISHREASON']._serialized_start=2493
+  _globals['_FINISHREASON']._serialized_end=2613
   _globals['_SAMPLINGPARAMS']._serialized_start=67
   _globals['_SAMPLINGPARAMS']._serialized_end=282
   _globals['_KVENDPOINT']._serialized_start=284
   _globals['_KVENDPOINT']._serialized_end=330
   _globals['_RESERVEKVREQUEST']._serialized_start=332
-  _globals['_RESERVEKVREQUEST']._serialized_end=410
-  _globals['_RESERVEKVRESPONSE']._serialized_start=412
-  _globals['_RESERVEKVRESPONSE']._serialized_end=535
-  _globals['_PREFILLREQUEST']._serialized_start=538
-  _globals['_PREFILLREQUEST']._serialized_end=781
-  _globals['_PREFILLRESPONSE']._serialized_start=783
-  _globals['_PREFILLRESPONSE']._serialized_end=904
-  _globals['_GENERATEREQUEST']._serialized_start=907
-  _globals['_GENERATEREQUEST']._serialized_end=1090
-  _globals['_TOKENCHUNK']._serialized_start=1093
-  _globals['_TOKENCHUNK']._serialized_end=1402
-  _globals['_ABORTREQUEST']._serialized_start=1404
-  _globals['_ABORTREQUEST']._serialized_end=1450
-  _globals['_ABORTRESPONSE']._serialized_start=1452
-  _globals['_ABORTRESPONSE']._serialized_end=1482
-  _globals['_GETINFOREQUEST']._serialized_start=1484
-  _globals['_GETINFOREQUEST']._serialized_end=1500
-  _globals['_WORKERINFO']._serialized_start=1503
-  _globals['_WORKERINFO']._serialized_end=1962
-  _globals['_SETROLEREQUEST']._serialized_start=1964
-  _globals['_SETROLEREQUEST']._serialized_end=2018
-  _globals['_WORKER']._serialized_start=2263
-  _globals['_WORKER']._serialized_end=2668
+  _globals['_RESERVEKVREQUEST']._serialized_end=436
+  _globals['_RESERVEKVRESPONSE']._serialized_start=439
+  _globals['_RESERVEKVRESPONSE']._serialized_end=589
+  _globals['_PREFILLREQUEST']._serialized_start=592
+  _globals['_PREFILLREQUEST']._serialized_end=859
+  _globals['_PREFILLRESPONSE']._serialized_start=862
+  _globals['_PREFILLRESPONSE']._serialized_end=1010
+  _globals['_GENERATEREQUEST']._serialized_start=1013
+  _globals['_GENERATEREQUEST']._serialized_end=1196
+  _globals['_TOKENCHUNK']._serialized_start=1199
+  _globals['_TOKENCHUNK']._serialized_end=1535
+  _globals['_ABORTREQUEST']._serialized_start=1537
+  _globals['_ABORTREQUEST']._serialized_end=1583
+  _globals['_ABORTRESPONSE']._serialized_start=1585
+  _globals['_ABORTRESPONSE']._serialized_end=1615
+  _globals['_GETINFOREQUEST']._serialized_start=1617
+  _globals['_GETINFOREQUEST']._serialized_end=1633
+  _globals['_WORKERINFO']._serialized_start=1636
+  _globals['_WORKERINFO']._serialized_end=2147
+  _globals['_PREFIXCACHESTATS']._serialized_start=2150
+  _globals['_PREFIXCACHESTATS']._serialized_end=2315
+  _globals['_SETROLEREQUEST']._serialized_start=2317
+  _globals['_SETROLEREQUEST']._serialized_end=2371
+  _globals['_WORKER']._serialized_start=2616
+  _globals['_WORKER']._serialized_end=3021
 # @@protoc_insertion_point(module_scope)

@@ -61,29 +61,33 @@ class KVEndpoint(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., address: _Optional[bytes] = ...) -> None: ...
 
 class ReserveKVRequest(_message.Message):
-    __slots__ = ("req_id", "num_prompt_tokens", "backend")
+    __slots__ = ("req_id", "num_prompt_tokens", "backend", "prompt_token_ids")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     num_prompt_tokens: int
     backend: str
-    def __init__(self, req_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, req_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., backend: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReserveKVResponse(_message.Message):
-    __slots__ = ("endpoint", "transfer_id", "lease_s", "transfer_token")
+    __slots__ = ("endpoint", "transfer_id", "lease_s", "transfer_token", "num_cached_tokens")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     endpoint: KVEndpoint
     transfer_id: int
     lease_s: float
     transfer_token: bytes
-    def __init__(self, endpoint: _Optional[_Union[KVEndpoint, _Mapping]] = ..., transfer_id: _Optional[int] = ..., lease_s: _Optional[float] = ..., transfer_token: _Optional[bytes] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, endpoint: _Optional[_Union[KVEndpoint, _Mapping]] = ..., transfer_id: _Optional[int] = ..., lease_s: _Optional[float] = ..., transfer_token: _Optional[bytes] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("req_id", "prompt_token_ids", "sampling", "target", "transfer_id", "ttft_slo_ms", "resume_output_token_ids", "transfer_token")
+    __slots__ = ("req_id", "prompt_token_ids", "sampling", "target", "transfer_id", "ttft_slo_ms", "resume_output_token_ids", "transfer_token", "skip_kv_tokens")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +96,7 @@ class PrefillRequest(_message.Message):
     TTFT_SLO_MS_FIELD_NUMBER: _ClassVar[int]
     RESUME_OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SKIP_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
@@ -100,21 +105,24 @@ class PrefillRequest(_message.Message):
     ttft_slo_ms: float
     resume_output_token_ids: _containers.RepeatedScalarFieldContainer[int]
     transfer_token: bytes
-    def __init__(self, req_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., target: _Optional[_Union[KVEndpoint, _Mapping]] = ..., transfer_id: _Optional[int] = ..., ttft_slo_ms: _Optional[float] = ..., resume_output_token_ids: _Optional[_Iterable[int]] = ..., transfer_token: _Optional[bytes] = ...) -> None: ...
+    skip_kv_tokens: int
+    def __init__(self, req_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., target: _Optional[_Union[KVEndpoint, _Mapping]] = ..., transfer_id: _Optional[int] = ..., ttft_slo_ms: _Optional[float] = ..., resume_output_token_ids: _Optional[_Iterable[int]] = ..., transfer_token: _Optional[bytes] = ..., skip_kv_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("req_id", "first_token_id", "prefill_ms", "kv_bytes", "transfer_tail_ms")
+    __slots__ = ("req_id", "first_token_id", "prefill_ms", "kv_bytes", "transfer_tail_ms", "num_cached_tokens")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TAIL_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     first_token_id: int
     prefill_ms: float
     kv_bytes: int
     transfer_tail_ms: float
-    def __init__(self, req_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., transfer_tail_ms: _Optional[float] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, req_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., transfer_tail_ms: _Optional[float] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("req_id", "prompt_token_ids", "sampling", "remote_prefill", "ttft_slo_ms", "resume_output_token_ids")
@@ -133,7 +141,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, req_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., remote_prefill: _Optional[bool] = ..., ttft_slo_ms: _Optional[float] = ..., resume_output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
-    __slots__ = ("req_id", "token_ids", "text", "finish_reason", "num_prompt_tokens", "num_generated_tokens", "kv_transfer_bytes", "prefill_ms", "logprobs", "prompt_logprobs")
+    __slots__ = ("req_id", "token_ids", "text", "finish_reason", "num_prompt_tokens", "num_generated_tokens", "kv_transfer_bytes", "prefill_ms", "logprobs", "prompt_logprobs", "num_cached_tokens")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +152,7 @@ class TokenChunk(_message.Message):
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -154,7 +163,8 @@ class TokenChunk(_message.Message):
     prefill_ms: float
     logprobs: _containers.RepeatedCompositeFieldContainer[_logprobs_pb2.TokenLogprob]
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_logprobs_pb2.TokenLogprob]
-    def __init__(self, req_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., num_prompt_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., logprobs: _Optional[_Iterable[_Union[_logprobs_pb2.TokenLogprob, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_logprobs_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, req_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., num_prompt_tokens: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., logprobs: _Optional[_Iterable[_Union[_logprobs_pb2.TokenLogprob, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_logprobs_pb2.TokenLogprob, _Mapping]]] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("req_id", "reason")
@@ -175,7 +185,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "kv_endpoints", "num_free_kv_blocks", "num_total_kv_blocks", "num_active_requests", "kv_block_size_tokens", "max_model_len_tokens", "num_pending_transfers", "measured_decode_step_base_s", "measured_decode_step_per_seq_s", "num_decode_steps", "prefill_cost_scale", "instance_id")
+    __slots__ = ("worker_id", "role", "model", "kv_endpoints", "num_free_kv_blocks", "num_total_kv_blocks", "num_active_requests", "kv_block_size_tokens", "max_model_len_tokens", "num_pending_transfers", "measured_decode_step_base_s", "measured_decode_step_per_seq_s", "num_decode_steps", "prefill_cost_scale", "instance_id", "prefix_cache")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +201,7 @@ class WorkerInfo(_message.Message):
     NUM_DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_COST_SCALE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     model: str
@@ -206,7 +217,26 @@ class WorkerInfo(_message.Message):
     num_decode_steps: int
     prefill_cost_scale: float
     instance_id: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[KVEndpoint, _Mapping]]] = ..., num_free_kv_blocks: _Optional[int] = ..., num_total_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., kv_block_size_tokens: _Optional[int] = ..., max_model_len_tokens: _Optional[int] = ..., num_pending_transfers: _Optional[int] = ..., measured_decode_step_base_s: _Optional[float] = ..., measured_decode_step_per_seq_s: _Optional[float] = ..., num_decode_steps: _Optional[int] = ..., prefill_cost_scale: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    prefix_cache: PrefixCacheStats
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[KVEndpoint, _Mapping]]] = ..., num_free_kv_blocks: _Optional[int] = ..., num_total_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., kv_block_size_tokens: _Optional[int] = ..., max_model_len_tokens: _Optional[int] = ..., num_pending_transfers: _Optional[int] = ..., measured_decode_step_base_s: _Optional[float] = ..., measured_decode_step_per_seq_s: _Optional[float] = ..., num_decode_steps: _Optional[int] = ..., prefill_cost_scale: _Optional[float] = ..., instance_id: _Optional[str] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ...) -> None: ...
+
+class PrefixCacheStats(_message.Message):
+    __slots__ = ("enabled", "query_tokens", "hit_tokens", "query_blocks", "hit_blocks", "evictions", "num_cached_blocks")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    query_tokens: int
+    hit_tokens: int
+    query_blocks: int
+    hit_blocks: int
+    evictions: int
+    num_cached_blocks: int
+    def __init__(self, enabled: _Optional[bool] = ..., query_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., query_blocks: _Optional[int] = ..., hit_blocks: _Optional[int] = ..., evictions: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
     __slots__ = ("role",)

@@ -23,6 +23,7 @@ from typing import Sequence as Seq
 import torch
 
 from pdserve.policy.decode_scheduler import DecodeScheduler, DecodeStepPlan, SeqView
+from pdserve.policy.prefix_cache import block_hashes, reusable_blocks
 from pdserve.workers.kv_cache import BlockAllocator, OutOfKVBlocks, PagedKVCache
 from pdserve.workers.model.execution import OperatorKind, PrefillExecution, decode_step
 from pdserve.workers.model.loader import LoadedModel
@@ -54,11 +55,12 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, num_kv_blocks: int, block_size_tokens: int, max_batch_size: int):
+    def __init__(self, loaded: LoadedModel, num_kv_blocks: int, block_size_tokens: int, max_batch_size: int,
+                 prefix_caching: bool = False):
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.model.config
-        self.allocator = BlockAllocator(num_kv_blocks, block_size_tokens)
+        self.allocator = BlockAllocator(num_kv_blocks, block_size_tokens, prefix_caching)
         self.cache = PagedKVCache(self.config, self.allocator)
         self.max_batch_size = max_batch_size
         self.scheduler = DecodeScheduler(num_kv_blocks, block_size_tokens, max_batch_size)
@@ -83,18 +85,48 @@ class Engine:
     def layer_nbytes(self, num_tokens: int) -> tuple[int, ...]:
         return (num_tokens * self.config.kv_bytes_per_token_per_layer,) * self.config.num_layers
 
-    def admit(self, req_id: str, num_prompt_tokens: int) -> None:
+    def prompt_hashes(self, token_ids: Seq[int], reusable_only: bool = True) -> list[int]:
+        """Names of the prompt's full blocks; `reusable_only`: those a prefill may skip (never
+        the block of the last token, whose logits are needed)."""
+        if not self.allocator.prefix_caching:
+            return []
+        bs = self.allocator.block_size_tokens
+        return block_hashes(token_ids, bs, reusable_blocks(len(token_ids), bs) if reusable_only else None)
+
+    def admit(self, req_id: str, num_prompt_tokens: int, prompt_ids: Seq[int] | None = None) -> int:
+        """Blocks for the prompt, linking its cached prefix when `prompt_ids` are given; returns
+        how many leading tokens are cached (their KV must not be imported again)."""
         # One extra token so the first decode step never finds the pool exhausted.
         # Every admitted request counts, also those still waiting for their KV (a remote prefill):
         # all of them join the batch, so admitting more than it holds would overfill it.
         num_active = len(self.admitted)
+        hashes = self.prompt_hashes(prompt_ids) if prompt_ids is not None else []
         if (num_active >= self.max_batch_size or not self.scheduler.admits_new(len(self.preempted))
-                or not self.allocator.can_allocate(num_prompt_tokens + 1)):
+                or not self.allocator.can_allocate(num_prompt_tokens + 1, hashes)):
             raise OutOfKVBlocks(f"no room for {num_prompt_tokens} more tokens: {self.allocator.num_free_blocks} "
                                 f"free KV blocks, {num_active}/{self.max_batch_size} sequences, "
                                 f"{len(self.preempted)} preempted waiting")
-        self.allocator.allocate(req_id, num_prompt_tokens)
+        cached = self.allocator.allocate(req_id, num_prompt_tokens, hashes)
         self.admitted.add(req_id)
+        return cached
+
+    # ---- prefix cache reads and writes (prefill side) ----
+    def cached_prefix(self, req_id: str) -> list[torch.Tensor] | None:
+        """Per layer, the KV of the cached blocks an admitted request linked (None: none)."""
+        num_blocks = self.allocator.num_cached_tokens(req_id) // self.allocator.block_size_tokens
+        return self.cache.gather_blocks(self.allocator.table(req_id)[:num_blocks]) if num_blocks else None
+
+    def lookup_prefix(self, token_ids: Seq[int]) -> list[torch.Tensor] | None:
+        """A prefill worker's cache read: per layer, the KV of the longest cached prefix."""
+        blocks = self.allocator.lookup(self.prompt_hashes(token_ids), len(token_ids))
+        return self.cache.gather_blocks(blocks) if blocks else None
+
+    def store_prefix(self, token_ids: Seq[int], layers: Seq[torch.Tensor]) -> int:
+        """Keep a prefilled prompt's full blocks for reuse (cache-only, evictable at once);
+        returns how many blocks were added."""
+        placed = self.allocator.store(self.prompt_hashes(token_ids, reusable_only=False))
+        self.cache.fill_blocks(placed, list(layers))
+        return len(placed)
 
     def new_staging(self, num_prompt_tokens: int) -> torch.Tensor:
         """Contiguous [L, 2, T, KV, D] buffer a KV receiver fills; dropped right after `start()`."""
@@ -102,14 +134,20 @@ class Engine:
         return torch.empty(cfg.num_layers, 2, num_prompt_tokens, cfg.num_kv_heads, cfg.head_dim)
 
     def start(self, req_id: str, kv_token_ids: list[int], layers: Seq[torch.Tensor], params: SamplingConfig,
-              first_token_id: int, resume_output_ids: Seq[int] = ()) -> Delta:
+              first_token_id: int, resume_output_ids: Seq[int] = (), layers_start_tokens: int = 0) -> Delta:
         """Import a prefilled prompt's KV into the blocks `admit()` took and join the batch.
 
         `kv_token_ids` are the tokens the KV covers: the prompt, then (after a migration) the
         `resume_output_ids` a client already received; those are replayed into the output state
-        without being emitted again, so stop sequences, max_tokens and seeded sampling carry on."""
+        without being emitted again, so stop sequences, max_tokens and seeded sampling carry on.
+        `layers` hold the tokens from `layers_start_tokens` on; the cached prefix admit() linked
+        is skipped (shared blocks are read-only). The prompt's full blocks then become reusable."""
+        cached = self.allocator.num_cached_tokens(req_id)
+        if layers_start_tokens > cached:
+            raise ValueError(f"KV from token {layers_start_tokens} leaves a gap after {cached} cached tokens")
         for layer, kv in enumerate(layers):
-            self.cache.import_layer(req_id, layer, kv)
+            self.cache.import_layer(req_id, layer, kv[:, cached - layers_start_tokens:], start=cached)
+        self.allocator.register(req_id, self.prompt_hashes(kv_token_ids, reusable_only=False))
         prompt_ids = list(kv_token_ids[:len(kv_token_ids) - len(resume_output_ids)])
         output = OutputProcessor(self.loaded.tokenizer, params, len(prompt_ids), self.config.max_position_tokens)
         for token in resume_output_ids:

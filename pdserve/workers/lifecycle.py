@@ -54,6 +54,8 @@ class WorkerRequest:
     staging: torch.Tensor | None = None          # [L, 2, T, KV, D], remote KV lands here
     admitted: bool = False                       # its blocks are taken (counted in the free count)
     receiver: BaseKVReceiver | None = None
+    cached_tokens: int = 0                       # leading prompt tokens linked from the prefix cache
+    prompt_ids: list[int] | None = None          # what the cached blocks were matched against
 
 
 class RequestLifecycle:
@@ -85,28 +87,33 @@ class RequestLifecycle:
 
     # ---- admission ----
     async def reserve(self, req_id: str, num_prompt_tokens: int,
-                      arm_receiver: Callable[[torch.Tensor], BaseKVReceiver]) -> WorkerRequest:
-        """Decode role: blocks + staging + armed receiver. Raises OutOfKVBlocks."""
-        req = await self._admit(req_id, num_prompt_tokens, Stage.RESERVED)
+                      arm_receiver: Callable[[WorkerRequest], BaseKVReceiver],
+                      prompt_ids: list[int] | None = None) -> WorkerRequest:
+        """Decode role: blocks (the cached prefix linked when `prompt_ids` are given) + staging
+        for the tokens after it + armed receiver. Raises OutOfKVBlocks."""
+        req = await self._admit(req_id, num_prompt_tokens, Stage.RESERVED, prompt_ids)
         try:
-            req.staging = self.engine.new_staging(num_prompt_tokens)
-            req.receiver = arm_receiver(req.staging)
+            req.staging = self.engine.new_staging(num_prompt_tokens - req.cached_tokens)
+            req.receiver = arm_receiver(req)
         except BaseException:
             await self.release(req_id, "could not arm the KV receiver")
             raise
         return req
 
-    async def admit_local(self, req_id: str, num_prompt_tokens: int) -> WorkerRequest:
-        """Local prompt: blocks for it while the prefill scheduler computes it. Raises OutOfKVBlocks."""
-        return await self._admit(req_id, num_prompt_tokens, Stage.PREFILLING)
+    async def admit_local(self, req_id: str, prompt_ids: list[int]) -> WorkerRequest:
+        """Local prompt: blocks for it (its cached prefix linked) while the prefill scheduler
+        computes the rest. Raises OutOfKVBlocks."""
+        return await self._admit(req_id, len(prompt_ids), Stage.PREFILLING, prompt_ids)
 
-    async def _admit(self, req_id: str, num_prompt_tokens: int, stage: Stage) -> WorkerRequest:
+    async def _admit(self, req_id: str, num_prompt_tokens: int, stage: Stage,
+                     prompt_ids: list[int] | None = None) -> WorkerRequest:
         if req_id in self._requests:
             raise ValueError(f"request {req_id!r} is already on this worker")
         # Registered before the compute call so a concurrent duplicate is refused, then removed
         # again if the engine has no room.
         req = self._requests[req_id] = WorkerRequest(req_id, num_prompt_tokens, self._clock.now_s(), stage)
-        admit = asyncio.ensure_future(self._run(self.engine.admit, req_id, num_prompt_tokens))
+        req.prompt_ids = prompt_ids
+        admit = asyncio.ensure_future(self._run(self.engine.admit, req_id, num_prompt_tokens, prompt_ids))
         try:
             await asyncio.shield(admit)
         except asyncio.CancelledError:
@@ -124,6 +131,7 @@ class RequestLifecycle:
             # thread, so the blocks are back already; nothing may be attached to it any more.
             raise RequestGone(f"request {req_id!r} was aborted during admission")
         req.admitted = True
+        req.cached_tokens = admit.result()
         return req
 
     def claim(self, req_id: str) -> WorkerRequest | None:
@@ -135,10 +143,10 @@ class RequestLifecycle:
         return req
 
     async def start(self, req: WorkerRequest, kv_token_ids: list[int], layers, params: SamplingConfig,
-                    first_token_id: int, resume_output_ids: list[int]) -> Delta:
+                    first_token_id: int, resume_output_ids: list[int], layers_start_tokens: int = 0) -> Delta:
         """KV imported into the pool and the sequence in the batch; the staging copy goes at once."""
         delta = await self._run(self.engine.start, req.req_id, kv_token_ids, layers, params, first_token_id,
-                                resume_output_ids)
+                                resume_output_ids, layers_start_tokens)
         req.stage, req.staging, req.receiver = Stage.DECODING, None, None
         return delta
 

@@ -82,7 +82,7 @@ async def serve(cfg: PDServeConfig) -> None:
     w = cfg.worker
     credential = cfg.cluster_credential
     require_for_bind("worker", w.host, credential)
-    engine = Engine(loaded, w.num_kv_blocks, w.block_size_tokens, w.max_batch_size)
+    engine = Engine(loaded, w.num_kv_blocks, w.block_size_tokens, w.max_batch_size, w.prefix_caching)
     clock = WallClock()
     server = rpc.server(w.max_concurrent_rpcs, credential)
     port = rpc.listen(server, f"{w.host}:{w.port}", credential)

@@ -26,6 +26,7 @@ class Delta:
     finish: Finish | None
     logprobs: list[TokenLogprob] = field(default_factory=list)          # one per token id, when asked
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # the first delta only
+    num_cached_tokens: int = 0     # the first delta only: prompt tokens taken from a prefix cache
 
 
 class OutputProcessor:

@@ -35,14 +35,17 @@ class Prefilled:
     compute_s: float
     first_logprob: TokenLogprob | None = None       # when the request asked for logprobs
     prompt_logprobs: list[TokenLogprob] | None = None
+    cached_tokens: int = 0                          # taken from the prefix cache, not computed
 
 
 class _LazySender:
     """Creates the KV sender on first use (the first finished layer), so a prefill rejected at
     admission never touches the decode worker's armed receiver."""
 
-    def __init__(self, agent: BaseKVAgent, address: bytes, layout: TransferLayout, timeout_s: float, checksum: bool):
+    def __init__(self, agent: BaseKVAgent, address: bytes, layout: TransferLayout, timeout_s: float, checksum: bool,
+                 skip_tokens: int = 0):
         self._args = (address, layout, timeout_s, checksum)
+        self._skip_tokens = skip_tokens     # the receiver holds these already (its prefix cache)
         self._agent = agent
         self._sender = None
         self._lock = threading.Lock()
@@ -55,6 +58,8 @@ class _LazySender:
             return self._sender
 
     def send_layer(self, layer: int, kv) -> None:    # compute thread: hand the layer over at once
+        if self._skip_tokens:
+            kv = kv[:, self._skip_tokens:].contiguous()
         view = as_bytes_view(kv.numpy())
         self.kv_bytes += len(view)
         self.get().send_layer(layer, view)
@@ -75,8 +80,9 @@ async def wait_transfer(end) -> TransferState:
 class PrefillSide:
     def __init__(self, runner: PrefillRunner, engine: Engine, agents: dict[str, BaseKVAgent], clock: Clock, *,
                  transfer_timeout_s: float, checksum: bool, default_ttft_slo_ms: float,
-                 max_prefill_wait_s: float = 30.0):
+                 max_prefill_wait_s: float = 30.0, run_compute=None):
         self.runner = runner
+        self._run = run_compute     # the engine's compute thread (owner of the paged pool)
         self.engine = engine
         self.agents = agents
         self.clock = clock
@@ -86,15 +92,20 @@ class PrefillSide:
         self.max_prefill_wait_s = max_prefill_wait_s
 
     async def compute(self, req_id: str, prompt_ids: list[int], params: SamplingConfig, ttft_slo_ms: float,
-                      on_layer: LayerCallback, admission_budget_s: float, first_output_index: int = 0) -> Prefilled:
+                      on_layer: LayerCallback, admission_budget_s: float, first_output_index: int = 0,
+                      prefix_kv=None) -> Prefilled:
         """Raises Rejected when the queue is full or the scheduler predicts the prompt cannot
         finish within `admission_budget_s`. `first_output_index`: which output token the sampled
-        one is (non-zero after a migration)."""
+        one is (non-zero after a migration). `prefix_kv`: per layer, the KV of a cached prefix;
+        ignored when the request wants prompt logprobs (they need every position computed)."""
         started = self.clock.now_s()
         deadline_s = started + (ttft_slo_ms or self.default_ttft_slo_ms) / 1e3
+        if params.prompt_logprobs:
+            prefix_kv = None
         future = self.runner.submit(req_id, prompt_ids, deadline_s, on_layer,
                                     admission_deadline_s=started + admission_budget_s,
-                                    prompt_top=params.logprobs if params.prompt_logprobs else None)
+                                    prompt_top=params.logprobs if params.prompt_logprobs else None,
+                                    prefix_kv=prefix_kv)
         try:
             state = await asyncio.shield(asyncio.wrap_future(future))
         except asyncio.CancelledError:
@@ -104,7 +115,8 @@ class PrefillSide:
         token = sample_token(state.logits, params, first_output_index, self.engine.config.eos_token_ids)
         first_logprob = None if params.logprobs is None else token_logprob(state.logits, token, params.logprobs)
         return Prefilled(token, self.clock.now_s() - started, first_logprob,
-                         state.prompt_logprobs if params.prompt_logprobs else None)
+                         state.prompt_logprobs if params.prompt_logprobs else None,
+                         0 if prefix_kv is None else prefix_kv[0].shape[1])
 
     def admission_budget_s(self, ttft_slo_ms: float) -> float:
         """A request with a TTFT SLO must be able to meet it here (else on-demand forwarding
@@ -120,13 +132,25 @@ class PrefillSide:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         ids = list(request.prompt_token_ids)
         params = await checked_params(self.engine, ids, request.sampling, context)
-        layout = TransferLayout(request.transfer_id, self.engine.layer_nbytes(len(ids)), request.transfer_token)
-        link = _LazySender(agent, request.target.address, layout, self._transfer_timeout_s, self._checksum)
+        skip = request.skip_kv_tokens
+        if skip >= len(ids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"skip_kv_tokens={skip} must leave part of the "
+                                f"{len(ids)}-token prompt to send")
+        layout = TransferLayout(request.transfer_id, self.engine.layer_nbytes(len(ids) - skip), request.transfer_token)
+        link = _LazySender(agent, request.target.address, layout, self._transfer_timeout_s, self._checksum, skip)
+        layers: list = [None] * self.engine.config.num_layers
+
+        def on_layer(layer: int, kv) -> None:
+            layers[layer] = kv
+            link.send_layer(layer, kv)
         try:
             try:
-                result = await self.compute(request.req_id, ids, params, request.ttft_slo_ms, link.send_layer,
+                prefix_kv = (await self._run(self.engine.lookup_prefix, ids)
+                             if self.engine.allocator.prefix_caching else None)
+                result = await self.compute(request.req_id, ids, params, request.ttft_slo_ms, on_layer,
                                             admission_budget_s=self.admission_budget_s(request.ttft_slo_ms),
-                                            first_output_index=len(request.resume_output_token_ids))
+                                            first_output_index=len(request.resume_output_token_ids),
+                                            prefix_kv=prefix_kv)
             except Rejected as exc:
                 # Nothing was sent: the decode worker's receiver stays armed for another prefill worker.
                 log.info("request %s: rejected for on-demand forwarding: %s", request.req_id, exc)
@@ -142,11 +166,15 @@ class PrefillSide:
             if await wait_transfer(sender) is TransferState.FAILED:
                 log.warning("request %s: KV transfer failed: %s", request.req_id, sender.failure())
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {sender.failure()}")
-            log.info("request %s: prefilled %d tokens in %.1f ms, sent %d KV bytes", request.req_id, len(ids),
-                     result.compute_s * 1e3, link.kv_bytes)
+            tail_ms = (self.clock.now_s() - tail_start) * 1e3
+            if self.engine.allocator.prefix_caching:
+                await self._run(self.engine.store_prefix, ids, layers)
+            log.info("request %s: prefilled %d tokens (%d cached) in %.1f ms, sent %d KV bytes (%d tokens held "
+                     "by the receiver)", request.req_id, len(ids), result.cached_tokens, result.compute_s * 1e3,
+                     link.kv_bytes, skip)
             return worker_pb2.PrefillResponse(
                 req_id=request.req_id, first_token_id=result.first_token_id, prefill_ms=result.compute_s * 1e3,
-                kv_bytes=link.kv_bytes, transfer_tail_ms=(self.clock.now_s() - tail_start) * 1e3)
+                kv_bytes=link.kv_bytes, transfer_tail_ms=tail_ms, num_cached_tokens=result.cached_tokens)
         finally:
             link.abort_if_active("prefill request ended")
 

@@ -61,7 +61,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.requests = RequestLifecycle(engine, self._run, clock, lease_s, on_release=self._wakeup.set)
         self.prefill = PrefillSide(prefill_runner, engine, agents, clock, transfer_timeout_s=transfer_timeout_s,
                                    checksum=checksum, default_ttft_slo_ms=default_ttft_slo_ms,
-                                   max_prefill_wait_s=max_prefill_wait_s)
+                                   max_prefill_wait_s=max_prefill_wait_s, run_compute=self._run)
         self._streams: dict[str, asyncio.Queue] = {}
         # Random start so transfer ids from a restarted worker do not collide with stale ones.
         # Random, not sequential: a transfer id is the capability a KV sender must present, so
@@ -117,7 +117,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             num_active_requests=len(self.requests), kv_block_size_tokens=alloc.block_size_tokens,
             max_model_len_tokens=self.engine.config.max_position_tokens,
             num_pending_transfers=sum(a.num_active_transfers() for a in self.agents.values()),
-            instance_id=self.instance_id, **self._measured())
+            instance_id=self.instance_id, prefix_cache=self.prefix_cache_stats(), **self._measured())
+
+    def prefix_cache_stats(self) -> worker_pb2.PrefixCacheStats:
+        alloc = self.engine.allocator
+        st = alloc.stats
+        return worker_pb2.PrefixCacheStats(
+            enabled=alloc.prefix_caching, query_tokens=st.query_tokens, hit_tokens=st.hit_tokens,
+            query_blocks=st.query_blocks, hit_blocks=st.hit_blocks, evictions=st.evictions,
+            num_cached_blocks=alloc.num_cached_blocks)
 
     def _measured(self) -> dict:
         fit = self.decode_fit.fit()
@@ -137,15 +145,21 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                 f"backend {request.backend!r} not served here; have {sorted(self.agents)}")
         if not request.req_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "req_id is required")
+        prompt_ids = list(request.prompt_token_ids) or None
         try:
             self.engine.check_prompt(request.num_prompt_tokens, SamplingConfig())
+            if prompt_ids is not None:
+                self._check_prompt_ids(prompt_ids, request.num_prompt_tokens)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        layout = TransferLayout(self._new_transfer_id(), self.engine.layer_nbytes(request.num_prompt_tokens),
-                                new_token())
-        arm = lambda staging: agent.create_receiver(layout, as_bytes_view(staging.numpy()), self._lease_s)  # noqa: E731
+        transfer_id, token = self._new_transfer_id(), new_token()
+
+        def arm(req):   # the transfer carries only what the prefix cache does not hold
+            layout = TransferLayout(transfer_id, self.engine.layer_nbytes(req.num_prompt_tokens - req.cached_tokens),
+                                    token)
+            return agent.create_receiver(layout, as_bytes_view(req.staging.numpy()), self._lease_s)
         try:
-            await self.requests.reserve(request.req_id, request.num_prompt_tokens, arm)
+            req = await self.requests.reserve(request.req_id, request.num_prompt_tokens, arm, prompt_ids)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except OutOfKVBlocks as exc:
@@ -154,7 +168,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
         return worker_pb2.ReserveKVResponse(
             endpoint=worker_pb2.KVEndpoint(backend=request.backend, address=agent.address()),
-            transfer_id=layout.transfer_id, lease_s=self._lease_s, transfer_token=layout.token)
+            transfer_id=transfer_id, lease_s=self._lease_s, transfer_token=token, num_cached_tokens=req.cached_tokens)
+
+    def _check_prompt_ids(self, prompt_ids: list[int], num_prompt_tokens: int) -> None:
+        if len(prompt_ids) != num_prompt_tokens:
+            raise ValueError(f"{len(prompt_ids)} prompt_token_ids given for num_prompt_tokens={num_prompt_tokens}")
+        vocab = self.engine.config.vocab_size
+        if any(t >= vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be < vocab size {vocab}")
 
     async def _receive(self, req, prompt_ids: list[int], resume: list[int], params, context) -> Delta:
         """Wait for a claimed reservation's KV, then start decoding it."""
@@ -162,6 +183,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if req.num_prompt_tokens != len(prompt_ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt has {len(prompt_ids)} tokens, "
                                 f"reservation was for {req.num_prompt_tokens}")
+        if req.prompt_ids is not None and req.prompt_ids != prompt_ids:
+            # Its cached blocks were matched against the reserved prompt: another one would decode
+            # from the wrong KV.
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt differs from the one reserved")
         if await wait_transfer(rx) is TransferState.FAILED:
             log.warning("request %s: KV transfer failed: %s", req.req_id, rx.failure())
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {rx.failure()}")
@@ -169,7 +194,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if trailer.req_id != req.req_id:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"KV transfer carried request {trailer.req_id!r}, expected {req.req_id!r}")
-        delta = await self.requests.start(req, prompt_ids, req.staging, params, trailer.first_token_id, resume)
+        delta = await self.requests.start(req, prompt_ids, req.staging, params, trailer.first_token_id, resume,
+                                          layers_start_tokens=req.cached_tokens)
         first = logprob_from_proto(trailer.first_token_logprob) if trailer.HasField("first_token_logprob") else None
         return _with_logprobs(delta, first, [logprob_from_proto(p) for p in trailer.prompt_logprobs])
 
@@ -177,13 +203,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                              context) -> Delta:
         layers: list = [None] * self.engine.config.num_layers
         # No other worker to forward to: FlowPrefill orders by the SLO but refuses only overload.
+        prefix_kv = await self._run(self.engine.cached_prefix, req.req_id) if req.cached_tokens else None
         try:
             result = await self.prefill.compute(req.req_id, prompt_ids, params, ttft_slo_ms, layers.__setitem__,
                                                 admission_budget_s=self.prefill.max_prefill_wait_s,
-                                                first_output_index=len(resume))
+                                                first_output_index=len(resume), prefix_kv=prefix_kv)
         except Rejected as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill refused: {exc}")
         delta = await self.requests.start(req, prompt_ids, layers, params, result.first_token_id, resume)
+        delta.num_cached_tokens = result.cached_tokens
         return _with_logprobs(delta, result.first_logprob, result.prompt_logprobs or [])
 
     # ---- generation ----
@@ -204,7 +232,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown request id {req_id!r}: call ReserveKV first")
                 delta = await self._receive(held, prompt_ids, resume, params, context)
             else:
-                held = await self._admit_local(req_id, len(prompt_ids), context)
+                held = await self._admit_local(req_id, prompt_ids, context)
                 delta = await self._prefill_local(held, prompt_ids, resume, params, request.ttft_slo_ms, context)
             self._wakeup.set()
             num_generated, num_prompt_tokens = len(resume), len(prompt_ids) - len(resume)
@@ -238,9 +266,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 await self.requests.drop_unclaimed(request.req_id, "request rejected")
             raise
 
-    async def _admit_local(self, req_id: str, num_prompt_tokens: int, context):
+    async def _admit_local(self, req_id: str, prompt_ids: list[int], context):
         try:
-            return await self.requests.admit_local(req_id, num_prompt_tokens)
+            return await self.requests.admit_local(req_id, prompt_ids)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except OutOfKVBlocks as exc:
@@ -254,7 +282,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                      finish_reason=_FINISH[delta.finish], num_prompt_tokens=num_prompt,
                                      num_generated_tokens=num_generated,
                                      logprobs=[logprob_to_proto(lp) for lp in delta.logprobs],
-                                     prompt_logprobs=[logprob_to_proto(lp) for lp in delta.prompt_logprobs])
+                                     prompt_logprobs=[logprob_to_proto(lp) for lp in delta.prompt_logprobs],
+                                     num_cached_tokens=delta.num_cached_tokens)
 
     async def _idle_wait(self) -> None:
         self._wakeup.clear()

@@ -34,6 +34,19 @@ class JobState:
             self.k_chunks = [[] for _ in range(num_layers)]
             self.v_chunks = [[] for _ in range(num_layers)]
 
+    def seed(self, prefix_kv: list[torch.Tensor]) -> None:
+        """Start from a cached prefix: per layer, its [2, C, KV, D] KV (the first chunk)."""
+        if prefix_kv[0].shape[1] >= len(self.token_ids):
+            raise ValueError("a cached prefix must leave at least the last prompt token to compute")
+        if self.prompt_top is not None:
+            raise ValueError("prompt logprobs need every prompt position computed")
+        self.k_chunks = [[kv[0]] for kv in prefix_kv]
+        self.v_chunks = [[kv[1]] for kv in prefix_kv]
+
+    def full_kv(self) -> list[torch.Tensor]:
+        """Per layer, the whole prompt's KV [2, T, KV, D] (after the prefill finished)."""
+        return [torch.stack(self.past(layer)) for layer in range(len(self.k_chunks))]
+
     def past(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not self.k_chunks[layer]:
             return None, None

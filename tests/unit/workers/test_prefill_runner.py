@@ -48,6 +48,29 @@ def test_every_mode_matches_uninterrupted_prefill(model, mode):
             torch.testing.assert_close(kv, ref.layer_kv[layer], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["fcfs", "chunked", "flowprefill"])
+def test_a_prefill_from_a_cached_prefix_matches_a_whole_one(model, mode):
+    """Only the tokens after the prefix are computed (and costed); the layers delivered still
+    cover the whole prompt."""
+    ids = [(i * 13) % 200 for i in range(230)]
+    ref = PrefillExecution(model, ids)
+    ref_logits = ref.run_to_end()
+    clock = WallClock()
+    runner = PrefillRunner(model, make_scheduler(mode, model.config.num_layers,
+                                                 OperatorCostModel(4, (1e-4, 1e-6, 1e-10), (1e-4, 1e-6)),
+                                                 chunk_tokens=64), clock)
+    layers = {}
+    prefix = [kv[:, :160] for kv in ref.layer_kv]
+    state = runner.submit("p", ids, clock.now_s() + 30, layers.__setitem__, prefix_kv=prefix).result(60)
+    runner.stop()
+    torch.testing.assert_close(state.logits, ref_logits, rtol=1e-4, atol=1e-4)
+    for layer, kv in layers.items():
+        torch.testing.assert_close(kv, ref.layer_kv[layer], rtol=1e-5, atol=1e-5)
+    assert sorted(layers) == list(range(model.config.num_layers))
+    with pytest.raises(ValueError):          # the last token is never taken from a cache
+        runner.submit("q", ids[:160], clock.now_s() + 30, layers.__setitem__, prefix_kv=prefix)
+
+
 def test_preempted_prefill_is_bit_exact():
     """The long prompt is held at its first layer until the urgent one has arrived, and the policy
     plans with a fixed cost model: preemption follows from the predictions, not from how fast this
