@@ -85,6 +85,11 @@ class RouterSettings(_Section):
     kv_backend_preference: list[Literal["ucx", "tcp", "fake"]] = Field(
         ["ucx", "tcp"], description="First backend both workers serve is used for a transfer")
     admin_token: str = Field("", description="Bearer token of the gRPC Admin API; empty disables it")
+    cache_aware_routing: bool = Field(True, description="Place requests where their prompt prefix is cached "
+                                      "(index fed by the workers' heartbeats), weighed against load")
+    cache_load_tokens_per_request: float = Field(
+        512.0, ge=0, description="Cache-aware routing: a request in flight on a worker costs like this many "
+        "uncached prompt tokens")
     control_interval_s: float = Field(5.0, gt=0, description="How often the P/D ratio controller decides")
     ratio_window_s: float = Field(60.0, gt=0, description="Traffic window the ratio controller models")
     ratio_cooldown_s: float = Field(30.0, ge=0, description="Least time between two ratio changes")

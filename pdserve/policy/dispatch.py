@@ -6,7 +6,12 @@ Pure: no I/O, no clock reads. Placement for a request:
    (free blocks = last heartbeat's count minus placements that heartbeat did not show yet);
 2. prefill side: the live prefill worker with the fewest requests in flight (ties by id);
 3. with no prefill/decode pair available, a live aggregated worker, by the same KV rule.
-Each is O(log n) in the number of workers (the registry's ranked index). The caller reports the
+With cache-aware routing (a `PrefixIndex` given and the prompt's token ids passed), steps 1 and
+2 score the few best-ranked workers plus every worker holding a prefix of the prompt by
+cost = tokens left to compute or move (prompt minus cached prefix) + load_tokens_per_request x
+requests in flight, and take the cheapest (KV must still fit on the decode side).
+Each is O(log n) in the number of workers (the registry's ranked index) plus the prompt's blocks
+and the workers holding them. The caller reports the
 request's progress (`on_start`, `on_prefill_forwarded`, `on_prefill_done`, `on_decode_done`) so
 load between heartbeats is counted.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.policy.prefix_cache import PrefixIndex, block_hashes
 from pdserve.policy.registry import NoCapacity, NoWorkers, Role, WorkerRecord, WorkerRegistry
 
 
@@ -30,27 +36,56 @@ class Placement:
         return self.prefill_id is not None
 
 
+class _Prompt:
+    """The prompt's block names per block size, computed once per placement (lazily)."""
+
+    def __init__(self, token_ids, index: PrefixIndex | None):
+        self.token_ids = token_ids
+        self._index = index
+        self._overlaps: dict[int, dict[str, int]] = {}
+
+    def overlaps(self, block_size_tokens: int) -> dict[str, int]:
+        if self._index is None or not self.token_ids:
+            return {}
+        if block_size_tokens not in self._overlaps:
+            hashes = block_hashes(self.token_ids, block_size_tokens)
+            self._overlaps[block_size_tokens] = self._index.overlaps(hashes)
+        return self._overlaps[block_size_tokens]
+
+
 class Dispatcher:
-    def __init__(self, registry: WorkerRegistry, kv_backend_preference: tuple[str, ...] = ("ucx", "tcp")):
+    def __init__(self, registry: WorkerRegistry, kv_backend_preference: tuple[str, ...] = ("ucx", "tcp"),
+                 prefix_index: PrefixIndex | None = None, load_tokens_per_request: float = 512.0,
+                 num_load_candidates: int = 4):
         self.registry = registry
         self.kv_backend_preference = kv_backend_preference
+        # Cache-aware routing when set: the workers' cached prefixes, fed by their heartbeats.
+        self.prefix_index = prefix_index
+        self.load_tokens_per_request = load_tokens_per_request
+        self.num_load_candidates = num_load_candidates
 
     def place(self, model: str, num_prompt_tokens: int, max_tokens: int,
-              exclude_ids: frozenset[str] = frozenset(), scenario: str | None = None, req_id: str = "") -> Placement:
+              exclude_ids: frozenset[str] = frozenset(), scenario: str | None = None, req_id: str = "",
+              prompt_ids=None) -> Placement:
         """Place on the scenario's workers; a scenario with no workers of its own uses every worker.
-        O(log n) in the number of workers (plus skipped, excluded or unreachable ones)."""
+        O(log n) in the number of workers (plus skipped, excluded or unreachable ones, and those
+        holding the prompt's prefix). `prompt_ids` enable cache-aware placement."""
         if scenario is not None and not self.registry.has_placeable(model, scenario):
             scenario = None
         total_tokens = num_prompt_tokens + max_tokens
-        decode = self._best_kv(model, Role.DECODE, scenario, total_tokens, exclude_ids)
+        prompt = _Prompt(prompt_ids, self.prefix_index)
+        decode = self._best_kv(model, Role.DECODE, scenario, total_tokens, exclude_ids, prompt)
         if decode is not None:
-            prefill = self.registry.ranked(model, Role.PREFILL, scenario, 1, exclude_ids,
-                                           accept=lambda w: self._common_backend(w, decode) is not None)
-            if prefill:
-                backend = self._common_backend(prefill[0], decode)
-                return Placement(decode.worker_id, prefill[0].worker_id, backend, decode.blocks_needed(total_tokens),
+            reachable = lambda w: self._common_backend(w, decode) is not None  # noqa: E731
+            prefill = self._cheapest(self.registry.ranked(model, Role.PREFILL, scenario, self._k(prompt),
+                                                          exclude_ids, reachable),
+                                     model, Role.PREFILL, scenario, exclude_ids, prompt, num_prompt_tokens,
+                                     reachable)
+            if prefill is not None:
+                backend = self._common_backend(prefill, decode)
+                return Placement(decode.worker_id, prefill.worker_id, backend, decode.blocks_needed(total_tokens),
                                  req_id)
-        agg = self._best_kv(model, Role.AGGREGATED, scenario, total_tokens, exclude_ids)
+        agg = self._best_kv(model, Role.AGGREGATED, scenario, total_tokens, exclude_ids, prompt)
         if agg is not None:
             return Placement(agg.worker_id, None, None, agg.blocks_needed(total_tokens), req_id)
         if not self._can_serve(model):
@@ -88,12 +123,38 @@ class Dispatcher:
                   if wid != placement.prefill_id and backend == placement.kv_backend]
         return [placement.prefill_id, *others][:max_offers]
 
+    def _k(self, prompt: _Prompt) -> int:
+        return self.num_load_candidates if self.prefix_index is not None and prompt.token_ids else 1
+
     def _best_kv(self, model: str, role: Role, scenario: str | None, num_tokens: int,
-                 exclude_ids: frozenset[str]) -> WorkerRecord | None:
+                 exclude_ids: frozenset[str], prompt: _Prompt) -> WorkerRecord | None:
         # Ranked by free KV: if the best-placed worker cannot fit the request, none can.
         fits = lambda w: True if w.est_free_blocks >= w.blocks_needed(num_tokens) else None  # noqa: E731
-        found = self.registry.ranked(model, role, scenario, 1, exclude_ids, fits)
-        return found[0] if found else None
+        found = self.registry.ranked(model, role, scenario, self._k(prompt), exclude_ids, fits)
+        fits_here = lambda w: w.est_free_blocks >= w.blocks_needed(num_tokens)  # noqa: E731
+        return self._cheapest(found, model, role, scenario, exclude_ids, prompt, num_tokens, fits_here)
+
+    def _cheapest(self, ranked: list[WorkerRecord], model: str, role: Role, scenario: str | None,
+                  exclude_ids: frozenset[str], prompt: _Prompt, num_tokens: int, accept) -> WorkerRecord | None:
+        """The best-ranked worker, or with cache-aware routing the cheapest among the ranked ones
+        and those holding a prefix of the prompt (the rank order breaks ties)."""
+        if self.prefix_index is None or not prompt.token_ids or not ranked:
+            return ranked[0] if ranked else None
+        candidates = {w.worker_id: w for w in ranked}
+        for size in {w.block_size_tokens for w in ranked}:
+            for worker_id in prompt.overlaps(size):
+                w = self.registry.get(worker_id)
+                if (w is not None and worker_id not in candidates and worker_id not in exclude_ids
+                        and w.model == model and w.role is role and (scenario is None or w.scenario == scenario)
+                        and self.registry.placeable(w) and accept(w)):
+                    candidates[worker_id] = w
+        rank = {w.worker_id: i for i, w in enumerate(ranked)}
+        cost = lambda w: (self._cost(w, prompt, num_tokens), rank.get(w.worker_id, len(rank)), w.worker_id)  # noqa: E731
+        return min(candidates.values(), key=cost, default=None)
+
+    def _cost(self, w: WorkerRecord, prompt: _Prompt, num_tokens: int) -> float:
+        cached = prompt.overlaps(w.block_size_tokens).get(w.worker_id, 0) * w.block_size_tokens
+        return max(0, num_tokens - cached) + self.load_tokens_per_request * w.num_inflight
 
     def _common_backend(self, a: WorkerRecord, b: WorkerRecord) -> str | None:
         return next((x for x in self.kv_backend_preference if x in a.kv_addresses and x in b.kv_addresses), None)

@@ -71,6 +71,7 @@ class WorkerRecord:
     draining: bool = False             # no new work (before a role change or maintenance)
     perf: WorkerPerf | None = None
     instance_id: str = ""              # the process that registered this id (identity binding)
+    prefix_cache: object = None        # its last heartbeat's prefix cache counters (for operators)
     # Bumped by WorkerRegistry.touch() on every change that affects placement: index entries
     # carrying an older version are stale and skipped.
     version: int = 0

@@ -15,6 +15,7 @@ from pdserve.cluster_auth import require_for_bind
 from pdserve.clock import WallClock
 from pdserve.config import PDServeConfig
 from pdserve.policy.dispatch import Dispatcher
+from pdserve.policy.prefix_cache import PrefixIndex
 from pdserve.policy.ratio_controller import ControllerConfig, RatioController
 from pdserve.policy.registry import WorkerRegistry
 from pdserve.policy.scenarios import ScenarioClassifier
@@ -42,7 +43,9 @@ async def serve(cfg: PDServeConfig) -> None:
     clock = WallClock()
     operator_state = await asyncio.to_thread(load_operator_state, store)
     apply_operator_state(operator_state, controller, clock.now_s())
-    service = RouterService(registry, Dispatcher(registry, tuple(rc.kv_backend_preference)), clock,
+    dispatcher = Dispatcher(registry, tuple(rc.kv_backend_preference),
+                            PrefixIndex() if rc.cache_aware_routing else None, rc.cache_load_tokens_per_request)
+    service = RouterService(registry, dispatcher, clock,
                             rc.request_timeout_s, record_event=store.record_worker_event,
                             scenarios=scenarios, controller=controller, control_interval_s=rc.control_interval_s,
                             record_change=lambda p: store.add_ratio_change(p.scenario, p.old, p.new, p.reason_text,

@@ -175,8 +175,7 @@ class RequestFlow:
     async def _place_and_reserve(self, request, max_tokens: int, scenario: str, excluded: set[str]):
         excluded = set(excluded)
         for attempt in range(_MAX_PLACEMENT_TRIES):
-            placement = self._place(request.req_id, request.model, len(request.prompt_token_ids), max_tokens,
-                                    frozenset(excluded), scenario)
+            placement = self._place(request, max_tokens, frozenset(excluded), scenario)
             if not placement.disaggregated:
                 return placement, None
             try:
@@ -196,11 +195,11 @@ class RequestFlow:
                                   (placement.decode_id,)) from exc
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _place(self, req_id: str, model: str, num_prompt_tokens: int, max_tokens: int, excluded: frozenset[str],
-               scenario: str) -> Placement:
+    def _place(self, request, max_tokens: int, excluded: frozenset[str], scenario: str) -> Placement:
         try:
-            return self.dispatcher.place(model, num_prompt_tokens, max_tokens, excluded, scenario=scenario,
-                                         req_id=req_id)
+            return self.dispatcher.place(request.model, len(request.prompt_token_ids), max_tokens, excluded,
+                                         scenario=scenario, req_id=request.req_id,
+                                         prompt_ids=request.prompt_token_ids)
         except NoWorkers as exc:
             raise RouteFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         except NoCapacity as exc:

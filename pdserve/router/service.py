@@ -75,6 +75,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         while True:
             await asyncio.sleep(self.registry.lease_s / 3)
             for worker_id in self.registry.expire(self.clock.now_s()):
+                if self.dispatcher.prefix_index is not None:
+                    self.dispatcher.prefix_index.forget(worker_id)
                 log.warning("worker %s missed its lease; no new work goes to it", worker_id)
                 rec = self.registry.get(worker_id)
                 self._history(worker_id, rec.role.value if rec else "", "dead", "missed its lease")
@@ -128,6 +130,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"worker id {rec.worker_id!r} belongs to a live "
                                 "worker; a new instance may take it over only once that one is gone")
         self.registry.register(rec, self.clock.now_s())
+        if self.dispatcher.prefix_index is not None:
+            self.dispatcher.prefix_index.forget(rec.worker_id)    # its first heartbeat sends a snapshot
         if rec.worker_id in self.drained_workers:
             self.registry.set_draining(rec, True)
         log.info("worker %s registered: role=%s model=%s at %s", rec.worker_id, role.value, rec.model,
@@ -157,9 +161,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def Heartbeat(self, request, context):
         if not self._same_instance(request.worker_id, request.instance_id):
             return router_pb2.HeartbeatResponse(known=False)     # not the instance registered under this id
-        known = self.registry.heartbeat(request.worker_id, request.load.num_free_kv_blocks,
-                                        request.load.num_active_requests, self.clock.now_s(),
-                                        frozenset(request.load.held_req_ids))
+        load = request.load
+        known = self.registry.heartbeat(request.worker_id, load.num_free_kv_blocks, load.num_active_requests,
+                                        self.clock.now_s(), frozenset(load.held_req_ids))
+        rec = self.registry.get(request.worker_id)
+        if known and rec is not None:
+            rec.prefix_cache = load.prefix_cache
+            index = self.dispatcher.prefix_index
+            if index is not None:
+                index.apply(request.worker_id, load.stored_block_hashes, load.evicted_block_hashes,
+                            load.block_hashes_reset)
         return router_pb2.HeartbeatResponse(known=known)
 
     async def Deregister(self, request, context):

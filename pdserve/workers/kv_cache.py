@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.workers.block_allocator import BlockAllocator, OutOfKVBlocks  # noqa: F401 (re-exported)
+from pdserve.workers.block_allocator import BlockAllocator, OutOfKVBlocks
+
+__all__ = ["BlockAllocator", "OutOfKVBlocks", "PagedKVCache"]   # the allocator names are re-exported
 from pdserve.workers.model.config import ModelConfig
 
 

@@ -42,16 +42,22 @@ async def keep_registered(service: WorkerService, router_address: str, ad: Adver
                         log.info("request %s: reservation of a previous router dropped", req_id)
                     forgotten = False
                 lease_s = await _register(stub, service, ad)
+                snapshot = True     # the router forgot this worker's cached blocks when it registered
                 while True:
                     await asyncio.sleep(min(lease_s / 3, _MAX_HEARTBEAT_INTERVAL_S))
                     # Ids first, then the free count: a request admitted in between is counted twice
                     # until the next heartbeat (too cautious), never missed.
                     held_req_ids = service.requests.admitted_ids()
                     info = await service.GetInfo(worker_pb2.GetInfoRequest(), None)
+                    stored, evicted, reset = await service.drain_prefix_events(snapshot)
+                    snapshot = True     # until this heartbeat is answered: its events may be lost
                     resp = await stub.Heartbeat(router_pb2.HeartbeatRequest(
                         worker_id=service.worker_id, instance_id=service.instance_id, load=router_pb2.WorkerLoad(
                             num_free_kv_blocks=info.num_free_kv_blocks, held_req_ids=held_req_ids,
-                            num_active_requests=info.num_active_requests)), timeout=lease_s)
+                            num_active_requests=info.num_active_requests, stored_block_hashes=stored,
+                            evicted_block_hashes=evicted, block_hashes_reset=reset,
+                            prefix_cache=info.prefix_cache)), timeout=lease_s)
+                    snapshot = False
                     if not resp.known:
                         log.warning("router forgot worker %s; registering again", service.worker_id)
                         forgotten = True

@@ -119,6 +119,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             num_pending_transfers=sum(a.num_active_transfers() for a in self.agents.values()),
             instance_id=self.instance_id, prefix_cache=self.prefix_cache_stats(), **self._measured())
 
+    async def drain_prefix_events(self, snapshot: bool = False) -> tuple[list[int], list[int], bool]:
+        """Prefix blocks stored and evicted since the last call (for the router's index)."""
+        if not self.engine.allocator.prefix_caching:
+            return [], [], False
+        return await self._run(self.engine.allocator.drain_events, snapshot)
+
     def prefix_cache_stats(self) -> worker_pb2.PrefixCacheStats:
         alloc = self.engine.allocator
         st = alloc.stats

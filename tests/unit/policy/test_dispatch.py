@@ -163,3 +163,33 @@ def test_a_request_whose_reservation_fails_can_migrate_again_and_again():
     t.to(RequestState.DECODING, 20.5)
     t.to(RequestState.FINISHED, 21.0)
     assert [s for s, _ in t.history][:2] == [RequestState.MIGRATING, RequestState.MIGRATING]
+
+
+def test_cache_aware_placement_follows_the_prefix_until_load_outweighs_it(clock):
+    from pdserve.policy.prefix_cache import PrefixIndex, block_hashes
+    reg = WorkerRegistry(3.0)
+    for w in (make_worker("d1", Role.DECODE, 900), make_worker("d2", Role.DECODE, 800),
+              make_worker("p1", Role.PREFILL), make_worker("p2", Role.PREFILL), make_worker("p3", Role.PREFILL)):
+        reg.register(w, clock.now_s())
+    index = PrefixIndex()
+    disp = Dispatcher(reg, prefix_index=index, load_tokens_per_request=256, num_load_candidates=2)
+    prompt = list(range(1024))
+    hashes = block_hashes(prompt, 16)
+    index.apply("p3", hashes[:48], [])          # 768 tokens: not among the 2 least-loaded by rank
+    index.apply("d2", hashes[:32], [])          # fewer free blocks than d1, but 512 tokens cached
+    index.apply("gone", hashes, [])             # stale: no such worker, costs nothing
+    first = disp.place("m", len(prompt), 16, prompt_ids=prompt, req_id="a")
+    assert (first.prefill_id, first.decode_id) == ("p3", "d2")
+    disp.on_start(first)
+    # Load-blind placement would not look at the cache at all.
+    assert Dispatcher(reg).place("m", len(prompt), 16).prefill_id in ("p1", "p2")
+    # Each request in flight costs 256 tokens: p3 saves 768, so it wins up to 2 more in flight.
+    for rid in ("b", "c"):
+        p = disp.place("m", len(prompt), 16, prompt_ids=prompt, req_id=rid)
+        assert p.prefill_id == "p3"
+        disp.on_start(p)
+    assert disp.place("m", len(prompt), 16, prompt_ids=prompt, req_id="d").prefill_id in ("p1", "p2")
+    # A prompt with no cached prefix is placed by load alone; no ids given: the same.
+    assert disp.place("m", 100, 16, prompt_ids=list(range(5000, 5100))).prefill_id in ("p1", "p2")
+    reg.mark_suspect("p3")                       # never placed on a worker that may be gone
+    assert disp.place("m", len(prompt), 16, prompt_ids=prompt).prefill_id != "p3"
