@@ -27,10 +27,18 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def _workers(resp) -> str:
-    return table(["worker", "role", "scenario", "model", "alive", "draining", "free KV", "active", "heartbeat"],
+    return table(["worker", "role", "scenario", "model", "alive", "draining", "free KV", "active", "heartbeat",
+                  "cached blocks", "prefix hits"],
                  [[w.worker_id, role_name(w.role), w.scenario, w.model, w.alive, w.draining,
                    f"{w.num_free_kv_blocks}/{w.num_total_kv_blocks}", w.num_active_requests,
-                   f"{w.seconds_since_heartbeat:.1f}s ago"] for w in resp.workers])
+                   f"{w.seconds_since_heartbeat:.1f}s ago", *_prefix_cells(w.prefix_cache)] for w in resp.workers])
+
+
+def _prefix_cells(pc) -> list[str]:
+    if not pc.enabled:
+        return ["off", ""]
+    rate = f"{100 * pc.hit_tokens / pc.query_tokens:.1f}% of {pc.query_tokens} tok" if pc.query_tokens else "-"
+    return [f"{pc.num_cached_blocks} ({pc.evictions} evicted)", rate]
 
 
 def _scenarios(resp) -> str:

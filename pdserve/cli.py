@@ -150,6 +150,15 @@ def _bench_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_prefix(args: argparse.Namespace) -> int:
+    from pdserve.bench import prefix
+
+    report = prefix.run(args.requests, args.tokens_per_trace_block, args.speedup, args.ttft_slo_ms,
+                        args.kv_blocks, args.trace_file, tuple(args.modes.split(",")))
+    print(json.dumps(report) if args.json else prefix.format_report(report))
+    return 0
+
+
 def _bench_auth(args: argparse.Namespace) -> int:
     from pdserve.bench import auth
 
@@ -359,6 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--json", action="store_true")
     _trace_file_option(ch)
     ch.set_defaults(fn=_bench_chaos)
+    px = bench.add_parser("prefix", help="prefix caching and cache-aware routing vs none, Mooncake trace")
+    px.add_argument("--requests", type=int, default=200, help="first N requests of the trace slice")
+    px.add_argument("--tokens-per-trace-block", type=int, default=32,
+                    help="prompt tokens per 512-token trace block (scales lengths to the model's context)")
+    px.add_argument("--speedup", type=float, default=1.0, help="replay the trace this many times faster")
+    px.add_argument("--ttft-slo-ms", type=float, default=1000.0, help="TTFT that counts towards goodput")
+    px.add_argument("--kv-blocks", type=int, default=4096, help="KV pool blocks per worker")
+    px.add_argument("--modes", default="no_cache,cache_load_routing,cache_aware_routing")
+    px.add_argument("--json", action="store_true")
+    _trace_file_option(px)
+    px.set_defaults(fn=_bench_prefix)
     au = bench.add_parser("auth", help="gRPC call latency with the cluster secret vs without")
     au.add_argument("--calls", type=int, default=500, help="calls per round")
     au.add_argument("--rounds", type=int, default=6, help="alternating rounds per mode")

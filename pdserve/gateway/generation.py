@@ -175,9 +175,11 @@ async def open_stream(p: Prepared, router: RouterClient, scenario_header: str = 
     return Stream(call, first, router, started)
 
 
-def usage(p: Prepared, num_generated: int) -> dict:
-    return {"prompt_tokens": len(p.prompt_ids), "completion_tokens": num_generated,
-            "total_tokens": len(p.prompt_ids) + num_generated}
+def usage(p: Prepared, out: "Outcome") -> dict:
+    return {"prompt_tokens": len(p.prompt_ids), "completion_tokens": out.num_generated,
+            "total_tokens": len(p.prompt_ids) + out.num_generated,
+            # OpenAI's field: prompt tokens served from a prefix cache instead of computed.
+            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
 
 
 @dataclass
@@ -186,6 +188,7 @@ class Outcome:
     num_generated: int = 0
     finish_reason: str | None = None
     ttft_s: float | None = None
+    num_cached_tokens: int = 0
     error: OpenAIError | None = None
     logprobs: list = field(default_factory=list)          # every chunk's, for a non-streamed body
     prompt_logprobs: list = field(default_factory=list)
@@ -201,6 +204,7 @@ def _observe(chunk, out: Outcome, metrics: GatewayMetrics, last_s: float) -> flo
     out.logprobs += chunk.logprobs
     out.prompt_logprobs += chunk.prompt_logprobs
     out.num_generated = chunk.num_generated_tokens
+    out.num_cached_tokens = max(out.num_cached_tokens, chunk.num_cached_tokens)
     if chunk.finish_reason != worker_pb2.FINISH_REASON_UNSPECIFIED:
         out.finish_reason = _FINISH.get(chunk.finish_reason)
         if out.finish_reason is None:
@@ -229,7 +233,7 @@ async def collect(p: Prepared, s: Stream, metrics: GatewayMetrics, out: Outcome)
                "finish_reason": out.finish_reason}
               if p.chat else {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason})
     return {"id": p.response_id, "object": "chat.completion" if p.chat else "text_completion",
-            "created": p.created, "model": p.model, "choices": [choice], "usage": usage(p, out.num_generated)}
+            "created": p.created, "model": p.model, "choices": [choice], "usage": usage(p, out)}
 
 
 def _echo_logprobs(p: Prepared, prompt: list) -> tuple[int | None, list]:
@@ -271,7 +275,7 @@ async def sse(p: Prepared, s: Stream, metrics: GatewayMetrics, out: Outcome):
                 yield _event(p, chunk.text, out.finish_reason, logprobs=logprobs)
         if p.include_usage:
             body = {"id": p.response_id, "object": "chat.completion.chunk" if p.chat else "text_completion",
-                    "created": p.created, "model": p.model, "choices": [], "usage": usage(p, out.num_generated)}
+                    "created": p.created, "model": p.model, "choices": [], "usage": usage(p, out)}
             yield f"data: {json.dumps(body)}\n\n"
         yield _DONE
     except grpc.aio.AioRpcError as exc:

@@ -7,6 +7,16 @@ _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 3
 _ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
+_PREFIX_GAUGES = {
+    "query_tokens": "Prompt tokens looked up in the worker's prefix cache (since it started)",
+    "hit_tokens": "Of those, tokens found cached",
+    "query_blocks": "Reusable prompt blocks looked up",
+    "hit_blocks": "Of those, blocks found cached",
+    "evictions": "Cached blocks evicted to make room",
+    "cached_blocks": "Blocks the prefix cache holds now",
+}
+
+
 class GatewayMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
@@ -25,4 +35,11 @@ class GatewayMetrics:
                                  buckets=_LATENCY_BUCKETS_S, registry=r)
         self.worker_queue = Gauge("pdserve_worker_active_requests", "Requests active on each worker",
                                   ["worker_id", "role"], registry=r)
+        self.prefix = {name: Gauge(f"pdserve_worker_prefix_{name}", help_, ["worker_id", "role"], registry=r)
+                       for name, help_ in _PREFIX_GAUGES.items()}
+        self.prefix_hit_rate = Gauge("pdserve_prefix_cache_hit_rate",
+                                     "Cluster-wide prefix cache hit rate since the workers started", ["unit"],
+                                     registry=r)
+        self.prefix_index = Gauge("pdserve_router_prefix_index", "The router's prefix index size", ["kind"],
+                                  registry=r)
         self.workers_alive = Gauge("pdserve_workers_alive", "Live workers by role", ["role"], registry=r)

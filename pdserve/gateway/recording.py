@@ -50,6 +50,7 @@ class RequestRecorder:
         if status == 200:
             self._metrics.e2e.observe(latency_s)
             self._metrics.tokens.labels("completion").inc(out.num_generated)
+            self._metrics.tokens.labels("cached_prompt").inc(out.num_cached_tokens)
         outcome = _outcome(status)
         log.info("request %s finished: status=%d outcome=%s tokens=%d latency_ms=%.1f", attempt.req_id, status,
                  outcome, out.num_generated, latency_s * 1e3)

@@ -22,8 +22,10 @@ class RouterClient:
         return self._stub.Generate(request)
 
     async def list_workers(self, timeout_s: float = 2.0) -> list[router_pb2.WorkerStatus]:
-        resp = await self._stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=timeout_s)
-        return list(resp.workers)
+        return list((await self.list_workers_response(timeout_s)).workers)
+
+    async def list_workers_response(self, timeout_s: float = 2.0) -> router_pb2.ListWorkersResponse:
+        return await self._stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=timeout_s)
 
     def to_http(self, exc: grpc.aio.AioRpcError) -> OpenAIError:
         code, details = exc.code(), exc.details() or ""

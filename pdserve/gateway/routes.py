@@ -131,14 +131,34 @@ async def ready(d=Depends(deps)):
                         status_code=200 if ok else 503)
 
 
+def _prefix_metrics(m, resp) -> None:
+    hits = queries = hit_blocks = query_blocks = 0
+    for w in resp.workers:
+        pc = w.prefix_cache
+        if not pc.enabled:
+            continue
+        values = {"query_tokens": pc.query_tokens, "hit_tokens": pc.hit_tokens, "query_blocks": pc.query_blocks,
+                  "hit_blocks": pc.hit_blocks, "evictions": pc.evictions, "cached_blocks": pc.num_cached_blocks}
+        for name, value in values.items():
+            m.prefix[name].labels(w.worker_id, role_name(w.role)).set(value)
+        hits, queries = hits + pc.hit_tokens, queries + pc.query_tokens
+        hit_blocks, query_blocks = hit_blocks + pc.hit_blocks, query_blocks + pc.query_blocks
+    m.prefix_hit_rate.labels("tokens").set(hits / queries if queries else 0.0)
+    m.prefix_hit_rate.labels("blocks").set(hit_blocks / query_blocks if query_blocks else 0.0)
+    m.prefix_index.labels("blocks").set(resp.prefix_index_blocks)
+    m.prefix_index.labels("entries").set(resp.prefix_index_entries)
+
+
 @router.get("/metrics", response_class=PlainTextResponse)
 async def prometheus(d=Depends(deps), m=Depends(metrics)):
     try:
-        workers = await d.router.list_workers()
+        resp = await d.router.list_workers_response()
+        workers = resp.workers
         for role in _ROLES:
             m.workers_alive.labels(role).set(sum(1 for w in workers if w.alive and role_name(w.role) == role))
         for w in workers:
             m.worker_queue.labels(w.worker_id, role_name(w.role)).set(w.num_active_requests)
+        _prefix_metrics(m, resp)
     except grpc.aio.AioRpcError:
         pass  # metrics of the gateway itself are still worth serving
     return Response(generate_latest(m.registry), media_type="text/plain; version=0.0.4")

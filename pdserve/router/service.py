@@ -184,12 +184,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def ListWorkers(self, request, context):
         now = self.clock.now_s()
-        return router_pb2.ListWorkersResponse(workers=[
+        index = self.dispatcher.prefix_index
+        return router_pb2.ListWorkersResponse(
+            prefix_index_blocks=index.num_blocks() if index else 0,
+            prefix_index_entries=index.num_entries() if index else 0, workers=[
             router_pb2.WorkerStatus(
                 worker_id=w.worker_id, role=ROLE_TO_PROTO[w.role], model=w.model, grpc_address=w.grpc_address,
                 alive=w.alive, num_free_kv_blocks=w.num_free_kv_blocks, num_total_kv_blocks=w.num_total_kv_blocks,
                 num_active_requests=w.num_active_requests, seconds_since_heartbeat=now - w.last_heartbeat_s,
-                scenario=w.scenario, draining=w.draining)
+                scenario=w.scenario, draining=w.draining, prefix_cache=w.prefix_cache)
             for w in self.registry.all()])
 
     # ---- requests ----

@@ -104,7 +104,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "grpc_address", "alive", "num_free_kv_blocks", "num_total_kv_blocks", "num_active_requests", "seconds_since_heartbeat", "scenario", "draining")
+    __slots__ = ("worker_id", "role", "model", "grpc_address", "alive", "num_free_kv_blocks", "num_total_kv_blocks", "num_active_requests", "seconds_since_heartbeat", "scenario", "draining", "prefix_cache")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class WorkerStatus(_message.Message):
     SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     SCENARIO_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: _worker_pb2.WorkerRole
     model: str
@@ -127,13 +128,18 @@ class WorkerStatus(_message.Message):
     seconds_since_heartbeat: float
     scenario: str
     draining: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_worker_pb2.WorkerRole, str]] = ..., model: _Optional[str] = ..., grpc_address: _Optional[str] = ..., alive: _Optional[bool] = ..., num_free_kv_blocks: _Optional[int] = ..., num_total_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., scenario: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
+    prefix_cache: _worker_pb2.PrefixCacheStats
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_worker_pb2.WorkerRole, str]] = ..., model: _Optional[str] = ..., grpc_address: _Optional[str] = ..., alive: _Optional[bool] = ..., num_free_kv_blocks: _Optional[int] = ..., num_total_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., scenario: _Optional[str] = ..., draining: _Optional[bool] = ..., prefix_cache: _Optional[_Union[_worker_pb2.PrefixCacheStats, _Mapping]] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers",)
+    __slots__ = ("workers", "prefix_index_blocks", "prefix_index_entries")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_INDEX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_INDEX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
+    prefix_index_blocks: int
+    prefix_index_entries: int
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., prefix_index_blocks: _Optional[int] = ..., prefix_index_entries: _Optional[int] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("worker_id", "instance_id")

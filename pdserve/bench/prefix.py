@@ -1,0 +1,194 @@
+"""`pdserve bench prefix`: prefix caching and cache-aware routing on a real `tiny` cluster.
+
+Workload: a slice of the Mooncake conversation trace (FAST'25). Each 512-token trace block
+(`hash_ids`) becomes `tokens_per_trace_block` token ids drawn from a generator seeded by its hash,
+so equal hashes give equal tokens and shared trace prefixes are shared prompt prefixes; prompt
+lengths are the trace's, scaled by the same factor; prompts that would not fit the model's context
+are left out (and counted). Requests arrive at the trace's times (divided by `speedup`).
+
+Three clusters of 2 prefill + 2 decode workers, one per mode, replay the same requests:
+- `no_cache`: prefix caching off, load-only routing (pdserve before prefix caching);
+- `cache_load_routing`: caches on, routing ignores them;
+- `cache_aware_routing`: caches on, the router places by cached prefix against load.
+Per mode: prefix hit rate (prompt tokens the prefill worker took from its cache, from each
+response's usage.prompt_tokens_details.cached_tokens), prefill tokens computed, KV bytes sent
+prefill -> decode (gateway metric), TTFT p50/p99 (latency of max_tokens=1 requests, which end at
+the first token) and goodput (requests within the TTFT SLO per second). The upper bound is the hit
+rate of one infinite cache that saw every earlier prompt of the slice.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import statistics
+import tempfile
+import time
+
+import httpx
+
+from pdserve.launch import LocalCluster
+from pdserve.policy.prefix_cache import block_hashes, reusable_blocks
+from pdserve.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest, load_named_or_file
+
+log = logging.getLogger("pdserve.bench")
+BLOCK_TOKENS = 16                  # the workers' KV block size (the default)
+MODES = {
+    "no_cache": {"PDSERVE_WORKER__PREFIX_CACHING": "false", "PDSERVE_ROUTER__CACHE_AWARE_ROUTING": "false"},
+    "cache_load_routing": {"PDSERVE_WORKER__PREFIX_CACHING": "true", "PDSERVE_ROUTER__CACHE_AWARE_ROUTING": "false"},
+    "cache_aware_routing": {"PDSERVE_WORKER__PREFIX_CACHING": "true", "PDSERVE_ROUTER__CACHE_AWARE_ROUTING": "true"},
+}
+
+
+def prompt_ids(req: TraceRequest, tokens_per_trace_block: int) -> list[int]:
+    """Token ids for a trace request: equal block hashes give equal tokens (bytes 0..255)."""
+    num_tokens = max(1, round(req.input_tokens * tokens_per_trace_block / MOONCAKE_BLOCK_TOKENS))
+    ids: list[int] = []
+    for h in req.block_hashes:
+        rng = random.Random(h)
+        ids += [rng.randrange(256) for _ in range(tokens_per_trace_block)]
+    if len(ids) < num_tokens:    # a trace row with fewer blocks than tokens: its own filler
+        rng = random.Random(f"{req.arrival_s}/{req.input_tokens}")
+        ids += [rng.randrange(256) for _ in range(num_tokens - len(ids))]
+    return ids[:num_tokens]
+
+
+def workload(trace: list[TraceRequest], tokens_per_trace_block: int, max_prompt_tokens: int
+             ) -> tuple[list[tuple[float, list[int]]], int]:
+    """(arrival s, prompt ids) of the requests that fit, and how many were left out."""
+    out, skipped = [], 0
+    for req in trace:
+        ids = prompt_ids(req, tokens_per_trace_block)
+        if len(ids) > max_prompt_tokens:
+            skipped += 1
+            continue
+        out.append((req.arrival_s, ids))
+    return out, skipped
+
+
+def infinite_cache_hit_rate(prompts: list[list[int]], block_tokens: int = BLOCK_TOKENS) -> float:
+    """Prompt tokens a cache that never evicts and sees every prompt would serve (the last token
+    of a prompt is always computed)."""
+    seen: set[int] = set()
+    hits = total = 0
+    for ids in prompts:
+        hashes = block_hashes(ids, block_tokens)
+        reusable = hashes[:reusable_blocks(len(ids), block_tokens)]
+        hit = next((i for i, h in enumerate(reusable) if h not in seen), len(reusable))
+        hits += hit * block_tokens
+        total += len(ids)
+        seen.update(hashes)
+    return hits / total if total else 0.0
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _replay(url: str, requests: list[tuple[float, list[int]]], speedup: float, slo_s: float) -> dict:
+    ttfts, cached, errors = [], 0, {}
+    prompt_tokens = 0
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=256)) as http:
+        async def one(at_s: float, ids: list[int]) -> None:
+            nonlocal cached, prompt_tokens
+            await asyncio.sleep(max(0.0, at_s - (time.perf_counter() - t0)))
+            started = time.perf_counter()
+            try:
+                r = await http.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1})
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                return
+            if r.status_code != 200:
+                errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+                return
+            ttfts.append(time.perf_counter() - started)
+            usage = r.json()["usage"]
+            cached += usage["prompt_tokens_details"]["cached_tokens"]
+            prompt_tokens += usage["prompt_tokens"]
+
+        first = requests[0][0]
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one((at - first) / speedup, ids) for at, ids in requests))
+        wall_s = time.perf_counter() - t0
+    return {"ttfts": ttfts, "cached_tokens": cached, "prompt_tokens": prompt_tokens, "errors": errors,
+            "wall_s": wall_s, "goodput_rps": sum(t <= slo_s for t in ttfts) / wall_s}
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _wait_for_workers(cluster: LocalCluster, num_each: int, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{cluster.url}/metrics", timeout=5).text
+        if all(_metric(text, f'pdserve_workers_alive{{role="{r}"}}') >= num_each for r in ("prefill", "decode")):
+            return
+        time.sleep(0.2)
+    raise TimeoutError("workers did not all register")
+
+
+def run_mode(mode: str, requests, speedup: float, slo_s: float, num_kv_blocks: int) -> dict:
+    db_dir = tempfile.TemporaryDirectory()
+    env = {**MODES[mode], "PDSERVE_DATABASE__URL": f"sqlite:///{db_dir.name}/bench.db",
+           "PDSERVE_WORKER__NUM_KV_BLOCKS": str(num_kv_blocks), "PDSERVE_MODEL__TORCH_NUM_THREADS": "1"}
+    cluster = LocalCluster(model="tiny", num_prefill=2, num_decode=2, env=env).start()
+    try:
+        _wait_for_workers(cluster, 2)
+        log.info("bench prefix: replaying %d requests in mode %s", len(requests), mode)
+        res = asyncio.run(_replay(cluster.url, requests, speedup, slo_s))
+        metrics = httpx.get(f"{cluster.url}/metrics", timeout=5).text
+    finally:
+        cluster.stop()
+        db_dir.cleanup()
+    ttfts = res["ttfts"]
+    return {"requests_ok": len(ttfts), "errors": res["errors"],
+            "hit_rate": round(res["cached_tokens"] / res["prompt_tokens"], 4) if res["prompt_tokens"] else 0.0,
+            "prefill_tokens_computed": res["prompt_tokens"] - res["cached_tokens"],
+            "kv_bytes_transferred": int(_metric(metrics, "pdserve_kv_transfer_bytes_total")),
+            "ttft_p50_ms": round(1e3 * _percentile(ttfts, 0.5), 1) if ttfts else None,
+            "ttft_p99_ms": round(1e3 * _percentile(ttfts, 0.99), 1) if ttfts else None,
+            "goodput_rps": round(res["goodput_rps"], 3), "wall_s": round(res["wall_s"], 1)}
+
+
+def run(num_requests: int = 200, tokens_per_trace_block: int = 32, speedup: float = 1.0,
+        ttft_slo_ms: float = 1000.0, num_kv_blocks: int = 4096, trace_file=None,
+        modes: tuple[str, ...] = tuple(MODES)) -> dict:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    trace = load_named_or_file("mooncake-conversation", trace_file, num_requests)
+    requests, skipped = workload(trace, tokens_per_trace_block, max_prompt_tokens=4000)
+    bound = infinite_cache_hit_rate([ids for _, ids in requests])
+    results = {mode: run_mode(mode, requests, speedup, ttft_slo_ms / 1e3, num_kv_blocks) for mode in modes}
+    report = {"model": "tiny", "cluster": "2 prefill + 2 decode", "requests": len(requests),
+              "skipped_too_long": skipped, "tokens_per_trace_block": tokens_per_trace_block, "speedup": speedup,
+              "ttft_slo_ms": ttft_slo_ms, "prompt_tokens": sum(len(ids) for _, ids in requests),
+              "upper_bound_hit_rate": round(bound, 4), "modes": results}
+    aware, none = results.get("cache_aware_routing"), results.get("no_cache")
+    if aware and none and bound > 0 and aware["ttft_p50_ms"] and none["ttft_p50_ms"]:
+        report["summary"] = {
+            "cache_aware_hit_rate_vs_upper_bound": round(aware["hit_rate"] / bound, 3),
+            "ttft_p50_cache_aware_vs_no_cache": round(aware["ttft_p50_ms"] / none["ttft_p50_ms"], 3),
+            "prefill_tokens_cache_aware_vs_no_cache": round(
+                aware["prefill_tokens_computed"] / max(1, none["prefill_tokens_computed"]), 3),
+            "kv_bytes_cache_aware_vs_no_cache": round(
+                aware["kv_bytes_transferred"] / max(1, none["kv_bytes_transferred"]), 3)}
+    return report
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['requests']} Mooncake conversation requests ({r['skipped_too_long']} too long left out), "
+             f"{r['prompt_tokens']} prompt tokens; infinite-cache hit rate {r['upper_bound_hit_rate']:.3f}",
+             f"{'mode':<22}{'hit rate':>9}{'computed':>10}{'KV MB':>8}{'p50 ms':>8}{'p99 ms':>8}{'goodput':>9}  errors"]
+    for mode, m in r["modes"].items():
+        lines.append(f"{mode:<22}{m['hit_rate']:>9.3f}{m['prefill_tokens_computed']:>10}"
+                     f"{m['kv_bytes_transferred'] / 1e6:>8.1f}{m['ttft_p50_ms']!s:>8}{m['ttft_p99_ms']!s:>8}"
+                     f"{m['goodput_rps']:>9.2f}  {m['errors'] or 'none'}")
+    for key, value in r.get("summary", {}).items():
+        lines.append(f"{key}: x{value}")
+    return "\n".join(lines)
