@@ -75,6 +75,30 @@ def test_streaming_matches_non_streaming_with_usage(oai):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
 
 
+def _metric(text: str, name: str) -> float:
+    return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)), 0.0)
+
+
+def test_a_shared_prefix_is_served_from_the_caches_and_reported(cluster, oai):
+    """Prefix caching through the whole stack, with the real client: the second prompt shares a
+    long prefix with the first; its usage reports the cached tokens, and the workers' counters
+    reach /metrics and the router's prefix index through their heartbeats."""
+    system = "You are a careful assistant who answers briefly. " * 6
+    tok = ByteTokenizer()
+    first_ids, second_ids = tok.encode(system + "First question?"), tok.encode(system + "Another one!")
+    common = next(i for i, (a, b) in enumerate(zip(first_ids, second_ids)) if a != b)
+    first = oai.completions.create(model="tiny", prompt=system + "First question?", max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    second = oai.completions.create(model="tiny", prompt=system + "Another one!", max_tokens=4, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens == common // 16 * 16 > 0
+    with httpx.Client(base_url=cluster.url) as http:
+        reported = lambda text: (_metric(text, 'pdserve_prefix_cache_hit_rate{unit="tokens"}') > 0  # noqa: E731
+                                 and _metric(text, 'pdserve_router_prefix_index{kind="blocks"}') > 0)
+        assert wait_until(lambda: reported(http.get("/metrics").text))   # the next heartbeats bring them
+        text = http.get("/metrics").text
+    assert _metric(text, 'pdserve_tokens_total{kind="cached_prompt"}') >= common // 16 * 16
+
+
 def test_chat_streaming_and_not(oai):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     full = oai.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=9, temperature=0)
@@ -329,6 +353,9 @@ def test_chat_logprobs_streamed_and_not(cluster, oai):
     streamed = oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, temperature=0, logprobs=True,
                                            top_logprobs=3, stream=True)
     entries = [c for ch in streamed if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
-    assert [e.logprob for e in entries] == [c.logprob for c in content]
+    # The second request's prompt comes from the prefix cache: same tokens, logprobs equal up to
+    # float rounding (the cached prefix was computed in a differently shaped matmul).
+    assert [e.logprob for e in entries] == pytest.approx([c.logprob for c in content], abs=1e-5)
+    assert [e.token for e in entries] == [c.token for c in content]
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=1, top_logprobs=2)
