@@ -27,7 +27,7 @@ import time
 import httpx
 
 from pdserve.launch import LocalCluster
-from pdserve.policy.prefix_cache import block_hashes, reusable_blocks
+from pdserve.policy.prefix_cache import block_hashes, infinite_cache_hit_rate
 from pdserve.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest, load_named_or_file
 
 log = logging.getLogger("pdserve.bench")
@@ -65,19 +65,8 @@ def workload(trace: list[TraceRequest], tokens_per_trace_block: int, max_prompt_
     return out, skipped
 
 
-def infinite_cache_hit_rate(prompts: list[list[int]], block_tokens: int = BLOCK_TOKENS) -> float:
-    """Prompt tokens a cache that never evicts and sees every prompt would serve (the last token
-    of a prompt is always computed)."""
-    seen: set[int] = set()
-    hits = total = 0
-    for ids in prompts:
-        hashes = block_hashes(ids, block_tokens)
-        reusable = hashes[:reusable_blocks(len(ids), block_tokens)]
-        hit = next((i for i, h in enumerate(reusable) if h not in seen), len(reusable))
-        hits += hit * block_tokens
-        total += len(ids)
-        seen.update(hashes)
-    return hits / total if total else 0.0
+def upper_bound_hit_rate(prompts: list[list[int]], block_tokens: int = BLOCK_TOKENS) -> float:
+    return infinite_cache_hit_rate(((block_hashes(ids, block_tokens), len(ids)) for ids in prompts), block_tokens)
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -162,7 +151,7 @@ def run(num_requests: int = 200, tokens_per_trace_block: int = 32, speedup: floa
     logging.getLogger("httpx").setLevel(logging.WARNING)
     trace = load_named_or_file("mooncake-conversation", trace_file, num_requests)
     requests, skipped = workload(trace, tokens_per_trace_block, max_prompt_tokens=4000)
-    bound = infinite_cache_hit_rate([ids for _, ids in requests])
+    bound = upper_bound_hit_rate([ids for _, ids in requests])
     results = {mode: run_mode(mode, requests, speedup, ttft_slo_ms / 1e3, num_kv_blocks) for mode in modes}
     report = {"model": "tiny", "cluster": "2 prefill + 2 decode", "requests": len(requests),
               "skipped_too_long": skipped, "tokens_per_trace_block": tokens_per_trace_block, "speedup": speedup,

@@ -37,20 +37,32 @@ class Placement:
 
 
 class _Prompt:
-    """The prompt's block names per block size, computed once per placement (lazily)."""
+    """Which workers hold how much of the prompt: its block names per block size, computed once
+    per placement (lazily) from the token ids, or given as (tokens per block, names)."""
 
-    def __init__(self, token_ids, index: PrefixIndex | None):
-        self.token_ids = token_ids
+    def __init__(self, index: PrefixIndex | None, token_ids=None, hashed: tuple[int, list[int]] | None = None):
         self._index = index
+        self._token_ids = token_ids
+        self._hashed = hashed
         self._overlaps: dict[int, dict[str, int]] = {}
 
+    @property
+    def known(self) -> bool:
+        return self._index is not None and bool(self._token_ids or (self._hashed and self._hashed[1]))
+
     def overlaps(self, block_size_tokens: int) -> dict[str, int]:
-        if self._index is None or not self.token_ids:
+        """Leading blocks held, per worker, in blocks of `block_size_tokens` (or the given size)."""
+        if not self.known:
             return {}
-        if block_size_tokens not in self._overlaps:
-            hashes = block_hashes(self.token_ids, block_size_tokens)
-            self._overlaps[block_size_tokens] = self._index.overlaps(hashes)
-        return self._overlaps[block_size_tokens]
+        size = self._hashed[0] if self._hashed else block_size_tokens
+        if size not in self._overlaps:
+            hashes = self._hashed[1] if self._hashed else block_hashes(self._token_ids, size)
+            self._overlaps[size] = self._index.overlaps(hashes)
+        return self._overlaps[size]
+
+    def cached_tokens(self, w: WorkerRecord) -> int:
+        size = self._hashed[0] if self._hashed else w.block_size_tokens
+        return self.overlaps(w.block_size_tokens).get(w.worker_id, 0) * size
 
 
 class Dispatcher:
@@ -66,14 +78,15 @@ class Dispatcher:
 
     def place(self, model: str, num_prompt_tokens: int, max_tokens: int,
               exclude_ids: frozenset[str] = frozenset(), scenario: str | None = None, req_id: str = "",
-              prompt_ids=None) -> Placement:
+              prompt_ids=None, prompt_hashes: tuple[int, list[int]] | None = None) -> Placement:
         """Place on the scenario's workers; a scenario with no workers of its own uses every worker.
         O(log n) in the number of workers (plus skipped, excluded or unreachable ones, and those
-        holding the prompt's prefix). `prompt_ids` enable cache-aware placement."""
+        holding the prompt's prefix). `prompt_ids`, or `prompt_hashes` (tokens per block, the
+        prompt's block names), enable cache-aware placement."""
         if scenario is not None and not self.registry.has_placeable(model, scenario):
             scenario = None
         total_tokens = num_prompt_tokens + max_tokens
-        prompt = _Prompt(prompt_ids, self.prefix_index)
+        prompt = _Prompt(self.prefix_index, prompt_ids, prompt_hashes)
         decode = self._best_kv(model, Role.DECODE, scenario, total_tokens, exclude_ids, prompt)
         if decode is not None:
             reachable = lambda w: self._common_backend(w, decode) is not None  # noqa: E731
@@ -124,7 +137,7 @@ class Dispatcher:
         return [placement.prefill_id, *others][:max_offers]
 
     def _k(self, prompt: _Prompt) -> int:
-        return self.num_load_candidates if self.prefix_index is not None and prompt.token_ids else 1
+        return self.num_load_candidates if prompt.known else 1
 
     def _best_kv(self, model: str, role: Role, scenario: str | None, num_tokens: int,
                  exclude_ids: frozenset[str], prompt: _Prompt) -> WorkerRecord | None:
@@ -138,7 +151,7 @@ class Dispatcher:
                   exclude_ids: frozenset[str], prompt: _Prompt, num_tokens: int, accept) -> WorkerRecord | None:
         """The best-ranked worker, or with cache-aware routing the cheapest among the ranked ones
         and those holding a prefix of the prompt (the rank order breaks ties)."""
-        if self.prefix_index is None or not prompt.token_ids or not ranked:
+        if not prompt.known or not ranked:
             return ranked[0] if ranked else None
         candidates = {w.worker_id: w for w in ranked}
         for size in {w.block_size_tokens for w in ranked}:
@@ -153,7 +166,7 @@ class Dispatcher:
         return min(candidates.values(), key=cost, default=None)
 
     def _cost(self, w: WorkerRecord, prompt: _Prompt, num_tokens: int) -> float:
-        cached = prompt.overlaps(w.block_size_tokens).get(w.worker_id, 0) * w.block_size_tokens
+        cached = prompt.cached_tokens(w)
         return max(0, num_tokens - cached) + self.load_tokens_per_request * w.num_inflight
 
     def _common_backend(self, a: WorkerRecord, b: WorkerRecord) -> str | None:

@@ -32,10 +32,33 @@ def block_hashes(token_ids: Sequence[int], block_size_tokens: int, max_blocks: i
     return out
 
 
+def chain_hashes(block_ids: Sequence[int]) -> list[int]:
+    """Prefix names for blocks already identified one by one (a trace's per-block hash ids):
+    the same chain, so that equal names still mean equal prefixes."""
+    out, parent = [], _ROOT
+    for block_id in block_ids:
+        parent = hashlib.blake2b(parent + int(block_id).to_bytes(16, "little", signed=True), digest_size=8).digest()
+        out.append(int.from_bytes(parent, "little"))
+    return out
+
+
 def reusable_blocks(num_prompt_tokens: int, block_size_tokens: int) -> int:
     """Leading blocks a prefill may take from a cache: the last prompt token is always computed,
     because its logits give the first output token."""
     return max(0, (num_prompt_tokens - 1) // block_size_tokens)
+
+
+def infinite_cache_hit_rate(prompts: Iterable[tuple[Sequence[int], int]], block_size_tokens: int) -> float:
+    """Upper bound of a prefix hit rate: the share of prompt tokens one cache that never evicts
+    and sees every prompt (given in arrival order as (block names, prompt tokens)) would serve."""
+    seen: set[int] = set()
+    hits = total = 0
+    for hashes, num_tokens in prompts:
+        reusable = hashes[:reusable_blocks(num_tokens, block_size_tokens)]
+        hits += next((i for i, h in enumerate(reusable) if h not in seen), len(reusable)) * block_size_tokens
+        total += num_tokens
+        seen.update(hashes[:num_tokens // block_size_tokens])
+    return hits / total if total else 0.0
 
 
 class PrefixIndex:

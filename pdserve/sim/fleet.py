@@ -3,7 +3,11 @@
 The decisions come from the live router's policy objects: `WorkerRegistry` + `Dispatcher`
 (placement and on-demand forwarding order), `ScenarioClassifier`, `RatioController` (P/D ratio and
 which workers drain) and a prefill scheduler per worker; only
-time and the workers' speed are simulated (`HardwareProfile`). Request lifecycle: arrival ->
+time and the workers' speed are simulated (`HardwareProfile`). With prefix caching, each prefill
+worker keeps a cache of 512-token trace blocks in the live workers' block bookkeeping
+(`policy/kv_blocks.py`), computes only after the prefix it holds, and publishes stored/evicted
+blocks on its heartbeat to the router's `PrefixIndex`, which cache-aware placement reads (decode
+workers' caches are not modelled: every transfer carries the whole prompt). Request lifecycle: arrival ->
 classify -> place -> prefill queue -> KV transfer -> decode batch (continuous batching, one token
 per step) -> done. A role change drains the worker first, as in the router.
 """
@@ -15,12 +19,15 @@ import time
 from dataclasses import dataclass, field
 
 from pdserve.policy.cost_model import OperatorCostModel
+from pdserve.policy.kv_blocks import BlockAllocator
+from pdserve.policy.prefix_cache import PrefixIndex, chain_hashes, reusable_blocks
 from pdserve.policy.prefill_scheduler import BasePrefillScheduler, PrefillJob, WorkUnit, make_scheduler
 from pdserve.policy.ratio_controller import RatioController
 from pdserve.policy.scenarios import ScenarioClassifier
 from pdserve.policy.dispatch import Dispatcher
 from pdserve.policy.registry import NoCapacity, NoWorkers, Role, WorkerRecord, WorkerRegistry
 from pdserve.sim.hardware import HardwareProfile
+from pdserve.traces import MOONCAKE_BLOCK_TOKENS
 
 _MODEL = "sim"
 _BLOCK_TOKENS = 16
@@ -65,19 +72,24 @@ class _Worker:
     sum_start_token_clock: float = 0.0
     decode_version: int = 0
     role_since_s: float = 0.0
+    cache: BlockAllocator | None = None      # prefix cache of 512-token trace blocks
 
 
 class Simulation:
     def __init__(self, hw: HardwareProfile, splits: dict[str, tuple[int, int]], scenarios: ScenarioClassifier,
                  controller: RatioController | None, control_interval_s: float = 5.0,
                  heartbeat_s: float = _HEARTBEAT_S, prefill_policy: str = "fcfs", forwarding: bool = False,
-                 max_prefill_offers: int = 3):
+                 max_prefill_offers: int = 3, block_hashes: dict[str, tuple[int, ...]] | None = None,
+                 prefix_caching: bool = False, cache_aware: bool = False):
         self.hw = hw
         self.scenarios = scenarios
         self.controller = controller
         self.control_interval_s = control_interval_s
         self.registry = WorkerRegistry(lease_s=float("inf"))
-        self.dispatcher = Dispatcher(self.registry, ("sim",))
+        self.dispatcher = Dispatcher(self.registry, ("sim",), PrefixIndex() if cache_aware else None)
+        self._chains = ({rid: chain_hashes(h) for rid, h in (block_hashes or {}).items()} if prefix_caching
+                        else {})
+        self.prefix_query_tokens = self.prefix_hit_tokens = 0
         self.workers: dict[str, _Worker] = {}
         self._events: list = []
         self._seq = itertools.count()
@@ -100,7 +112,9 @@ class Simulation:
                                    {"sim": b""}, total_blocks, _BLOCK_TOKENS, 1 << 20, scenario=scenario,
                                    perf=hw.perf())
                 self.registry.register(rec, 0.0)
-                self.workers[rec.worker_id] = _Worker(rec, self._scheduler(prefill_policy))
+                cache = (BlockAllocator(_KV_POOL_BYTES // (hw.kv_bytes_per_token * MOONCAKE_BLOCK_TOKENS),
+                                        MOONCAKE_BLOCK_TOKENS, prefix_caching=True) if prefix_caching else None)
+                self.workers[rec.worker_id] = _Worker(rec, self._scheduler(prefill_policy), cache=cache)
             self.ratio_log.append((0.0, scenario, num_p, num_d))
 
     def _scheduler(self, policy: str):
@@ -132,6 +146,10 @@ class Simulation:
                 w.role_since_s = self.now_s
         return requests
 
+    def prefix_hit_rate(self) -> float | None:
+        """Prompt tokens prefill workers took from their caches, of all they were offered."""
+        return round(self.prefix_hit_tokens / self.prefix_query_tokens, 4) if self.prefix_query_tokens else None
+
     def utilisation(self) -> dict:
         """Prefill: busy share of prefill-worker time. Decode: mean batch size while running."""
         prefill_s = self._role_seconds[Role.PREFILL]
@@ -148,7 +166,9 @@ class Simulation:
             self.controller.observe(r.scenario, self.now_s, r.input_tokens, r.output_tokens)
         started = time.perf_counter()
         try:
-            p = self.dispatcher.place(_MODEL, r.input_tokens, r.output_tokens, scenario=r.scenario, req_id=r.req_id)
+            chain = self._chains.get(r.req_id)
+            p = self.dispatcher.place(_MODEL, r.input_tokens, r.output_tokens, scenario=r.scenario, req_id=r.req_id,
+                                      prompt_hashes=(MOONCAKE_BLOCK_TOKENS, chain) if chain else None)
         except (NoCapacity, NoWorkers):
             r.rejected = True
             return
@@ -167,14 +187,20 @@ class Simulation:
         """On-demand forwarding, as the router does: offer the prefill to the workers of
         `Dispatcher.forwarding_order`, one after another; each accepts only if it can finish by the
         TTFT deadline (its scheduler's own admission check)."""
-        job = PrefillJob(r.req_id, r.input_tokens, self.now_s, r.arrival_s + r.ttft_slo_s)
         current = p.prefill_id
         for wid in self.dispatcher.forwarding_order(_MODEL, p, self.max_prefill_offers):
             w = self.workers[wid]
             if wid != current:
                 self.dispatcher.on_prefill_forwarded(current, wid)
                 current = wid
+            reusable = self._reusable(r)
+            cached = w.cache.peek(reusable) * MOONCAKE_BLOCK_TOKENS if w.cache is not None else 0
+            job = PrefillJob(r.req_id, r.input_tokens, self.now_s, r.arrival_s + r.ttft_slo_s, cached_tokens=cached)
             if not self.forwarding or w.prefill.admission(job, self.now_s)[0]:
+                if w.cache is not None:     # the live worker's lookup: counted, and touched as recently used
+                    w.cache.lookup(reusable, r.input_tokens)
+                    self.prefix_query_tokens += r.input_tokens
+                    self.prefix_hit_tokens += cached
                 w.prefill.add(job, self.now_s)
                 self._maybe_prefill(w)
                 return
@@ -183,6 +209,9 @@ class Simulation:
         self.dispatcher.on_finish(p)
         self._jobs.pop(r.req_id, None)
         r.rejected = True
+
+    def _reusable(self, r: SimRequest) -> list[int]:
+        return self._chains.get(r.req_id, [])[:reusable_blocks(r.input_tokens, MOONCAKE_BLOCK_TOKENS)]
 
     def _maybe_prefill(self, w: _Worker) -> None:
         if w.busy:
@@ -207,6 +236,8 @@ class Simulation:
         unit.next_op = unit.num_ops
         for job in w.prefill.on_unit_done(unit, self.now_s):
             r = self._jobs.pop(job.req_id)
+            if w.cache is not None:
+                w.cache.store(self._chains.get(r.req_id, [])[:r.input_tokens // MOONCAKE_BLOCK_TOKENS])
             self.dispatcher.on_prefill_done(w.rec.worker_id)
             self._at(self.now_s + self.hw.kv_transfer_s(r.input_tokens), self._kv_arrived, r)
         w.busy = False
@@ -273,6 +304,8 @@ class Simulation:
             # Simplification kept from the first simulator: a simulated decode worker does not reserve
             # KV for requests still in prefill, and each heartbeat counts every placement as seen.
             self.registry.heartbeat(w.rec.worker_id, w.rec.num_total_kv_blocks - used, len(w.batch), self.now_s)
+            if w.cache is not None and self.dispatcher.prefix_index is not None:
+                self.dispatcher.prefix_index.apply(w.rec.worker_id, *w.cache.drain_events())
 
     def _control(self) -> None:
         """The controller's plan, carried out as the live rebalancer does: drain, then switch."""

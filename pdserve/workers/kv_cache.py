@@ -1,6 +1,6 @@
 """Paged KV cache for decode plus contiguous per-layer export/import for transfer.
 
-Ownership: `BlockAllocator` (block_allocator.py) hands out fixed-size blocks to a request id and
+Ownership: `BlockAllocator` (policy/kv_blocks.py) hands out fixed-size blocks to a request id and
 keeps named prefix blocks for reuse; whoever allocated must call `free()` exactly once when the
 request finishes, fails or is aborted. `PagedKVCache` holds the tensors; it never allocates blocks
 itself. A transferred layer arrives as one contiguous
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.workers.block_allocator import BlockAllocator, OutOfKVBlocks
+from pdserve.policy.kv_blocks import BlockAllocator, OutOfKVBlocks
 
 __all__ = ["BlockAllocator", "OutOfKVBlocks", "PagedKVCache"]   # the allocator names are re-exported
 from pdserve.workers.model.config import ModelConfig

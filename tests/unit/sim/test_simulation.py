@@ -73,3 +73,31 @@ def test_mooncake_workload_feeds_block_hashes_to_prefix_aware_routing():
     assert reqs and all(hashes[r.req_id] for r in reqs)
     report = compare.run(minutes=1, speedup=1, workers_per_scenario=2, trace="mooncake")
     assert report["workload"].startswith("mooncake") and report["num_workers"] == 4
+    cached = report["results"]["pdserve-prefix-cache"]
+    assert report["pdserve_configuration"] == "pdserve-prefix-cache" and cached["prefix_hit_rate"] > 0
+    assert "pdserve" in report["goodput_ratio_pdserve_vs"]
+    assert report["strongest_baseline"] in report["goodput_ratio_pdserve_vs"]
+
+
+def test_simulated_prefill_caches_skip_cached_prefixes_and_routing_finds_them():
+    """Same trace, same fleet: caches cut prefill work; cache-aware placement raises the hit rate
+    over load-only placement (the router's own Dispatcher and PrefixIndex decide)."""
+    import copy
+
+    from pdserve.policy.scenarios import ScenarioClassifier
+    from pdserve.sim import compare
+    from pdserve.sim.fleet import Simulation
+    from pdserve.sim.hardware import PRESETS
+
+    reqs, hashes = compare.mooncake(minutes=3, speedup=1)
+    classifier = ScenarioClassifier(dict(compare.MOONCAKE_SCENARIOS))
+    runs = {}
+    for name, caching, aware in (("none", False, False), ("load", True, False), ("aware", True, True)):
+        sim = Simulation(PRESETS["llama3-8b-h100"], {"default": (4, 4)}, classifier, None,
+                         prefill_policy="flowprefill", forwarding=True, block_hashes=hashes,
+                         prefix_caching=caching, cache_aware=aware)
+        sim.run(copy.deepcopy(reqs))
+        runs[name] = sim
+    assert runs["none"].prefix_hit_rate() is None
+    assert 0 < runs["load"].prefix_hit_rate() < runs["aware"].prefix_hit_rate()
+    assert runs["aware"].prefill_busy_s < runs["none"].prefill_busy_s

@@ -1,4 +1,5 @@
-"""Block bookkeeping of the paged KV pool, with prefix caching; pure, no tensors.
+"""Block bookkeeping of a paged KV pool, with prefix caching; pure, no tensors (workers keep the
+tensors in workers/kv_cache.py; the simulator runs the same bookkeeping for its prefix caches).
 
 Every block is free, owned (reference count > 0: the requests whose tables list it), or cached
 (count 0 but named by a prefix hash, kept for reuse and evicted least-recently-used when the pool
@@ -162,6 +163,10 @@ class BlockAllocator:
         for block, h in zip(self._tables[req_id], hashes):
             if block not in self._hash_of and h not in self._block_of:
                 self._name(block, h)
+
+    def peek(self, hashes: list[int]) -> int:
+        """How many leading blocks of `hashes` are cached (no side effects)."""
+        return len(self._match(hashes))
 
     def lookup(self, hashes: list[int], num_tokens: int) -> list[int]:
         """Blocks of the longest cached prefix of `hashes`, touched as recently used (a prefill

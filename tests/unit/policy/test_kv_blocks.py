@@ -4,7 +4,7 @@ import random
 import pytest
 
 from pdserve.policy.prefix_cache import block_hashes
-from pdserve.workers.block_allocator import BlockAllocator, OutOfKVBlocks
+from pdserve.policy.kv_blocks import BlockAllocator, OutOfKVBlocks
 
 BS = 4
 
