@@ -90,6 +90,7 @@ class PrefillSide:
         self._checksum = checksum
         self.default_ttft_slo_ms = default_ttft_slo_ms
         self.max_prefill_wait_s = max_prefill_wait_s
+        self._stores: set[asyncio.Task] = set()     # prompts being copied into the prefix cache
 
     async def compute(self, req_id: str, prompt_ids: list[int], params: SamplingConfig, ttft_slo_ms: float,
                       on_layer: LayerCallback, admission_budget_s: float, first_output_index: int = 0,
@@ -168,7 +169,7 @@ class PrefillSide:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {sender.failure()}")
             tail_ms = (self.clock.now_s() - tail_start) * 1e3
             if self.engine.allocator.prefix_caching:
-                await self._run(self.engine.store_prefix, ids, layers)
+                self._store_later(ids, layers)
             log.info("request %s: prefilled %d tokens (%d cached) in %.1f ms, sent %d KV bytes (%d tokens held "
                      "by the receiver)", request.req_id, len(ids), result.cached_tokens, result.compute_s * 1e3,
                      link.kv_bytes, skip)
@@ -177,6 +178,24 @@ class PrefillSide:
                 kv_bytes=link.kv_bytes, transfer_tail_ms=tail_ms, num_cached_tokens=result.cached_tokens)
         finally:
             link.abort_if_active("prefill request ended")
+
+
+    def _store_later(self, ids: list[int], layers: list) -> None:
+        """Keep the prompt's blocks for later prompts, after this one is answered: the reply (which
+        the router waits for to finish the request) does not wait for the copy."""
+        async def store() -> None:
+            try:
+                await self._run(self.engine.store_prefix, ids, layers)
+            except Exception:
+                log.exception("keeping a prefilled prompt in the prefix cache failed")
+        task = asyncio.ensure_future(store())
+        self._stores.add(task)
+        task.add_done_callback(self._stores.discard)
+
+    async def drain_stores(self) -> None:
+        """Wait for cache stores still running (tests, shutdown)."""
+        while self._stores:
+            await asyncio.gather(*list(self._stores), return_exceptions=True)
 
 
 def sampling_from_proto(p: worker_pb2.SamplingParams) -> SamplingConfig:
