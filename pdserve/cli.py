@@ -369,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     _trace_file_option(ch)
     ch.set_defaults(fn=_bench_chaos)
     px = bench.add_parser("prefix", help="prefix caching and cache-aware routing vs none, Mooncake trace")
-    px.add_argument("--requests", type=int, default=200, help="first N requests of the trace slice")
-    px.add_argument("--tokens-per-trace-block", type=int, default=32,
+    px.add_argument("--requests", type=int, default=600, help="first N requests of the trace slice")
+    px.add_argument("--tokens-per-trace-block", type=int, default=16,
                     help="prompt tokens per 512-token trace block (scales lengths to the model's context)")
     px.add_argument("--speedup", type=float, default=1.0, help="replay the trace this many times faster")
     px.add_argument("--ttft-slo-ms", type=float, default=1000.0, help="TTFT that counts towards goodput")

@@ -79,7 +79,10 @@ def _percentile(values: list[float], q: float) -> float | None:
 async def _replay(url: str, requests: list[tuple[float, list[int]]], speedup: float, slo_s: float) -> dict:
     ttfts, cached, errors = [], 0, {}
     prompt_tokens = 0
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=256)) as http:
+    # Idle connections are dropped before the server would close them (uvicorn: 5 s), so a request
+    # never races a server-side close on a reused connection.
+    limits = httpx.Limits(max_connections=256, keepalive_expiry=2.0)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
         async def one(at_s: float, ids: list[int]) -> None:
             nonlocal cached, prompt_tokens
             await asyncio.sleep(max(0.0, at_s - (time.perf_counter() - t0)))
@@ -145,7 +148,7 @@ def run_mode(mode: str, requests, speedup: float, slo_s: float, num_kv_blocks: i
             "goodput_rps": round(res["goodput_rps"], 3), "wall_s": round(res["wall_s"], 1)}
 
 
-def run(num_requests: int = 200, tokens_per_trace_block: int = 32, speedup: float = 1.0,
+def run(num_requests: int = 600, tokens_per_trace_block: int = 16, speedup: float = 1.0,
         ttft_slo_ms: float = 1000.0, num_kv_blocks: int = 4096, trace_file=None,
         modes: tuple[str, ...] = tuple(MODES)) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)

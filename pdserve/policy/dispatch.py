@@ -30,6 +30,7 @@ class Placement:
     kv_backend: str | None
     num_blocks: int
     req_id: str = ""
+    prefill_tokens: int = 0          # prompt tokens the prefill worker is expected to compute
 
     @property
     def disaggregated(self) -> bool:
@@ -97,7 +98,7 @@ class Dispatcher:
             if prefill is not None:
                 backend = self._common_backend(prefill, decode)
                 return Placement(decode.worker_id, prefill.worker_id, backend, decode.blocks_needed(total_tokens),
-                                 req_id)
+                                 req_id, num_prompt_tokens - prompt.cached_tokens(prefill))
         agg = self._best_kv(model, Role.AGGREGATED, scenario, total_tokens, exclude_ids, prompt)
         if agg is not None:
             return Placement(agg.worker_id, None, None, agg.blocks_needed(total_tokens), req_id)
@@ -166,16 +167,19 @@ class Dispatcher:
         return min(candidates.values(), key=cost, default=None)
 
     def _cost(self, w: WorkerRecord, prompt: _Prompt, num_tokens: int) -> float:
+        # Work ahead of the request (prompt tokens queued there) plus its own uncached tokens,
+        # plus a fixed cost per request in flight (what a decode worker's load is measured in).
         cached = prompt.cached_tokens(w)
-        return max(0, num_tokens - cached) + self.load_tokens_per_request * w.num_inflight
+        return max(0, num_tokens - cached) + w.inflight_prefill_tokens + self.load_tokens_per_request * w.num_inflight
 
     def _common_backend(self, a: WorkerRecord, b: WorkerRecord) -> str | None:
         return next((x for x in self.kv_backend_preference if x in a.kv_addresses and x in b.kv_addresses), None)
 
-    def _adjust(self, worker_id: str | None, inflight: int = 0) -> None:
+    def _adjust(self, worker_id: str | None, inflight: int = 0, prefill_tokens: int = 0) -> None:
         rec = self.registry.get(worker_id) if worker_id else None
         if rec is not None:
             rec.num_inflight = max(0, rec.num_inflight + inflight)
+            rec.inflight_prefill_tokens = max(0, rec.inflight_prefill_tokens + prefill_tokens)
             self.registry.touch(rec)
 
     def on_start(self, p: Placement) -> None:
@@ -184,15 +188,16 @@ class Dispatcher:
             rec.placed_blocks[p.req_id] = p.num_blocks
             rec.num_unseen_blocks += p.num_blocks
         self._adjust(p.decode_id, inflight=1)
-        self._adjust(p.prefill_id, inflight=1)
+        self._adjust(p.prefill_id, inflight=1, prefill_tokens=p.prefill_tokens)
 
-    def on_prefill_done(self, prefill_id: str | None) -> None:
-        self._adjust(prefill_id, inflight=-1)
+    def on_prefill_done(self, prefill_id: str | None, num_tokens: int = 0) -> None:
+        """`num_tokens`: the placement's `prefill_tokens`."""
+        self._adjust(prefill_id, inflight=-1, prefill_tokens=-num_tokens)
 
-    def on_prefill_forwarded(self, from_id: str, to_id: str) -> None:
+    def on_prefill_forwarded(self, from_id: str, to_id: str, num_tokens: int = 0) -> None:
         """The request moved to another prefill worker after a rejection."""
-        self._adjust(from_id, inflight=-1)
-        self._adjust(to_id, inflight=1)
+        self._adjust(from_id, inflight=-1, prefill_tokens=-num_tokens)
+        self._adjust(to_id, inflight=1, prefill_tokens=num_tokens)
 
     def on_finish(self, p: Placement) -> None:
         self.on_decode_done(p.decode_id, p.req_id)

@@ -61,6 +61,7 @@ class WorkerRecord:
     alive: bool = True
     # Router-side accounting between heartbeats, so a burst does not pile onto one worker.
     num_inflight: int = 0
+    inflight_prefill_tokens: int = 0   # prompt tokens placed here whose prefill has not finished
     # KV the router placed here that the worker's last heartbeat did not show yet: placements by
     # request id, and the sum of those not among the worker's held requests at that heartbeat.
     placed_blocks: dict[str, int] = field(default_factory=dict)

@@ -247,7 +247,7 @@ class RequestFlow:
         try:
             for prefill_id in self.dispatcher.forwarding_order(request.model, placement, self.max_prefill_offers):
                 if prefill_id != current:
-                    self.dispatcher.on_prefill_forwarded(current, prefill_id)
+                    self.dispatcher.on_prefill_forwarded(current, prefill_id, placement.prefill_tokens)
                     current = prefill_id
                 try:
                     return await self._stub(prefill_id).Prefill(worker_pb2.PrefillRequest(
@@ -264,7 +264,7 @@ class RequestFlow:
             raise RouteFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               "every prefill worker offered refused: " + "; ".join(reasons))
         finally:
-            self.dispatcher.on_prefill_done(current)
+            self.dispatcher.on_prefill_done(current, placement.prefill_tokens)
 
     def _abort_in_background(self, decode_id: str, req_id: str) -> None:
         task = asyncio.ensure_future(self._abort(decode_id, req_id))

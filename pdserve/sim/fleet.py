@@ -90,6 +90,7 @@ class Simulation:
         self._chains = ({rid: chain_hashes(h) for rid, h in (block_hashes or {}).items()} if prefix_caching
                         else {})
         self.prefix_query_tokens = self.prefix_hit_tokens = 0
+        self._prefill_tokens: dict[str, int] = {}     # placement's expected prefill tokens, by request
         self.workers: dict[str, _Worker] = {}
         self._events: list = []
         self._seq = itertools.count()
@@ -176,6 +177,7 @@ class Simulation:
             self.dispatch_wall_s += time.perf_counter() - started
             self.num_dispatches += 1
         self.dispatcher.on_start(p)
+        self._prefill_tokens[r.req_id] = p.prefill_tokens
         r.decode_id = p.decode_id
         self._jobs[r.req_id] = r
         if self.hw.request_overhead_s:
@@ -191,7 +193,7 @@ class Simulation:
         for wid in self.dispatcher.forwarding_order(_MODEL, p, self.max_prefill_offers):
             w = self.workers[wid]
             if wid != current:
-                self.dispatcher.on_prefill_forwarded(current, wid)
+                self.dispatcher.on_prefill_forwarded(current, wid, p.prefill_tokens)
                 current = wid
             reusable = self._reusable(r)
             cached = w.cache.peek(reusable) * MOONCAKE_BLOCK_TOKENS if w.cache is not None else 0
@@ -205,7 +207,7 @@ class Simulation:
                 self._maybe_prefill(w)
                 return
         # Every offer refused: the client gets 429 at once instead of a queue it cannot leave.
-        self.dispatcher.on_prefill_done(current)
+        self.dispatcher.on_prefill_done(current, self._prefill_tokens.pop(r.req_id, 0))
         self.dispatcher.on_finish(p)
         self._jobs.pop(r.req_id, None)
         r.rejected = True
@@ -238,7 +240,7 @@ class Simulation:
             r = self._jobs.pop(job.req_id)
             if w.cache is not None:
                 w.cache.store(self._chains.get(r.req_id, [])[:r.input_tokens // MOONCAKE_BLOCK_TOKENS])
-            self.dispatcher.on_prefill_done(w.rec.worker_id)
+            self.dispatcher.on_prefill_done(w.rec.worker_id, self._prefill_tokens.pop(r.req_id, 0))
             self._at(self.now_s + self.hw.kv_transfer_s(r.input_tokens), self._kv_arrived, r)
         w.busy = False
         self._maybe_prefill(w)

@@ -40,6 +40,30 @@ def test_tiny_disaggregated_equals_aggregated(tiny_cluster, backend, params):
     tiny_cluster.assert_idle()
 
 
+@pytest.mark.parametrize("backend", ["ucx", "tcp"])
+@pytest.mark.parametrize("params", [
+    worker_pb2.SamplingParams(max_tokens=16),
+    worker_pb2.SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=77),
+], ids=["greedy", "seeded"])
+def test_a_cached_prefix_gives_the_cold_runs_tokens_and_sends_only_the_rest(tiny_cluster, backend, params):
+    """A prompt of its own, run cold, then again: the second run takes its prefix from both
+    workers' caches (real processes, real transport) and must produce the same tokens."""
+    prompt = list(f"{backend}/{params.seed}: ".encode()) + LONG_PROMPT[:300]
+
+    async def run():
+        s = tiny_cluster.stubs()
+        ref = await route([s["aggregated"]], f"pref-{backend}-{params.seed}", prompt, params)
+        runs = [await route([s["prefill"], s["decode"]], f"p{i}-{backend}-{params.seed}", prompt, params,
+                            backend=backend) for i in range(2)]
+        return ref, runs
+    ref, (cold, cached) = asyncio.run(run())
+    assert cold.token_ids == cached.token_ids == ref.token_ids and cold.text == cached.text
+    held = (len(prompt) - 1) // 16 * 16
+    assert cold.num_cached_tokens == 0 and cached.num_cached_tokens == held      # prefill computed less
+    assert cached.kv_transfer_bytes * len(prompt) == cold.kv_transfer_bytes * (len(prompt) - held)   # and sent less
+    tiny_cluster.assert_idle()
+
+
 def test_concurrent_disaggregated_requests(tiny_cluster):
     async def run():
         s = tiny_cluster.stubs()
@@ -59,12 +83,21 @@ def test_concurrent_disaggregated_requests(tiny_cluster):
 def test_smollm2_disaggregated_equals_aggregated(model_cache_dir):
     tok = load_model(SMOLLM2_NAME, model_cache_dir).tokenizer
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    other = tok.apply_chat_template([{"role": "user", "content": "Name a large city in France."}])
     cluster = Cluster(SMOLLM2_NAME)
     try:
-        for backend in ("ucx", "tcp"):
-            ref, got = _both(cluster, backend, prompt, worker_pb2.SamplingParams(max_tokens=20), backend)
-            assert got.token_ids == ref.token_ids
-            assert "Paris" in ref.text
+        # Per prompt, the first backend's run is cold everywhere, the second's takes the prompt's
+        # prefix from the prefill and decode workers' caches: both equal the (cold) reference.
+        for prompt_ids, params in ((prompt, worker_pb2.SamplingParams(max_tokens=20)),
+                                   (other, worker_pb2.SamplingParams(max_tokens=12, temperature=0.8, seed=3))):
+            ref = None
+            for backend in ("ucx", "tcp"):
+                first, got = _both(cluster, backend, prompt_ids, params, f"{backend}-{params.seed}")
+                ref = ref or first
+                assert got.token_ids == ref.token_ids
+                assert got.num_cached_tokens == (0 if backend == "ucx" else (len(prompt_ids) - 1) // 16 * 16)
+            if params.temperature == 0:
+                assert "Paris" in ref.text
         cluster.assert_idle()
     finally:
         cluster.stop()

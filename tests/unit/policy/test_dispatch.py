@@ -183,12 +183,15 @@ def test_cache_aware_placement_follows_the_prefix_until_load_outweighs_it(clock)
     disp.on_start(first)
     # Load-blind placement would not look at the cache at all.
     assert Dispatcher(reg).place("m", len(prompt), 16).prefill_id in ("p1", "p2")
-    # Each request in flight costs 256 tokens: p3 saves 768, so it wins up to 2 more in flight.
-    for rid in ("b", "c"):
-        p = disp.place("m", len(prompt), 16, prompt_ids=prompt, req_id=rid)
-        assert p.prefill_id == "p3"
-        disp.on_start(p)
-    assert disp.place("m", len(prompt), 16, prompt_ids=prompt, req_id="d").prefill_id in ("p1", "p2")
+    assert first.prefill_tokens == 1024 - 768 and reg.get("p3").inflight_prefill_tokens == 256
+    # p3's cost: its 256 uncached tokens + the prompt tokens queued there + 256 per request in
+    # flight; p1 and p2 compute all 1024. One more fits (256 + 256 + 256 < 1024), then it is full.
+    second = disp.place("m", len(prompt), 16, prompt_ids=prompt, req_id="b")
+    assert second.prefill_id == "p3"
+    disp.on_start(second)
+    assert disp.place("m", len(prompt), 16, prompt_ids=prompt, req_id="c").prefill_id in ("p1", "p2")
+    disp.on_prefill_done("p3", second.prefill_tokens)            # its prefill finished: room again
+    assert disp.place("m", len(prompt), 16, prompt_ids=prompt, req_id="d").prefill_id == "p3"
     # A prompt with no cached prefix is placed by load alone; no ids given: the same.
     assert disp.place("m", 100, 16, prompt_ids=list(range(5000, 5100))).prefill_id in ("p1", "p2")
     reg.mark_suspect("p3")                       # never placed on a worker that may be gone
