@@ -170,7 +170,12 @@ def _bench_auth(args: argparse.Namespace) -> int:
 def _bench_chaos(args: argparse.Namespace) -> int:
     from pdserve.bench import chaos
 
-    report = chaos.run(args.rate, args.gap_s, args.stop_s, args.seed, args.trace_file)
+    try:
+        report = chaos.run(args.rate, args.gap_s, args.stop_s, args.seed, args.trace_file,
+                           tuple(f for f in args.faults.split(",") if f))
+    except ValueError as exc:
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report) if args.json else chaos.format_report(report))
     return 0
 
@@ -365,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--gap-s", type=float, default=10.0, help="quiet time before each fault")
     ch.add_argument("--stop-s", type=float, default=20.0, help="how long the SIGSTOPped worker stays stopped")
     ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--faults", default="kill-prefill,kill-decode,stop-decode,restart-router",
+                    help="comma-separated, in this order: kill-prefill, kill-decode, stop-decode, restart-router")
     ch.add_argument("--json", action="store_true")
     _trace_file_option(ch)
     ch.set_defaults(fn=_bench_chaos)

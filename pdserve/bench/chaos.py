@@ -191,8 +191,11 @@ async def _settled(cluster: LocalCluster, timeout_s: float = 60.0) -> dict:
         await asyncio.sleep(0.5)
 
 
+FAULTS = ("kill-prefill", "kill-decode", "stop-decode", "restart-router")
+
+
 async def _drive(cluster: LocalCluster, rate_per_s: float, gap_s: float, stop_s: float, seed: int,
-                 trace_file: pathlib.Path | None) -> dict:
+                 trace_file: pathlib.Path | None, chosen: tuple[str, ...] = FAULTS) -> dict:
     rng = random.Random(seed)
     sent: list[Sent] = []
     hits: list[tuple[float, list[str]]] = []    # when each fault hit, and the requests then in flight
@@ -202,10 +205,11 @@ async def _drive(cluster: LocalCluster, rate_per_s: float, gap_s: float, stop_s:
         hits.append((time.monotonic() - clock0, [s.req_id for s in sent if s.ended_s is None]))
 
     faults = _Faults(cluster, rng, stop_s, on_hit)
-    plan = [("sigkill prefill", lambda: faults.kill_worker("prefill")),
-            ("sigkill decode", lambda: faults.kill_worker("decode")),
-            (f"sigstop decode {stop_s:.0f} s", lambda: faults.stop_worker("decode")),
-            ("router restart", faults.restart_router)]
+    plan = {"kill-prefill": ("sigkill prefill", lambda: faults.kill_worker("prefill")),
+            "kill-decode": ("sigkill decode", lambda: faults.kill_worker("decode")),
+            "stop-decode": (f"sigstop decode {stop_s:.0f} s", lambda: faults.stop_worker("decode")),
+            "restart-router": ("router restart", faults.restart_router)}
+    plan = [plan[key] for key in FAULTS if key in chosen]
     # Arrivals for longer than the faults can take; sending stops `gap_s` after the last one.
     source, arrivals = _arrivals(rate_per_s, 3600.0, trace_file)
     done_sending = asyncio.Event()
@@ -296,7 +300,9 @@ def _summarise(raw: dict) -> dict:
 
 
 def run(rate_per_s: float = 3.0, gap_s: float = 10.0, stop_s: float = 20.0, seed: int = 0,
-        trace_file: pathlib.Path | None = None) -> dict:
+        trace_file: pathlib.Path | None = None, faults: tuple[str, ...] = FAULTS) -> dict:
+    if unknown := set(faults) - set(FAULTS):
+        raise ValueError(f"unknown faults {sorted(unknown)}; choose from {', '.join(FAULTS)}")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         cluster = LocalCluster(model="tiny", num_prefill=2, num_decode=2, env={
@@ -305,7 +311,7 @@ def run(rate_per_s: float = 3.0, gap_s: float = 10.0, stop_s: float = 20.0, seed
         try:
             if missing := asyncio.run(_full_capacity(cluster, 4)):
                 raise RuntimeError(f"the cluster did not come up: {missing}")
-            raw = asyncio.run(_drive(cluster, rate_per_s, gap_s, stop_s, seed, trace_file))
+            raw = asyncio.run(_drive(cluster, rate_per_s, gap_s, stop_s, seed, trace_file, tuple(faults)))
         finally:
             cluster.stop()
     return {"cluster": "2 prefill + 2 decode, tiny", "rate_per_s": rate_per_s, "seed": seed, **_summarise(raw)}

@@ -84,7 +84,10 @@ def test_pdserve_up_serves_and_stops_cleanly(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_answers_through_the_whole_stack(tmp_path):
-    cluster = LocalCluster(model="smollm2-135m", env={"PDSERVE_DATABASE__URL": f"sqlite:///{tmp_path}/d.db"}).start()
+    # One aggregated worker: gateway, router and a real SmolLM2 worker, loaded once (the split
+    # across processes is test_disaggregation.py's SmolLM2 test).
+    cluster = LocalCluster(model="smollm2-135m", num_prefill=0, num_decode=0, num_aggregated=1,
+                           env={"PDSERVE_DATABASE__URL": f"sqlite:///{tmp_path}/d.db"}).start()
     try:
         oai = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
         r = oai.chat.completions.create(model="smollm2-135m", temperature=0, max_tokens=24,

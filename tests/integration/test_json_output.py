@@ -26,16 +26,17 @@ def test_bench_chaos_json_reports_every_fault_and_nothing_held():
     """A short chaos run as a user would start it: every fault is reported, the cluster recovers
     from each, no request hangs and no worker holds KV, requests or transfers afterwards."""
     try:
+        # Two of the four faults: each one has its own test in tests/faults; this one checks the
+        # benchmark's report (and keeps CI within its time).
         out = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "chaos", "--json", "--rate", "2",
-                              "--gap-s", "3", "--stop-s", "4"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=840)
+                              "--gap-s", "3", "--faults", "kill-decode,restart-router"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=840)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"bench chaos ran past 840 s; its log ends:\n{(exc.stderr or b'')[-4000:]!r}")
     assert out.returncode == 0, out.stderr[-4000:]
     report = json.loads(out.stdout)
     assert all(f["recovered_s"] is not None for f in report["faults"]), report["faults"]
-    assert [f["fault"] for f in report["faults"]] == ["sigkill prefill", "sigkill decode", "sigstop decode 4 s",
-                                                      "router restart"]
+    assert [f["fault"] for f in report["faults"]] == ["sigkill decode", "router restart"]
     assert report["hung"] == 0
     assert report["leaked_total"] == 0, report["held_after_run"]
     assert report["completed"] > 0
