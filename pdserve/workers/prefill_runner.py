@@ -218,7 +218,10 @@ class PrefillRunner:
                 totals[1] += measured_s
                 if unit.next_op == unit.num_ops - 1:
                     self.stats.unit_timings.append(tuple(self._unit_totals.pop(id(unit))))
-        if isinstance(cost, CalibratedCostModel):
+        # An attention over a cached prefix costs more than its piece's tokens say (it reads the
+        # prefix too): it would inflate the correction every later prediction is scaled by.
+        over_cached_prefix = unit.next_op % 2 == 0 and any(p.job.cached_tokens for p in unit.pieces)
+        if isinstance(cost, CalibratedCostModel) and not over_cached_prefix:
             with self._cond:
                 cost.observe(unit.next_op, unit.piece_tokens(), measured_s)
 
