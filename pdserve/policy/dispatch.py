@@ -8,8 +8,9 @@ Pure: no I/O, no clock reads. Placement for a request:
 3. with no prefill/decode pair available, a live aggregated worker, by the same KV rule.
 With cache-aware routing (a `PrefixIndex` given and the prompt's token ids passed), steps 1 and
 2 score the few best-ranked workers plus every worker holding a prefix of the prompt by
-cost = tokens left to compute or move (prompt minus cached prefix) + load_tokens_per_request x
-requests in flight, and take the cheapest (KV must still fit on the decode side).
+cost = tokens left to compute or move (prompt minus cached prefix) + prompt tokens already
+queued on the worker (prefill) + load_tokens_per_request x requests in flight, and take the
+cheapest (KV must still fit on the decode side).
 Each is O(log n) in the number of workers (the registry's ranked index) plus the prompt's blocks
 and the workers holding them. The caller reports the
 request's progress (`on_start`, `on_prefill_forwarded`, `on_prefill_done`, `on_decode_done`) so
