@@ -154,7 +154,7 @@ def _bench_prefix(args: argparse.Namespace) -> int:
     from pdserve.bench import prefix
 
     report = prefix.run(args.requests, args.tokens_per_trace_block, args.speedup, args.ttft_slo_ms,
-                        args.kv_blocks, args.trace_file, tuple(args.modes.split(",")))
+                        args.kv_blocks, args.trace_file, tuple(args.modes.split(",")), args.sample_every)
     print(json.dumps(report) if args.json else prefix.format_report(report))
     return 0
 
@@ -376,10 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     _trace_file_option(ch)
     ch.set_defaults(fn=_bench_chaos)
     px = bench.add_parser("prefix", help="prefix caching and cache-aware routing vs none, Mooncake trace")
-    px.add_argument("--requests", type=int, default=600, help="first N requests of the trace slice")
+    px.add_argument("--requests", type=int, default=None, help="first N requests of the sampled trace (all)")
+    px.add_argument("--sample-every", type=int, default=20,
+                    help="keep every Nth conversation, whole, over the trace's hour (1: the whole trace)")
     px.add_argument("--tokens-per-trace-block", type=int, default=16,
                     help="prompt tokens per 512-token trace block (scales lengths to the model's context)")
-    px.add_argument("--speedup", type=float, default=1.0, help="replay the trace this many times faster")
+    px.add_argument("--speedup", type=float, default=None,
+                    help="replay this many times faster (default: --sample-every, the trace's arrival rate)")
     px.add_argument("--ttft-slo-ms", type=float, default=1000.0, help="TTFT that counts towards goodput")
     px.add_argument("--kv-blocks", type=int, default=4096, help="KV pool blocks per worker")
     px.add_argument("--modes", default="no_cache,cache_load_routing,cache_aware_routing")

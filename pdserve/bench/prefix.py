@@ -1,6 +1,12 @@
 """`pdserve bench prefix`: prefix caching and cache-aware routing on a real `tiny` cluster.
 
-Workload: a slice of the Mooncake conversation trace (FAST'25). Each 512-token trace block
+Workload: the Mooncake conversation trace (FAST'25), downscaled by conversation: every
+`sample_every`-th conversation (keyed by its first block after the one every request shares) is
+kept whole over the trace's hour and replayed `speedup` times faster (default: `sample_every`
+times, so the arrival rate stays the trace's). A short slice of consecutive requests would keep
+almost no reuse: turns of one conversation lie minutes apart, so a 600-request slice can reuse at
+most 17% of its prompt tokens, against 43% for the same number of whole conversations. Each
+512-token trace block
 (`hash_ids`) becomes `tokens_per_trace_block` token ids drawn from a generator seeded by its hash,
 so equal hashes give equal tokens and shared trace prefixes are shared prompt prefixes; prompt
 lengths are the trace's, scaled by the same factor; prompts that would not fit the model's context
@@ -37,6 +43,17 @@ MODES = {
     "cache_load_routing": {"PDSERVE_WORKER__PREFIX_CACHING": "true", "PDSERVE_ROUTER__CACHE_AWARE_ROUTING": "false"},
     "cache_aware_routing": {"PDSERVE_WORKER__PREFIX_CACHING": "true", "PDSERVE_ROUTER__CACHE_AWARE_ROUTING": "true"},
 }
+
+
+def conversation_key(req: TraceRequest) -> int:
+    """The trace's first block (hash 0) opens every prompt; the second one tells conversations apart."""
+    hashes = req.block_hashes
+    return hashes[1] if len(hashes) > 1 else (hashes[0] if hashes else 0)
+
+
+def sample_conversations(trace: list[TraceRequest], every: int) -> list[TraceRequest]:
+    """Whole conversations: those whose key is a multiple of `every` (all of them when every <= 1)."""
+    return trace if every <= 1 else [r for r in trace if conversation_key(r) % every == 0]
 
 
 def prompt_ids(req: TraceRequest, tokens_per_trace_block: int) -> list[int]:
@@ -148,16 +165,18 @@ def run_mode(mode: str, requests, speedup: float, slo_s: float, num_kv_blocks: i
             "goodput_rps": round(res["goodput_rps"], 3), "wall_s": round(res["wall_s"], 1)}
 
 
-def run(num_requests: int = 600, tokens_per_trace_block: int = 16, speedup: float = 1.0,
+def run(num_requests: int | None = None, tokens_per_trace_block: int = 16, speedup: float | None = None,
         ttft_slo_ms: float = 1000.0, num_kv_blocks: int = 4096, trace_file=None,
-        modes: tuple[str, ...] = tuple(MODES)) -> dict:
+        modes: tuple[str, ...] = tuple(MODES), sample_every: int = 20) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    trace = load_named_or_file("mooncake-conversation", trace_file, num_requests)
-    requests, skipped = workload(trace, tokens_per_trace_block, max_prompt_tokens=4000)
+    speedup = float(sample_every) if speedup is None else speedup
+    trace = sample_conversations(load_named_or_file("mooncake-conversation", trace_file), sample_every)
+    requests, skipped = workload(trace[:num_requests], tokens_per_trace_block, max_prompt_tokens=4000)
     bound = upper_bound_hit_rate([ids for _, ids in requests])
     results = {mode: run_mode(mode, requests, speedup, ttft_slo_ms / 1e3, num_kv_blocks) for mode in modes}
     report = {"model": "tiny", "cluster": "2 prefill + 2 decode", "requests": len(requests),
-              "skipped_too_long": skipped, "tokens_per_trace_block": tokens_per_trace_block, "speedup": speedup,
+              "skipped_too_long": skipped, "conversations_sampled_every": sample_every,
+              "tokens_per_trace_block": tokens_per_trace_block, "speedup": speedup,
               "ttft_slo_ms": ttft_slo_ms, "prompt_tokens": sum(len(ids) for _, ids in requests),
               "upper_bound_hit_rate": round(bound, 4), "modes": results}
     aware, none = results.get("cache_aware_routing"), results.get("no_cache")
@@ -173,7 +192,8 @@ def run(num_requests: int = 600, tokens_per_trace_block: int = 16, speedup: floa
 
 
 def format_report(r: dict) -> str:
-    lines = [f"{r['requests']} Mooncake conversation requests ({r['skipped_too_long']} too long left out), "
+    lines = [f"{r['requests']} Mooncake conversation requests (every {r['conversations_sampled_every']}th "
+             f"conversation, {r['speedup']:g}x faster; {r['skipped_too_long']} too long left out), "
              f"{r['prompt_tokens']} prompt tokens; infinite-cache hit rate {r['upper_bound_hit_rate']:.3f}",
              f"{'mode':<22}{'hit rate':>9}{'computed':>10}{'KV MB':>8}{'p50 ms':>8}{'p99 ms':>8}{'goodput':>9}  errors"]
     for mode, m in r["modes"].items():

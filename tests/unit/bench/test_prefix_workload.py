@@ -1,0 +1,30 @@
+"""The prefix benchmark's workload: whole conversations, equal trace blocks -> equal tokens."""
+from pdserve.bench.prefix import conversation_key, prompt_ids, sample_conversations, upper_bound_hit_rate, workload
+from pdserve.traces import TraceRequest, load_mooncake
+
+
+def _req(arrival_s: float, hashes: list[int], input_tokens: int) -> TraceRequest:
+    return TraceRequest(arrival_s=arrival_s, input_tokens=input_tokens, output_tokens=1, block_hashes=tuple(hashes))
+
+
+def test_equal_block_hashes_give_equal_token_prefixes():
+    a = prompt_ids(_req(0, [0, 7, 8], 3 * 512), 16)
+    b = prompt_ids(_req(1, [0, 7, 9], 3 * 512), 16)
+    assert len(a) == len(b) == 48
+    assert a[:32] == b[:32] and a[32:] != b[32:]
+
+
+def test_sampling_keeps_whole_conversations():
+    trace = [_req(0, [0, 20, 21], 1000), _req(1, [0, 21], 900), _req(2, [0, 20, 21, 22], 1500),
+             _req(3, [0, 40], 600), _req(4, [0], 100)]
+    kept = sample_conversations(trace, 20)
+    assert [r.arrival_s for r in kept] == [0, 2, 3, 4]     # keys 20, 20, 40 and a lone opening block
+    assert {conversation_key(r) % 20 for r in kept} == {0}
+    assert sample_conversations(trace, 1) == trace
+
+
+def test_whole_conversations_keep_the_reuse_a_consecutive_slice_loses():
+    trace = load_mooncake("conversation")
+    sampled, _ = workload(sample_conversations(trace, 20), 16, 4000)
+    consecutive, _ = workload(trace[:len(sampled)], 16, 4000)
+    assert upper_bound_hit_rate([ids for _, ids in sampled]) > 2 * upper_bound_hit_rate([ids for _, ids in consecutive])
