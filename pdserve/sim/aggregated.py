@@ -1,7 +1,12 @@
-"""Baseline: aggregated workers (prefill and decode in one engine, vLLM-style iterations: a
-waiting prompt is prefilled before the next decode step, stalling the batch) behind one of the
-routing policies in pdserve.policy.baseline_routers. Prefix caching per worker (LRU of 512-token blocks)
-lets prefix-aware routing skip recomputing shared prefixes, as SGLang's router does.
+"""Baseline: aggregated workers (prefill and decode in one engine) behind one of the routing
+policies in pdserve.policy.baseline_routers. Two schedulers:
+- whole prompts (`chunk_tokens=None`): a waiting prompt is prefilled before the next decode
+  step, stalling the batch (vLLM before chunked prefill);
+- chunked prefill (`chunk_tokens=N`): every step runs all decodes plus prompt chunks up to a
+  budget of N tokens, oldest prompt first (vLLM's default scheduler). A step costs the decode step plus the chunks'
+  prefill work, attention counted against each chunk's position in its prompt.
+Prefix caching per worker (LRU of 512-token blocks) lets prefix-aware routing skip recomputing
+shared prefixes, as SGLang's router does.
 """
 from __future__ import annotations
 
@@ -25,11 +30,14 @@ class _AggWorker:
     running: list = field(default_factory=list)
     busy: bool = False
     cache: OrderedDict = field(default_factory=OrderedDict)
+    prefilled: dict = field(default_factory=dict)    # chunked: req_id -> prompt tokens done
 
 
 class AggregatedSimulation:
-    def __init__(self, hw: HardwareProfile, num_workers: int, router, block_hashes: dict[str, tuple[int, ...]]):
+    def __init__(self, hw: HardwareProfile, num_workers: int, router, block_hashes: dict[str, tuple[int, ...]],
+                 chunk_tokens: int | None = None):
         self.hw = hw
+        self.chunk_tokens = chunk_tokens
         self.router = router
         self.block_hashes = block_hashes
         self.workers = [_AggWorker(WorkerLoad(f"agg-{i}", 0, set())) for i in range(num_workers)]
@@ -59,7 +67,9 @@ class AggregatedSimulation:
     def _iterate(self, w: _AggWorker) -> None:
         if w.busy:
             return
-        if w.waiting:
+        if self.chunk_tokens:
+            self._mixed_step(w)
+        elif w.waiting:
             r = w.waiting.popleft()
             hashes = self.block_hashes.get(r.req_id, ())
             hits = w.load.prefix_hits(hashes)
@@ -70,6 +80,58 @@ class AggregatedSimulation:
         elif w.running:
             w.busy = True
             self._at(self.now_s + self.hw.decode_step_s(len(w.running)), self._stepped, w)
+
+    def _mixed_step(self, w: _AggWorker) -> None:
+        """Chunked prefill: one step of every running decode plus prompt chunks within the budget."""
+        decodes = list(w.running)
+        budget = self.chunk_tokens - len(decodes)
+        chunks = []
+        for r in w.waiting:
+            if budget <= 0 or len(decodes) + len(chunks) >= self.hw.max_batch:
+                break
+            done = w.prefilled.get(r.req_id)
+            if done is None:
+                done = w.prefilled[r.req_id] = self._first_uncached(w, r)
+            n = min(budget, r.input_tokens - done)
+            chunks.append((r, done, n))
+            budget -= n
+        if not decodes and not chunks:
+            return
+        step_s = self.hw.decode_step_s(len(decodes)) if decodes else self.hw.prefill_base_s
+        step_s += sum(self._chunk_s(done, n) for _, done, n in chunks)
+        w.busy = True
+        self._at(self.now_s + step_s, self._mixed_stepped, w, decodes, chunks)
+
+    def _first_uncached(self, w: _AggWorker, r: SimRequest) -> int:
+        hashes = self.block_hashes.get(r.req_id, ())
+        hits = w.load.prefix_hits(hashes)
+        self._remember(w, hashes)
+        return min(r.input_tokens - 1, hits * MOONCAKE_BLOCK_TOKENS)
+
+    def _chunk_s(self, done: int, n: int) -> float:
+        # Linear work for the chunk's tokens; attention over everything before them in the prompt.
+        return n / self.hw.prefill_tokens_per_s + self.hw.prefill_quad_s * ((done + n) ** 2 - done ** 2)
+
+    def _mixed_stepped(self, w: _AggWorker, decodes: list, chunks: list) -> None:
+        w.busy = False
+        finished = set()
+        for r in decodes:
+            r.num_generated_tokens += 1
+            if r.num_generated_tokens >= r.output_tokens:
+                finished.add(r.req_id)
+                self._done(w, r)
+        w.running = [r for r in w.running if r.req_id not in finished]
+        for r, done, n in chunks:
+            w.prefilled[r.req_id] = done + n
+            if done + n >= r.input_tokens:
+                w.waiting.remove(r)
+                del w.prefilled[r.req_id]
+                r.first_token_s, r.num_generated_tokens = self.now_s, 1
+                if r.output_tokens <= 1:
+                    self._done(w, r)
+                else:
+                    w.running.append(r)
+        self._iterate(w)
 
     def _remember(self, w: _AggWorker, hashes: tuple[int, ...]) -> None:
         for h in hashes:
