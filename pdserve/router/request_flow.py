@@ -158,7 +158,6 @@ class RequestFlow:
         tracker.to(RequestState.PLACED, self.clock.now_s())
         log.info("request %s placed: scenario=%s prefill=%s decode=%s backend=%s", request.req_id, scenario,
                  placement.prefill_id, placement.decode_id, placement.kv_backend)
-        self.dispatcher.on_start(placement)
         try:
             stream = (self._disaggregated(request, placement, reservation, tracker) if placement.disaggregated
                       else self._aggregated(request, placement, tracker))
@@ -176,24 +175,42 @@ class RequestFlow:
         excluded = set(excluded)
         for attempt in range(_MAX_PLACEMENT_TRIES):
             placement = self._place(request, max_tokens, frozenset(excluded), scenario)
+            # Counted before the first await: requests placed while this one's reservation is in
+            # flight see its load (else a burst herds onto the same worker).
+            self.dispatcher.on_start(placement)
             if not placement.disaggregated:
                 return placement, None
             try:
-                return placement, await self._stub(placement.decode_id).ReserveKV(worker_pb2.ReserveKVRequest(
-                    req_id=request.req_id, num_prompt_tokens=len(request.prompt_token_ids),
-                    prompt_token_ids=request.prompt_token_ids, backend=placement.kv_backend),
-                    timeout=_CONTROL_CALL_TIMEOUT_S)
-            except asyncio.CancelledError:
-                # The worker may have reserved already and no decode stream will claim it.
-                self._abort_in_background(placement.decode_id, request.req_id)
+                reservation = await self._reserve(request, placement, last_try=attempt + 1 == _MAX_PLACEMENT_TRIES)
+            except BaseException:
+                self._unplace(placement)
                 raise
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and attempt + 1 < _MAX_PLACEMENT_TRIES:
-                    excluded.add(placement.decode_id)
-                    continue
-                raise RouteFailed(exc.code(), f"decode worker refused: {exc.details()}",
-                                  (placement.decode_id,)) from exc
+            if reservation is not None:
+                return placement, reservation
+            self._unplace(placement)
+            excluded.add(placement.decode_id)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _unplace(self, placement: Placement) -> None:
+        self.dispatcher.on_prefill_done(placement.prefill_id, placement.prefill_tokens)
+        self.dispatcher.on_finish(placement)
+
+    async def _reserve(self, request, placement: Placement, last_try: bool):
+        """ReserveKV on the placement's decode worker; None: it is full, try another one."""
+        try:
+            return await self._stub(placement.decode_id).ReserveKV(worker_pb2.ReserveKVRequest(
+                req_id=request.req_id, num_prompt_tokens=len(request.prompt_token_ids),
+                prompt_token_ids=request.prompt_token_ids, backend=placement.kv_backend),
+                timeout=_CONTROL_CALL_TIMEOUT_S)
+        except asyncio.CancelledError:
+            # The worker may have reserved already and no decode stream will claim it.
+            self._abort_in_background(placement.decode_id, request.req_id)
+            raise
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and not last_try:
+                return None
+            raise RouteFailed(exc.code(), f"decode worker refused: {exc.details()}",
+                              (placement.decode_id,)) from exc
 
     def _place(self, request, max_tokens: int, excluded: frozenset[str], scenario: str) -> Placement:
         try:

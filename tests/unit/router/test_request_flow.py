@@ -171,3 +171,55 @@ def test_a_prefill_reply_after_the_last_token_is_awaited_not_cancelled():
     assert [t for c in chunks for t in c.token_ids] == [1, 2]
     assert not prefill.cancelled
     assert (chunks[-1].kv_transfer_bytes, chunks[-1].prefill_ms) == (4096, 7.0)
+
+
+class _HeldReserveStub(_Stub):
+    """ReserveKV answers only when released (or refuses): the window in which other requests are placed."""
+
+    def __init__(self, release: asyncio.Event, error=None):
+        super().__init__([])
+        self.release, self.error, self.reserving = release, error, 0
+
+    async def ReserveKV(self, request, timeout=None):
+        self.reserving += 1
+        await self.release.wait()
+        if self.error is not None:
+            raise self.error
+        return worker_pb2.ReserveKVResponse(endpoint=worker_pb2.KVEndpoint(backend="tcp"), transfer_id=1)
+
+
+def _disaggregated_registry(prefill_ids, decode_ids) -> WorkerRegistry:
+    reg = WorkerRegistry(lease_s=60.0)
+    for wid, role in [(w, Role.PREFILL) for w in prefill_ids] + [(w, Role.DECODE) for w in decode_ids]:
+        reg.register(WorkerRecord(worker_id=wid, role=role, model="m", grpc_address=f"h:{wid}",
+                                  kv_addresses={"tcp": f"h:{wid}"}, num_total_kv_blocks=100,
+                                  block_size_tokens=16, max_model_len_tokens=4096, num_free_kv_blocks=100), 0.0)
+    return reg
+
+
+def test_requests_placed_while_a_reservation_is_in_flight_see_its_load():
+    """A burst: every request is placed before any reservation returns. Each placement is counted
+    at once, so the burst spreads over the prefill workers instead of herding onto one."""
+    async def run():
+        release = asyncio.Event()
+        reg = _disaggregated_registry(["p1", "p2", "p3"], ["d"])
+        decode = _HeldReserveStub(release, _error(grpc.StatusCode.UNAVAILABLE))
+        flow = RequestFlow(Dispatcher(reg), {"d": decode}.__getitem__, VirtualClock(), ScenarioClassifier())
+
+        async def one(i):
+            request = router_pb2.RouteRequest(req_id=f"r{i}", model="m", prompt_token_ids=[5, 6, 7],
+                                              sampling=worker_pb2.SamplingParams(max_tokens=2))
+            with pytest.raises(RouteFailed):
+                async for _ in flow.run(request, RequestTracker(f"r{i}", 0.0)):
+                    pass
+        tasks = [asyncio.ensure_future(one(i)) for i in range(3)]
+        while decode.reserving < 3:
+            await asyncio.sleep(0)
+        during = {wid: reg.get(wid).num_inflight for wid in ("p1", "p2", "p3", "d")}
+        release.set()
+        await asyncio.gather(*tasks)
+        after = {wid: (reg.get(wid).num_inflight, reg.get(wid).inflight_prefill_tokens) for wid in during}
+        return during, after
+    during, after = asyncio.run(run())
+    assert during == {"p1": 1, "p2": 1, "p3": 1, "d": 3}
+    assert set(after.values()) == {(0, 0)}          # a failed reservation gives its placement back
