@@ -62,8 +62,11 @@ def test_sim_report_is_deterministic_and_compares_every_baseline():
     b = json.dumps(compare.run(minutes=2, speedup=4, workers_per_scenario=4), sort_keys=True)
     assert a == b
     ratios = json.loads(a)["goodput_ratio_pdserve_vs"]
-    assert set(ratios) == {"static-best", "aggregated-round-robin", "aggregated-least-loaded",
-                           "aggregated-power-of-two", "aggregated-prefix-aware"}
+    routers = ("round-robin", "least-loaded", "power-of-two", "prefix-aware")
+    assert set(ratios) == {"static-best", *(f"aggregated-{r}" for r in routers),
+                           *(f"aggregated-chunked-{r}" for r in routers)}
+    chunked = json.loads(a)["results"]["aggregated-chunked-least-loaded"]
+    assert chunked["chunk_tokens"] in compare.CHUNK_TOKENS
 
 
 def test_mooncake_workload_feeds_block_hashes_to_prefix_aware_routing():
