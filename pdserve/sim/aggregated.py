@@ -114,23 +114,13 @@ class AggregatedSimulation:
 
     def _mixed_stepped(self, w: _AggWorker, decodes: list, chunks: list) -> None:
         w.busy = False
-        finished = set()
-        for r in decodes:
-            r.num_generated_tokens += 1
-            if r.num_generated_tokens >= r.output_tokens:
-                finished.add(r.req_id)
-                self._done(w, r)
-        w.running = [r for r in w.running if r.req_id not in finished]
+        self._step_decodes(w, decodes)
         for r, done, n in chunks:
             w.prefilled[r.req_id] = done + n
             if done + n >= r.input_tokens:
                 w.waiting.remove(r)
                 del w.prefilled[r.req_id]
-                r.first_token_s, r.num_generated_tokens = self.now_s, 1
-                if r.output_tokens <= 1:
-                    self._done(w, r)
-                else:
-                    w.running.append(r)
+                self._first_token(w, r)
         self._iterate(w)
 
     def _remember(self, w: _AggWorker, hashes: tuple[int, ...]) -> None:
@@ -144,24 +134,31 @@ class AggregatedSimulation:
 
     def _prefilled(self, w: _AggWorker, r: SimRequest) -> None:
         w.busy = False
+        self._first_token(w, r)
+        self._iterate(w)
+
+    def _first_token(self, w: _AggWorker, r: SimRequest) -> None:
         r.first_token_s, r.num_generated_tokens = self.now_s, 1
         if r.output_tokens <= 1:
             self._done(w, r)
         else:
             w.running.append(r)
-        self._iterate(w)
 
     def _stepped(self, w: _AggWorker) -> None:
         w.busy = False
-        still = []
-        for r in w.running:
+        self._step_decodes(w, list(w.running))
+        self._iterate(w)
+
+    def _step_decodes(self, w: _AggWorker, decodes: list) -> None:
+        """One token for each of `decodes` (running requests); the finished ones leave the batch."""
+        finished = set()
+        for r in decodes:
             r.num_generated_tokens += 1
             if r.num_generated_tokens >= r.output_tokens:
+                finished.add(r.req_id)
                 self._done(w, r)
-            else:
-                still.append(r)
-        w.running = still
-        self._iterate(w)
+        if finished:
+            w.running = [r for r in w.running if r.req_id not in finished]
 
     def _done(self, w: _AggWorker, r: SimRequest) -> None:
         r.finish_s = self.now_s
