@@ -3,8 +3,9 @@ policies in pdserve.policy.baseline_routers. Two schedulers:
 - whole prompts (`chunk_tokens=None`): a waiting prompt is prefilled before the next decode
   step, stalling the batch (vLLM before chunked prefill);
 - chunked prefill (`chunk_tokens=N`): every step runs all decodes plus prompt chunks up to a
-  budget of N tokens, oldest prompt first (vLLM's default scheduler). A step costs the decode step plus the chunks'
-  prefill work, attention counted against each chunk's position in its prompt.
+  budget of N tokens, oldest prompt first (vLLM's default scheduler). A step costs the decode
+  step plus the chunks' prefill work, attention counted against each chunk's position in its
+  prompt.
 Prefix caching per worker (LRU of 512-token blocks) lets prefix-aware routing skip recomputing
 shared prefixes, as SGLang's router does.
 """
@@ -71,10 +72,7 @@ class AggregatedSimulation:
             self._mixed_step(w)
         elif w.waiting:
             r = w.waiting.popleft()
-            hashes = self.block_hashes.get(r.req_id, ())
-            hits = w.load.prefix_hits(hashes)
-            todo = max(1, r.input_tokens - hits * MOONCAKE_BLOCK_TOKENS)
-            self._remember(w, hashes)
+            todo = r.input_tokens - self._first_uncached(w, r)
             w.busy = True
             self._at(self.now_s + self.hw.prefill_s(todo), self._prefilled, w, r)
         elif w.running:
@@ -103,6 +101,7 @@ class AggregatedSimulation:
         self._at(self.now_s + step_s, self._mixed_stepped, w, decodes, chunks)
 
     def _first_uncached(self, w: _AggWorker, r: SimRequest) -> int:
+        """Where the prompt's computation starts: after its cached blocks, never past its last token."""
         hashes = self.block_hashes.get(r.req_id, ())
         hits = w.load.prefix_hits(hashes)
         self._remember(w, hashes)
