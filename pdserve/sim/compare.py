@@ -8,7 +8,7 @@ behind round-robin, least-loaded, power-of-two or prefix-aware routing, and disa
 workers at the best static split found by sweeping every split (DistServe-style). Aggregated
 workers run whole prompts between decode steps (`aggregated-*`) or chunked prefill mixed into
 decode steps under a token budget (`aggregated-chunked-*`, vLLM's default scheduler; the best
-of three budgets per router, named in the row).
+of five budgets per router, named in the row).
 """
 from __future__ import annotations
 
