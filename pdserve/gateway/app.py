@@ -10,8 +10,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdserve import __version__
 from pdserve.gateway import openapi
+from pdserve.gateway.dashboard import DashboardAccess
+from pdserve.gateway.dashboard import router as dashboard_routes
 from pdserve.gateway.dependencies import GatewayDeps
 from pdserve.gateway.errors import OpenAIError
+from pdserve.gateway.live_window import LiveWindow
 from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.middleware import RequestIdMiddleware
 from pdserve.gateway.recording import RequestRecorder
@@ -36,15 +39,20 @@ async def _unexpected(request: Request, exc: Exception):
     return OpenAIError(500, "The server had an error while processing your request", "server_error").response()
 
 
-def create_app(deps: GatewayDeps, metrics: GatewayMetrics | None = None) -> FastAPI:
+def create_app(deps: GatewayDeps, metrics: GatewayMetrics | None = None,
+               dashboard: DashboardAccess | None = None) -> FastAPI:
+    """`dashboard`: who may see /dashboard; the default serves it to anyone (a loopback gateway)."""
     app = FastAPI(title="pdserve gateway", version=__version__, docs_url=None, redoc_url=None)
     app.state.deps = deps
     app.state.metrics = metrics or GatewayMetrics()
-    app.state.recorder = RequestRecorder(deps.store, app.state.metrics)
+    app.state.live_window = LiveWindow(deps.clock)
+    app.state.dashboard_access = dashboard or DashboardAccess()
+    app.state.recorder = RequestRecorder(deps.store, app.state.metrics, app.state.live_window)
     app.add_exception_handler(OpenAIError, _openai_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     app.include_router(router)
+    app.include_router(dashboard_routes)
     openapi.install(app, deps.limits)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -12,6 +12,7 @@ from pdserve.cluster_auth import is_loopback
 from pdserve.config import PDServeConfig
 from pdserve.gateway.admission import InflightLimit
 from pdserve.gateway.app import GatewayDeps, create_app
+from pdserve.gateway.dashboard import DashboardAccess
 from pdserve.gateway.generation import Limits
 from pdserve.gateway.router_client import RouterClient
 from pdserve.store import Store
@@ -41,7 +42,8 @@ async def serve(cfg: PDServeConfig) -> None:
     # waits on the client's delayed ACK, ~40 ms per request on keep-alive connections.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((g.host, g.port))   # bind first so port 0 resolves before we announce it
-    server = uvicorn.Server(uvicorn.Config(create_app(deps), log_level="warning", access_log=False,
+    access = DashboardAccess(cfg.router.admin_token, is_loopback(g.host))
+    server = uvicorn.Server(uvicorn.Config(create_app(deps, dashboard=access), log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=g.shutdown_grace_s,
                                            ssl_certfile=g.tls_cert_file or None, ssl_keyfile=g.tls_key_file or None))
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from pdserve.gateway.generation import Outcome, Prepared
+from pdserve.gateway.live_window import LiveWindow
 from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.store import Store
 from pdserve.store.models import RequestRecord
@@ -39,9 +40,10 @@ def _outcome(status: int) -> str:
 
 
 class RequestRecorder:
-    def __init__(self, store: Store, metrics: GatewayMetrics):
+    def __init__(self, store: Store, metrics: GatewayMetrics, window: LiveWindow | None = None):
         self._store = store
         self._metrics = metrics
+        self._window = window
         self.pending: set[asyncio.Task] = set()
 
     def record(self, attempt: Attempt, out: Outcome, status: int) -> None:
@@ -51,6 +53,8 @@ class RequestRecorder:
             self._metrics.e2e.observe(latency_s)
             self._metrics.tokens.labels("completion").inc(out.num_generated)
             self._metrics.tokens.labels("cached_prompt").inc(out.num_cached_tokens)
+        if self._window is not None:
+            self._window.record(status, out.ttft_s, latency_s, out.num_generated)
         outcome = _outcome(status)
         log.info("request %s finished: status=%d outcome=%s tokens=%d latency_ms=%.1f", attempt.req_id, status,
                  outcome, out.num_generated, latency_s * 1e3)

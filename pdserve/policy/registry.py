@@ -73,6 +73,7 @@ class WorkerRecord:
     perf: WorkerPerf | None = None
     instance_id: str = ""              # the process that registered this id (identity binding)
     prefix_cache: object = None        # its last heartbeat's prefix cache counters (for operators)
+    num_preemptions: int = 0           # its last heartbeat's count of prefill preemptions (for operators)
     # Bumped by WorkerRegistry.touch() on every change that affects placement: index entries
     # carrying an older version are stale and skipped.
     version: int = 0

@@ -101,6 +101,7 @@ class RequestFlow:
         self.max_migrations = max_migrations
         self.decode_stall_timeout_s = decode_stall_timeout_s
         self._background: set[asyncio.Task] = set()
+        self.counters = router_pb2.RouterCounters()   # for operators (ListWorkers, the dashboard)
 
     async def run(self, request: router_pb2.RouteRequest, tracker: RequestTracker) -> AsyncIterator[worker_pb2.TokenChunk]:
         max_tokens = request.sampling.max_tokens or 16
@@ -135,6 +136,7 @@ class RequestFlow:
                 if exc.worker_ids is None or exc.code not in _WORKER_FAILURES or migrations == self.max_migrations:
                     raise
                 migrations += 1
+                self.counters.migrated += 1
                 excluded |= await self._suspects(exc.worker_ids)
                 tracker.to(RequestState.MIGRATING, self.clock.now_s(), exc.details)
                 log.warning("request %s: migrating after %d streamed tokens (%s); suspect workers: %s",
@@ -277,6 +279,7 @@ class RequestFlow:
                     if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
                         raise RouteFailed(exc.code(), f"prefill failed on {prefill_id}: {exc.details()}") from exc
                     reasons.append(f"{prefill_id}: {exc.details()}")
+                    self.counters.forwarded += 1
                     log.info("request %s: %s refused the prefill; forwarding", request.req_id, prefill_id)
             raise RouteFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               "every prefill worker offered refused: " + "; ".join(reasons))

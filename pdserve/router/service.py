@@ -167,6 +167,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         rec = self.registry.get(request.worker_id)
         if known and rec is not None:
             rec.prefix_cache = load.prefix_cache
+            rec.num_preemptions = load.num_preemptions
             index = self.dispatcher.prefix_index
             if index is not None:
                 index.apply(request.worker_id, load.stored_block_hashes, load.evicted_block_hashes,
@@ -187,12 +188,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
         index = self.dispatcher.prefix_index
         return router_pb2.ListWorkersResponse(
             prefix_index_blocks=index.num_blocks() if index else 0,
-            prefix_index_entries=index.num_entries() if index else 0, workers=[
+            prefix_index_entries=index.num_entries() if index else 0, counters=self.flow.counters, workers=[
             router_pb2.WorkerStatus(
                 worker_id=w.worker_id, role=ROLE_TO_PROTO[w.role], model=w.model, grpc_address=w.grpc_address,
                 alive=w.alive, num_free_kv_blocks=w.num_free_kv_blocks, num_total_kv_blocks=w.num_total_kv_blocks,
                 num_active_requests=w.num_active_requests, seconds_since_heartbeat=now - w.last_heartbeat_s,
-                scenario=w.scenario, draining=w.draining, prefix_cache=w.prefix_cache)
+                scenario=w.scenario, draining=w.draining, prefix_cache=w.prefix_cache,
+                num_preemptions=w.num_preemptions)
             for w in self.registry.all()])
 
     # ---- requests ----
@@ -202,9 +204,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "req_id and prompt_token_ids are required")
         if req_id in self.trackers:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req_id} is already running")
+        counters = self.flow.counters
         if len(self.trackers) >= self.max_inflight_requests:
+            counters.rejected += 1
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the router is routing {len(self.trackers)} requests, its limit")
+        counters.routed += 1
         tracker = self.trackers[req_id] = RequestTracker(req_id, self.clock.now_s())
         timeout_s = request.timeout_s or self.request_timeout_s
         try:
@@ -214,9 +219,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
             tracker.to(RequestState.FINISHED, self.clock.now_s())
         except TimeoutError:
             tracker.to(RequestState.FAILED, self.clock.now_s(), "deadline exceeded")
+            counters.failed += 1
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"request {req_id} exceeded {timeout_s:.0f} s")
         except RouteFailed as exc:
             tracker.to(RequestState.FAILED, self.clock.now_s(), exc.details)
+            if exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                counters.rejected += 1
+            else:
+                counters.failed += 1
             await context.abort(exc.code, exc.details)
         except asyncio.CancelledError:
             tracker.to(RequestState.CANCELLED, self.clock.now_s(), "client went away")

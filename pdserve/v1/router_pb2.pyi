@@ -44,7 +44,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, lease_s: _Optional[float] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("num_free_kv_blocks", "num_active_requests", "held_req_ids", "stored_block_hashes", "evicted_block_hashes", "block_hashes_reset", "prefix_cache")
+    __slots__ = ("num_free_kv_blocks", "num_active_requests", "held_req_ids", "stored_block_hashes", "evicted_block_hashes", "block_hashes_reset", "prefix_cache", "num_preemptions")
     NUM_FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     HELD_REQ_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class WorkerLoad(_message.Message):
     EVICTED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_RESET_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     num_free_kv_blocks: int
     num_active_requests: int
     held_req_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -59,7 +60,8 @@ class WorkerLoad(_message.Message):
     evicted_block_hashes: _containers.RepeatedScalarFieldContainer[int]
     block_hashes_reset: bool
     prefix_cache: _worker_pb2.PrefixCacheStats
-    def __init__(self, num_free_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., held_req_ids: _Optional[_Iterable[str]] = ..., stored_block_hashes: _Optional[_Iterable[int]] = ..., evicted_block_hashes: _Optional[_Iterable[int]] = ..., block_hashes_reset: _Optional[bool] = ..., prefix_cache: _Optional[_Union[_worker_pb2.PrefixCacheStats, _Mapping]] = ...) -> None: ...
+    num_preemptions: int
+    def __init__(self, num_free_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., held_req_ids: _Optional[_Iterable[str]] = ..., stored_block_hashes: _Optional[_Iterable[int]] = ..., evicted_block_hashes: _Optional[_Iterable[int]] = ..., block_hashes_reset: _Optional[bool] = ..., prefix_cache: _Optional[_Union[_worker_pb2.PrefixCacheStats, _Mapping]] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "load", "instance_id")
@@ -104,7 +106,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "grpc_address", "alive", "num_free_kv_blocks", "num_total_kv_blocks", "num_active_requests", "seconds_since_heartbeat", "scenario", "draining", "prefix_cache")
+    __slots__ = ("worker_id", "role", "model", "grpc_address", "alive", "num_free_kv_blocks", "num_total_kv_blocks", "num_active_requests", "seconds_since_heartbeat", "scenario", "draining", "prefix_cache", "num_preemptions")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +119,7 @@ class WorkerStatus(_message.Message):
     SCENARIO_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: _worker_pb2.WorkerRole
     model: str
@@ -129,17 +132,34 @@ class WorkerStatus(_message.Message):
     scenario: str
     draining: bool
     prefix_cache: _worker_pb2.PrefixCacheStats
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_worker_pb2.WorkerRole, str]] = ..., model: _Optional[str] = ..., grpc_address: _Optional[str] = ..., alive: _Optional[bool] = ..., num_free_kv_blocks: _Optional[int] = ..., num_total_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., scenario: _Optional[str] = ..., draining: _Optional[bool] = ..., prefix_cache: _Optional[_Union[_worker_pb2.PrefixCacheStats, _Mapping]] = ...) -> None: ...
+    num_preemptions: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_worker_pb2.WorkerRole, str]] = ..., model: _Optional[str] = ..., grpc_address: _Optional[str] = ..., alive: _Optional[bool] = ..., num_free_kv_blocks: _Optional[int] = ..., num_total_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., scenario: _Optional[str] = ..., draining: _Optional[bool] = ..., prefix_cache: _Optional[_Union[_worker_pb2.PrefixCacheStats, _Mapping]] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers", "prefix_index_blocks", "prefix_index_entries")
+    __slots__ = ("workers", "prefix_index_blocks", "prefix_index_entries", "counters")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_INDEX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_INDEX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     prefix_index_blocks: int
     prefix_index_entries: int
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., prefix_index_blocks: _Optional[int] = ..., prefix_index_entries: _Optional[int] = ...) -> None: ...
+    counters: RouterCounters
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., prefix_index_blocks: _Optional[int] = ..., prefix_index_entries: _Optional[int] = ..., counters: _Optional[_Union[RouterCounters, _Mapping]] = ...) -> None: ...
+
+class RouterCounters(_message.Message):
+    __slots__ = ("routed", "forwarded", "rejected", "migrated", "failed")
+    ROUTED_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    MIGRATED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    routed: int
+    forwarded: int
+    rejected: int
+    migrated: int
+    failed: int
+    def __init__(self, routed: _Optional[int] = ..., forwarded: _Optional[int] = ..., rejected: _Optional[int] = ..., migrated: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("worker_id", "instance_id")

@@ -185,7 +185,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "kv_endpoints", "num_free_kv_blocks", "num_total_kv_blocks", "num_active_requests", "kv_block_size_tokens", "max_model_len_tokens", "num_pending_transfers", "measured_decode_step_base_s", "measured_decode_step_per_seq_s", "num_decode_steps", "prefill_cost_scale", "instance_id", "prefix_cache")
+    __slots__ = ("worker_id", "role", "model", "kv_endpoints", "num_free_kv_blocks", "num_total_kv_blocks", "num_active_requests", "kv_block_size_tokens", "max_model_len_tokens", "num_pending_transfers", "measured_decode_step_base_s", "measured_decode_step_per_seq_s", "num_decode_steps", "prefill_cost_scale", "instance_id", "prefix_cache", "num_preemptions")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +202,7 @@ class WorkerInfo(_message.Message):
     PREFILL_COST_SCALE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     model: str
@@ -218,7 +219,8 @@ class WorkerInfo(_message.Message):
     prefill_cost_scale: float
     instance_id: str
     prefix_cache: PrefixCacheStats
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[KVEndpoint, _Mapping]]] = ..., num_free_kv_blocks: _Optional[int] = ..., num_total_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., kv_block_size_tokens: _Optional[int] = ..., max_model_len_tokens: _Optional[int] = ..., num_pending_transfers: _Optional[int] = ..., measured_decode_step_base_s: _Optional[float] = ..., measured_decode_step_per_seq_s: _Optional[float] = ..., num_decode_steps: _Optional[int] = ..., prefill_cost_scale: _Optional[float] = ..., instance_id: _Optional[str] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ...) -> None: ...
+    num_preemptions: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., model: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[KVEndpoint, _Mapping]]] = ..., num_free_kv_blocks: _Optional[int] = ..., num_total_kv_blocks: _Optional[int] = ..., num_active_requests: _Optional[int] = ..., kv_block_size_tokens: _Optional[int] = ..., max_model_len_tokens: _Optional[int] = ..., num_pending_transfers: _Optional[int] = ..., measured_decode_step_base_s: _Optional[float] = ..., measured_decode_step_per_seq_s: _Optional[float] = ..., num_decode_steps: _Optional[int] = ..., prefill_cost_scale: _Optional[float] = ..., instance_id: _Optional[str] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
 
 class PrefixCacheStats(_message.Message):
     __slots__ = ("enabled", "query_tokens", "hit_tokens", "query_blocks", "hit_blocks", "evictions", "num_cached_blocks")

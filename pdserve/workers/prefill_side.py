@@ -92,6 +92,10 @@ class PrefillSide:
         self.max_prefill_wait_s = max_prefill_wait_s
         self._stores: set[asyncio.Task] = set()     # prompts being copied into the prefix cache
 
+    @property
+    def num_preemptions(self) -> int:
+        return len(self.runner.stats.preemption_latencies_s)
+
     async def compute(self, req_id: str, prompt_ids: list[int], params: SamplingConfig, ttft_slo_ms: float,
                       on_layer: LayerCallback, admission_budget_s: float, first_output_index: int = 0,
                       prefix_kv=None) -> Prefilled:

@@ -56,7 +56,7 @@ async def keep_registered(service: WorkerService, router_address: str, ad: Adver
                             num_free_kv_blocks=info.num_free_kv_blocks, held_req_ids=held_req_ids,
                             num_active_requests=info.num_active_requests, stored_block_hashes=stored,
                             evicted_block_hashes=evicted, block_hashes_reset=reset,
-                            prefix_cache=info.prefix_cache)), timeout=lease_s)
+                            prefix_cache=info.prefix_cache, num_preemptions=info.num_preemptions)), timeout=lease_s)
                     snapshot = False
                     if not resp.known:
                         log.warning("router forgot worker %s; registering again", service.worker_id)

@@ -117,7 +117,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             num_active_requests=len(self.requests), kv_block_size_tokens=alloc.block_size_tokens,
             max_model_len_tokens=self.engine.config.max_position_tokens,
             num_pending_transfers=sum(a.num_active_transfers() for a in self.agents.values()),
-            instance_id=self.instance_id, prefix_cache=self.prefix_cache_stats(), **self._measured())
+            instance_id=self.instance_id, prefix_cache=self.prefix_cache_stats(),
+            num_preemptions=self.prefill.num_preemptions, **self._measured())
 
     async def drain_prefix_events(self, snapshot: bool = False) -> tuple[list[int], list[int], bool]:
         """Prefix blocks stored and evicted since the last call (for the router's index)."""
