@@ -267,6 +267,7 @@ class RequestFlow:
             for prefill_id in self.dispatcher.forwarding_order(request.model, placement, self.max_prefill_offers):
                 if prefill_id != current:
                     self.dispatcher.on_prefill_forwarded(current, prefill_id, placement.prefill_tokens)
+                    self.counters.forwarded += 1
                     current = prefill_id
                 try:
                     return await self._stub(prefill_id).Prefill(worker_pb2.PrefillRequest(
@@ -279,7 +280,6 @@ class RequestFlow:
                     if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
                         raise RouteFailed(exc.code(), f"prefill failed on {prefill_id}: {exc.details()}") from exc
                     reasons.append(f"{prefill_id}: {exc.details()}")
-                    self.counters.forwarded += 1
                     log.info("request %s: %s refused the prefill; forwarding", request.req_id, prefill_id)
             raise RouteFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               "every prefill worker offered refused: " + "; ".join(reasons))

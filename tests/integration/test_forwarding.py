@@ -66,14 +66,19 @@ def test_all_refusing_gives_resource_exhausted(cluster):
     async def run():
         async with cluster.channel(cluster.router_address) as ch:
             router = router_pb2_grpc.RouterStub(ch)
+            before = (await router.ListWorkers(router_pb2.ListWorkersRequest())).counters
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 # 1 ms budget: no worker can prefill 3500 tokens in time, so every one refuses.
                 async for _ in router.Generate(router_pb2.RouteRequest(
                         req_id="impossible", model="tiny", prompt_token_ids=LONG, ttft_slo_ms=1,
                         sampling=worker_pb2.SamplingParams(max_tokens=4))):
                     pass
-            return err.value.code(), err.value.details()
-    code, details = asyncio.run(run())
+            after = (await router.ListWorkers(router_pb2.ListWorkersRequest())).counters
+            return err.value.code(), err.value.details(), before, after
+    code, details, before, after = asyncio.run(run())
+    # Operators see it too: one move to the second worker, then one refusal to the caller.
+    assert (after.routed - before.routed, after.forwarded - before.forwarded) == (1, 1)
+    assert (after.rejected - before.rejected, after.failed - before.failed) == (1, 0)
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and "every prefill worker offered refused" in details
     assert details.count("prefill rejected") == 2          # both prefill workers were offered it
     router_log = "\n".join(cluster.process("router").log_lines)
