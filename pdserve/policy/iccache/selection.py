@@ -1,0 +1,93 @@
+"""Which cached examples to put before a request: a similarity pre-filter, then a learned utility.
+
+The vector index (an adapter) supplies the nearest examples with their cosine similarity. Those
+above `min_similarity` are scored by a logistic model over features of the pair (similarity, the
+example's smoothed success rate, its answer's rating, how often it was used), trained online from
+the ratings of answers the examples took part in. Examples whose predicted utility clears the
+threshold are kept, at most k, best first; then laid out by example id, so that requests reusing
+the same examples share a prompt prefix the workers' prefix caches can reuse.
+
+The threshold is tuned on the recent (predicted utility, outcome) pairs: the cut that would have
+classified them best."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pdserve.policy.iccache.examples import Example
+
+_NUM_FEATURES = 5
+
+
+def features(similarity: float, ex: Example) -> np.ndarray:
+    return np.array([1.0, similarity, ex.success_rate, ex.quality, np.log1p(ex.num_uses) / 5.0])
+
+
+def _sigmoid(z: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-z)))
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    min_similarity: float = 0.5
+    max_examples: int = 3
+    learning_rate: float = 0.5
+    initial_threshold: float = 0.5
+    tuning_window: int = 500          # recent outcomes the threshold is tuned on
+    min_outcomes_to_tune: int = 20    # fewer say nothing reliable about where the cut belongs
+
+
+@dataclass(frozen=True)
+class Chosen:
+    example: Example
+    similarity: float
+    utility: float
+
+
+@dataclass
+class ExampleSelector:
+    config: SelectionConfig = field(default_factory=SelectionConfig)
+    # Start: utility rises with similarity and with an example's record; feedback refines it.
+    weights: np.ndarray = field(default_factory=lambda: np.array([-2.0, 3.0, 1.0, 1.0, 0.0]))
+    threshold: float = 0.5
+    _outcomes: deque = field(default_factory=deque)
+
+    def __post_init__(self):
+        self.threshold = self.config.initial_threshold
+        assert self.weights.shape == (_NUM_FEATURES,)
+
+    def utility(self, similarity: float, ex: Example) -> float:
+        return _sigmoid(float(self.weights @ features(similarity, ex)))
+
+    def select(self, candidates: list[tuple[Example, float]]) -> list[Chosen]:
+        """`candidates`: (example, cosine similarity) from the index. Returns the examples to
+        use, in prompt order (by id)."""
+        scored = [Chosen(ex, sim, self.utility(sim, ex)) for ex, sim in candidates if sim >= self.config.min_similarity]
+        kept = [c for c in scored if c.utility >= self.threshold]
+        best = sorted(kept, key=lambda c: (-c.utility, c.example.example_id))[:self.config.max_examples]
+        return sorted(best, key=lambda c: c.example.example_id)
+
+    def learn(self, chosen: list[Chosen], success: bool) -> None:
+        """One rated answer: a logistic-regression step per example used, and the outcome kept
+        for threshold tuning."""
+        label = 1.0 if success else 0.0
+        for c in chosen:
+            x = features(c.similarity, c.example)
+            self.weights = self.weights + self.config.learning_rate * (label - _sigmoid(float(self.weights @ x))) * x
+            self._outcomes.append((c.utility, label))
+            if len(self._outcomes) > self.config.tuning_window:
+                self._outcomes.popleft()
+        self._tune()
+
+    def _tune(self) -> None:
+        if len(self._outcomes) < self.config.min_outcomes_to_tune:
+            return
+        pairs = list(self._outcomes)
+        cuts = sorted({u for u, _ in pairs} | {self.config.initial_threshold})
+
+        def accuracy(cut: float) -> float:
+            return sum((u >= cut) == (label == 1.0) for u, label in pairs) / len(pairs)
+        # Ties go to the higher cut: of equally accurate thresholds, offload less.
+        self.threshold = max(cuts, key=lambda cut: (accuracy(cut), cut))

@@ -1,0 +1,175 @@
+"""IC-Cache's pure decisions on a virtual clock: example selection, the model-choosing bandit,
+value-per-byte eviction, replay, and scrubbing personal data."""
+import numpy as np
+import pytest
+
+from pdserve.clock import VirtualClock
+from pdserve.policy.iccache.bandit import Arm, BanditConfig, ModelChooser, context
+from pdserve.policy.iccache.examples import CacheConfig, Example, ExampleCache
+from pdserve.policy.iccache.scrub import scrub
+from pdserve.policy.iccache.selection import ExampleSelector, SelectionConfig
+
+DAY_S = 24 * 3600.0
+
+
+def make_example(example_id: int, text: str = "q", answer: str = "a", now_s: float = 0.0, dim: int = 4) -> Example:
+    v = np.zeros(dim, dtype=np.float32)
+    v[example_id % dim] = 1.0
+    return Example(example_id, text, answer, "large", v, created_s=now_s, value_at_s=now_s)
+
+
+# ---- selection ----
+
+def test_selection_prefilters_by_similarity_caps_at_k_and_lays_examples_out_by_id():
+    sel = ExampleSelector(SelectionConfig(min_similarity=0.5, max_examples=2))
+    exs = {i: make_example(i) for i in (7, 3, 9, 1)}
+    chosen = sel.select([(exs[7], 0.95), (exs[3], 0.9), (exs[9], 0.97), (exs[1], 0.3)])
+    assert [c.example.example_id for c in chosen] == [7, 9]          # two best, then in id order
+    assert all(c.similarity >= 0.5 for c in chosen)
+    again = sel.select([(exs[9], 0.97), (exs[7], 0.95)])               # another request, same two
+    assert [c.example.example_id for c in again] == [7, 9]           # same layout: a shared prefix
+
+
+def test_selection_learns_which_examples_help():
+    sel = ExampleSelector(SelectionConfig(min_similarity=0.0, max_examples=1))
+    good, bad = make_example(1), make_example(2)
+    for _ in range(40):
+        for ex, success in ((good, True), (bad, False)):
+            chosen = sel.select([(ex, 0.8)])
+            ex.num_uses += 1
+            ex.num_successes += success
+            if chosen:
+                sel.learn(chosen, success)
+    assert sel.utility(0.8, good) > 0.7 > sel.utility(0.8, bad)
+    picked = sel.select([(good, 0.8), (bad, 0.85)])
+    assert [c.example.example_id for c in picked] == [1]
+
+
+def test_threshold_is_tuned_on_outcomes():
+    sel = ExampleSelector(SelectionConfig(min_similarity=0.0, min_outcomes_to_tune=10, learning_rate=0.0))
+    ex = make_example(1)
+    # Utilities below 0.8 failed, above succeeded: the tuned cut sits between them.
+    for sim, success in [(0.3, False), (0.4, False), (0.5, False), (0.6, False), (0.9, True), (1.0, True)] * 3:
+        chosen = sel.select([(ex, sim)])
+        if not chosen:
+            continue
+        sel.learn(chosen, success)
+    assert sel.utility(0.6, ex) < sel.threshold <= sel.utility(0.9, ex)
+
+
+# ---- the bandit ----
+
+def _train(chooser: ModelChooser, quality: dict[Arm, float], rounds: int, load=None) -> dict[Arm, int]:
+    x = context(0.9, 0.7, 2, 3, 300)
+    picks = {Arm.LARGE: 0, Arm.SMALL_WITH_EXAMPLES: 0}
+    for _ in range(rounds):
+        arm = chooser.choose(x, load or {}).arm
+        picks[arm] += 1
+        chooser.learn(arm, x, quality[arm])
+    return picks
+
+
+def test_bandit_learns_to_prefer_the_better_arm():
+    worse_small = ModelChooser(BanditConfig(load_penalty_l0=0.0), seed=1)
+    _train(worse_small, {Arm.LARGE: 0.9, Arm.SMALL_WITH_EXAMPLES: 0.3}, 200)
+    late = _train(worse_small, {Arm.LARGE: 0.9, Arm.SMALL_WITH_EXAMPLES: 0.3}, 100)
+    assert late[Arm.LARGE] >= 90
+
+    better_small = ModelChooser(BanditConfig(load_penalty_l0=0.0), seed=1)
+    _train(better_small, {Arm.LARGE: 0.6, Arm.SMALL_WITH_EXAMPLES: 0.9}, 200)
+    late = _train(better_small, {Arm.LARGE: 0.6, Arm.SMALL_WITH_EXAMPLES: 0.9}, 100)
+    assert late[Arm.SMALL_WITH_EXAMPLES] >= 90
+
+
+def test_bandit_backs_off_the_loaded_costly_arm():
+    quality = {Arm.LARGE: 0.85, Arm.SMALL_WITH_EXAMPLES: 0.75}     # large a little better
+    idle = ModelChooser(seed=2)
+    _train(idle, quality, 200)
+    idle_picks = _train(idle, quality, 100, {Arm.LARGE: 0.0, Arm.SMALL_WITH_EXAMPLES: 0.0})
+    loaded = ModelChooser(seed=2)
+    _train(loaded, quality, 200)
+    loaded_picks = _train(loaded, quality, 100, {Arm.LARGE: 1.0, Arm.SMALL_WITH_EXAMPLES: 0.1})
+    assert idle_picks[Arm.LARGE] >= 80                      # idle: quality wins
+    assert loaded_picks[Arm.SMALL_WITH_EXAMPLES] >= 80      # loaded: 0.1 quality is worth the relief
+
+
+def test_paused_or_no_examples_means_the_large_model():
+    chooser = ModelChooser(seed=3)
+    x = context(0.9, 0.9, 3, 3, 100)
+    _train(chooser, {Arm.LARGE: 0.1, Arm.SMALL_WITH_EXAMPLES: 1.0}, 100)
+    assert chooser.choose(x, {}, small_possible=False).arm is Arm.LARGE
+    chooser.paused = True
+    assert chooser.choose(x, {}).arm is Arm.LARGE
+
+
+def test_bandit_is_deterministic_for_a_seed():
+    a, b = ModelChooser(seed=5), ModelChooser(seed=5)
+    q = {Arm.LARGE: 0.7, Arm.SMALL_WITH_EXAMPLES: 0.6}
+    assert _train(a, q, 50) == _train(b, q, 50)
+
+
+# ---- eviction and replay ----
+
+def test_eviction_goes_by_decayed_value_per_byte_and_respects_capacity():
+    clock = VirtualClock(0.0)
+    cache = ExampleCache(CacheConfig(capacity_bytes=3 * 100 + 3 * 16, value_half_life_s=DAY_S))
+    old_star = make_example(1, "x" * 50, "y" * 50)
+    steady = make_example(2, "x" * 50, "y" * 50)
+    fresh = make_example(3, "x" * 50, "y" * 50)
+    for ex in (old_star, steady, fresh):
+        assert cache.add(ex, clock.now_s()) == []
+    for _ in range(4):
+        cache.record_offload([1], True, clock.now_s())      # popular a week ago
+    clock.advance(7 * DAY_S)
+    cache.record_offload([2], True, clock.now_s())          # useful today
+    assert cache.value_now(old_star, clock.now_s()) < cache.value_now(steady, clock.now_s())
+    evicted = cache.add(make_example(4, "x" * 50, "y" * 50, clock.now_s()), clock.now_s())
+    assert evicted == [3]                                   # unused, and its starting value has decayed
+    evicted = cache.add(make_example(5, "x" * 50, "y" * 50, clock.now_s()), clock.now_s())
+    assert evicted == [1]                                   # the star's week-old value is worth less
+    assert cache.num_bytes <= cache.config.capacity_bytes and cache.num_evictions == 2
+    big = make_example(6, "x" * 1000)
+    assert cache.add(big, clock.now_s()) == [6] and 6 not in cache.examples
+
+
+def test_a_bigger_example_needs_more_value_to_stay():
+    cache = ExampleCache(CacheConfig(capacity_bytes=400))
+    small, large = make_example(1, "x" * 20), make_example(2, "x" * 200)
+    cache.add(small, 0.0)
+    cache.add(large, 0.0)
+    cache.record_offload([2], True, 0.0)                     # large: 1.5 value over ~217 bytes
+    assert cache.add(make_example(3, "x" * 150), 0.0) == [2]  # small keeps 0.5 over ~37 bytes
+
+
+def test_replay_targets_used_poor_answers_keeps_the_better_and_drops_hopeless_ones():
+    cache = ExampleCache(CacheConfig(max_replays=5))
+    poor_popular, poor_unused, good = make_example(1), make_example(2), make_example(3)
+    for ex in (poor_popular, poor_unused, good):
+        cache.add(ex, 0.0)
+    cache.rate_answer(1, 0.1)
+    cache.rate_answer(2, 0.1)
+    cache.rate_answer(3, 0.95)
+    cache.record_offload([1], True, 0.0)
+    assert [e.example_id for e in cache.replay_candidates(0.0, 3)] == [1, 2, 3]
+    assert cache.apply_replay(1, "better answer", 0.9) == "replaced"
+    assert cache.examples[1].answer_text == "better answer"
+    assert cache.apply_replay(1, "worse", 0.2) == "kept" and cache.examples[1].answer_text == "better answer"
+    outcomes = [cache.apply_replay(2, "still bad", 0.05) for _ in range(5)]
+    assert outcomes == ["kept"] * 4 + ["dropped"] and 2 not in cache.examples
+    for _ in range(3):
+        cache.apply_replay(1, "meh", 0.5)
+    assert 1 not in {e.example_id for e in cache.replay_candidates(0.0, 10)}   # five replays: no more
+    assert 1 in cache.examples                                               # but a good one stays
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("mail me at jane.doe+x@example.co.uk today", "mail me at [EMAIL] today"),
+    ("card 4111 1111 1111 1111 expires", "card [CARD] expires"),
+    ("order 1234 5678 9012 3456 shipped", "order 1234 5678 9012 3456 shipped"),    # fails Luhn: not a card
+    ("call +1 (415) 555-0134 now", "call [PHONE] now"),
+    ("server 192.168.10.254 is down", "server [IP] is down"),
+    ("IBAN DE89 3704 0044 0532 0130 00 please", "IBAN [IBAN] please"),
+    ("What is 12 * 7?", "What is 12 * 7?"),
+])
+def test_scrub_removes_obvious_personal_data(text, expected):
+    assert scrub(text) == expected
