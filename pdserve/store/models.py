@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String
+from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -91,3 +91,37 @@ class WorkerDrain(Base):
     __tablename__ = "worker_drains"
     worker_id: Mapped[str] = mapped_column(String(256), primary_key=True)
     at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ICExample(Base):
+    """IC-Cache: a large model's past answer, kept to be shown to a smaller model as an example.
+    Times are Unix seconds (the value decays across restarts)."""
+    __tablename__ = "iccache_examples"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_text: Mapped[str] = mapped_column(Text)
+    answer_text: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(256))
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)      # float32, unit norm
+    created_unix_s: Mapped[float] = mapped_column(Float)
+    value: Mapped[float] = mapped_column(Float)
+    value_at_unix_s: Mapped[float] = mapped_column(Float)
+    num_uses: Mapped[int] = mapped_column(Integer, default=0)
+    num_successes: Mapped[int] = mapped_column(Integer, default=0)
+    quality: Mapped[float] = mapped_column(Float)
+    num_ratings: Mapped[int] = mapped_column(Integer, default=0)
+    num_replays: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ICOffload(Base):
+    """One routed answer: which arm and examples made it, so that feedback on the response id
+    can train the router and credit the examples."""
+    __tablename__ = "iccache_answers"
+    response_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    arm: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(256))
+    chosen: Mapped[list] = mapped_column(JSON, default=list)    # [[example_id, similarity, utility], ...]
+    context: Mapped[list] = mapped_column(JSON, default=list)   # the bandit's context vector
+    request_text: Mapped[str] = mapped_column(Text, default="")  # scrubbed; a large answer may become an example
+    answer_text: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    quality: Mapped[float | None] = mapped_column(Float, nullable=True)   # set once rated

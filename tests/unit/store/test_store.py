@@ -110,3 +110,49 @@ def test_restored_state_pins_and_keeps_the_cooldown():
     assert controller.pinned("chat") == (3, 5)
     # The change 10 s ago lands at ~990 s on the controller's clock: 20 s of cooldown are left.
     assert 989.0 < controller.last_change_s("chat") < 991.0
+
+
+def test_iccache_migration_matches_the_models(store):
+    """The IC-Cache tables exist as the models describe them (no autogenerate diff). (api_keys
+    differs in form only: the migration made one unique index where the model declares a unique
+    column plus an index.)"""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from pdserve.store.models import Base
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    def table(d):
+        item = d[0] if isinstance(d, list) else d     # column changes come as lists of tuples
+        for part in item[1:]:
+            name = getattr(part, "name", None) if not isinstance(part, str) else part
+            if hasattr(part, "table"):
+                return part.table.name
+            if name:
+                return name
+        return ""
+    assert [d for d in diff if table(d).startswith("iccache")] == []
+
+
+def test_iccache_rows_round_trip_and_a_rating_counts_once(store):
+    import numpy as np
+
+    from pdserve.store.iccache import ICCacheRepository
+    from pdserve.store.models import ICExample, ICOffload
+    repo = ICCacheRepository(store)
+    vec = np.arange(4, dtype=np.float32)
+    eid = repo.add_example(ICExample(request_text="q", answer_text="a", model="large", embedding=vec.tobytes(),
+                                     created_unix_s=1.0, value=0.5, value_at_unix_s=1.0, num_uses=0,
+                                     num_successes=0, quality=0.5, num_ratings=0, num_replays=0))
+    repo.update_examples([{"id": eid, "num_uses": 3, "answer_text": "better"}])
+    (row,) = repo.examples()
+    assert (row.num_uses, row.answer_text) == (3, "better")
+    assert np.array_equal(np.frombuffer(row.embedding, dtype=np.float32), vec)
+    repo.record_answer(ICOffload(response_id="r1", arm="small", model="tiny", chosen=[[eid, 0.9, 0.7]],
+                                 context=[1.0, 0.9], request_text="q", answer_text="a"))
+    first = repo.rate("r1", 1.0)
+    again = repo.rate("r1", 0.0)
+    assert first[1] is True and again[1] is False and again[0].chosen == [[eid, 0.9, 0.7]]
+    assert repo.rate("nope", 1.0) == (None, False)
+    repo.delete_examples([eid])
+    assert repo.num_examples() == 0
