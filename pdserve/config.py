@@ -24,7 +24,8 @@ class _Section(BaseModel):
 
 
 class ModelSettings(_Section):
-    name: str = Field("tiny", description="'tiny', 'smollm2-135m' or a local Hugging Face Llama directory")
+    name: str = Field("tiny", description="'tiny', 'tiny-large' (random weights, byte tokenizer), 'smollm2-135m' "
+                      "or a local Hugging Face Llama directory")
     cache_dir: pathlib.Path = Field(
         pathlib.Path.home() / ".cache" / "pdserve",
         description="Where converted model weights are cached (the GGUF is dequantised once)")
@@ -148,6 +149,28 @@ class ClusterSettings(_Section):
         return v if isinstance(v, SecretStr) else SecretStr(str(v))   # env values may parse as numbers
 
 
+class ICCacheSettings(_Section):
+    enabled: bool = Field(False, description="Serve the routed model name with IC-Cache: a small model plus "
+                          "cached large-model answers as examples, when a learned policy expects that to do")
+    routed_model: str = Field("auto", description="Model name clients ask for to let IC-Cache choose")
+    small_model: str = Field("", description="The small model's name (its workers register with the router); it "
+                             "must share the served model's tokenizer. The served model is the large one")
+    capacity_bytes: int = Field(64 << 20, gt=0, description="Example cache size; value-per-byte eviction beyond it")
+    max_examples: int = Field(3, ge=1, description="Most examples placed before one request")
+    min_similarity: float = Field(0.5, ge=-1, le=1, description="Cosine similarity an example needs to be considered")
+    num_candidates: int = Field(16, gt=0, description="Nearest examples the selector scores per request")
+    load_penalty: float = Field(0.5, ge=0, description="l0: quality a fully loaded pool's arm gives up")
+    replay_interval_s: float = Field(30.0, gt=0, description="How often replay may re-ask the large model")
+    replay_max_load: float = Field(0.5, ge=0, le=1, description="Replay runs only while the large pool is below this load")
+    seed: int = Field(0, description="Seed of the bandit's sampling")
+
+    @model_validator(mode="after")
+    def _small_model_named(self):
+        if self.enabled and not self.small_model:
+            raise ValueError("iccache.enabled needs iccache.small_model (the model that answers with examples)")
+        return self
+
+
 class DatabaseSettings(_Section):
     url: str = Field("", description="SQLAlchemy URL; empty is a SQLite file in model.cache_dir "
                                      "(postgresql+psycopg://user@host/db for production)")
@@ -161,6 +184,7 @@ class PDServeConfig(_Section):
     gateway: GatewaySettings = GatewaySettings()
     database: DatabaseSettings = DatabaseSettings()
     cluster: ClusterSettings = ClusterSettings()
+    iccache: ICCacheSettings = ICCacheSettings()
 
     @property
     def served_model(self) -> str:

@@ -51,3 +51,11 @@ def tiny_config(num_layers: int = 4) -> ModelConfig:
         bos_token_id=ByteTokenizer.BOS_ID,
         eos_token_ids=(ByteTokenizer.EOS_ID,),
     )
+
+
+def tiny_large_config() -> ModelConfig:
+    """Twice tiny's depth and width, same byte vocabulary: the 'large' model of IC-Cache's tests
+    (a pair of served models that share a tokenizer)."""
+    import dataclasses
+    return dataclasses.replace(tiny_config(num_layers=8), name="tiny-large", hidden_size=512, num_heads=16,
+                               num_kv_heads=8, intermediate_size=1376)

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.workers.model.config import ModelConfig, tiny_config
+from pdserve.workers.model.config import ModelConfig, tiny_config, tiny_large_config
 from pdserve.workers.model.llama import LayerWeights, LlamaModel, LlamaWeights, random_weights
 from pdserve.workers.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 0
+# Random-weight models that need no files: name -> (config, seed).
+_TINY = {"tiny": (tiny_config, TINY_SEED), "tiny-large": (tiny_large_config, TINY_SEED + 1)}
 
 
 @dataclass
@@ -32,9 +34,10 @@ class LoadedModel:
 
 
 def load_model(name_or_path: str, cache_dir: pathlib.Path) -> LoadedModel:
-    if name_or_path == "tiny":
-        config = tiny_config()
-        return LoadedModel("tiny", LlamaModel(config, random_weights(config, TINY_SEED)), ByteTokenizer())
+    if name_or_path in _TINY:
+        make, seed = _TINY[name_or_path]
+        config = make()
+        return LoadedModel(name_or_path, LlamaModel(config, random_weights(config, seed)), ByteTokenizer())
     if name_or_path == SMOLLM2_NAME:
         return load_hf_dir(smollm2_hf_dir(cache_dir), name=SMOLLM2_NAME)
     path = pathlib.Path(name_or_path)
@@ -78,8 +81,8 @@ def smollm2_hf_dir(cache_dir: pathlib.Path) -> pathlib.Path:
 
 
 def _config_only(name_or_path: str, cache_dir: pathlib.Path):
-    if name_or_path == "tiny":
-        return tiny_config()
+    if name_or_path in _TINY:
+        return _TINY[name_or_path][0]()
     path = smollm2_hf_dir(cache_dir) if name_or_path == SMOLLM2_NAME else pathlib.Path(name_or_path)
     return config_from_hf(json.loads((path / "config.json").read_text()), name_or_path)
 
@@ -96,7 +99,7 @@ def model_vocab_size(name_or_path: str, cache_dir: pathlib.Path) -> int:
 
 def load_tokenizer(name_or_path: str, cache_dir: pathlib.Path) -> Tokenizer:
     """Only the tokenizer (for the gateway): no weights are loaded."""
-    if name_or_path == "tiny":
+    if name_or_path in _TINY:
         return ByteTokenizer()
     path = smollm2_hf_dir(cache_dir) if name_or_path == SMOLLM2_NAME else pathlib.Path(name_or_path)
     from transformers import AutoTokenizer

@@ -1,0 +1,173 @@
+"""IC-Cache in the gateway. A request for the routed model name goes through it:
+
+1. `plan`: embed the request text, fetch the nearest cached examples (vector index), let the
+   selector keep the useful ones, and let the bandit choose the large model or the small one
+   with those examples, given both pools' live load. The small model's prompt gets the examples
+   first, in a stable order (a shared, cacheable prefix), then the request.
+2. `record`: after the answer, remember which arm and examples made it (for feedback by response
+   id); a large-model answer becomes a new example (personal data scrubbed), evicting by value
+   per byte when the cache is full.
+3. `feedback`: a rating (0..1) of the answer trains the bandit and the selector and credits the
+   examples; a rating of a large answer rates the example made from it.
+4. `replay_step`: when the large pool has room, re-ask it for the example a better answer would
+   help most (see policy/iccache/examples.py).
+
+State of record lives in the store; the example cache, index, selector and bandit are rebuilt in
+memory at start (`load`). Blocking work (embedding, database) runs in threads."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import numpy as np
+
+from pdserve.clock import Clock
+from pdserve.iccache.embedder import BaseEmbedder
+from pdserve.iccache.index import VectorIndex
+from pdserve.policy.iccache.bandit import Arm, ModelChooser, context
+from pdserve.policy.iccache.examples import Example, ExampleCache
+from pdserve.policy.iccache.scrub import scrub
+from pdserve.policy.iccache.selection import Chosen, ExampleSelector
+from pdserve.store.iccache import ICCacheRepository
+from pdserve.store.models import ICExample, ICOffload
+
+log = logging.getLogger("pdserve.iccache")
+GOOD_ANSWER = 0.5     # a rating at or above this counts as a successful offload
+
+
+@dataclass
+class Plan:
+    arm: Arm
+    model: str
+    chosen: list[Chosen]
+    context: np.ndarray
+    request_text: str
+    embedding: np.ndarray
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.chosen) if self.arm is Arm.SMALL_WITH_EXAMPLES else 0
+
+
+@dataclass
+class ICCacheService:
+    repo: ICCacheRepository
+    embedder: BaseEmbedder
+    large_model: str
+    small_model: str
+    clock: Clock                       # Unix seconds: example values decay across restarts
+    cache: ExampleCache
+    selector: ExampleSelector
+    chooser: ModelChooser
+    num_candidates: int = 16
+    counters: dict[str, int] = field(default_factory=lambda: {"routed": 0, "offloaded": 0, "examples_added": 0,
+                                                              "feedback": 0, "replays": 0})
+
+    def __post_init__(self):
+        self.index = VectorIndex(self.embedder.dim)
+
+    async def load(self) -> None:
+        rows = await asyncio.to_thread(self.repo.examples)
+        for row in rows:
+            ex = _from_row(row)
+            self.cache.examples[ex.example_id] = ex
+            self.cache.num_bytes += ex.num_bytes
+            self.index.add(ex.example_id, ex.embedding)
+        log.info("IC-Cache: %d examples loaded (%d bytes)", len(rows), self.cache.num_bytes)
+
+    async def plan(self, request_text: str, num_prompt_tokens: int, load: dict[Arm, float]) -> Plan:
+        embedding = (await asyncio.to_thread(self.embedder.embed, [request_text]))[0]
+        candidates = [(self.cache.examples[i], sim) for i, sim in self.index.nearest(embedding, self.num_candidates)
+                      if i in self.cache.examples]
+        chosen = self.selector.select(candidates)
+        x = context(max((c.similarity for c in chosen), default=0.0),
+                    float(np.mean([c.utility for c in chosen])) if chosen else 0.0,
+                    len(chosen), self.selector.config.max_examples, num_prompt_tokens)
+        arm = self.chooser.choose(x, load, small_possible=bool(chosen)).arm
+        self.counters["routed"] += 1
+        self.counters["offloaded"] += arm is Arm.SMALL_WITH_EXAMPLES
+        model = self.small_model if arm is Arm.SMALL_WITH_EXAMPLES else self.large_model
+        return Plan(arm, model, chosen if arm is Arm.SMALL_WITH_EXAMPLES else [], x, request_text, embedding)
+
+    async def record(self, response_id: str, plan: Plan, answer_text: str) -> None:
+        now_s = self.clock.now_s()
+        request_text = scrub(plan.request_text)
+        chosen = [[c.example.example_id, c.similarity, c.utility] for c in plan.chosen]
+        row = ICOffload(response_id=response_id, arm=plan.arm.value, model=plan.model, chosen=chosen,
+                        context=[float(v) for v in plan.context], request_text=request_text)
+        if plan.arm is Arm.LARGE and answer_text.strip():
+            answer = scrub(answer_text)
+            example_id = await asyncio.to_thread(self.repo.add_example, ICExample(
+                request_text=request_text, answer_text=answer, model=plan.model, embedding=plan.embedding.tobytes(),
+                created_unix_s=now_s, value=0.0, value_at_unix_s=now_s, num_uses=0, num_successes=0,
+                quality=0.5, num_ratings=0, num_replays=0))
+            ex = Example(example_id, request_text, answer, plan.model, plan.embedding, created_s=now_s)
+            evicted = self.cache.add(ex, now_s)
+            if example_id not in evicted:
+                self.index.add(example_id, plan.embedding)
+                self.counters["examples_added"] += 1
+            for gone in evicted:
+                self.index.remove(gone)
+            await asyncio.to_thread(self.repo.delete_examples, evicted)
+            await asyncio.to_thread(self.repo.update_examples, [_stats(ex)] if example_id not in evicted else [])
+            row.example_id = example_id
+        await asyncio.to_thread(self.repo.record_answer, row)
+
+    async def feedback(self, response_id: str, quality: float) -> bool | None:
+        """None: unknown response id; False: already rated (the first rating counts); True: learned."""
+        row, first = await asyncio.to_thread(self.repo.rate, response_id, quality)
+        if row is None or not first:
+            return None if row is None else False
+        self.counters["feedback"] += 1
+        arm, success = Arm(row.arm), quality >= GOOD_ANSWER
+        self.chooser.learn(arm, np.asarray(row.context), quality)
+        if arm is Arm.SMALL_WITH_EXAMPLES:
+            chosen = [Chosen(self.cache.examples[i], sim, u) for i, sim, u in row.chosen if i in self.cache.examples]
+            self.selector.learn(chosen, success)
+            self.cache.record_offload([i for i, _, _ in row.chosen], success, self.clock.now_s())
+            touched = [self.cache.examples[i] for i, _, _ in row.chosen if i in self.cache.examples]
+        else:
+            example_id = row.example_id
+            self.cache.rate_answer(example_id, quality)
+            touched = [self.cache.examples[example_id]] if example_id in self.cache.examples else []
+        await asyncio.to_thread(self.repo.update_examples, [_stats(e) for e in touched])
+        return True
+
+    async def replay_step(self, ask_large: Callable[[str], Awaitable[str]]) -> str | None:
+        """Re-ask the large model for the most valuable poorly rated example. A fresh answer is
+        unrated (quality 0.5): it replaces only an answer rated worse than that."""
+        candidates = self.cache.replay_candidates(self.clock.now_s(), 1)
+        if not candidates:
+            return None
+        ex = candidates[0]
+        answer = scrub(await ask_large(ex.request_text))
+        outcome = self.cache.apply_replay(ex.example_id, answer, 0.5)
+        self.counters["replays"] += 1
+        if outcome == "dropped":
+            self.index.remove(ex.example_id)
+            await asyncio.to_thread(self.repo.delete_examples, [ex.example_id])
+        else:
+            await asyncio.to_thread(self.repo.update_examples, [_stats(ex)])
+        return outcome
+
+    def stats(self) -> dict:
+        return {"num_examples": len(self.cache.examples), "num_bytes": self.cache.num_bytes,
+                "capacity_bytes": self.cache.config.capacity_bytes, "num_evictions": self.cache.num_evictions,
+                "paused": self.chooser.paused, "threshold": self.selector.threshold, "arms": self.chooser.stats(),
+                "large_model": self.large_model, "small_model": self.small_model, **self.counters}
+
+
+def _from_row(row: ICExample) -> Example:
+    return Example(row.id, row.request_text, row.answer_text, row.model,
+                   np.frombuffer(row.embedding, dtype=np.float32).copy(), created_s=row.created_unix_s,
+                   value=row.value, value_at_s=row.value_at_unix_s, num_uses=row.num_uses,
+                   num_successes=row.num_successes, quality=row.quality, num_ratings=row.num_ratings,
+                   num_replays=row.num_replays)
+
+
+def _stats(ex: Example) -> dict:
+    return {"id": ex.example_id, "value": ex.value, "value_at_unix_s": ex.value_at_s, "num_uses": ex.num_uses,
+            "num_successes": ex.num_successes, "quality": ex.quality, "num_ratings": ex.num_ratings,
+            "num_replays": ex.num_replays, "answer_text": ex.answer_text}

