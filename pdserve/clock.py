@@ -30,3 +30,11 @@ class VirtualClock:
         if delta_s < 0:
             raise ValueError("time cannot go backwards")
         self._now_s += delta_s
+
+
+class UnixClock:
+    """Seconds since the Unix epoch: for values that must mean the same after a restart (IC-Cache's
+    decaying example values, stored in the database)."""
+
+    def now_s(self) -> float:
+        return time.time()

@@ -14,6 +14,8 @@ from pdserve.gateway.dashboard import DashboardAccess
 from pdserve.gateway.dashboard import router as dashboard_routes
 from pdserve.gateway.dependencies import GatewayDeps
 from pdserve.gateway.errors import OpenAIError
+from pdserve.gateway.iccache_routes import PoolLoads
+from pdserve.gateway.iccache_routes import router as iccache_router
 from pdserve.gateway.live_window import LiveWindow
 from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.middleware import RequestIdMiddleware
@@ -47,12 +49,14 @@ def create_app(deps: GatewayDeps, metrics: GatewayMetrics | None = None,
     app.state.metrics = metrics or GatewayMetrics()
     app.state.live_window = LiveWindow(deps.clock)
     app.state.dashboard_access = dashboard or DashboardAccess()
-    app.state.recorder = RequestRecorder(deps.store, app.state.metrics, app.state.live_window)
+    app.state.recorder = RequestRecorder(deps.store, app.state.metrics, app.state.live_window, deps.iccache)
+    app.state.pool_loads = PoolLoads()
     app.add_exception_handler(OpenAIError, _openai_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     app.include_router(router)
     app.include_router(dashboard_routes)
+    app.include_router(iccache_router)
     openapi.install(app, deps.limits)
     app.add_middleware(RequestIdMiddleware)
     return app

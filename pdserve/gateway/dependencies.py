@@ -2,6 +2,8 @@
 caller's tenant (API key check), its rate limits and the request body (size-capped, strict UTF-8 JSON)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncio
 import json
 from dataclasses import dataclass, field
@@ -23,6 +25,10 @@ from pdserve.workers.model.tokenizer import Tokenizer
 _BEARER = "bearer "
 
 
+if TYPE_CHECKING:   # the service pulls in torch (embeddings); only its type is needed here
+    from pdserve.iccache.service import ICCacheService
+
+
 @dataclass
 class GatewayDeps:
     router: RouterClient
@@ -34,6 +40,7 @@ class GatewayDeps:
     inflight: InflightLimit = field(default_factory=lambda: InflightLimit(512, 1))
     rate_limiter: RateLimiter = field(default_factory=RateLimiter)
     clock: Clock = field(default_factory=WallClock)
+    iccache: "ICCacheService | None" = None     # serves limits.routed_model when IC-Cache is on
 
 
 def deps(request: Request) -> GatewayDeps:

@@ -33,6 +33,12 @@ class Limits:
     max_context_tokens: int
     max_tokens_limit: int
     vocab_size: int = 0         # token ids of a prompt are below it (0: not checked here)
+    extra_models: tuple[str, ...] = ()   # also served, with the same tokenizer (IC-Cache's small model)
+    routed_model: str = ""               # IC-Cache chooses the model for requests naming this
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return (self.served_model, *self.extra_models)
 
 
 @dataclass
@@ -46,6 +52,7 @@ class Prepared:
     include_usage: bool
     echo_text: str = ""
     logprobs: LogprobFormatter | None = None     # set when the client asked for logprobs
+    iccache: dict | None = None                  # IC-Cache's choice, for the usage extension
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -80,9 +87,9 @@ def prepare(body: dict, chat: bool, req_id: str, tokenizer: Tokenizer, limits: L
         raise bad_request(str(exc), param=exc.field, code="unsupported_parameter") from exc
     except ValidationError as exc:
         raise validation_error(exc) from exc
-    if req.model != limits.served_model:
+    if req.model not in limits.models:
         raise OpenAIError(404, f"The model '{req.model}' does not exist; this server serves "
-                               f"'{limits.served_model}'", param="model", code="model_not_found")
+                               f"{', '.join(repr(m) for m in limits.models)}", param="model", code="model_not_found")
     if chat:
         prompt_ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
         requested = req.requested_max_tokens()
@@ -179,7 +186,8 @@ def usage(p: Prepared, out: "Outcome") -> dict:
     return {"prompt_tokens": len(p.prompt_ids), "completion_tokens": out.num_generated,
             "total_tokens": len(p.prompt_ids) + out.num_generated,
             # OpenAI's field: prompt tokens served from a prefix cache instead of computed.
-            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},
+            **({"iccache": p.iccache} if p.iccache is not None else {})}
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import uuid
 
 import uvicorn
 
@@ -15,10 +16,13 @@ from pdserve.gateway.app import GatewayDeps, create_app
 from pdserve.gateway.dashboard import DashboardAccess
 from pdserve.gateway.generation import Limits
 from pdserve.gateway.router_client import RouterClient
+from pdserve.iccache import setup as iccache_setup
 from pdserve.store import Store
+from pdserve.v1 import router_pb2, worker_pb2
 from pdserve.workers.model.loader import load_tokenizer, model_context_tokens, model_vocab_size
 
 log = logging.getLogger("pdserve.gateway")
+_REPLAY_MAX_TOKENS = 256   # an example answer longer than this is cut
 
 
 async def serve(cfg: PDServeConfig) -> None:
@@ -32,10 +36,13 @@ async def serve(cfg: PDServeConfig) -> None:
     context = await asyncio.to_thread(model_context_tokens, cfg.model.name, cfg.model.cache_dir)
     vocab = await asyncio.to_thread(model_vocab_size, cfg.model.name, cfg.model.cache_dir)
     router = RouterClient(g.router_address, g.retry_after_s, cfg.cluster_credential)
-    deps = GatewayDeps(router=router, tokenizer=tokenizer, store=store,
-                       limits=Limits(cfg.served_model, context, g.max_tokens_limit, vocab),
+    ic = cfg.iccache
+    limits = Limits(cfg.served_model, context, g.max_tokens_limit, vocab,
+                    extra_models=(ic.small_model,) if ic.enabled else (), routed_model=ic.routed_model if ic.enabled else "")
+    deps = GatewayDeps(router=router, tokenizer=tokenizer, store=store, limits=limits,
                        max_body_bytes=g.max_body_bytes, require_api_key=g.require_api_key,
-                       inflight=InflightLimit(g.max_inflight_requests, g.retry_after_s))
+                       inflight=InflightLimit(g.max_inflight_requests, g.retry_after_s),
+                       iccache=await iccache_setup.build(cfg, store) if ic.enabled else None)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Accepted sockets inherit this: without it a response written in two parts (headers, body)
@@ -43,7 +50,8 @@ async def serve(cfg: PDServeConfig) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((g.host, g.port))   # bind first so port 0 resolves before we announce it
     access = DashboardAccess(cfg.router.admin_token, is_loopback(g.host))
-    server = uvicorn.Server(uvicorn.Config(create_app(deps, dashboard=access), log_level="warning", access_log=False,
+    app = create_app(deps, dashboard=access)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=g.shutdown_grace_s,
                                            ssl_certfile=g.tls_cert_file or None, ssl_keyfile=g.tls_key_file or None))
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -53,9 +61,31 @@ async def serve(cfg: PDServeConfig) -> None:
             return
         await asyncio.sleep(0.05)
     print(f"PDSERVE_READY component=gateway port={sock.getsockname()[1]}", flush=True)
+    replay = _start_replay(cfg, deps, app.state.pool_loads) if deps.iccache is not None else None
     try:
         await task   # uvicorn handles SIGTERM/SIGINT: stops accepting, finishes in-flight responses
         # within gateway.shutdown_grace_s
     finally:
+        if replay is not None:
+            replay.cancel()
         await router.close()
         store.engine.dispose()
+
+
+def _start_replay(cfg: PDServeConfig, deps: GatewayDeps, loads) -> asyncio.Task:
+    """IC-Cache's replay: re-ask the large model (greedy, through the router like any request)."""
+    large = cfg.served_model
+
+    async def large_load() -> float:
+        return (await loads.get(deps)).get(large, 1.0)    # no figure: assume busy, replay waits
+
+    async def ask_large(text: str) -> str:
+        prompt_ids = deps.tokenizer.encode(f"Question: {text}\nAnswer:")
+        call = deps.router.generate(router_pb2.RouteRequest(
+            req_id=f"iccache-replay-{uuid.uuid4().hex[:12]}", model=large, prompt_token_ids=prompt_ids,
+            sampling=worker_pb2.SamplingParams(max_tokens=_REPLAY_MAX_TOKENS, temperature=0.0, stop=["\n"])))
+        return "".join([chunk.text async for chunk in call]).strip()
+
+    ic = cfg.iccache
+    return asyncio.create_task(iccache_setup.replay_loop(deps.iccache, large_load, ask_large, ic.replay_interval_s,
+                                                         ic.replay_max_load))

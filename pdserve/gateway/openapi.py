@@ -67,7 +67,7 @@ def _request_schema(model: type[BaseModel], limits: Limits, components: dict) ->
     # Unknown fields are refused (schemas.check_fields): say so, so clients and fuzzers know.
     schema["additionalProperties"] = False
     props = schema["properties"]
-    props["model"]["enum"] = [limits.served_model]
+    props["model"]["enum"] = [*limits.models, *([limits.routed_model] if limits.routed_model else [])]
     if "prompt" in props and limits.vocab_size:
         _bound_integers(props["prompt"], limits.vocab_size - 1)
     props["min_tokens"]["maximum"] = limits.max_tokens_limit

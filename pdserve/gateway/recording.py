@@ -27,6 +27,7 @@ class Attempt:
     started_s: float
     tenant: str = ""
     prepared: Prepared | None = None
+    plan: object = None          # IC-Cache's plan when the routed model name was asked for
 
 
 def _outcome(status: int) -> str:
@@ -40,7 +41,8 @@ def _outcome(status: int) -> str:
 
 
 class RequestRecorder:
-    def __init__(self, store: Store, metrics: GatewayMetrics, window: LiveWindow | None = None):
+    def __init__(self, store: Store, metrics: GatewayMetrics, window: LiveWindow | None = None, iccache=None):
+        self._iccache = iccache
         self._store = store
         self._metrics = metrics
         self._window = window
@@ -64,7 +66,12 @@ class RequestRecorder:
                             num_completion_tokens=out.num_generated,
                             ttft_ms=out.ttft_s * 1e3 if out.ttft_s is not None else None,
                             latency_ms=latency_s * 1e3, outcome=outcome, status_code=status)
-        task = asyncio.create_task(asyncio.to_thread(self._store.record_request, rec))
+        self._background(asyncio.to_thread(self._store.record_request, rec))
+        if attempt.plan is not None and status == 200 and self._iccache is not None:
+            self._background(self._iccache.record(p.response_id, attempt.plan, out.text))
+
+    def _background(self, coro) -> None:
+        task = asyncio.create_task(coro)
         self.pending.add(task)
         task.add_done_callback(self._done)
 

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 
-from pdserve.gateway import generation
+from pdserve.gateway import generation, iccache_routes
 from pdserve.gateway.admission import ClientGone, unless_client_leaves
 from pdserve.gateway.dependencies import GatewayDeps, charge, deps, metrics, read_json, recorder, tenant
 from pdserve.gateway.errors import OpenAIError
@@ -38,7 +38,10 @@ async def _serve(request: Request, chat: bool, d: GatewayDeps, m: GatewayMetrics
         d.inflight.acquire()
         admitted = True
         body = await read_json(request, d.max_body_bytes)
+        body, attempt.plan = await iccache_routes.route(request, body, chat, d)
         p = attempt.prepared = generation.prepare(body, chat, attempt.req_id, d.tokenizer, d.limits)
+        if attempt.plan is not None:
+            p.iccache = {"model": p.model, "num_examples": attempt.plan.num_examples}
         charge(request, len(p.prompt_ids) + p.sampling.max_tokens)
         log.debug("request %s: %s, %d prompt tokens, max_tokens=%d, stream=%s", attempt.req_id, attempt.endpoint,
                   len(p.prompt_ids), p.sampling.max_tokens, p.stream)
@@ -47,8 +50,10 @@ async def _serve(request: Request, chat: bool, d: GatewayDeps, m: GatewayMetrics
         m.ttft.observe(stream.first_token_s - stream.started_s)
         if p.stream:
             streaming = True
-            return _EventStream(_sse(p, stream, out, m), _closer(stream, out, attempt, d, m, rec))
-        return JSONResponse(await unless_client_leaves(request, generation.collect(p, stream, m, out)))
+            return _EventStream(_sse(p, stream, out, m), _closer(stream, out, attempt, d, m, rec),
+                                iccache_routes.headers(p.model, attempt.plan))
+        return JSONResponse(await unless_client_leaves(request, generation.collect(p, stream, m, out)),
+                            headers=iccache_routes.headers(p.model, attempt.plan))
     except ClientGone:
         status = CLIENT_CLOSED
         return Response(status_code=CLIENT_CLOSED)
@@ -70,8 +75,8 @@ class _EventStream(StreamingResponse):
     """Server-sent events whose clean-up runs when the response ends, however it ends: also when
     the client left before the body started, where the generator's own `finally` never runs."""
 
-    def __init__(self, content, on_close):
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(self, content, on_close, headers: dict[str, str]):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send):
@@ -109,8 +114,9 @@ async def chat_completions(request: Request, d=Depends(deps), m=Depends(metrics)
 
 @router.get("/v1/models", responses=KEYED_ERRORS)
 async def models(d=Depends(deps), _tenant=Depends(tenant)):
-    return {"object": "list", "data": [{"id": d.limits.served_model, "object": "model", "created": 0,
-                                        "owned_by": "pdserve"}]}
+    names = [*d.limits.models, *([d.limits.routed_model] if d.limits.routed_model else [])]
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "pdserve"}
+                                       for name in names]}
 
 
 @router.get("/health")
@@ -125,10 +131,15 @@ async def ready(d=Depends(deps)):
         workers = [w for w in await d.router.list_workers() if w.alive]
     except grpc.aio.AioRpcError as exc:
         return JSONResponse({"status": "router unreachable", "detail": exc.code().name}, status_code=503)
-    roles = {role_name(w.role) for w in workers}
-    ok = "aggregated" in roles or {"prefill", "decode"} <= roles
-    return JSONResponse({"status": "ready" if ok else "waiting for workers", "workers": len(workers)},
-                        status_code=200 if ok else 503)
+    def servable(model: str) -> bool:
+        roles = {role_name(w.role) for w in workers if w.model == model}
+        return "aggregated" in roles or {"prefill", "decode"} <= roles
+    # Every model this gateway serves (IC-Cache's small one too) must have somewhere to run.
+    waiting = [m for m in d.limits.models if not servable(m)]
+    body = {"status": "waiting for workers" if waiting else "ready", "workers": len(workers)}
+    if waiting:
+        body["models_without_workers"] = waiting
+    return JSONResponse(body, status_code=503 if waiting else 200)
 
 
 def _prefix_metrics(m, resp) -> None:
