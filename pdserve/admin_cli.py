@@ -60,7 +60,31 @@ def _history(resp) -> str:
                   for c in resp.changes])
 
 
+def _iccache(args: argparse.Namespace) -> str:
+    """IC-Cache lives in the gateway: its operator view is an HTTP endpoint there."""
+    import httpx
+    action = "pause" if args.pause else "resume" if args.resume else None
+    url = f"{args.gateway.rstrip('/')}/admin/iccache" + (f"/{action}" if action else "")
+    headers = {"Authorization": f"Bearer {admin_token(args)}"}
+    resp = httpx.post(url, headers=headers, timeout=10) if action else httpx.get(url, headers=headers, timeout=10)
+    if resp.status_code != 200:
+        raise SystemExit(f"pdserve admin iccache: HTTP {resp.status_code}: {resp.text[:300]}")
+    s = resp.json()
+    lines = [f"IC-Cache: {s['large_model']} (large) / {s['small_model']} (small + examples)"
+             f"{'  PAUSED: every request goes to the large model' if s['paused'] else ''}",
+             f"examples: {s['num_examples']} ({s['num_bytes']} of {s['capacity_bytes']} bytes), "
+             f"{s['num_evictions']} evicted, {s['examples_added']} added, {s['replays']} replays",
+             f"routed: {s['routed']}, offloaded: {s['offloaded']} "
+             f"({100 * s['offloaded'] / s['routed']:.1f}%)" if s["routed"] else "routed: 0",
+             f"feedback: {s['feedback']}, selection threshold {s['threshold']:.2f}",
+             table(["arm", "rewards", "expected quality"],
+                   [[arm, v["num_rewards"], f"{v['expected_quality']:.2f}"] for arm, v in s["arms"].items()])]
+    return "\n".join(lines)
+
+
 async def _call(args: argparse.Namespace) -> str:
+    if args.admin_command == "iccache":
+        return _iccache(args)
     md = (("authorization", f"Bearer {admin_token(args)}"),)
     async with rpc.channel(args.router, _tls_credential(args)) as ch:
         a = admin_pb2_grpc.AdminStub(ch)
@@ -163,4 +187,9 @@ def add_parser(sub) -> None:
     sr = cmds.add_parser("set-role", help="drain a worker, then switch its role")
     sr.add_argument("worker")
     sr.add_argument("role", choices=["prefill", "decode"])
+    ic = cmds.add_parser("iccache", help="IC-Cache: example store, offload rate, the router's arms (from the gateway)")
+    ic.add_argument("--gateway", default="http://127.0.0.1:8000", help="the gateway's URL")
+    onoff = ic.add_mutually_exclusive_group()
+    onoff.add_argument("--pause", action="store_true", help="send every routed request to the large model")
+    onoff.add_argument("--resume", action="store_true", help="let IC-Cache offload again")
     p.set_defaults(fn=run)

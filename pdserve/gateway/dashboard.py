@@ -111,6 +111,7 @@ async def state(request: Request, d: GatewayDeps = Depends(deps), access: Dashbo
         "router": _router(resp) if resp else None,
         "scenarios": scenarios,
         "gateway": request.app.state.live_window.summary(),
+        "iccache": d.iccache.stats() if d.iccache is not None else None,
     })
 
 

@@ -74,16 +74,21 @@ def headers(model: str, plan: Plan | None) -> dict[str, str]:
 
 @router.post("/v1/feedback")
 async def feedback(request: Request, d: GatewayDeps = Depends(deps), _tenant=Depends(tenant)):
-    """Rate an answer: {"response_id": "cmpl-...", "rating": 0..1}. The first rating counts."""
+    """Rate an answer: {"response_id": "cmpl-...", "rating": 0..1}, or score it against a gold
+    answer: {"response_id": ..., "gold": "..."} (token F1). The first rating counts."""
     if d.iccache is None:
         raise OpenAIError(404, "feedback needs IC-Cache (iccache.enabled)", "not_found_error")
     body = await read_json(request, d.max_body_bytes)
-    response_id, rating = body.get("response_id"), body.get("rating")
+    response_id, rating, gold = body.get("response_id"), body.get("rating"), body.get("gold")
     if not isinstance(response_id, str) or not response_id:
         raise bad_request("response_id (a string) is required", param="response_id")
-    if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not 0 <= rating <= 1:
+    if (rating is None) == (gold is None):
+        raise bad_request("give one of rating (0..1) or gold (the right answer, to score against)", param="rating")
+    if gold is not None and not isinstance(gold, str):
+        raise bad_request("gold must be a string", param="gold")
+    if rating is not None and (isinstance(rating, bool) or not isinstance(rating, (int, float)) or not 0 <= rating <= 1):
         raise bad_request("rating must be a number from 0 (bad) to 1 (good)", param="rating")
-    learned = await d.iccache.feedback(response_id, float(rating))
+    learned = await d.iccache.feedback(response_id, None if rating is None else float(rating), gold)
     if learned is None:
         raise OpenAIError(404, f"no routed answer with id {response_id!r}", "not_found_error", param="response_id")
     return {"response_id": response_id, "recorded": learned}

@@ -28,6 +28,7 @@ from pdserve.iccache.embedder import BaseEmbedder
 from pdserve.iccache.index import VectorIndex
 from pdserve.policy.iccache.bandit import Arm, ModelChooser, context
 from pdserve.policy.iccache.examples import Example, ExampleCache
+from pdserve.policy.iccache.scoring import token_f1
 from pdserve.policy.iccache.scrub import scrub
 from pdserve.policy.iccache.selection import Chosen, ExampleSelector
 from pdserve.store.iccache import ICCacheRepository
@@ -96,7 +97,8 @@ class ICCacheService:
         request_text = scrub(plan.request_text)
         chosen = [[c.example.example_id, c.similarity, c.utility] for c in plan.chosen]
         row = ICOffload(response_id=response_id, arm=plan.arm.value, model=plan.model, chosen=chosen,
-                        context=[float(v) for v in plan.context], request_text=request_text)
+                        context=[float(v) for v in plan.context], request_text=request_text,
+                        answer_text=scrub(answer_text))
         if plan.arm is Arm.LARGE and answer_text.strip():
             answer = scrub(answer_text)
             example_id = await asyncio.to_thread(self.repo.add_example, ICExample(
@@ -115,8 +117,14 @@ class ICCacheService:
             row.example_id = example_id
         await asyncio.to_thread(self.repo.record_answer, row)
 
-    async def feedback(self, response_id: str, quality: float) -> bool | None:
-        """None: unknown response id; False: already rated (the first rating counts); True: learned."""
+    async def feedback(self, response_id: str, quality: float | None = None, gold: str | None = None) -> bool | None:
+        """A rating (0..1), or a gold answer the stored answer is scored against (token F1).
+        None: unknown response id; False: already rated (the first rating counts); True: learned."""
+        if quality is None:
+            row = await asyncio.to_thread(self.repo.answer, response_id)
+            if row is None:
+                return None
+            quality = token_f1(row.answer_text, gold or "")
         row, first = await asyncio.to_thread(self.repo.rate, response_id, quality)
         if row is None or not first:
             return None if row is None else False

@@ -48,6 +48,10 @@ class ICCacheRepository:
         with self.store.session() as s, s.begin():
             s.merge(row)
 
+    def answer(self, response_id: str) -> ICOffload | None:
+        with self.store.session() as s:
+            return s.get(ICOffload, response_id)
+
     def rate(self, response_id: str, quality: float) -> tuple[ICOffload | None, bool]:
         """The answer's row and whether this rating is its first (only the first trains)."""
         with self.store.session() as s, s.begin():

@@ -122,6 +122,7 @@ class ICOffload(Base):
     chosen: Mapped[list] = mapped_column(JSON, default=list)    # [[example_id, similarity, utility], ...]
     context: Mapped[list] = mapped_column(JSON, default=list)   # the bandit's context vector
     request_text: Mapped[str] = mapped_column(Text, default="")  # scrubbed (offline scoring against gold answers)
+    answer_text: Mapped[str] = mapped_column(Text, default="")   # scrubbed: scored against a gold answer later
     example_id: Mapped[int | None] = mapped_column(Integer, nullable=True)   # the example a large answer became
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     quality: Mapped[float | None] = mapped_column(Float, nullable=True)   # set once rated

@@ -3,6 +3,10 @@ behind the routed name 'auto', each model its own disaggregated pool, with the r
 MiniLM embeddings and the store. Feedback steers the router toward the small model."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import httpx
 import openai
 import pytest
@@ -62,6 +66,8 @@ def test_routed_requests_learn_from_feedback_and_offload_with_examples(cluster):
         arms = dict(conn.execute(text("select arm, count(*) from iccache_answers group by arm")).all())
         used = conn.execute(text("select sum(num_uses) from iccache_examples")).scalar()
     assert num_examples == arms["large"] >= 1 and arms.get("small", 0) == len(small) and used >= len(small)
+    dash = httpx.get(f"{url}/dashboard/state", headers={"Authorization": f"Bearer {TOKEN}"}).json()["iccache"]
+    assert dash["offloaded"] == len(small) and dash["num_examples"] == num_examples
     metrics = httpx.get(f"{url}/metrics").text
     assert f'pdserve_iccache_requests_total{{arm="small"}} {float(len(small))}' in metrics
 
@@ -80,5 +86,14 @@ def test_explicit_models_bypass_iccache_and_operators_can_pause_it(cluster):
     headers, _ = _ask(url, QUESTIONS[1])
     assert headers["x-pdserve-model"] == "tiny-large"       # paused: everything goes to the large model
     assert httpx.post(f"{url}/admin/iccache/resume", headers=auth).json()["paused"] is False
+    cli = subprocess.run([sys.executable, "-m", "pdserve.cli", "admin", "iccache", "--gateway", url],
+                         capture_output=True, text=True, env={**os.environ, "PDSERVE_ADMIN_TOKEN": TOKEN}, timeout=60)
+    assert cli.returncode == 0 and "tiny-large (large) / tiny (small + examples)" in cli.stdout, cli.stderr
+    assert "offloaded:" in cli.stdout and "small" in cli.stdout
+    _, reply = _ask(url, QUESTIONS[2])
+    both = httpx.post(f"{url}/v1/feedback", json={"response_id": reply.id, "rating": 1, "gold": "Paris"})
+    assert both.status_code == 400
+    scored = httpx.post(f"{url}/v1/feedback", json={"response_id": reply.id, "gold": "Paris"})
+    assert scored.status_code == 200 and scored.json()["recorded"] is True
     with pytest.raises(openai.BadRequestError, match="text prompt"):   # token ids cannot be matched
         oai.completions.create(model="auto", prompt=[1, 2, 3], max_tokens=2)

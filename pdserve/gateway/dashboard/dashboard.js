@@ -49,6 +49,13 @@ function renderCards(state) {
     card("Preemptions", fmt(r.preemptions)),
     card("Prefix cache hits", pct(r.prefix_hit_rate)),
   );
+  const ic = state.iccache;
+  if (ic) {
+    document.getElementById("cards").append(
+      card(`IC-Cache offloads to ${ic.small_model}${ic.paused ? " (paused)" : ""}`,
+           ic.routed ? `${pct(ic.offloaded / ic.routed)} of ${ic.routed}` : "–"),
+      card("IC-Cache examples", `${ic.num_examples} (${ic.num_evictions} evicted)`));
+  }
 }
 
 function renderWorkers(state) {

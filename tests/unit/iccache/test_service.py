@@ -10,6 +10,7 @@ from pdserve.iccache.embedder import MiniLMEmbedder
 from pdserve.iccache.prompting import NotRoutable, request_text, with_examples
 from pdserve.iccache.service import ICCacheService
 from pdserve.policy.iccache.bandit import Arm, BanditConfig, ModelChooser
+from pdserve.policy.iccache.scoring import token_f1
 from pdserve.policy.iccache.examples import CacheConfig, Example, ExampleCache
 from pdserve.policy.iccache.selection import Chosen, ExampleSelector, SelectionConfig
 from pdserve.store import Store
@@ -67,8 +68,8 @@ def test_a_large_answer_becomes_an_example_that_serves_a_similar_request(tmp_pat
         (row,) = svc.repo.examples()
         assert (row.num_uses, row.num_successes) == (1, 1) and row.value > 1.0
         assert svc.chooser.stats()["small"]["num_rewards"] == 1
-        assert await svc.feedback("cmpl-1", 0.2) is True                  # the large answer itself rated
-        assert svc.repo.examples()[0].quality == pytest.approx(0.2)
+        assert await svc.feedback("cmpl-1", gold="Paris") is True          # scored against a gold answer
+        assert svc.repo.examples()[0].quality == pytest.approx(token_f1("Paris. Call me at [PHONE].", "Paris"))
         return svc
     svc = asyncio.run(run())
 

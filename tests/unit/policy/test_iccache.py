@@ -173,3 +173,10 @@ def test_replay_targets_used_poor_answers_keeps_the_better_and_drops_hopeless_on
 ])
 def test_scrub_removes_obvious_personal_data(text, expected):
     assert scrub(text) == expected
+
+
+def test_token_f1_scores_against_a_gold_answer():
+    from pdserve.policy.iccache.scoring import token_f1
+    assert token_f1("The capital is Paris.", "Paris") == pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
+    assert token_f1("paris", "Paris!") == 1.0 and token_f1("Lyon", "Paris") == 0.0
+    assert token_f1("", "") == 1.0 and token_f1("", "Paris") == 0.0

@@ -37,6 +37,7 @@ def upgrade() -> None:
         sa.Column("chosen", sa.JSON, nullable=False),
         sa.Column("context", sa.JSON, nullable=False),
         sa.Column("request_text", sa.Text, nullable=False),
+        sa.Column("answer_text", sa.Text, nullable=False),
         sa.Column("example_id", sa.Integer, nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("quality", sa.Float, nullable=True),
