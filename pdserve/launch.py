@@ -113,7 +113,8 @@ class LocalCluster:
     num_prefill: int = 1
     num_decode: int = 1
     num_aggregated: int = 0
-    # More worker pools of other models: (model, num_prefill, num_decode) each (IC-Cache's small model).
+    # More worker pools of other models: (model, num_prefill, num_decode) each (IC-Cache's small
+    # model). Each pool is its own scenario, named after its model: its own P/D ratio control.
     extra_pools: tuple[tuple[str, int, int], ...] = ()
     gateway_port: int = 0
     router_port: int = 0
@@ -141,14 +142,16 @@ class LocalCluster:
             # A restarted router comes back on the same port: workers and the gateway keep its address.
             self.router_port = router.port
             self.router_address = f"127.0.0.1:{router.port}"
-            pools = [(self.model, "", (("prefill", self.num_prefill), ("decode", self.num_decode),
-                                        ("aggregated", self.num_aggregated)))]
-            pools += [(model, f"{model}-", (("prefill", p), ("decode", d))) for model, p, d in self.extra_pools]
-            for model, prefix, counts in pools:
+            pools = [(self.model, "", {}, (("prefill", self.num_prefill), ("decode", self.num_decode),
+                                            ("aggregated", self.num_aggregated)))]
+            pools += [(model, f"{model}-", {"PDSERVE_WORKER__SCENARIO": model}, (("prefill", p), ("decode", d)))
+                      for model, p, d in self.extra_pools]
+            for model, prefix, scenario_env, counts in pools:
                 for role, count in counts:
                     for i in range(count):
                         self._launch(f"{prefix}{role}-{i}", ["serve", role], worker_env(
-                            model, router_address=self.router_address, extra_env=self._env_of("worker")))
+                            model, router_address=self.router_address,
+                            extra_env={**self._env_of("worker"), **scenario_env}))
             gateway = self._launch("gateway", ["serve", "gateway"], {
                 **self._env_of("gateway"), "PDSERVE_MODEL__NAME": self.model,
                 "PDSERVE_GATEWAY__PORT": str(self.gateway_port), "PDSERVE_GATEWAY__ROUTER_ADDRESS": self.router_address})

@@ -73,7 +73,7 @@ def headers(model: str, plan: Plan | None) -> dict[str, str]:
 
 
 @router.post("/v1/feedback")
-async def feedback(request: Request, d: GatewayDeps = Depends(deps), _tenant=Depends(tenant)):
+async def feedback(request: Request, d: GatewayDeps = Depends(deps), tenant_: str = Depends(tenant)):
     """Rate an answer: {"response_id": "cmpl-...", "rating": 0..1}, or score it against a gold
     answer: {"response_id": ..., "gold": "..."} (token F1). The first rating counts."""
     if d.iccache is None:
@@ -88,7 +88,7 @@ async def feedback(request: Request, d: GatewayDeps = Depends(deps), _tenant=Dep
         raise bad_request("gold must be a string", param="gold")
     if rating is not None and (isinstance(rating, bool) or not isinstance(rating, (int, float)) or not 0 <= rating <= 1):
         raise bad_request("rating must be a number from 0 (bad) to 1 (good)", param="rating")
-    learned = await d.iccache.feedback(response_id, None if rating is None else float(rating), gold)
+    learned = await d.iccache.feedback(response_id, None if rating is None else float(rating), gold, tenant_)
     if learned is None:
         raise OpenAIError(404, f"no routed answer with id {response_id!r}", "not_found_error", param="response_id")
     return {"response_id": response_id, "recorded": learned}

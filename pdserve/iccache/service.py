@@ -92,11 +92,11 @@ class ICCacheService:
         model = self.small_model if arm is Arm.SMALL_WITH_EXAMPLES else self.large_model
         return Plan(arm, model, chosen if arm is Arm.SMALL_WITH_EXAMPLES else [], x, request_text, embedding)
 
-    async def record(self, response_id: str, plan: Plan, answer_text: str) -> None:
+    async def record(self, response_id: str, plan: Plan, answer_text: str, tenant: str = "") -> None:
         now_s = self.clock.now_s()
         request_text = scrub(plan.request_text)
         chosen = [[c.example.example_id, c.similarity, c.utility] for c in plan.chosen]
-        row = ICOffload(response_id=response_id, arm=plan.arm.value, model=plan.model, chosen=chosen,
+        row = ICOffload(response_id=response_id, arm=plan.arm.value, model=plan.model, tenant=tenant, chosen=chosen,
                         context=[float(v) for v in plan.context], request_text=request_text,
                         answer_text=scrub(answer_text))
         if plan.arm is Arm.LARGE and answer_text.strip():
@@ -117,15 +117,16 @@ class ICCacheService:
             row.example_id = example_id
         await asyncio.to_thread(self.repo.record_answer, row)
 
-    async def feedback(self, response_id: str, quality: float | None = None, gold: str | None = None) -> bool | None:
+    async def feedback(self, response_id: str, quality: float | None = None, gold: str | None = None,
+                       tenant: str = "") -> bool | None:
         """A rating (0..1), or a gold answer the stored answer is scored against (token F1).
         None: unknown response id; False: already rated (the first rating counts); True: learned."""
         if quality is None:
-            row = await asyncio.to_thread(self.repo.answer, response_id)
+            row = await asyncio.to_thread(self.repo.answer, response_id, tenant)
             if row is None:
                 return None
             quality = token_f1(row.answer_text, gold or "")
-        row, first = await asyncio.to_thread(self.repo.rate, response_id, quality)
+        row, first = await asyncio.to_thread(self.repo.rate, response_id, quality, tenant)
         if row is None or not first:
             return None if row is None else False
         self.counters["feedback"] += 1

@@ -78,6 +78,16 @@ class Dispatcher:
         self.load_tokens_per_request = load_tokens_per_request
         self.num_load_candidates = num_load_candidates
 
+    def scenario_for(self, model: str, scenario: str) -> str:
+        """The scenario a request for `model` runs in: the classified one when it has workers of
+        that model; else the one scenario whose workers serve the model (a model with a pool of
+        its own, such as IC-Cache's small model), so that pool's ratio controller sees the
+        request; else the classified one (placement then uses every worker)."""
+        if self.registry.has_placeable(model, scenario):
+            return scenario
+        serving = self.registry.scenarios_serving(model)
+        return next(iter(serving)) if len(serving) == 1 else scenario
+
     def place(self, model: str, num_prompt_tokens: int, max_tokens: int,
               exclude_ids: frozenset[str] = frozenset(), scenario: str | None = None, req_id: str = "",
               prompt_ids=None, prompt_hashes: tuple[int, list[int]] | None = None) -> Placement:

@@ -158,7 +158,12 @@ class RatioController:
                now_s: float) -> RatioPlan | None:
         """Called once per control interval per scenario with its live prefill/decode workers
         (draining ones included). Returns the plan to carry out, or None to leave things as they are.
-        Side effect: a returned plan starts the scenario's cooldown."""
+        Side effect: a returned plan starts the scenario's cooldown.
+        A scenario whose workers serve more than one model is left alone: its split mixes pools
+        that cannot stand in for each other, and a move could take one model's last prefill or
+        decode worker (give each model's pool its own scenario)."""
+        if len({w.model for w in members}) > 1:
+            return None
         st = self._state(scenario)
         current = (sum(w.role is Role.PREFILL for w in members), sum(w.role is Role.DECODE for w in members))
         total = current[0] + current[1]

@@ -230,6 +230,11 @@ class WorkerRegistry:
     def has_placeable(self, model: str, scenario: str | None) -> bool:
         return any(self.ranked(model, role, scenario, 1) for role in Role)
 
+    def scenarios_serving(self, model: str) -> set[str]:
+        """Scenarios with a placeable worker of `model`. O(models x roles x scenarios), not O(workers)."""
+        return {key[2] for key in list(self._heaps) if key[0] == model and key[2] is not None
+                and self.ranked(model, key[1], key[2], 1)}
+
     def scenarios(self) -> set[str]:
         return {w.scenario for w in self._workers.values()}
 

@@ -105,7 +105,8 @@ class RequestFlow:
 
     async def run(self, request: router_pb2.RouteRequest, tracker: RequestTracker) -> AsyncIterator[worker_pb2.TokenChunk]:
         max_tokens = request.sampling.max_tokens or 16
-        scenario = self.scenarios.classify(request.scenario_header, request.tenant, list(request.prompt_token_ids))
+        scenario = self.dispatcher.scenario_for(request.model, self.scenarios.classify(
+            request.scenario_header, request.tenant, list(request.prompt_token_ids)))
         if self.controller is not None:
             self.controller.observe(scenario, self.clock.now_s(), len(request.prompt_token_ids), max_tokens)
         if not request.ttft_slo_ms and scenario in self.scenarios.specs:

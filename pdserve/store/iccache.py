@@ -48,15 +48,17 @@ class ICCacheRepository:
         with self.store.session() as s, s.begin():
             s.merge(row)
 
-    def answer(self, response_id: str) -> ICOffload | None:
+    def answer(self, response_id: str, tenant: str = "") -> ICOffload | None:
         with self.store.session() as s:
-            return s.get(ICOffload, response_id)
+            row = s.get(ICOffload, response_id)
+            return row if row is not None and row.tenant == tenant else None
 
-    def rate(self, response_id: str, quality: float) -> tuple[ICOffload | None, bool]:
-        """The answer's row and whether this rating is its first (only the first trains)."""
+    def rate(self, response_id: str, quality: float, tenant: str = "") -> tuple[ICOffload | None, bool]:
+        """The answer's row and whether this rating is its first (only the first trains). Another
+        tenant's answer reads as unknown: ratings train a shared router."""
         with self.store.session() as s, s.begin():
             row = s.get(ICOffload, response_id, with_for_update=True)
-            if row is None:
+            if row is None or row.tenant != tenant:
                 return None, False
             first = row.quality is None
             row.quality = quality

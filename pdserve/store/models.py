@@ -119,6 +119,7 @@ class ICOffload(Base):
     response_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     arm: Mapped[str] = mapped_column(String(16))
     model: Mapped[str] = mapped_column(String(256))
+    tenant: Mapped[str] = mapped_column(String(128), default="")   # only this API key tenant may rate it
     chosen: Mapped[list] = mapped_column(JSON, default=list)    # [[example_id, similarity, utility], ...]
     context: Mapped[list] = mapped_column(JSON, default=list)   # the bandit's context vector
     request_text: Mapped[str] = mapped_column(Text, default="")  # scrubbed (offline scoring against gold answers)

@@ -1,6 +1,7 @@
-"""The dashboard on a live `pdserve up` cluster with an admin token: refused without it, and in
-headless Chromium (Debian's chromium + chromium-driver) it shows the cluster's workers and P/D
-split after signing in. The screenshot lands in $PDSERVE_SCREENSHOT_DIR when set (the README's)."""
+"""`pdserve up` as a user runs it, with an admin token, shared by this module's tests: the
+dashboard is refused without the token, and in headless Chromium (Debian's chromium +
+chromium-driver) it shows the cluster's workers and P/D split after signing in (the screenshot
+lands in $PDSERVE_SCREENSHOT_DIR when set: the README's). The last test stops it with Ctrl-C."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import httpx
 import openai
@@ -26,8 +28,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Up:
+    url: str
+    proc: subprocess.Popen
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def up(tmp_path_factory):
     """`pdserve up` as a user runs it, with the admin token in its environment, and some traffic."""
     port, db = _free_port(), tmp_path_factory.mktemp("dashboard") / "d.db"
     env = {**os.environ, "PDSERVE_DATABASE__URL": f"sqlite:///{db}", "PDSERVE_ROUTER__ADMIN_TOKEN": TOKEN,
@@ -39,24 +47,21 @@ def cluster(tmp_path_factory):
         for line in proc.stdout:
             if "pdserve is up" in line or time.monotonic() > deadline:
                 break
-        assert "pdserve is up" in line, "the cluster did not come up"
+        assert f"pdserve is up: http://127.0.0.1:{port}/v1" in line, "the cluster did not come up"
         url = f"http://127.0.0.1:{port}"
         oai = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         for i in range(6):
-            oai.completions.create(model="tiny", prompt=f"dashboard traffic {i}", max_tokens=4)
-        yield url
+            assert oai.completions.create(model="tiny", prompt=f"traffic {i}", max_tokens=4).usage.completion_tokens >= 1
+        yield Up(url, proc)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             proc.kill()
 
 
-def test_state_is_refused_without_the_token_and_describes_the_cluster_with_it(cluster):
-    assert httpx.get(f"{cluster}/dashboard").status_code == 401
-    assert httpx.get(f"{cluster}/dashboard/state").status_code == 401
-    state = httpx.get(f"{cluster}/dashboard/state", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+def test_state_is_refused_without_the_token_and_describes_the_cluster_with_it(up):
+    assert httpx.get(f"{up.url}/dashboard").status_code == 401
+    assert httpx.get(f"{up.url}/dashboard/state").status_code == 401
+    state = httpx.get(f"{up.url}/dashboard/state", headers={"Authorization": f"Bearer {TOKEN}"}).json()
     assert state["router_error"] is None and state["model"] == "tiny"
     assert sorted(w["role"] for w in state["workers"] if w["alive"]) == ["decode", "prefill"]
     assert all(w["kv_total_blocks"] > 0 for w in state["workers"])
@@ -69,7 +74,7 @@ def test_state_is_refused_without_the_token_and_describes_the_cluster_with_it(cl
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver "
                     "(.ci/run installs them: apt-get install chromium chromium-driver)")
-def test_browser_signs_in_and_sees_workers_and_the_pd_chart(cluster, tmp_path):
+def test_browser_signs_in_and_sees_workers_and_the_pd_chart(up, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -81,7 +86,7 @@ def test_browser_signs_in_and_sees_workers_and_the_pd_chart(cluster, tmp_path):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
-        driver.get(f"{cluster}/dashboard")
+        driver.get(f"{up.url}/dashboard")
         assert driver.find_elements(By.ID, "token"), "without the token the page asks for it"
         assert not driver.find_elements(By.ID, "workers")
         driver.find_element(By.ID, "token").send_keys(TOKEN)
@@ -100,3 +105,11 @@ def test_browser_signs_in_and_sees_workers_and_the_pd_chart(cluster, tmp_path):
         assert driver.save_screenshot(str(out / "dashboard.png"))
     finally:
         driver.quit()
+
+
+def test_pdserve_up_stops_cleanly_on_ctrl_c(up):
+    """Last in this module: Ctrl-C stops every component, exit status 0, the port is closed."""
+    up.proc.send_signal(signal.SIGINT)
+    assert up.proc.wait(30) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{up.url}/health")

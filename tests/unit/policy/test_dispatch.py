@@ -196,3 +196,23 @@ def test_cache_aware_placement_follows_the_prefix_until_load_outweighs_it(clock)
     assert disp.place("m", 100, 16, prompt_ids=list(range(5000, 5100))).prefill_id in ("p1", "p2")
     reg.mark_suspect("p3")                       # never placed on a worker that may be gone
     assert disp.place("m", len(prompt), 16, prompt_ids=prompt).prefill_id != "p3"
+
+
+def test_a_model_with_a_pool_of_its_own_runs_in_that_pools_scenario(clock):
+    """IC-Cache's small model in scenario 'small-pool': its requests (classified 'default') are
+    observed and placed there, so that pool's ratio controller sees them."""
+    reg = WorkerRegistry(3.0)
+    workers = [make_worker("L-p", Role.PREFILL, model="large"), make_worker("L-d", Role.DECODE, model="large"),
+               make_worker("s-p", Role.PREFILL, model="small"), make_worker("s-d", Role.DECODE, model="small")]
+    for w in workers:
+        w.scenario = "small-pool" if w.model == "small" else "default"
+        reg.register(w, clock.now_s())
+    disp = Dispatcher(reg)
+    assert disp.scenario_for("large", "default") == "default"
+    assert disp.scenario_for("small", "default") == "small-pool"
+    assert disp.place("small", 10, 10, scenario=disp.scenario_for("small", "default")).decode_id == "s-d"
+    other = make_worker("s-d2", Role.DECODE, model="small")
+    other.scenario = "elsewhere"
+    reg.register(other, clock.now_s())
+    assert disp.scenario_for("small", "default") == "default"    # two pools: no single answer
+    assert disp.scenario_for("unknown", "default") == "default"

@@ -115,3 +115,17 @@ def test_a_scenario_header_is_honoured_only_for_its_tenants():
     assert c.classify("fast", "intruder", []) == "default"
     assert c.classify("fast", "", []) == "premium"                 # API keys off: no tenants to check
     assert c.classify("any", "intruder", []) == "open"             # a scenario without tenants is open
+
+
+def test_a_scenario_mixing_models_is_left_alone():
+    """Two models' pools in one scenario (IC-Cache's large and small): a combined split could flip
+    one model's only prefill worker; the controller leaves such a scenario as it is."""
+    clock, ctrl, rng = VirtualClock(), RatioController(CFG), random.Random(3)
+    mixed = members((2, 2))
+    mixed[0].model = mixed[2].model = "small"
+    for _ in range(60):
+        for _ in range(rng.randint(9, 11)):
+            ctrl.observe("chat", clock.now_s(), 200, 800)        # decode-heavy: would move a prefill worker
+        assert ctrl.decide("chat", SPEC, mixed, PERF, clock.now_s()) is None
+        clock.advance(1.0)
+    assert ctrl.decide("chat", SPEC, members((2, 2)), PERF, clock.now_s()) is not None   # one model: it acts

@@ -148,10 +148,12 @@ def test_iccache_rows_round_trip_and_a_rating_counts_once(store):
     (row,) = repo.examples()
     assert (row.num_uses, row.answer_text) == (3, "better")
     assert np.array_equal(np.frombuffer(row.embedding, dtype=np.float32), vec)
-    repo.record_answer(ICOffload(response_id="r1", arm="small", model="tiny", chosen=[[eid, 0.9, 0.7]],
+    repo.record_answer(ICOffload(response_id="r1", arm="small", model="tiny", tenant="acme", chosen=[[eid, 0.9, 0.7]],
                                  context=[1.0, 0.9], request_text="q", answer_text="a", example_id=None))
-    first = repo.rate("r1", 1.0)
-    again = repo.rate("r1", 0.0)
+    assert repo.rate("r1", 1.0, tenant="other") == (None, False)     # another tenant's answer: unknown
+    assert repo.answer("r1", tenant="other") is None and repo.answer("r1", tenant="acme") is not None
+    first = repo.rate("r1", 1.0, tenant="acme")
+    again = repo.rate("r1", 0.0, tenant="acme")
     assert first[1] is True and again[1] is False and again[0].chosen == [[eid, 0.9, 0.7]]
     assert repo.rate("nope", 1.0) == (None, False)
     repo.delete_examples([eid])

@@ -34,6 +34,7 @@ def upgrade() -> None:
         sa.Column("response_id", sa.String(128), primary_key=True),
         sa.Column("arm", sa.String(16), nullable=False),
         sa.Column("model", sa.String(256), nullable=False),
+        sa.Column("tenant", sa.String(128), nullable=False),
         sa.Column("chosen", sa.JSON, nullable=False),
         sa.Column("context", sa.JSON, nullable=False),
         sa.Column("request_text", sa.Text, nullable=False),
