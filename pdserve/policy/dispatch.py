@@ -80,10 +80,11 @@ class Dispatcher:
 
     def scenario_for(self, model: str, scenario: str) -> str:
         """The scenario a request for `model` runs in: the classified one when it has workers of
-        that model; else the one scenario whose workers serve the model (a model with a pool of
-        its own, such as IC-Cache's small model), so that pool's ratio controller sees the
-        request; else the classified one (placement then uses every worker)."""
-        if self.registry.has_placeable(model, scenario):
+        that model, or no workers at all (a scenario without a pool of its own borrows every
+        worker); when its workers serve only other models, the one scenario whose workers serve
+        this model (a model with a pool of its own, such as IC-Cache's small model), so that
+        pool's ratio controller sees the request; else the classified one."""
+        if self.registry.has_placeable(model, scenario) or not self.registry.has_any_placeable(scenario):
             return scenario
         serving = self.registry.scenarios_serving(model)
         return next(iter(serving)) if len(serving) == 1 else scenario

@@ -230,6 +230,10 @@ class WorkerRegistry:
     def has_placeable(self, model: str, scenario: str | None) -> bool:
         return any(self.ranked(model, role, scenario, 1) for role in Role)
 
+    def has_any_placeable(self, scenario: str) -> bool:
+        """Whether any model's worker of `scenario` may take work. O(models x roles x scenarios)."""
+        return any(key[2] == scenario and self.ranked(key[0], key[1], scenario, 1) for key in list(self._heaps))
+
     def scenarios_serving(self, model: str) -> set[str]:
         """Scenarios with a placeable worker of `model`. O(models x roles x scenarios), not O(workers)."""
         return {key[2] for key in list(self._heaps) if key[0] == model and key[2] is not None

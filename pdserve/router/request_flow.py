@@ -105,12 +105,13 @@ class RequestFlow:
 
     async def run(self, request: router_pb2.RouteRequest, tracker: RequestTracker) -> AsyncIterator[worker_pb2.TokenChunk]:
         max_tokens = request.sampling.max_tokens or 16
-        scenario = self.dispatcher.scenario_for(request.model, self.scenarios.classify(
-            request.scenario_header, request.tenant, list(request.prompt_token_ids)))
+        classified = self.scenarios.classify(request.scenario_header, request.tenant, list(request.prompt_token_ids))
+        # The SLO is the classified scenario's; the pool (placement, ratio control) may be the model's own.
+        scenario = self.dispatcher.scenario_for(request.model, classified)
         if self.controller is not None:
             self.controller.observe(scenario, self.clock.now_s(), len(request.prompt_token_ids), max_tokens)
-        if not request.ttft_slo_ms and scenario in self.scenarios.specs:
-            request.ttft_slo_ms = self.scenarios.spec(scenario).ttft_slo_ms
+        if not request.ttft_slo_ms and classified in self.scenarios.specs:
+            request.ttft_slo_ms = self.scenarios.spec(classified).ttft_slo_ms
         streamed: list[int] = []        # tokens the client already has: a migration continues after them
         excluded: set[str] = set()
         migrations, tries, room_waits, room_wait_s = 0, 0, 0, 0.0

@@ -216,3 +216,4 @@ def test_a_model_with_a_pool_of_its_own_runs_in_that_pools_scenario(clock):
     reg.register(other, clock.now_s())
     assert disp.scenario_for("small", "default") == "default"    # two pools: no single answer
     assert disp.scenario_for("unknown", "default") == "default"
+    assert disp.scenario_for("large", "code") == "code"         # no pool of its own: it borrows every worker
