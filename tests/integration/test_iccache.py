@@ -56,7 +56,9 @@ def test_routed_requests_learn_from_feedback_and_offload_with_examples(cluster):
         assert r.status_code == 200 and r.json()["recorded"] is True
     small = [n for model, n in seen if model == "tiny"]
     assert small and all(n >= 1 for n in small)             # an offload always carries examples
-    assert seen[-1][0] == "tiny"                            # after the feedback, the router offloads
+    # After the feedback the router offloads. Thompson sampling still explores now and then, so
+    # the check is on the last six requests, not the last one alone.
+    assert sum(model == "tiny" for model, _ in seen[-6:]) >= 4, seen
     again = httpx.post(f"{url}/v1/feedback", json={"response_id": reply.id, "rating": 0.0})
     assert again.json()["recorded"] is False                # the first rating counts
     assert httpx.post(f"{url}/v1/feedback", json={"response_id": "cmpl-nope", "rating": 1}).status_code == 404
