@@ -68,10 +68,12 @@ class RequestRecorder:
                             latency_ms=latency_s * 1e3, outcome=outcome, status_code=status)
         self._background(asyncio.to_thread(self._store.record_request, rec))
         if attempt.plan is not None and status == 200 and self._iccache is not None:
-            self._background(self._iccache.record(p.response_id, attempt.plan, out.text, attempt.tenant))
+            self._track(self._iccache.record_soon(p.response_id, attempt.plan, out.text, attempt.tenant))
 
     def _background(self, coro) -> None:
-        task = asyncio.create_task(coro)
+        self._track(asyncio.create_task(coro))
+
+    def _track(self, task: asyncio.Task) -> None:
         self.pending.add(task)
         task.add_done_callback(self._done)
 

@@ -68,6 +68,15 @@ class ICCacheService:
 
     def __post_init__(self):
         self.index = VectorIndex(self.embedder.dim)
+        # Answers being stored: feedback that arrives first (the client got the response before
+        # the store write finished) waits for the write instead of reading 'unknown'.
+        self._recording: dict[str, asyncio.Task] = {}
+
+    def record_soon(self, response_id: str, plan: Plan, answer_text: str, tenant: str = "") -> asyncio.Task:
+        task = asyncio.ensure_future(self.record(response_id, plan, answer_text, tenant))
+        self._recording[response_id] = task
+        task.add_done_callback(lambda _: self._recording.pop(response_id, None))
+        return task
 
     async def load(self) -> None:
         rows = await asyncio.to_thread(self.repo.examples)
@@ -121,6 +130,9 @@ class ICCacheService:
                        tenant: str = "") -> bool | None:
         """A rating (0..1), or a gold answer the stored answer is scored against (token F1).
         None: unknown response id; False: already rated (the first rating counts); True: learned."""
+        pending = self._recording.get(response_id)
+        if pending is not None:
+            await asyncio.wait({pending})
         if quality is None:
             row = await asyncio.to_thread(self.repo.answer, response_id, tenant)
             if row is None:

@@ -121,3 +121,14 @@ def test_examples_go_before_the_request_as_turns_or_shots():
     assert request_text(chat, True) == "Q3"
     with pytest.raises(NotRoutable):
         request_text({"prompt": [1, 2, 3]}, False)
+
+
+def test_feedback_arriving_before_the_answer_is_stored_waits_for_it(tmp_path, embedder):
+    """The client gets its response before the store write ends; a rating sent at once must
+    find the answer, not read 'unknown'."""
+    async def run():
+        svc = make_service(tmp_path, embedder)
+        plan = await svc.plan(FRANCE, 10, LARGE_LOADED)
+        svc.record_soon("cmpl-fast", plan, "Paris")
+        return await svc.feedback("cmpl-fast", 1.0)      # no await between: the write has not run yet
+    assert asyncio.run(run()) is True
