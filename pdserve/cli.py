@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import pathlib
@@ -20,15 +19,17 @@ def _config(args: argparse.Namespace, overrides: dict | None = None):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pdserve.aio import run_loop
+
     if args.component == "router":
         from pdserve.router.main import serve
-        asyncio.run(serve(_config(args)))
+        run_loop(serve(_config(args)))
     elif args.component == "gateway":
         from pdserve.gateway.main import serve
-        asyncio.run(serve(_config(args)))
+        run_loop(serve(_config(args)))
     else:
         from pdserve.workers.main import serve
-        asyncio.run(serve(_config(args, {"worker.role": args.component})))
+        run_loop(serve(_config(args, {"worker.role": args.component})))
     return 0
 
 

@@ -53,7 +53,7 @@ class DashboardAccess:
         return "sign in with the admin token"
 
 
-def _access(request: Request) -> DashboardAccess:
+async def _access(request: Request) -> DashboardAccess:
     return request.app.state.dashboard_access
 
 

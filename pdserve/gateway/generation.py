@@ -7,11 +7,12 @@ token chunks into a JSON body or server-sent events.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 
 import grpc
+import orjson
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from pdserve.gateway.errors import OpenAIError, bad_request
@@ -260,7 +261,18 @@ def _event(p: Prepared, delta_text: str | None, finish: str | None, *, role: boo
             "created": p.created, "model": p.model, "choices": [choice]}
     if p.include_usage:
         body["usage"] = None
-    return f"data: {json.dumps(body)}\n\n"
+    return _data(body)
+
+
+def _data(body: dict) -> str:
+    return f"data: {orjson.dumps(body).decode()}\n\n"
+
+
+class FastJSONResponse(JSONResponse):
+    """orjson instead of the standard library: a third of the cost of a completion body."""
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content)
 
 
 async def sse(p: Prepared, s: Stream, metrics: GatewayMetrics, out: Outcome):
@@ -284,13 +296,13 @@ async def sse(p: Prepared, s: Stream, metrics: GatewayMetrics, out: Outcome):
         if p.include_usage:
             body = {"id": p.response_id, "object": "chat.completion.chunk" if p.chat else "text_completion",
                     "created": p.created, "model": p.model, "choices": [], "usage": usage(p, out)}
-            yield f"data: {json.dumps(body)}\n\n"
+            yield _data(body)
         yield _DONE
     except grpc.aio.AioRpcError as exc:
         out.error = s.router.to_http(exc)
-        yield f"data: {json.dumps(out.error.body())}\n\n{_DONE}"
+        yield _data(out.error.body()) + _DONE
     except OpenAIError as exc:
         out.error = exc
-        yield f"data: {json.dumps(exc.body())}\n\n{_DONE}"
+        yield _data(exc.body()) + _DONE
     finally:
         s.cancel()   # no-op when finished; frees worker KV when the client went away mid-stream

@@ -15,7 +15,7 @@ import grpc
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from pdserve.gateway.dependencies import GatewayDeps, deps, read_json, tenant
+from pdserve.gateway.dependencies import GatewayDeps, deps, read_json, tenant, wired
 from pdserve.gateway.errors import OpenAIError, bad_request
 from pdserve.iccache.prompting import NotRoutable, request_text, with_examples
 from pdserve.iccache.service import Plan
@@ -94,13 +94,13 @@ async def feedback(request: Request, d: GatewayDeps = Depends(deps), tenant_: st
     return {"response_id": response_id, "recorded": learned}
 
 
-def _admin(request: Request) -> GatewayDeps:
+async def _admin(request: Request) -> GatewayDeps:
     token = request.app.state.dashboard_access.admin_token
     given = request.headers.get("authorization", "")
     if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
         raise OpenAIError(401, "the IC-Cache admin endpoints need the admin token (router.admin_token)",
                           "authentication_error")
-    d = deps(request)
+    d = wired(request)
     if d.iccache is None:
         raise OpenAIError(404, "IC-Cache is off (iccache.enabled)", "not_found_error")
     return d

@@ -68,6 +68,7 @@ async def serve(cfg: PDServeConfig) -> None:
     finally:
         if replay is not None:
             replay.cancel()
+        await app.state.recorder.drain()
         await router.close()
         store.engine.dispose()
 

@@ -1,6 +1,11 @@
 """A request's outcome, once it is known: Prometheus metrics at once, the store off the response
 path (a database write must not add to every request's latency, and a store outage must not fail
-requests that were already answered)."""
+requests that were already answered).
+
+Records are written in batches (`RecordBatcher`): one transaction every `flush_interval_s` at
+most, instead of a thread hand-off and a commit per request. `pdserve bench gateway` measured
+the per-request write at about 1.5 ms of the gateway's CPU, most of its overhead at concurrency 1.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +17,7 @@ from pdserve.gateway.generation import Outcome, Prepared
 from pdserve.gateway.live_window import LiveWindow
 from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.store import Store
-from pdserve.store.models import RequestRecord
+from pdserve.store.models import utcnow
 
 log = logging.getLogger("pdserve.gateway")
 CLIENT_CLOSED = 499     # nginx's code for a client that went away mid-response
@@ -43,10 +48,10 @@ def _outcome(status: int) -> str:
 class RequestRecorder:
     def __init__(self, store: Store, metrics: GatewayMetrics, window: LiveWindow | None = None, iccache=None):
         self._iccache = iccache
-        self._store = store
         self._metrics = metrics
         self._window = window
         self.pending: set[asyncio.Task] = set()
+        self.batcher = RecordBatcher(store, self._track)
 
     def record(self, attempt: Attempt, out: Outcome, status: int) -> None:
         latency_s = time.perf_counter() - attempt.started_s
@@ -58,20 +63,24 @@ class RequestRecorder:
         if self._window is not None:
             self._window.record(status, out.ttft_s, latency_s, out.num_generated)
         outcome = _outcome(status)
+        # One info line per request and process: a client's request id greps through every log.
         log.info("request %s finished: status=%d outcome=%s tokens=%d latency_ms=%.1f", attempt.req_id, status,
                  outcome, out.num_generated, latency_s * 1e3)
         p = attempt.prepared
-        rec = RequestRecord(req_id=attempt.req_id, model=p.model if p else "", tenant=attempt.tenant,
-                            endpoint=attempt.endpoint, num_prompt_tokens=len(p.prompt_ids) if p else 0,
-                            num_completion_tokens=out.num_generated,
-                            ttft_ms=out.ttft_s * 1e3 if out.ttft_s is not None else None,
-                            latency_ms=latency_s * 1e3, outcome=outcome, status_code=status)
-        self._background(asyncio.to_thread(self._store.record_request, rec))
+        self.batcher.add({"req_id": attempt.req_id, "model": p.model if p else "", "tenant": attempt.tenant,
+                          "endpoint": attempt.endpoint, "created_at": utcnow(),
+                          "num_prompt_tokens": len(p.prompt_ids) if p else 0,
+                          "num_completion_tokens": out.num_generated,
+                          "ttft_ms": out.ttft_s * 1e3 if out.ttft_s is not None else None,
+                          "latency_ms": latency_s * 1e3, "outcome": outcome, "status_code": status})
         if attempt.plan is not None and status == 200 and self._iccache is not None:
             self._track(self._iccache.record_soon(p.response_id, attempt.plan, out.text, attempt.tenant))
 
-    def _background(self, coro) -> None:
-        self._track(asyncio.create_task(coro))
+    async def drain(self) -> None:
+        """Writes what is buffered and waits for background writes (at shutdown)."""
+        await self.batcher.flush()
+        while self.pending:
+            await asyncio.gather(*list(self.pending), return_exceptions=True)
 
     def _track(self, task: asyncio.Task) -> None:
         self.pending.add(task)
@@ -81,3 +90,64 @@ class RequestRecorder:
         self.pending.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("could not record a request: %s", task.exception())
+
+
+class RecordBatcher:
+    """Buffers request records and writes them in one transaction per flush, one flush at a time.
+
+    A store outage costs records, never requests: a failed batch is retried row by row (so one
+    bad row loses only itself) and what still fails is logged and counted in `num_lost`. The
+    buffer is bounded; past `max_buffered` rows new ones are dropped and counted the same way."""
+
+    def __init__(self, store: Store, track, flush_interval_s: float = 0.1, max_buffered: int = 50_000):
+        self._store = store
+        self._track = track
+        self.flush_interval_s = flush_interval_s
+        self.max_buffered = max_buffered
+        self._rows: list[dict] = []
+        self._flusher: asyncio.Task | None = None
+        self.num_lost = 0
+
+    def add(self, row: dict) -> None:
+        if len(self._rows) >= self.max_buffered:
+            self.num_lost += 1
+            return
+        self._rows.append(row)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+            self._track(self._flusher)
+
+    async def _flush_later(self) -> None:
+        try:
+            while self._rows:
+                await asyncio.sleep(self.flush_interval_s)
+                await self._write(self._take())
+        finally:
+            self._flusher = None
+
+    async def flush(self) -> None:
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        await self._write(self._take())
+
+    def _take(self) -> list[dict]:
+        rows, self._rows = self._rows, []
+        return rows
+
+    async def _write(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        try:
+            await asyncio.to_thread(self._store.record_requests, rows)
+            return
+        except Exception as exc:   # noqa: BLE001 - any store failure: salvage row by row
+            first_error = exc
+        lost = 0
+        for row in rows:
+            try:
+                await asyncio.to_thread(self._store.record_requests, [row])
+            except Exception:   # noqa: BLE001
+                lost += 1
+        if lost:
+            self.num_lost += lost
+            log.error("could not record %d of %d requests: %s", lost, len(rows), first_error)

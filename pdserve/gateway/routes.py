@@ -52,8 +52,8 @@ async def _serve(request: Request, chat: bool, d: GatewayDeps, m: GatewayMetrics
             streaming = True
             return _EventStream(_sse(p, stream, out, m), _closer(stream, out, attempt, d, m, rec),
                                 iccache_routes.headers(p.model, attempt.plan))
-        return JSONResponse(await unless_client_leaves(request, generation.collect(p, stream, m, out)),
-                            headers=iccache_routes.headers(p.model, attempt.plan))
+        return generation.FastJSONResponse(await unless_client_leaves(request, generation.collect(p, stream, m, out)),
+                                           headers=iccache_routes.headers(p.model, attempt.plan))
     except ClientGone:
         status = CLIENT_CLOSED
         return Response(status_code=CLIENT_CLOSED)

@@ -55,6 +55,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.clock = clock
         self.request_timeout_s = request_timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
         self._expiry_task: asyncio.Task | None = None
         self.trackers: dict[str, RequestTracker] = {}
         self.flow = RequestFlow(dispatcher, self._stub, clock, self.scenarios, self.controller, max_prefill_offers,
@@ -104,12 +105,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                                                      t.exception()))
 
     def _stub(self, worker_id: str) -> worker_pb2_grpc.WorkerStub:
-        rec = self.registry.get(worker_id)
-        ch = self._channels.get(rec.grpc_address)
-        if ch is None:
-            host, _, port = rec.grpc_address.rpartition(":")
-            ch = self._channels[rec.grpc_address] = client.channel(int(port), host, self._credential)
-        return worker_pb2_grpc.WorkerStub(ch)
+        # One stub per address: building one makes a multicallable for every method, per call.
+        address = self.registry.get(worker_id).grpc_address
+        stub = self._stubs.get(address)
+        if stub is None:
+            ch = self._channels.get(address)
+            if ch is None:
+                host, _, port = address.rpartition(":")
+                ch = self._channels[address] = client.channel(int(port), host, self._credential)
+            stub = self._stubs[address] = worker_pb2_grpc.WorkerStub(ch)
+        return stub
 
     # ---- registry ----
     async def Register(self, request, context):
@@ -234,7 +239,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             raise
         finally:
             self.trackers.pop(req_id, None)
-            log.info("request %s ended: %s %s", req_id, tracker.state.value, tracker.reason)
+            log.debug("request %s ended: %s %s", req_id, tracker.state.value, tracker.reason)
 
 
 def _registration_problem(request: router_pb2.RegisterRequest) -> str | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, delete, func, select
+from sqlalchemy import create_engine, delete, func, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -168,6 +168,13 @@ class Store:
         """Inserts, never overwrites: request ids are unique (the gateway suffixes a client's)."""
         with self.session() as s, s.begin():
             s.add(rec)
+
+    def record_requests(self, rows: list[dict]) -> None:
+        """Many request records (RequestRecord's columns as dicts) in one transaction: one
+        executemany, where per-record ORM inserts cost a commit (an fsync on SQLite) each."""
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(insert(RequestRecord), rows)
 
     def get_request(self, req_id: str) -> RequestRecord | None:
         with self.session() as s:
