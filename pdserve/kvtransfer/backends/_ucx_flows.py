@@ -6,7 +6,7 @@ import asyncio
 import numpy as np
 
 from pdserve.kvtransfer import frames
-from pdserve.kvtransfer.backends._ucx_wire import (ABORT_SLOT, ACK_SLOT, IDLE_BACKOFF_S, INBOX_TAG,
+from pdserve.kvtransfer.backends._ucx_wire import (ABORT_SLOT, ACK_SLOT, INBOX_TAG,
                                                    Aborted, Pacer, frame_slot, tag)
 from pdserve.kvtransfer.base import crc32, wire_id
 from pdserve.v1 import kvtransfer_pb2 as pb
@@ -16,18 +16,21 @@ class UcxFlows:
     """Mixed into UcxAgent; every method runs on the agent's event loop thread."""
 
     async def _inbox_loop(self) -> None:
-        """Route incoming headers to armed receivers; refuse unknown transfers at once."""
-        pacer = Pacer(IDLE_BACKOFF_S)
+        """Route incoming headers to armed receivers; refuse unknown transfers at once.
+
+        The inbox keeps one receive posted (pre-posted, not probed): a header wakes it as it
+        arrives, where probing paid a polling delay plus a separate receive, about 2.5 ms of a
+        small transfer (`pdserve bench kv`). Its buffer belongs to the agent, so the receive may
+        stay posted for the agent's lifetime; a header longer than a slot fails that receive
+        (truncated) and the next one is posted."""
         while True:
-            found = self._probe(INBOX_TAG)
-            if found is None:
-                await self._inbox_pause(pacer)
-                continue
-            pacer.reset()
             try:
-                head = await self._take_frame(found)
+                await self._ctx.recv(self._inbox_buf, INBOX_TAG)
+                head = frames.decode_slot(bytes(self._inbox_buf))
+            except asyncio.CancelledError:
+                raise
             except Exception:
-                continue  # a malformed header names no transfer to answer
+                continue  # a malformed or truncated header names no transfer to answer
             waiter, layout = self._armed.get(head.transfer_id, (None, None))
             wire = wire_id(head.transfer_id, head.transfer_token)
             # A header without the transfer's token is refused before the receiver sees it, which
@@ -41,67 +44,57 @@ class UcxFlows:
             self._spawn(self._reply(head.reply_address, wire, pb.KVFrame(kind=pb.KV_FRAME_KIND_ERROR, reason=reason)))
             self._spawn(self._drain(wire, head.num_layers))
 
-    async def _inbox_pause(self, pacer: Pacer) -> None:
-        """Poll briskly while some receiver expects a header (it bounds time to first byte); with
-        none armed only stray headers can come, so sleep long, but wake at once when one is armed."""
-        if self._armed:
-            await pacer.wait()
-            return
-        pacer.reset()
-        self._inbox_wake.clear()
-        try:
-            await asyncio.wait_for(self._inbox_wake.wait(), IDLE_BACKOFF_S)
-        except asyncio.TimeoutError:
-            pass
-
     async def _send(self, tx, peer_address: bytes, checksum: bool) -> None:
+        """Sends are posted back to back and awaited together before the ACK: awaiting each one
+        costs a hand-off through ucxx's notifier thread and the loop, ~0.3 ms, which dominated
+        small transfers (`pdserve bench kv`). UCX keeps each posted buffer until it is sent."""
         tid = tx.layout.wire_id   # labels the data tags
         ep = None
+        posted = _Posted(self)
         try:
             ep = await self._bounded(self._endpoint(peer_address), tx.status)
             head = frames.header(tx.layout, checksum)
             head.reply_address = self._address
-            await self._send_frame(ep, head, INBOX_TAG, tx.status)
+            posted.frame(ep, head, INBOX_TAG)
             tx.status.mark_transferring()
             next_slot = frame_slot(0)
             while True:
                 item = await self._bounded(tx.queue.get(), tx.status)
+                posted.raise_failed()
                 await self._raise_if_refused(tid)
                 if item[0] == "abort":
                     raise Aborted()
                 if item[0] == "trailer":
-                    await self._send_trailer(ep, tx, tag(tid, next_slot), item[1])
+                    self._post_trailer(ep, posted, tag(tid, next_slot), item[1])
+                    await posted.settle(tx.status)
                     await self._await_ack(tx)
                     return
                 _, index, buf, given_crc = item
                 crc = (crc32(buf) if given_crc is None else given_crc) if checksum else 0
-                frame = pb.KVFrame(kind=pb.KV_FRAME_KIND_LAYER, layer_index=index, payload_bytes=len(buf),
-                                   crc32=crc)
-                await self._send_frame(ep, frame, tag(tid, next_slot), tx.status)
-                payload = np.frombuffer(buf, dtype=np.uint8)
-                await self._bounded_io(ep.send(payload, tag=tag(tid, next_slot + 1), force_tag=True), payload,
-                                       tx.status)
+                posted.frame(ep, pb.KVFrame(kind=pb.KV_FRAME_KIND_LAYER, layer_index=index,
+                                            payload_bytes=len(buf), crc32=crc), tag(tid, next_slot))
+                posted.payload(ep, np.frombuffer(buf, dtype=np.uint8), tag(tid, next_slot + 1))
                 next_slot += 2
         except (Aborted, asyncio.TimeoutError):
             tx.status.mark_failed("timed out")  # keeps an earlier abort's reason
         except Exception as exc:  # UCX errors surface as various exception types
             tx.status.mark_failed(str(exc) if isinstance(exc, _Refused) else f"ucx send failed: {exc}")
         finally:
+            posted.abandon()
             tx.queue = asyncio.Queue()  # drop references to caller buffers
             if ep is not None and tx.poll().name == "FAILED":
                 await self._send_abort(ep, tid, tx.failure() or "failed")
             self._track(-1)
 
-    async def _send_trailer(self, ep, tx, frame_tag: int, trailer: bytes) -> None:
+    @staticmethod
+    def _post_trailer(ep, posted: "_Posted", frame_tag: int, trailer: bytes) -> None:
         """The trailer's size in a control frame, then its bytes as a payload of their own (the
         next tag): with prompt logprobs it can be far larger than a control slot."""
         if len(trailer) > frames.MAX_TRAILER_BYTES:
             raise ValueError(f"trailer of {len(trailer)} bytes exceeds {frames.MAX_TRAILER_BYTES}")
-        await self._send_frame(ep, pb.KVFrame(kind=pb.KV_FRAME_KIND_TRAILER, payload_bytes=len(trailer)),
-                               frame_tag, tx.status)
+        posted.frame(ep, pb.KVFrame(kind=pb.KV_FRAME_KIND_TRAILER, payload_bytes=len(trailer)), frame_tag)
         if trailer:
-            payload = np.frombuffer(trailer, dtype=np.uint8)
-            await self._bounded_io(ep.send(payload, tag=frame_tag + 1, force_tag=True), payload, tx.status)
+            posted.payload(ep, np.frombuffer(trailer, dtype=np.uint8), frame_tag + 1)
 
     async def _raise_if_refused(self, wire_id: int) -> None:
         """An early ERROR from the receiver (bad header, unknown id) ends the send at once."""
@@ -132,7 +125,6 @@ class UcxFlows:
         tid, wire = layout.transfer_id, layout.wire_id
         waiter = asyncio.get_running_loop().create_future()
         self._armed[tid] = (waiter, layout)
-        self._inbox_wake.set()
         head = None
         try:
             head = await self._bounded(waiter, rx.status)
@@ -159,22 +151,30 @@ class UcxFlows:
                 self._spawn(self._drain(wire, layout.num_layers))
 
     async def _receive_layers(self, rx, checksum: bool) -> None:
+        """Each layer's frame and payload are taken together once both have arrived (the sender
+        posts them back to back): one completion wait per layer instead of two."""
         offset = 0
         for index in range(rx.layout.num_layers):
-            frame = await self._take_frame(await self._wait_probe(rx, frame_slot(index)))
+            frame_found = await self._wait_probe(rx, frame_slot(index))
+            found = await self._wait_probe(rx, frame_slot(index) + 1)
+            nbytes = rx.layout.layer_nbytes[index]
+            if found.length != nbytes or frame_found.length != frames.SLOT_BYTES:
+                # Off UCX's queue, then refuse.
+                await asyncio.gather(self._take(frame_found, bytearray(frame_found.length)),
+                                     self._take(found, bytearray(found.length)))
+                raise ValueError(f"KV payload of layer {index} is {found.length} bytes, expected {nbytes} "
+                                 "(truncated or corrupted)" if found.length != nbytes else
+                                 f"malformed control frame of {frame_found.length} bytes")
+            view = rx.dest[offset: offset + nbytes]
+            frame_buf = bytearray(frame_found.length)
+            await asyncio.gather(self._take(frame_found, frame_buf), self._take(found, view))
+            frame = frames.decode_slot(frame_buf)
             problem = frames.check_layer(frame, index, rx.layout)
             if problem:
                 raise ValueError(problem)
-            view = rx.dest[offset: offset + frame.payload_bytes]
-            found = await self._wait_probe(rx, frame_slot(index) + 1)
-            if found.length != len(view):
-                await self._take(found, bytearray(found.length))  # off UCX's queue, then refuse
-                raise ValueError(f"KV payload of layer {index} is {found.length} bytes, expected {len(view)} "
-                                 "(truncated or corrupted)")
-            await self._take(found, view)
             if checksum and crc32(view) != frame.crc32:
                 raise ValueError(f"checksum mismatch in layer {index}")
-            offset += frame.payload_bytes
+            offset += nbytes
             rx.num_layers_received = index + 1
 
     async def _receive_trailer(self, rx) -> bytes:
@@ -208,3 +208,49 @@ class UcxFlows:
 
 class _Refused(Exception):
     """The receiver answered ERROR before the transfer finished."""
+
+
+class _Posted:
+    """UCX sends of one transfer in flight, each with the buffer it reads until it completes."""
+
+    def __init__(self, agent):
+        self._agent = agent
+        self._sends: list[tuple[asyncio.Task, object]] = []
+
+    def frame(self, ep, frame: pb.KVFrame, frame_tag: int) -> None:
+        self.payload(ep, frames.encode_slot(frame), frame_tag)
+
+    def payload(self, ep, buf, buf_tag: int) -> None:
+        self._sends.append((asyncio.ensure_future(ep.send(buf, tag=buf_tag, force_tag=True)), buf))
+
+    def raise_failed(self) -> None:
+        """Drops completed sends; raises the error of a failed one (the transfer fails now, not
+        at its end)."""
+        pending = []
+        for task, buf in self._sends:
+            if not task.done():
+                pending.append((task, buf))
+            elif task.exception() is not None:
+                raise task.exception()
+        self._sends = pending
+
+    async def settle(self, status) -> None:
+        """Every send completed within the transfer's deadline, or Aborted / the send's error."""
+        if self._sends:
+            remaining = status.remaining_s()
+            if remaining <= 0 or not status.active:
+                raise Aborted()
+            await asyncio.wait([t for t, _ in self._sends], timeout=remaining)
+        self.raise_failed()
+        if self._sends:
+            raise Aborted()
+
+    def abandon(self) -> None:
+        """Sends still in flight keep their buffers until UCX completes them (see UcxAgent._io)."""
+        for task, buf in self._sends:
+            if task.done():
+                task.cancelled() or task.exception()   # retrieved: nobody awaits it
+            else:
+                self._agent._unfinished_io[task] = buf
+                task.add_done_callback(self._agent._io_finished)
+        self._sends = []

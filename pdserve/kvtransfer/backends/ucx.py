@@ -95,7 +95,7 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         self._lock = threading.Lock()
         self._endpoints: dict[bytes, object] = {}
         self._armed: dict[int, tuple[asyncio.Future, TransferLayout]] = {}   # loop thread only
-        self._inbox_wake = asyncio.Event()
+        self._inbox_buf = bytearray(frames.SLOT_BYTES)   # the inbox's posted receive (agent-lived)
         self._init_error: Exception | None = None
         _prepare_ucx_environment()
         self._thread = threading.Thread(target=self._run_loop, args=(tls,), name="kv-ucx", daemon=True)
