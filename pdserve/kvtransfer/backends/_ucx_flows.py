@@ -120,11 +120,9 @@ class UcxFlows:
         except Exception:  # best effort: the receiver's deadline covers a lost abort
             pass
 
-    async def _receive(self, rx) -> None:
+    async def _receive(self, rx, waiter: asyncio.Future) -> None:
         layout = rx.layout
         tid, wire = layout.transfer_id, layout.wire_id
-        waiter = asyncio.get_running_loop().create_future()
-        self._armed[tid] = (waiter, layout)
         head = None
         try:
             head = await self._bounded(waiter, rx.status)

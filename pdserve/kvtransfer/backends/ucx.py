@@ -94,7 +94,7 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         self._num_active = 0
         self._lock = threading.Lock()
         self._endpoints: dict[bytes, object] = {}
-        self._armed: dict[int, tuple[asyncio.Future, TransferLayout]] = {}   # loop thread only
+        self._armed: dict[int, tuple[asyncio.Future, TransferLayout]] = {}   # set by create_receiver
         self._inbox_buf = bytearray(frames.SLOT_BYTES)   # the inbox's posted receive (agent-lived)
         self._init_error: Exception | None = None
         _prepare_ucx_environment()
@@ -144,7 +144,12 @@ class UcxAgent(UcxFlows, BaseKVAgent):
             raise ValueError(f"destination holds {len(dest)} bytes, layout needs {layout.total_nbytes}")
         rx = UcxReceiver(self, layout, dest, TransferStatus(self._clock, timeout_s))
         self._track(+1)
-        self._spawn(self._receive(rx))
+        # Armed before this returns: the inbox's posted receive takes a header the moment it
+        # arrives, which can be before a spawned coroutine first runs. The waiter is resolved on
+        # the loop thread only; a dict store is atomic.
+        waiter = self._loop.create_future()
+        self._armed[layout.transfer_id] = (waiter, layout)
+        self._spawn(self._receive(rx, waiter))
         return rx
 
     def create_sender(self, peer_address: bytes, layout: TransferLayout, timeout_s: float,
