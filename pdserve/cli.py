@@ -43,7 +43,7 @@ def _up(args: argparse.Namespace) -> int:
         env["PDSERVE_CONFIG"] = str(args.config)
     cluster = LocalCluster(model=args.model, num_prefill=args.prefill, num_decode=args.decode,
                            gateway_port=args.port, router_port=args.router_port, env=env, echo=args.verbose,
-                           tls=args.tls)
+                           tls=args.tls, embedded_router=args.embedded_router)
     print(f"starting {args.prefill} prefill + {args.decode} decode workers of {args.model} ...", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -148,7 +148,8 @@ def _bench_overlap(args: argparse.Namespace) -> int:
 def _bench_gateway(args: argparse.Namespace) -> int:
     from pdserve.bench import gateway
 
-    report = gateway.run(args.requests, tuple(int(c) for c in args.concurrency.split(",")))
+    report = gateway.run(args.requests, tuple(int(c) for c in args.concurrency.split(",")),
+                         tuple(d for d in args.deployments.split(",") if d))
     print(json.dumps(report) if args.json else gateway.format_report(report))
     return 0
 
@@ -276,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", type=pathlib.Path, help="YAML config file applied to every component")
     up.add_argument("--tls", action="store_true", help="mutual TLS between components and HTTPS at the "
                                                        "gateway, with a fresh development CA")
+    up.add_argument("--embedded-router", action="store_true",
+                    help="run the router inside the gateway's process (one gRPC hop fewer per request)")
     up.set_defaults(fn=_up)
 
     ce = sub.add_parser("certs", help="make a development CA and per-component certificates for mutual TLS")
@@ -366,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = bench.add_parser("gateway", help="gateway+router overhead vs calling a worker directly")
     g.add_argument("--requests", type=int, default=300)
     g.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts, one run each")
+    g.add_argument("--deployments", default="separate,embedded",
+                   help="separate (gateway and router processes), embedded (router in the gateway process)")
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=_bench_gateway)
     ch = bench.add_parser("chaos", help="worker kills, a stopped worker and a router restart under trace load")

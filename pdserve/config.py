@@ -102,6 +102,9 @@ class GatewaySettings(_Section):
     host: str = Field("127.0.0.1", description="HTTP listen address")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one")
     router_address: str = Field("127.0.0.1:50050", description="host:port of the router")
+    embedded_router: bool = Field(
+        False, description="Run the router in the gateway's process (small deployments): requests skip one gRPC "
+                           "hop; workers and admins reach the router at router.host:router.port as usual")
     model: str = Field("", description="Model name served; empty uses model.name")
     max_body_bytes: int = Field(1 << 20, gt=0, description="Larger request bodies get HTTP 413")
     max_tokens_limit: int = Field(4096, gt=0, description="Largest max_tokens a request may ask for")

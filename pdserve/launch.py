@@ -35,6 +35,7 @@ class Process:
     proc: subprocess.Popen
     port: int
     log_lines: list[str]
+    ports: dict[str, int] = field(default_factory=dict)   # per component that announced itself
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.proc.poll() is None:
@@ -47,12 +48,15 @@ class Process:
 
 
 def start_process(name: str, args: list[str], env: dict[str, str] | None = None, timeout_s: float = 180.0,
-                  echo: bool = False) -> Process:
+                  echo: bool = False, components: tuple[str, ...] = ()) -> Process:
+    """Ready at its first READY line, or once every one of `components` has announced itself (a
+    gateway with an embedded router announces both)."""
     cmd = [sys.executable, "-m", "pdserve.cli", *args]
     full_env = {**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
     lines: list[str] = []
     port_box: list[int] = []
+    ports: dict[str, int] = {}
     ready = threading.Event()
 
     def pump() -> None:
@@ -61,9 +65,12 @@ def start_process(name: str, args: list[str], env: dict[str, str] | None = None,
             lines.append(line.rstrip())
             if echo:
                 print(f"[{name}] {line.rstrip()}", file=sys.stderr, flush=True)
-            if line.startswith(READY_MARKER) and not port_box:
-                port_box.append(int(line.rsplit("port=", 1)[1]))
-                ready.set()
+            if line.startswith(READY_MARKER):
+                fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
+                ports[fields.get("component", "")] = int(fields["port"])
+                if not port_box and all(c in ports for c in components):
+                    port_box.append(int(fields["port"]))
+                    ready.set()
         ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
@@ -74,7 +81,7 @@ def start_process(name: str, args: list[str], env: dict[str, str] | None = None,
             raise TimeoutError(f"{name} not ready in {timeout_s} s:\n" + "\n".join(lines[-30:]))
     if not port_box:
         raise RuntimeError(f"{name} exited with {proc.wait()}:\n" + "\n".join(lines[-30:]))
-    return Process(name, proc, port_box[0], lines)
+    return Process(name, proc, port_box[0], lines, ports)
 
 
 def worker_env(model: str = "tiny", kv_backends: str = "ucx,tcp", router_address: str = "",
@@ -124,6 +131,9 @@ class LocalCluster:
     cluster_secret: str = ""
     # Mutual TLS between the components and HTTPS at the gateway, with a fresh development CA.
     tls: bool = False
+    # The router inside the gateway's process (gateway.embedded_router): one process fewer, one
+    # gRPC hop fewer per request. Its process is named "gateway".
+    embedded_router: bool = False
     processes: list[Process] = field(default_factory=list)
     _recipes: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
     _certs: dict[str, CertFiles] = field(default_factory=dict)
@@ -137,11 +147,14 @@ class LocalCluster:
             if self.tls:
                 self._tls_dir = pathlib.Path(tempfile.mkdtemp(prefix="pdserve-tls-"))
                 self._certs = make_dev_pki(self._tls_dir)
-            router = self._launch("router", ["serve", "router"], {
-                **self._env_of("router"), "PDSERVE_ROUTER__PORT": str(self.router_port)})
-            # A restarted router comes back on the same port: workers and the gateway keep its address.
-            self.router_port = router.port
-            self.router_address = f"127.0.0.1:{router.port}"
+            if self.embedded_router:
+                self._start_embedded()
+            else:
+                router = self._launch("router", ["serve", "router"], {
+                    **self._env_of("router"), "PDSERVE_ROUTER__PORT": str(self.router_port)})
+                # A restarted router comes back on the same port: workers and the gateway keep its address.
+                self.router_port = router.port
+                self.router_address = f"127.0.0.1:{router.port}"
             pools = [(self.model, "", {}, (("prefill", self.num_prefill), ("decode", self.num_decode),
                                             ("aggregated", self.num_aggregated)))]
             pools += [(model, f"{model}-", {"PDSERVE_WORKER__SCENARIO": model}, (("prefill", p), ("decode", d)))
@@ -152,16 +165,33 @@ class LocalCluster:
                         self._launch(f"{prefix}{role}-{i}", ["serve", role], worker_env(
                             model, router_address=self.router_address,
                             extra_env={**self._env_of("worker"), **scenario_env}))
-            gateway = self._launch("gateway", ["serve", "gateway"], {
-                **self._env_of("gateway"), "PDSERVE_MODEL__NAME": self.model,
-                "PDSERVE_GATEWAY__PORT": str(self.gateway_port), "PDSERVE_GATEWAY__ROUTER_ADDRESS": self.router_address})
-            self.gateway_port = gateway.port
-            self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{gateway.port}"
+            if not self.embedded_router:
+                gateway = self._launch("gateway", ["serve", "gateway"], {
+                    **self._env_of("gateway"), "PDSERVE_MODEL__NAME": self.model,
+                    "PDSERVE_GATEWAY__PORT": str(self.gateway_port),
+                    "PDSERVE_GATEWAY__ROUTER_ADDRESS": self.router_address})
+                self._gateway_started(gateway.port)
             self._wait_ready(timeout_s)
             return self
         except BaseException:
             self.stop()
             raise
+
+    def _start_embedded(self) -> None:
+        if self.tls:
+            raise ValueError("embedded_router: the development PKI issues the router and the gateway separate "
+                             "certificates; run them as two processes under tls")
+        proc = self._launch("gateway", ["serve", "gateway"], {
+            **self._env_of("gateway"), "PDSERVE_MODEL__NAME": self.model, "PDSERVE_GATEWAY__EMBEDDED_ROUTER": "true",
+            "PDSERVE_ROUTER__PORT": str(self.router_port), "PDSERVE_GATEWAY__PORT": str(self.gateway_port)},
+            components=("router", "gateway"))
+        self.router_port = proc.ports["router"]
+        self.router_address = f"127.0.0.1:{self.router_port}"
+        self._gateway_started(proc.ports["gateway"])
+
+    def _gateway_started(self, port: int) -> None:
+        self.gateway_port = port
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
 
     def _env_of(self, component: str) -> dict[str, str]:
         if not self.tls:
@@ -191,8 +221,8 @@ class LocalCluster:
             tls = TlsMaterial(f.ca_file.read_bytes(), f.cert_file.read_bytes(), f.key_file.read_bytes())
         return ClusterCredential(self.cluster_secret, tls)
 
-    def _launch(self, name: str, args: list[str], env: dict[str, str]) -> Process:
-        proc = start_process(name, args, env, echo=self.echo)
+    def _launch(self, name: str, args: list[str], env: dict[str, str], components: tuple[str, ...] = ()) -> Process:
+        proc = start_process(name, args, env, echo=self.echo, components=components)
         self._recipes[name] = (args, env)
         self.processes.append(proc)
         return proc
@@ -206,7 +236,10 @@ class LocalCluster:
             env = {**env, "PDSERVE_ROUTER__PORT": str(self.router_port)}
         elif name == "gateway":
             env = {**env, "PDSERVE_GATEWAY__PORT": str(self.gateway_port)}
-        new = start_process(name, args, env, echo=self.echo)
+            if self.embedded_router:
+                env["PDSERVE_ROUTER__PORT"] = str(self.router_port)
+        components = ("router", "gateway") if name == "gateway" and self.embedded_router else ()
+        new = start_process(name, args, env, echo=self.echo, components=components)
         self.processes[self.processes.index(old)] = new
         return new
 

@@ -1,16 +1,21 @@
 """`pdserve bench gateway`: what the control plane (HTTP gateway + router) adds to a request.
 
-One run, one aggregated `tiny` worker, max_tokens=1, the same prompt:
-- direct: gRPC Generate straight to the worker (the baseline);
+One run, one aggregated `tiny` worker, max_tokens=1, the same prompt, per deployment:
+- separate: gateway and router in two processes (the default);
+- embedded: the router inside the gateway's process (gateway.embedded_router).
+Each deployment is its own cluster, measured on two paths at each of `concurrencies` (1, 8 and
+32 clients by default), back to back:
+- direct: gRPC Generate straight to the worker (the baseline, measured again per cluster);
 - gateway: OpenAI HTTP POST /v1/completions -> gateway -> router -> the same worker.
-Each path runs at each of `concurrencies` (1, 8 and 32 clients by default). Reports
-requests/s, p50/p99 latency, failures by kind (a 429 is counted, not fatal), and the ratios and
-added milliseconds of gateway over direct.
+Reports requests/s, p50/p99 latency, failures by kind (a 429 is counted, not fatal), and the
+ratios and added milliseconds of gateway over direct. It also reports the CPU time each process
+spent per request on each path (from /proc), which is what throughput on a small host runs out of.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -61,8 +66,30 @@ async def _drive(call, num_requests: int, concurrency: int) -> dict:
             "p99_ms": round(_percentile(ok, 0.99) * 1e3, 3)}
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc); 0 where unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+async def _drive_metered(call, num_requests: int, concurrency: int, pids: dict[str, int]) -> dict:
+    before = {name: _cpu_s(pid) for name, pid in pids.items()}
+    row = await _drive(call, num_requests, concurrency)
+    row["cpu_ms_per_request"] = {name: round((_cpu_s(pid) - before[name]) / num_requests * 1e3, 3)
+                                 for name, pid in pids.items()}
+    return row
+
+
 async def _measure(cluster: LocalCluster, num_requests: int, concurrencies: list[int]) -> dict:
     worker_port, gateway_url = cluster.process("aggregated-0").port, cluster.url
+    pids = {p.name: p.proc.pid for p in cluster.processes} | {"client": os.getpid()}
     prompt_ids = ByteTokenizer().encode(PROMPT)
     channel = cluster.channel(worker_port)
     stub = worker_pb2_grpc.WorkerStub(channel)
@@ -82,39 +109,54 @@ async def _measure(cluster: LocalCluster, num_requests: int, concurrencies: list
             await _drive(fn, 20, 1)
         results = {}
         for c in concurrencies:
-            results[f"direct_c{c}"] = await _drive(direct, num_requests, c)
-            results[f"gateway_c{c}"] = await _drive(gateway, num_requests, c)
+            results[f"direct_c{c}"] = await _drive_metered(direct, num_requests, c, pids)
+            results[f"gateway_c{c}"] = await _drive_metered(gateway, num_requests, c, pids)
     await channel.close()
     return results
 
 
-def run(num_requests: int = 300, concurrencies: tuple[int, ...] = (1, 8, 32)) -> dict:
+DEPLOYMENTS = ("separate", "embedded")
+
+
+def run(num_requests: int = 300, concurrencies: tuple[int, ...] = (1, 8, 32),
+        deployments: tuple[str, ...] = DEPLOYMENTS) -> dict:
     concurrencies = sorted(set(concurrencies))
+    if unknown := sorted(set(deployments) - set(DEPLOYMENTS)) or not deployments:
+        raise ValueError(f"unknown deployments {unknown}; choose from {', '.join(DEPLOYMENTS)}")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    db_dir = tempfile.TemporaryDirectory()
-    cluster = LocalCluster(model="tiny", num_prefill=0, num_decode=0, num_aggregated=1,
-                           env={"PDSERVE_DATABASE__URL": f"sqlite:///{db_dir.name}/bench.db"}).start()
-    try:
-        rows = asyncio.run(_measure(cluster, num_requests,
-                                    list(concurrencies)))
-    finally:
-        cluster.stop()
-        db_dir.cleanup()
-    summary = {}
-    for c in concurrencies:
-        d, g = rows[f"direct_c{c}"], rows[f"gateway_c{c}"]
-        summary[f"c{c}"] = {"rps_ratio_gateway_vs_direct": round(g["rps"] / d["rps"], 3),
-                            "p50_added_ms": round(g["p50_ms"] - d["p50_ms"], 3),
-                            "p99_added_ms": round(g["p99_ms"] - d["p99_ms"], 3)}
-    return {"model": "tiny", "max_tokens": 1, "results": rows, "summary": summary}
+    report = {"model": "tiny", "max_tokens": 1, "deployments": {}}
+    for deployment in deployments:
+        rows = _run_cluster(deployment == "embedded", num_requests, concurrencies)
+        summary = {}
+        for c in concurrencies:
+            d, g = rows[f"direct_c{c}"], rows[f"gateway_c{c}"]
+            summary[f"c{c}"] = {"rps_ratio_gateway_vs_direct": round(g["rps"] / d["rps"], 3),
+                                "p50_added_ms": round(g["p50_ms"] - d["p50_ms"], 3),
+                                "p99_added_ms": round(g["p99_ms"] - d["p99_ms"], 3)}
+        report["deployments"][deployment] = {"results": rows, "summary": summary}
+    return report
+
+
+def _run_cluster(embedded: bool, num_requests: int, concurrencies: list[int]) -> dict:
+    with tempfile.TemporaryDirectory() as db_dir:
+        cluster = LocalCluster(model="tiny", num_prefill=0, num_decode=0, num_aggregated=1, embedded_router=embedded,
+                               env={"PDSERVE_DATABASE__URL": f"sqlite:///{db_dir}/bench.db"}).start()
+        try:
+            return asyncio.run(_measure(cluster, num_requests, concurrencies))
+        finally:
+            cluster.stop()
 
 
 def format_report(r: dict) -> str:
-    lines = [f"{'path':<12}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}  errors"]
-    for name, row in r["results"].items():
-        lines.append(f"{name.split('_')[0]:<12}{row['concurrency']:>5}{row['rps']:>9}{row['p50_ms']:>9}{row['p99_ms']:>9}"
-                     f"  {row['errors'] or 'none'}")
-    for c, s in r["summary"].items():
-        lines.append(f"{c}: gateway/direct throughput x{s['rps_ratio_gateway_vs_direct']}, "
-                     f"added p50 {s['p50_added_ms']} ms, added p99 {s['p99_added_ms']} ms")
+    lines = []
+    for deployment, part in r["deployments"].items():
+        lines.append(f"{deployment}: {'router inside the gateway process' if deployment == 'embedded' else 'gateway and router in two processes'}")
+        lines.append(f"  {'path':<10}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}  cpu ms/request  errors")
+        for name, row in part["results"].items():
+            cpu = " ".join(f"{k}={v}" for k, v in row["cpu_ms_per_request"].items() if v)
+            lines.append(f"  {name.split('_')[0]:<10}{row['concurrency']:>5}{row['rps']:>9}{row['p50_ms']:>9}"
+                         f"{row['p99_ms']:>9}  {cpu}  {row['errors'] or 'none'}")
+        for c, s in part["summary"].items():
+            lines.append(f"  {c}: gateway/direct throughput x{s['rps_ratio_gateway_vs_direct']}, "
+                         f"added p50 {s['p50_added_ms']} ms, added p99 {s['p99_added_ms']} ms")
     return "\n".join(lines)

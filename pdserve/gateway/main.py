@@ -1,5 +1,7 @@
 """Entrypoint of the gateway process: config -> tokenizer, store (migrated), router client ->
-uvicorn. Prints `PDSERVE_READY component=gateway port=N` once serving."""
+uvicorn. Prints `PDSERVE_READY component=gateway port=N` once serving. With
+gateway.embedded_router the router runs in this process too (and prints its own READY line
+first): requests reach its service by a call instead of a gRPC hop."""
 from __future__ import annotations
 
 import asyncio
@@ -15,8 +17,9 @@ from pdserve.gateway.admission import InflightLimit
 from pdserve.gateway.app import GatewayDeps, create_app
 from pdserve.gateway.dashboard import DashboardAccess
 from pdserve.gateway.generation import Limits
-from pdserve.gateway.router_client import RouterClient
+from pdserve.gateway.router_client import InProcessRouter, RouterClient
 from pdserve.iccache import setup as iccache_setup
+from pdserve.router import main as router_main
 from pdserve.store import Store
 from pdserve.v1 import router_pb2, worker_pb2
 from pdserve.workers.model.loader import load_tokenizer, model_context_tokens, model_vocab_size
@@ -35,7 +38,9 @@ async def serve(cfg: PDServeConfig) -> None:
     tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model.name, cfg.model.cache_dir)
     context = await asyncio.to_thread(model_context_tokens, cfg.model.name, cfg.model.cache_dir)
     vocab = await asyncio.to_thread(model_vocab_size, cfg.model.name, cfg.model.cache_dir)
-    router = RouterClient(g.router_address, g.retry_after_s, cfg.cluster_credential)
+    embedded = await router_main.start(cfg) if g.embedded_router else None
+    router = (InProcessRouter(embedded.service, g.retry_after_s) if embedded is not None
+              else RouterClient(g.router_address, g.retry_after_s, cfg.cluster_credential))
     ic = cfg.iccache
     limits = Limits(cfg.served_model, context, g.max_tokens_limit, vocab,
                     extra_models=(ic.small_model,) if ic.enabled else (), routed_model=ic.routed_model if ic.enabled else "")
@@ -70,6 +75,8 @@ async def serve(cfg: PDServeConfig) -> None:
             replay.cancel()
         await app.state.recorder.drain()
         await router.close()
+        if embedded is not None:    # after uvicorn: responses still open had their router
+            await embedded.stop()
         store.engine.dispose()
 
 

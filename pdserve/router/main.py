@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from dataclasses import dataclass
+
+import grpc
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -30,7 +33,26 @@ log = logging.getLogger("pdserve.router")
 _CONTROL_RPC_HEADROOM = 256
 
 
-async def serve(cfg: PDServeConfig) -> None:
+@dataclass
+class RouterRuntime:
+    """A started router: its gRPC server (workers, admins, remote gateways) and the service behind
+    it, which an embedding gateway calls directly."""
+
+    service: RouterService
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    store: Store
+    port: int
+    shutdown_grace_s: float
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.shutdown_grace_s)
+        await self.service.stop()
+        self.store.engine.dispose()
+
+
+async def start(cfg: PDServeConfig) -> RouterRuntime:
     rc = cfg.router
     credential = cfg.cluster_credential
     require_for_bind("router", rc.host, credential)
@@ -67,12 +89,14 @@ async def serve(cfg: PDServeConfig) -> None:
     await service.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     print(f"PDSERVE_READY component=router port={port}", flush=True)
+    return RouterRuntime(service, server, health_servicer, store, port, rc.shutdown_grace_s)
+
+
+async def serve(cfg: PDServeConfig) -> None:
+    router = await start(cfg)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("router shutting down")
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(rc.shutdown_grace_s)
-    await service.stop()
-    store.engine.dispose()
+    await router.stop()
