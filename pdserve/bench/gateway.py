@@ -4,7 +4,7 @@ One run, one aggregated `tiny` worker, max_tokens=1, the same prompt, per deploy
 - separate: gateway and router in two processes (the default);
 - embedded: the router inside the gateway's process (gateway.embedded_router).
 Each deployment is its own cluster, measured on two paths at each of `concurrencies` (1, 8 and
-32 clients by default), back to back:
+32 clients by default), in five rounds that alternate between the paths:
 - direct: gRPC Generate straight to the worker (the baseline, measured again per cluster);
 - gateway: OpenAI HTTP POST /v1/completions -> gateway -> router -> the same worker.
 Reports requests/s, p50/p99 latency, failures by kind (a 429 is counted, not fatal), and the
@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 
 import grpc
 import httpx
@@ -29,6 +30,7 @@ from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.workers.model.tokenizer import ByteTokenizer
 
 PROMPT = "Measure the control plane, not the model."
+_ROUNDS = 5     # each path's requests at one concurrency, in rounds alternating with the other path
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -36,10 +38,26 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _drive(call, num_requests: int, concurrency: int) -> dict:
+@dataclass
+class _Tally:
+    """One path's results over its rounds."""
+
+    latencies_s: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    num_requests: int = 0
+
+    def row(self, concurrency: int) -> dict:
+        ok = self.latencies_s or [float("nan")]
+        return {"requests": self.num_requests, "concurrency": concurrency, "errors": self.errors,
+                "rps": round(len(self.latencies_s) / self.wall_s, 1),
+                "p50_ms": round(statistics.median(ok) * 1e3, 3), "p99_ms": round(_percentile(ok, 0.99) * 1e3, 3),
+                "cpu_ms_per_request": {name: round(s / self.num_requests * 1e3, 3) for name, s in self.cpu_s.items()}}
+
+
+async def _drive(call, num_requests: int, concurrency: int, tally: _Tally, pids: dict[str, int]) -> None:
     """Latency of successful calls; failures are counted by kind (HTTP status or gRPC code), not fatal."""
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
     queue = list(range(num_requests))
 
     async def client_loop() -> None:
@@ -49,21 +67,21 @@ async def _drive(call, num_requests: int, concurrency: int) -> dict:
             try:
                 await call()
             except httpx.HTTPStatusError as exc:
-                errors[str(exc.response.status_code)] = errors.get(str(exc.response.status_code), 0) + 1
+                tally.errors[str(exc.response.status_code)] = tally.errors.get(str(exc.response.status_code), 0) + 1
                 continue
             except (httpx.HTTPError, grpc.aio.AioRpcError) as exc:
                 kind = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
-                errors[kind] = errors.get(kind, 0) + 1
+                tally.errors[kind] = tally.errors.get(kind, 0) + 1
                 continue
-            latencies.append(time.perf_counter() - start)
+            tally.latencies_s.append(time.perf_counter() - start)
 
+    cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
     start = time.perf_counter()
     await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-    wall = time.perf_counter() - start
-    ok = latencies or [float("nan")]
-    return {"requests": num_requests, "concurrency": concurrency, "errors": errors,
-            "rps": round(len(latencies) / wall, 1), "p50_ms": round(statistics.median(ok) * 1e3, 3),
-            "p99_ms": round(_percentile(ok, 0.99) * 1e3, 3)}
+    tally.wall_s += time.perf_counter() - start
+    tally.num_requests += num_requests
+    for name, pid in pids.items():
+        tally.cpu_s[name] = tally.cpu_s.get(name, 0.0) + _cpu_s(pid) - cpu_before[name]
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -77,14 +95,6 @@ def _cpu_s(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-
-
-async def _drive_metered(call, num_requests: int, concurrency: int, pids: dict[str, int]) -> dict:
-    before = {name: _cpu_s(pid) for name, pid in pids.items()}
-    row = await _drive(call, num_requests, concurrency)
-    row["cpu_ms_per_request"] = {name: round((_cpu_s(pid) - before[name]) / num_requests * 1e3, 3)
-                                 for name, pid in pids.items()}
-    return row
 
 
 async def _measure(cluster: LocalCluster, num_requests: int, concurrencies: list[int]) -> dict:
@@ -106,11 +116,16 @@ async def _measure(cluster: LocalCluster, num_requests: int, concurrencies: list
             r.raise_for_status()
 
         for fn in (direct, gateway):           # warm-up: connections, first-request allocations
-            await _drive(fn, 20, 1)
+            await _drive(fn, 20, 1, _Tally(), {})
         results = {}
         for c in concurrencies:
-            results[f"direct_c{c}"] = await _drive_metered(direct, num_requests, c, pids)
-            results[f"gateway_c{c}"] = await _drive_metered(gateway, num_requests, c, pids)
+            # Alternating rounds: a shared host's slow spell hits both paths alike.
+            tallies = {"direct": _Tally(), "gateway": _Tally()}
+            for _ in range(_ROUNDS):
+                for name, fn in (("direct", direct), ("gateway", gateway)):
+                    await _drive(fn, max(1, num_requests // _ROUNDS), c, tallies[name], pids)
+            for name, tally in tallies.items():
+                results[f"{name}_c{c}"] = tally.row(c)
     await channel.close()
     return results
 

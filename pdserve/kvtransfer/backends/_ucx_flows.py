@@ -6,7 +6,7 @@ import asyncio
 import numpy as np
 
 from pdserve.kvtransfer import frames
-from pdserve.kvtransfer.backends._ucx_wire import (ABORT_SLOT, ACK_SLOT, INBOX_TAG,
+from pdserve.kvtransfer.backends._ucx_wire import (ABORT_SLOT, ACK_SLOT, IDLE_BACKOFF_S, INBOX_TAG,
                                                    Aborted, Pacer, frame_slot, tag)
 from pdserve.kvtransfer.base import crc32, wire_id
 from pdserve.v1 import kvtransfer_pb2 as pb
@@ -18,31 +18,59 @@ class UcxFlows:
     async def _inbox_loop(self) -> None:
         """Route incoming headers to armed receivers; refuse unknown transfers at once.
 
-        The inbox keeps one receive posted (pre-posted, not probed): a header wakes it as it
-        arrives, where probing paid a polling delay plus a separate receive, about 2.5 ms of a
-        small transfer (`pdserve bench kv`). Its buffer belongs to the agent, so the receive may
-        stay posted for the agent's lifetime; a header longer than a slot fails that receive
-        (truncated) and the next one is posted."""
+        The inbox keeps one receive posted (pre-posted, not probed): a header lands in it as it
+        arrives, where a probe had to find it first and a receive then take it, the second of
+        which waited on UCX's progress thread (about 1.5 ms of a small transfer, `pdserve bench
+        kv`). Its buffer belongs to the agent, so the receive may stay posted for the agent's
+        lifetime. Its completion is polled, not awaited: ucxx without Python futures awaits by
+        spinning, which a receive that waits for the next header would make endless."""
+        pacer = Pacer()
+        request = self._post_inbox()
         while True:
-            try:
-                await self._ctx.recv(self._inbox_buf, INBOX_TAG)
-                head = frames.decode_slot(bytes(self._inbox_buf))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                continue  # a malformed or truncated header names no transfer to answer
-            waiter, layout = self._armed.get(head.transfer_id, (None, None))
-            wire = wire_id(head.transfer_id, head.transfer_token)
-            # A header without the transfer's token is refused before the receiver sees it, which
-            # stays armed for the sender it was reserved for. A sender holding the token shares the
-            # transfer's tags, so its bad header (wrong layout) fails the receive itself.
-            if waiter is None or waiter.done():
-                reason = f"unknown or expired transfer id {head.transfer_id}"
-            elif (reason := frames.check_header(head, layout)) is None or wire == layout.wire_id:
-                waiter.set_result(head)
+            if not request.completed:
+                await self._inbox_pause(pacer)
                 continue
-            self._spawn(self._reply(head.reply_address, wire, pb.KVFrame(kind=pb.KV_FRAME_KIND_ERROR, reason=reason)))
-            self._spawn(self._drain(wire, head.num_layers))
+            pacer.reset()
+            try:
+                request.check_error()     # a header longer than a slot fails as truncated
+                head = frames.decode_slot(bytes(self._inbox_buf))
+            except Exception:
+                head = None               # a malformed header names no transfer to answer
+            request = self._post_inbox()
+            if head is not None:
+                self._route_header(head)
+
+    def _post_inbox(self):
+        from ucxx._lib.arr import Array
+        from ucxx.types import Tag
+        return self._ctx.worker.tag_recv(Array(self._inbox_buf), Tag(INBOX_TAG))
+
+    def _route_header(self, head: pb.KVFrame) -> None:
+        waiter, layout = self._armed.get(head.transfer_id, (None, None))
+        wire = wire_id(head.transfer_id, head.transfer_token)
+        # A header without the transfer's token is refused before the receiver sees it, which
+        # stays armed for the sender it was reserved for. A sender holding the token shares the
+        # transfer's tags, so its bad header (wrong layout) fails the receive itself.
+        if waiter is None or waiter.done():
+            reason = f"unknown or expired transfer id {head.transfer_id}"
+        elif (reason := frames.check_header(head, layout)) is None or wire == layout.wire_id:
+            waiter.set_result(head)
+            return
+        self._spawn(self._reply(head.reply_address, wire, pb.KVFrame(kind=pb.KV_FRAME_KIND_ERROR, reason=reason)))
+        self._spawn(self._drain(wire, head.num_layers))
+
+    async def _inbox_pause(self, pacer: Pacer) -> None:
+        """Poll briskly while some receiver expects a header (it bounds time to first byte); with
+        none armed only stray headers can come, so sleep long, but wake at once when one is armed."""
+        if self._armed:
+            await pacer.wait()
+            return
+        pacer.reset()
+        self._inbox_wake.clear()
+        try:
+            await asyncio.wait_for(self._inbox_wake.wait(), IDLE_BACKOFF_S)
+        except asyncio.TimeoutError:
+            pass
 
     async def _send(self, tx, peer_address: bytes, checksum: bool) -> None:
         """Sends are posted back to back and awaited together before the ACK: awaiting each one

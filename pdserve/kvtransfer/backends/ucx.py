@@ -96,6 +96,7 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         self._endpoints: dict[bytes, object] = {}
         self._armed: dict[int, tuple[asyncio.Future, TransferLayout]] = {}   # set by create_receiver
         self._inbox_buf = bytearray(frames.SLOT_BYTES)   # the inbox's posted receive (agent-lived)
+        self._inbox_wake = asyncio.Event()
         self._init_error: Exception | None = None
         _prepare_ucx_environment()
         self._thread = threading.Thread(target=self._run_loop, args=(tls,), name="kv-ucx", daemon=True)
@@ -149,6 +150,7 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         # the loop thread only; a dict store is atomic.
         waiter = self._loop.create_future()
         self._armed[layout.transfer_id] = (waiter, layout)
+        self.call_soon(self._inbox_wake.set)
         self._spawn(self._receive(rx, waiter))
         return rx
 
