@@ -1,4 +1,5 @@
-"""Architecture description of a Llama-family model."""
+"""Architecture description of a model the runner executes: Llama-family (Llama, Mistral, Qwen2,
+SmolLM2) or Gemma 3 (`architecture="gemma3"`, with per-layer sliding windows and RoPE bases)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,6 +21,14 @@ class ModelConfig:
     tie_word_embeddings: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    architecture: str = "llama"
+    # Gemma 3: per layer, the sliding window in tokens (0: full attention), the RoPE base and
+    # its linear scaling factor; the attention scale; the final logits' soft cap (None: none).
+    layer_windows: tuple[int, ...] = ()
+    layer_rope_thetas: tuple[float, ...] = ()
+    layer_rope_factors: tuple[float, ...] = ()
+    attn_scale: float | None = None
+    final_logit_softcap: float | None = None
 
     @property
     def kv_bytes_per_token_per_layer(self) -> int:

