@@ -10,10 +10,13 @@ Each deployment is its own cluster, measured on two paths at each of `concurrenc
 Reports requests/s, p50/p99 latency, failures by kind (a 429 is counted, not fatal), and the
 ratios and added milliseconds of gateway over direct. It also reports the CPU time each process
 spent per request on each path (from /proc), which is what throughput on a small host runs out of.
+The HTTP load comes from a minimal keep-alive client (http_load.py), so the load generator takes
+as little as possible from the cores it shares with what it measures.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import statistics
@@ -23,8 +26,9 @@ import uuid
 from dataclasses import dataclass, field
 
 import grpc
-import httpx
 
+from pdserve.bench.http_load import HttpStatusError, KeepAliveClient
+from pdserve.aio import run_loop
 from pdserve.launch import LocalCluster
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.workers.model.tokenizer import ByteTokenizer
@@ -66,10 +70,10 @@ async def _drive(call, num_requests: int, concurrency: int, tally: _Tally, pids:
             start = time.perf_counter()
             try:
                 await call()
-            except httpx.HTTPStatusError as exc:
-                tally.errors[str(exc.response.status_code)] = tally.errors.get(str(exc.response.status_code), 0) + 1
+            except HttpStatusError as exc:
+                tally.errors[str(exc.status)] = tally.errors.get(str(exc.status), 0) + 1
                 continue
-            except (httpx.HTTPError, grpc.aio.AioRpcError) as exc:
+            except (OSError, asyncio.IncompleteReadError, ValueError, grpc.aio.AioRpcError) as exc:
                 kind = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
                 tally.errors[kind] = tally.errors.get(kind, 0) + 1
                 continue
@@ -98,7 +102,7 @@ def _cpu_s(pid: int) -> float:
 
 
 async def _measure(cluster: LocalCluster, num_requests: int, concurrencies: list[int]) -> dict:
-    worker_port, gateway_url = cluster.process("aggregated-0").port, cluster.url
+    worker_port = cluster.process("aggregated-0").port
     pids = {p.name: p.proc.pid for p in cluster.processes} | {"client": os.getpid()}
     prompt_ids = ByteTokenizer().encode(PROMPT)
     channel = cluster.channel(worker_port)
@@ -109,11 +113,11 @@ async def _measure(cluster: LocalCluster, num_requests: int, concurrencies: list
             req_id=uuid.uuid4().hex, prompt_token_ids=prompt_ids, sampling=worker_pb2.SamplingParams(max_tokens=1)))]
         assert sum(len(c.token_ids) for c in chunks) <= 1
 
-    async with httpx.AsyncClient(base_url=gateway_url, timeout=30,
-                                 limits=httpx.Limits(max_connections=max(concurrencies) * 2)) as http:
+    http = KeepAliveClient("127.0.0.1", cluster.gateway_port)
+    body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 1}).encode()
+    try:
         async def gateway() -> None:
-            r = await http.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 1})
-            r.raise_for_status()
+            await http.post_json("/v1/completions", body)
 
         for fn in (direct, gateway):           # warm-up: connections, first-request allocations
             await _drive(fn, 20, 1, _Tally(), {})
@@ -126,6 +130,8 @@ async def _measure(cluster: LocalCluster, num_requests: int, concurrencies: list
                     await _drive(fn, max(1, num_requests // _ROUNDS), c, tallies[name], pids)
             for name, tally in tallies.items():
                 results[f"{name}_c{c}"] = tally.row(c)
+    finally:
+        await http.close()
     await channel.close()
     return results
 
@@ -157,7 +163,7 @@ def _run_cluster(embedded: bool, num_requests: int, concurrencies: list[int]) ->
         cluster = LocalCluster(model="tiny", num_prefill=0, num_decode=0, num_aggregated=1, embedded_router=embedded,
                                env={"PDSERVE_DATABASE__URL": f"sqlite:///{db_dir}/bench.db"}).start()
         try:
-            return asyncio.run(_measure(cluster, num_requests, concurrencies))
+            return run_loop(_measure(cluster, num_requests, concurrencies))
         finally:
             cluster.stop()
 
