@@ -156,8 +156,8 @@ class ICCacheSettings(_Section):
     enabled: bool = Field(False, description="Serve the routed model name with IC-Cache: a small model plus "
                           "cached large-model answers as examples, when a learned policy expects that to do")
     routed_model: str = Field("auto", description="Model name clients ask for to let IC-Cache choose")
-    small_model: str = Field("", description="The small model's name (its workers register with the router); it "
-                             "must share the served model's tokenizer. The served model is the large one")
+    small_model: str = Field("", description="The small model's name (its workers register with the router; its "
+                             "tokenizer may differ). The served model is the large one")
     capacity_bytes: int = Field(64 << 20, gt=0, description="Example cache size; value-per-byte eviction beyond it")
     max_examples: int = Field(3, ge=1, description="Most examples placed before one request")
     min_similarity: float = Field(0.5, ge=-1, le=1, description="Cosine similarity an example needs to be considered")

@@ -41,6 +41,13 @@ class GatewayDeps:
     rate_limiter: RateLimiter = field(default_factory=RateLimiter)
     clock: Clock = field(default_factory=WallClock)
     iccache: "ICCacheService | None" = None     # serves limits.routed_model when IC-Cache is on
+    # Extra models' tokenizers (IC-Cache's small model), where they differ from the served model's.
+    extra_tokenizers: dict[str, Tokenizer] = field(default_factory=dict)
+
+    @property
+    def tokenizers(self) -> dict[str, Tokenizer]:
+        """Each served model's tokenizer: the extra models' own, else the served model's."""
+        return {m: self.extra_tokenizers.get(m, self.tokenizer) for m in self.limits.models}
 
 
 # The dependencies are `async def` on purpose: FastAPI runs a plain `def` dependency in its

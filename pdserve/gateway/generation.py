@@ -8,6 +8,7 @@ token chunks into a JSON body or server-sent events.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -34,12 +35,20 @@ class Limits:
     max_context_tokens: int
     max_tokens_limit: int
     vocab_size: int = 0         # token ids of a prompt are below it (0: not checked here)
-    extra_models: tuple[str, ...] = ()   # also served, with the same tokenizer (IC-Cache's small model)
+    extra_models: tuple[str, ...] = ()   # also served (IC-Cache's small model)
     routed_model: str = ""               # IC-Cache chooses the model for requests naming this
+    # An extra model's own (context tokens, vocabulary size); absent: the served model's.
+    extra_model_limits: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def models(self) -> tuple[str, ...]:
         return (self.served_model, *self.extra_models)
+
+    def context_of(self, model: str) -> int:
+        return self.extra_model_limits.get(model, (self.max_context_tokens, self.vocab_size))[0]
+
+    def vocab_of(self, model: str) -> int:
+        return self.extra_model_limits.get(model, (self.max_context_tokens, self.vocab_size))[1]
 
 
 @dataclass
@@ -79,7 +88,9 @@ def validation_error(exc: ValidationError) -> OpenAIError:
     return bad_request(f"Invalid value for '{param}': {err.get('msg')}", param=param)
 
 
-def prepare(body: dict, chat: bool, req_id: str, tokenizer: Tokenizer, limits: Limits) -> Prepared:
+def prepare(body: dict, chat: bool, req_id: str, tokenizer: Tokenizer | Mapping[str, Tokenizer],
+            limits: Limits) -> Prepared:
+    """`tokenizer`: one for every model, or one per model name (models with different tokenizers)."""
     schema = ChatCompletionRequest if chat else CompletionRequest
     try:
         check_fields(body, schema)
@@ -91,19 +102,21 @@ def prepare(body: dict, chat: bool, req_id: str, tokenizer: Tokenizer, limits: L
     if req.model not in limits.models:
         raise OpenAIError(404, f"The model '{req.model}' does not exist; this server serves "
                                f"{', '.join(repr(m) for m in limits.models)}", param="model", code="model_not_found")
+    if isinstance(tokenizer, Mapping):
+        tokenizer = tokenizer[req.model]
+    context, vocab = limits.context_of(req.model), limits.vocab_of(req.model)
     if chat:
         prompt_ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
         requested = req.requested_max_tokens()
     else:
         prompt_ids = list(req.prompt) if isinstance(req.prompt, list) else tokenizer.encode(req.prompt)
-        if isinstance(req.prompt, list) and limits.vocab_size and max(prompt_ids) >= limits.vocab_size:
-            raise bad_request(f"prompt token ids must be < {limits.vocab_size} (the model's vocabulary size)",
-                              param="prompt")
+        if isinstance(req.prompt, list) and vocab and max(prompt_ids) >= vocab:
+            raise bad_request(f"prompt token ids must be < {vocab} (the model's vocabulary size)", param="prompt")
         requested = req.max_tokens or min(_DEFAULT_COMPLETION_MAX_TOKENS, limits.max_tokens_limit)
-    room = limits.max_context_tokens - len(prompt_ids)
+    room = context - len(prompt_ids)
     if room <= 0 or (requested is not None and requested > room):
         raise bad_request(
-            f"This model's maximum context length is {limits.max_context_tokens} tokens; the prompt has "
+            f"This model's maximum context length is {context} tokens; the prompt has "
             f"{len(prompt_ids)} tokens and {requested or 0} were requested for the completion.",
             param="messages" if chat else "prompt", code="context_length_exceeded")
     max_tokens = min(requested or room, limits.max_tokens_limit)

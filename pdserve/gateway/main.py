@@ -42,12 +42,15 @@ async def serve(cfg: PDServeConfig) -> None:
     router = (InProcessRouter(embedded.service, g.retry_after_s) if embedded is not None
               else RouterClient(g.router_address, g.retry_after_s, cfg.cluster_credential))
     ic = cfg.iccache
-    limits = Limits(cfg.served_model, context, g.max_tokens_limit, vocab,
-                    extra_models=(ic.small_model,) if ic.enabled else (), routed_model=ic.routed_model if ic.enabled else "")
+    extra = await asyncio.to_thread(_extra_models, cfg) if ic.enabled else {}
+    limits = Limits(cfg.served_model, context, g.max_tokens_limit, vocab, extra_models=tuple(extra),
+                    routed_model=ic.routed_model if ic.enabled else "",
+                    extra_model_limits={m: (c, v) for m, (_, c, v) in extra.items()})
     deps = GatewayDeps(router=router, tokenizer=tokenizer, store=store, limits=limits,
                        max_body_bytes=g.max_body_bytes, require_api_key=g.require_api_key,
                        inflight=InflightLimit(g.max_inflight_requests, g.retry_after_s),
-                       iccache=await iccache_setup.build(cfg, store) if ic.enabled else None)
+                       iccache=await iccache_setup.build(cfg, store) if ic.enabled else None,
+                       extra_tokenizers={m: tok for m, (tok, _, _) in extra.items()})
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Accepted sockets inherit this: without it a response written in two parts (headers, body)
@@ -78,6 +81,13 @@ async def serve(cfg: PDServeConfig) -> None:
         if embedded is not None:    # after uvicorn: responses still open had their router
             await embedded.stop()
         store.engine.dispose()
+
+
+def _extra_models(cfg: PDServeConfig) -> dict:
+    """IC-Cache's small model: its own tokenizer, context length and vocabulary size."""
+    name, cache_dir = cfg.iccache.small_model, cfg.model.cache_dir
+    return {name: (load_tokenizer(name, cache_dir), model_context_tokens(name, cache_dir),
+                   model_vocab_size(name, cache_dir))}
 
 
 def _start_replay(cfg: PDServeConfig, deps: GatewayDeps, loads) -> asyncio.Task:

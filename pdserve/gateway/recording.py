@@ -73,8 +73,11 @@ class RequestRecorder:
                           "num_completion_tokens": out.num_generated,
                           "ttft_ms": out.ttft_s * 1e3 if out.ttft_s is not None else None,
                           "latency_ms": latency_s * 1e3, "outcome": outcome, "status_code": status})
-        if attempt.plan is not None and status == 200 and self._iccache is not None:
-            self._track(self._iccache.record_soon(p.response_id, attempt.plan, out.text, attempt.tenant))
+        if attempt.plan is not None and self._iccache is not None:
+            if status == 200:
+                self._track(self._iccache.record_soon(p.response_id, attempt.plan, out.text, attempt.tenant))
+            else:
+                self._iccache.forget(p.response_id)
 
     async def drain(self) -> None:
         """Writes what is buffered and waits for background writes (at shutdown)."""

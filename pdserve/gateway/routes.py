@@ -39,7 +39,7 @@ async def _serve(request: Request, chat: bool, d: GatewayDeps, m: GatewayMetrics
         admitted = True
         body = await read_json(request, d.max_body_bytes)
         body, attempt.plan = await iccache_routes.route(request, body, chat, d)
-        p = attempt.prepared = generation.prepare(body, chat, attempt.req_id, d.tokenizer, d.limits)
+        p = attempt.prepared = generation.prepare(body, chat, attempt.req_id, d.tokenizers, d.limits)
         if attempt.plan is not None:
             p.iccache = {"model": p.model, "num_examples": attempt.plan.num_examples}
         charge(request, len(p.prompt_ids) + p.sampling.max_tokens)
@@ -50,6 +50,8 @@ async def _serve(request: Request, chat: bool, d: GatewayDeps, m: GatewayMetrics
         m.ttft.observe(stream.first_token_s - stream.started_s)
         if p.stream:
             streaming = True
+            if attempt.plan is not None and d.iccache is not None:
+                d.iccache.expect(p.response_id)    # a rating may arrive before the stream's end is recorded
             return _EventStream(_sse(p, stream, out, m), _closer(stream, out, attempt, d, m, rec),
                                 iccache_routes.headers(p.model, attempt.plan))
         return generation.FastJSONResponse(await unless_client_leaves(request, generation.collect(p, stream, m, out)),

@@ -34,6 +34,9 @@ from pdserve.policy.iccache.selection import Chosen, ExampleSelector
 from pdserve.store.iccache import ICCacheRepository
 from pdserve.store.models import ICExample, ICOffload
 
+# How long feedback for a running stream waits for its answer to be recorded: a stream's
+# end is recorded moments after its last byte, so this bounds only a stream that never ends.
+_EXPECTED_WAIT_S = 5.0
 log = logging.getLogger("pdserve.iccache")
 GOOD_ANSWER = 0.5     # a rating at or above this counts as a successful offload
 
@@ -71,11 +74,22 @@ class ICCacheService:
         # Answers being stored: feedback that arrives first (the client got the response before
         # the store write finished) waits for the write instead of reading 'unknown'.
         self._recording: dict[str, asyncio.Task] = {}
+        self._expected: dict[str, asyncio.Future] = {}      # streams running, their answer not yet recorded
+
+    def expect(self, response_id: str) -> None:
+        """An answer for this id is on its way (a stream has started): feedback that arrives before
+        the stream's end is recorded waits for it (up to _EXPECTED_WAIT_S) instead of 404."""
+        self._expected.setdefault(response_id, asyncio.get_running_loop().create_future())
+
+    def forget(self, response_id: str) -> None:
+        """The expected answer will not be recorded (the request failed or was cancelled)."""
+        _resolve(self._expected.pop(response_id, None))
 
     def record_soon(self, response_id: str, plan: Plan, answer_text: str, tenant: str = "") -> asyncio.Task:
         task = asyncio.ensure_future(self.record(response_id, plan, answer_text, tenant))
         self._recording[response_id] = task
-        task.add_done_callback(lambda _: self._recording.pop(response_id, None))
+        expected = self._expected.pop(response_id, None)
+        task.add_done_callback(lambda _: (self._recording.pop(response_id, None), _resolve(expected)))
         return task
 
     async def load(self) -> None:
@@ -130,6 +144,8 @@ class ICCacheService:
                        tenant: str = "") -> bool | None:
         """A rating (0..1), or a gold answer the stored answer is scored against (token F1).
         None: unknown response id; False: already rated (the first rating counts); True: learned."""
+        if (expected := self._expected.get(response_id)) is not None:
+            await asyncio.wait({expected}, timeout=_EXPECTED_WAIT_S)
         pending = self._recording.get(response_id)
         if pending is not None:
             await asyncio.wait({pending})
@@ -178,6 +194,11 @@ class ICCacheService:
                 "capacity_bytes": self.cache.config.capacity_bytes, "num_evictions": self.cache.num_evictions,
                 "paused": self.chooser.paused, "threshold": self.selector.threshold, "arms": self.chooser.stats(),
                 "large_model": self.large_model, "small_model": self.small_model, **self.counters}
+
+
+def _resolve(future: asyncio.Future | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
 
 
 def _from_row(row: ICExample) -> Example:

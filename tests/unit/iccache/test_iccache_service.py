@@ -132,3 +132,21 @@ def test_feedback_arriving_before_the_answer_is_stored_waits_for_it(tmp_path, em
         svc.record_soon("cmpl-fast", plan, "Paris")
         return await svc.feedback("cmpl-fast", 1.0)      # no await between: the write has not run yet
     assert asyncio.run(run()) is True
+
+
+def test_feedback_for_a_stream_still_closing_waits_for_its_answer(tmp_path, embedder):
+    """A streamed answer is recorded when its response ends, just after its last byte: a rating
+    sent on [DONE] must wait for it. A stream that ends without an answer releases the wait."""
+    async def run():
+        svc = make_service(tmp_path, embedder)
+        plan = await svc.plan(FRANCE, 10, LARGE_LOADED)
+        svc.expect("chatcmpl-stream")
+        svc.expect("chatcmpl-failed")
+        rating = asyncio.ensure_future(svc.feedback("chatcmpl-stream", 1.0))
+        unknown = asyncio.ensure_future(svc.feedback("chatcmpl-failed", 1.0))
+        await asyncio.sleep(0)
+        assert not rating.done() and not unknown.done()     # both wait: their answers may still come
+        svc.record_soon("chatcmpl-stream", plan, "Paris")   # the stream's end is recorded
+        svc.forget("chatcmpl-failed")                       # this one ended in an error
+        return await rating, await unknown
+    assert asyncio.run(run()) == (True, None)
