@@ -116,4 +116,5 @@ async def admin_pause(action: str, d: GatewayDeps = Depends(_admin)):
     if action not in ("pause", "resume"):
         raise OpenAIError(404, f"no such action: {action} (pause or resume)", "not_found_error")
     d.iccache.chooser.paused = action == "pause"
+    await d.iccache.save_policy()       # a paused router stays paused across a restart
     return JSONResponse(d.iccache.stats())

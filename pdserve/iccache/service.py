@@ -13,7 +13,9 @@
    help most (see policy/iccache/examples.py).
 
 State of record lives in the store; the example cache, index, selector and bandit are rebuilt in
-memory at start (`load`). Blocking work (embedding, database) runs in threads."""
+memory at start (`load`): the bandit and selector from the state they saved after their last
+lesson (`save_policy`), so a restart keeps what feedback taught them. Blocking work (embedding,
+database) runs in threads."""
 from __future__ import annotations
 
 import asyncio
@@ -99,7 +101,20 @@ class ICCacheService:
             self.cache.examples[ex.example_id] = ex
             self.cache.num_bytes += ex.num_bytes
             self.index.add(ex.example_id, ex.embedding)
-        log.info("IC-Cache: %d examples loaded (%d bytes)", len(rows), self.cache.num_bytes)
+        states = await asyncio.to_thread(self.repo.policy_states)
+        if "bandit" in states:
+            self.chooser.restore(states["bandit"])
+        if "selector" in states:
+            self.selector.restore(states["selector"])
+        log.info("IC-Cache: %d examples loaded (%d bytes), learned routing state %s", len(rows),
+                 self.cache.num_bytes, "restored" if states else "new")
+
+    async def save_policy(self) -> None:
+        """The bandit's and the selector's learned state, to the store (after each lesson, and
+        when an operator pauses or resumes offloading)."""
+        await asyncio.to_thread(self.repo.save_policy_states, {"bandit": self.chooser.state(),
+                                                               "selector": self.selector.state()},
+                                self.clock.now_s())
 
     async def plan(self, request_text: str, num_prompt_tokens: int, load: dict[Arm, float]) -> Plan:
         embedding = (await asyncio.to_thread(self.embedder.embed, [request_text]))[0]
@@ -170,6 +185,7 @@ class ICCacheService:
             self.cache.rate_answer(example_id, quality)
             touched = [self.cache.examples[example_id]] if example_id in self.cache.examples else []
         await asyncio.to_thread(self.repo.update_examples, [_stats(e) for e in touched])
+        await self.save_policy()
         return True
 
     async def replay_step(self, ask_large: Callable[[str], Awaitable[str]]) -> str | None:

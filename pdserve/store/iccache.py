@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import delete, func, select
 
-from pdserve.store.models import ICExample, ICOffload
+from pdserve.store.models import ICExample, ICOffload, ICPolicyState
 from pdserve.store.repository import Store
 
 _STAT_FIELDS = ("value", "value_at_unix_s", "num_uses", "num_successes", "quality", "num_ratings", "num_replays",
@@ -63,3 +63,12 @@ class ICCacheRepository:
             first = row.quality is None
             row.quality = quality
             return row, first
+
+    def save_policy_states(self, states: dict[str, dict], now_unix_s: float) -> None:
+        with self.store.session() as s, s.begin():
+            for name, state in states.items():
+                s.merge(ICPolicyState(name=name, state=state, updated_unix_s=now_unix_s))
+
+    def policy_states(self) -> dict[str, dict]:
+        with self.store.session() as s:
+            return {row.name: row.state for row in s.scalars(select(ICPolicyState))}

@@ -127,3 +127,12 @@ class ICOffload(Base):
     example_id: Mapped[int | None] = mapped_column(Integer, nullable=True)   # the example a large answer became
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     quality: Mapped[float | None] = mapped_column(Float, nullable=True)   # set once rated
+
+
+class ICPolicyState(Base):
+    """IC-Cache's learned routing state (the bandit's, the example selector's), so that a restart
+    keeps what feedback taught it. One JSON document per policy."""
+    __tablename__ = "iccache_policy_state"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[dict] = mapped_column(JSON)
+    updated_unix_s: Mapped[float] = mapped_column(Float)

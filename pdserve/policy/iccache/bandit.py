@@ -94,6 +94,21 @@ class ModelChooser:
     def expected_quality(self, arm: Arm, x: np.ndarray) -> float:
         return float(self._arms[arm].mean() @ x)
 
+    def state(self) -> dict:
+        """What feedback taught it, as JSON (persisted, so a restart keeps it)."""
+        return {"paused": self.paused, "arms": {
+            arm.value: {"precision": m.precision.tolist(), "moment": m.moment.tolist(), "num_rewards": m.num_rewards}
+            for arm, m in self._arms.items()}}
+
+    def restore(self, state: dict) -> None:
+        """The inverse of state(); arms it does not name keep their prior."""
+        self.paused = bool(state.get("paused", False))
+        for arm in Arm:
+            saved = state.get("arms", {}).get(arm.value)
+            if saved is not None and np.shape(saved["precision"]) == (_DIM, _DIM):
+                self._arms[arm] = _LinearArm(np.array(saved["precision"], dtype=float),
+                                             np.array(saved["moment"], dtype=float), int(saved["num_rewards"]))
+
     def stats(self) -> dict[str, dict[str, float]]:
         """Per arm: rewards seen and the mean model's quality at an average context."""
         probe = context(0.8, 0.6, 2, 3, 512)

@@ -81,6 +81,18 @@ class ExampleSelector:
                 self._outcomes.popleft()
         self._tune()
 
+    def state(self) -> dict:
+        return {"weights": self.weights.tolist(), "threshold": self.threshold,
+                "outcomes": [list(o) for o in self._outcomes]}
+
+    def restore(self, state: dict) -> None:
+        """The inverse of state(); a state of another feature layout is ignored (the defaults stay)."""
+        if len(state.get("weights", ())) != _NUM_FEATURES:
+            return
+        self.weights = np.array(state["weights"], dtype=float)
+        self.threshold = float(state["threshold"])
+        self._outcomes = deque((float(u), float(label)) for u, label in state.get("outcomes", ()))
+
     def _tune(self) -> None:
         if len(self._outcomes) < self.config.min_outcomes_to_tune:
             return

@@ -150,3 +150,25 @@ def test_feedback_for_a_stream_still_closing_waits_for_its_answer(tmp_path, embe
         svc.forget("chatcmpl-failed")                       # this one ended in an error
         return await rating, await unknown
     assert asyncio.run(run()) == (True, None)
+
+
+def test_what_feedback_taught_survives_a_restart(tmp_path, embedder):
+    async def teach():
+        svc = make_service(tmp_path, embedder)
+        for i in range(6):
+            plan = await svc.plan(FRANCE, 10, LARGE_LOADED)
+            svc.record_soon(f"cmpl-{i}", plan, "Paris")
+            assert await svc.feedback(f"cmpl-{i}", 0.9) is True
+        svc.chooser.paused = True
+        await svc.save_policy()
+        return svc.stats()
+
+    async def restart():
+        svc = make_service(tmp_path, embedder)       # the same store, fresh objects
+        before = svc.chooser.stats()
+        await svc.load()
+        return before, svc.stats()
+    taught = asyncio.run(teach())
+    untrained, restored = asyncio.run(restart())
+    assert restored["arms"] == taught["arms"] != untrained and restored["paused"]
+    assert restored["threshold"] == taught["threshold"]

@@ -81,6 +81,29 @@ def test_bandit_learns_to_prefer_the_better_arm():
     assert late[Arm.SMALL_WITH_EXAMPLES] >= 90
 
 
+def test_learned_state_survives_a_round_trip_through_json():
+    import json
+
+    trained = ModelChooser(BanditConfig(load_penalty_l0=0.0), seed=1)
+    _train(trained, {Arm.LARGE: 0.6, Arm.SMALL_WITH_EXAMPLES: 0.9}, 100)
+    trained.paused = True
+    fresh = ModelChooser(BanditConfig(load_penalty_l0=0.0), seed=1)
+    fresh.restore(json.loads(json.dumps(trained.state())))
+    assert fresh.stats() == trained.stats() and fresh.paused
+    x = context(0.9, 0.7, 2, 3, 100)
+    assert fresh.expected_quality(Arm.SMALL_WITH_EXAMPLES, x) == trained.expected_quality(Arm.SMALL_WITH_EXAMPLES, x)
+
+    sel = ExampleSelector(SelectionConfig(min_similarity=0.0, max_examples=1))
+    ex = make_example(1)
+    for success in (True, False, True, True):
+        sel.learn(sel.select([(ex, 0.8)]) or [], success)
+    copy = ExampleSelector(SelectionConfig(min_similarity=0.0, max_examples=1))
+    copy.restore(json.loads(json.dumps(sel.state())))
+    assert copy.state() == sel.state() and copy.utility(0.8, ex) == sel.utility(0.8, ex)
+    copy.restore({"weights": [1.0], "threshold": 0.9})        # another feature layout: ignored
+    assert copy.state() == sel.state()
+
+
 def test_bandit_backs_off_the_loaded_costly_arm():
     quality = {Arm.LARGE: 0.85, Arm.SMALL_WITH_EXAMPLES: 0.75}     # large a little better
     idle = ModelChooser(seed=2)
