@@ -191,6 +191,9 @@ class Engine:
                 delta.logprobs = [token_logprob(row, token, seq.params.logprobs)]
             seq.last_token_id = token
             if delta.finish is not None:
+                # Its generated full blocks become reusable too: a chat's next turn repeats this
+                # answer in its prompt. Every token of kv_token_ids has its KV written by now.
+                self.allocator.register(seq.req_id, self.prompt_hashes(seq.kv_token_ids(), reusable_only=False))
                 self.running.pop(seq.req_id)            # blocks stay until release()
         return deltas
 

@@ -99,3 +99,37 @@ def test_two_sequences_at_a_block_boundary_with_one_free_block_both_finish(param
     got, constrained = run(num_kv_blocks=5)
     assert constrained.stats.num_preemptions == 1 and constrained.stats.num_resumes == 1
     assert got == reference and all(len(t) == 20 for t in got.values())
+
+
+def test_a_finished_answers_blocks_serve_the_next_turns_prompt_and_change_nothing():
+    """The decode-generated full blocks are named at the end: a next turn that repeats prompt and
+    answer links them (prompt blocks and answer blocks) and decodes exactly what a cold run does."""
+    loaded = _tiny()
+    warm = Engine(loaded, num_kv_blocks=64, block_size_tokens=4, max_batch_size=4, prefix_caching=True)
+    params = make_sampling(max_tokens=12, ignore_eos=True)
+    prompt = loaded.tokenizer.encode("first turn")
+    answer = start_local(warm, "t1", prompt, params) + run_to_completion(warm)["t1"]
+    assert warm.allocator.num_cached_blocks >= (len(prompt) + len(answer) - 1) // 4
+    next_prompt = prompt + answer + loaded.tokenizer.encode(" and then?")
+    cached = warm.admit("t2", len(next_prompt), next_prompt)
+    # Everything up to the answer's last token (whose KV a finished request never writes) is cached.
+    assert cached == (len(prompt) + len(answer) - 1) // 4 * 4 > len(prompt)
+    layers = [kv[:, cached:] for kv in _prefill_layers(loaded, next_prompt)]
+    first = int(PrefillExecution(loaded.model, next_prompt).run_to_end().argmax())
+    delta = warm.start("t2", next_prompt, layers, params, first, layers_start_tokens=cached)
+    warm_tokens = list(delta.token_ids) + run_to_completion(warm)["t2"]
+    warm.release("t2")
+
+    cold = Engine(loaded, num_kv_blocks=64, block_size_tokens=4, max_batch_size=4)
+    cold_tokens = start_local(cold, "t2", next_prompt, params) + run_to_completion(cold)["t2"]
+    assert warm_tokens == cold_tokens
+    assert_no_leaks(allocator=cold.allocator)
+
+
+def _prefill_layers(loaded: LoadedModel, ids: list[int]) -> list:
+    execution, layers = PrefillExecution(loaded.model, ids), []
+    while not execution.done:
+        op = execution.step()
+        if op.kind is OperatorKind.ATTENTION:
+            layers.append(op.layer_kv)
+    return layers
