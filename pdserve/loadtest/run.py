@@ -72,7 +72,9 @@ def _run_locust(args: argparse.Namespace, host: str, out: pathlib.Path, planned:
     run_time_s = int((planned[-1].send_s if planned else 0) + _DRAIN_S)
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
            "-u", "1", "-r", "1", "--host", host, "--run-time", f"{run_time_s}s", "--exit-code-on-error", "0",
-           "--csv", str(out / "locust"), "--html", str(out / "locust.html"),
+           # Locust's CSV is a snapshot taken every second, never rewritten at exit, so it can miss
+           # the last requests; its JSON file is written once the run has ended.
+           "--csv", str(out / "locust"), "--json-file", str(out / "locust_stats"), "--html", str(out / "locust.html"),
            "--trace", args.trace, "--minutes", str(args.minutes), "--speedup", str(args.speedup),
            "--max-input-tokens", str(args.max_input_tokens), "--max-output-tokens", str(args.max_output_tokens),
            "--scenario-routing", args.scenario_routing, "--summary-dir", str(out), "--seed", str(args.seed)]
@@ -101,7 +103,7 @@ def format_summary(s: dict) -> str:
                      f"{g['goodput_rps'] or 0:>9.2f}{_pair(g['ttft_ms']):>18}{_pair(g['tpot_ms']):>18}"
                      f"{_pair({'p50': g['intended_rate_rps'], 'p99': g['achieved_rate_rps']}):>15}"
                      f"{g['send_lateness_ms']['p99'] or 0:>10.1f}")
-    lines.append(f"results: {s['results_dir']} (summary.json, requests.jsonl, *.png, locust.html, locust_*.csv)")
+    lines.append(f"results: {s['results_dir']} (summary.json, requests.jsonl, *.png, locust.html, locust_stats.json, locust_*.csv)")
     return "\n".join(lines)
 
 
