@@ -6,7 +6,7 @@ import asyncio
 import numpy as np
 
 from pdserve.kvtransfer import frames
-from pdserve.kvtransfer.backends._ucx_wire import (ABORT_SLOT, ACK_SLOT, IDLE_BACKOFF_S, INBOX_TAG,
+from pdserve.kvtransfer.backends._ucx_wire import (ABORT_POLL_S, ABORT_SLOT, ACK_SLOT, IDLE_BACKOFF_S, INBOX_TAG,
                                                    Aborted, Pacer, frame_slot, tag)
 from pdserve.kvtransfer.base import crc32, wire_id
 from pdserve.v1 import kvtransfer_pb2 as pb
@@ -262,14 +262,11 @@ class _Posted:
 
     async def settle(self, status) -> None:
         """Every send completed within the transfer's deadline, or Aborted / the send's error."""
-        if self._sends:
-            remaining = status.remaining_s()
-            if remaining <= 0 or not status.active:
-                raise Aborted()
-            await asyncio.wait([t for t, _ in self._sends], timeout=remaining)
-        self.raise_failed()
-        if self._sends:
-            raise Aborted()
+        while self._sends:
+            if status.remaining_s() <= 0 or not status.active:
+                raise Aborted()     # an abort must not wait for sends its peer will never take
+            await asyncio.wait([t for t, _ in self._sends], timeout=min(status.remaining_s(), ABORT_POLL_S))
+            self.raise_failed()
 
     def abandon(self) -> None:
         """Sends still in flight keep their buffers until UCX completes them (see UcxAgent._io)."""

@@ -21,6 +21,10 @@ BACKOFF_S = 0.0005
 IDLE_BACKOFF_S = 0.005
 DRAIN_S = 2.0
 DRAIN_POLL_S = 0.01
+# How often a wait on a UCX request looks whether its transfer was aborted: a large send completes
+# only when its peer receives it, which a peer that gave up never does; the wait must not last
+# until the transfer's deadline (a prefill worker would count it as active that long).
+ABORT_POLL_S = 0.05
 REPLY_TIMEOUT_S = 1.0
 
 
@@ -53,3 +57,19 @@ class Pacer:
     def reset(self) -> None:
         self._spins = 0
         self._sleep_s = BACKOFF_START_S
+
+
+async def wait_active(task: asyncio.Future, timeout_s: float, status=None):
+    """`task`'s result within `timeout_s` (asyncio.TimeoutError after), Aborted as soon as
+    `status` (a TransferStatus) is no longer active. The task is never cancelled: UCX requests
+    cannot be, and their buffers must outlive them (the caller keeps those)."""
+    loop = asyncio.get_running_loop()
+    end_s = loop.time() + timeout_s
+    while not task.done():
+        left_s = end_s - loop.time()
+        if left_s <= 0:
+            raise asyncio.TimeoutError()
+        await asyncio.wait({task}, timeout=min(left_s, ABORT_POLL_S) if status is not None else left_s)
+        if not task.done() and status is not None and not status.active:
+            raise Aborted()
+    return task.result()

@@ -28,7 +28,7 @@ from pdserve.kvtransfer.base import (BaseKVAgent, BaseKVReceiver, BaseKVSender, 
 from pdserve.kvtransfer.backends._ucx_flows import UcxFlows
 from pdserve.kvtransfer.backends._ucx_wire import (ACK_SLOT, ABORT_SLOT, MAX_LAYERS, MAX_TRANSFER_ID,
                                                    DRAIN_POLL_S, DRAIN_S, REPLY_TIMEOUT_S, Aborted,
-                                                   frame_slot, tag)
+                                                   frame_slot, tag, wait_active)
 from pdserve.v1 import kvtransfer_pb2 as pb
 
 MAX_ADDRESS_BYTES = 64 << 10
@@ -199,14 +199,15 @@ class UcxAgent(UcxFlows, BaseKVAgent):
             self._endpoints[peer_address] = ep
         return ep
 
-    async def _io(self, coro, buf, timeout_s: float):
-        """Await one UCX send or receive for at most `timeout_s`. Giving up on the wait (deadline,
-        abort, close) does not end the UCX request, which may still read or write `buf`: the buffer
-        is kept alive until UCX completes the request, so it never touches freed memory (a freed
-        receive buffer corrupts the heap; a freed, unmapped send buffer crashes the process)."""
+    async def _io(self, coro, buf, timeout_s: float, status: TransferStatus | None = None):
+        """Await one UCX send or receive for at most `timeout_s`, and, with `status`, only while
+        the transfer is active. Giving up on the wait (deadline, abort, close) does not end the
+        UCX request, which may still read or write `buf`: the buffer is kept alive until UCX
+        completes the request, so it never touches freed memory (a freed receive buffer corrupts
+        the heap; a freed, unmapped send buffer crashes the process)."""
         task = asyncio.ensure_future(coro)
         try:
-            return await asyncio.wait_for(asyncio.shield(task), timeout_s)
+            return await wait_active(task, timeout_s, status)
         except BaseException:
             if not task.done():
                 self._unfinished_io[task] = buf
@@ -224,7 +225,7 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         if remaining <= 0 or not status.active:
             coro.close()
             raise Aborted()
-        return await self._io(coro, buf, remaining)
+        return await self._io(coro, buf, remaining, status)
 
     async def _send_frame(self, ep, frame: pb.KVFrame, frame_tag: int, status: TransferStatus | None) -> None:
         data = frames.encode_slot(frame)
