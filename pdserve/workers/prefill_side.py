@@ -48,6 +48,7 @@ class _LazySender:
         self._skip_tokens = skip_tokens     # the receiver holds these already (its prefix cache)
         self._agent = agent
         self._sender = None
+        self._closed = False
         self._lock = threading.Lock()
         self.kv_bytes = 0
 
@@ -58,14 +59,24 @@ class _LazySender:
             return self._sender
 
     def send_layer(self, layer: int, kv) -> None:    # compute thread: hand the layer over at once
+        with self._lock:
+            # A request that ended (cancelled while its operator still ran) sends nothing more: a
+            # sender created now would wait for layers that never come until its deadline.
+            if self._closed:
+                return
+            if self._sender is None:
+                self._sender = self._agent.create_sender(*self._args)
+            sender = self._sender
         if self._skip_tokens:
             kv = kv[:, self._skip_tokens:].contiguous()
         view = as_bytes_view(kv.numpy())
         self.kv_bytes += len(view)
-        self.get().send_layer(layer, view)
+        sender.send_layer(layer, view)
 
     def abort_if_active(self, reason: str) -> None:
-        sender = self._sender
+        with self._lock:
+            self._closed = True
+            sender = self._sender
         if sender is not None and sender.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING):
             sender.abort(reason)
 
