@@ -62,7 +62,7 @@ async def route(request: Request, body: dict, chat: bool, d: GatewayDeps) -> tup
     # The prompt's length in tokens is known only after templating; the text's length stands in.
     plan = await svc.plan(text, len(text) // 4, load)
     request.app.state.metrics.iccache.labels(plan.arm.value).inc()
-    return with_examples(body, chat, plan.model, plan.chosen), plan
+    return with_examples(body, chat, plan.model, plan.chosen, svc.text_preamble), plan
 
 
 def headers(model: str, plan: Plan | None) -> dict[str, str]:

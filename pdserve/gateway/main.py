@@ -19,6 +19,7 @@ from pdserve.gateway.dashboard import DashboardAccess
 from pdserve.gateway.generation import Limits
 from pdserve.gateway.router_client import InProcessRouter, RouterClient
 from pdserve.iccache import setup as iccache_setup
+from pdserve.iccache.prompting import text_prompt
 from pdserve.router import main as router_main
 from pdserve.store import Store
 from pdserve.v1 import router_pb2, worker_pb2
@@ -98,7 +99,7 @@ def _start_replay(cfg: PDServeConfig, deps: GatewayDeps, loads) -> asyncio.Task:
         return (await loads.get(deps)).get(large, 1.0)    # no figure: assume busy, replay waits
 
     async def ask_large(text: str) -> str:
-        prompt_ids = deps.tokenizer.encode(f"Question: {text}\nAnswer:")
+        prompt_ids = deps.tokenizer.encode(text_prompt(text, preamble=cfg.iccache.text_preamble))
         call = deps.router.generate(router_pb2.RouteRequest(
             req_id=f"iccache-replay-{uuid.uuid4().hex[:12]}", model=large, prompt_token_ids=prompt_ids,
             sampling=worker_pb2.SamplingParams(max_tokens=_REPLAY_MAX_TOKENS, temperature=0.0, stop=["\n"])))

@@ -1,5 +1,11 @@
 """Request bodies in and out of IC-Cache: the text an example lookup uses, and the body the small
-model gets with the examples placed first (stable order: a prefix shared across requests)."""
+model gets with the examples placed first (stable order: a prefix shared across requests).
+
+A text prompt for the routed name is a question: whichever model answers gets it in one layout,
+`preamble`, then the examples as "Question: ...\nAnswer: ..." shots, then the question. Base models
+(no chat template) need that scaffold to answer at all, and both arms must see the same one, or
+the comparison between them measures the scaffold. The preamble (`iccache.text_preamble`) holds
+fixed demonstrations of the answer format for such models."""
 from __future__ import annotations
 
 import copy
@@ -28,14 +34,22 @@ def request_text(body: dict, chat: bool) -> str:
     return prompt
 
 
-def with_examples(body: dict, chat: bool, model: str, chosen: list[Chosen]) -> dict:
+def text_prompt(question: str, shots: list[tuple[str, str]] = (), preamble: str = "") -> str:
+    """The layout of a routed text prompt: preamble, (question, answer) shots, then the question."""
+    body = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in shots)
+    return f"{preamble}{body}Question: {question}\nAnswer:"
+
+
+def with_examples(body: dict, chat: bool, model: str, chosen: list[Chosen], preamble: str = "") -> dict:
     """The body as the chosen model gets it: the examples (a large model's past question and
     answer each) before the request, as earlier chat turns or as a few-shot text prefix."""
     out = copy.deepcopy(body)
     out["model"] = model
-    if not chosen:
+    if not chat:
+        shots = [(c.example.request_text, c.example.answer_text) for c in chosen]
+        out["prompt"] = text_prompt(request_text(body, chat=False), shots, preamble)
         return out
-    if chat:
+    if chosen:
         messages = out["messages"]
         head = 0
         while head < len(messages) and messages[head].get("role") in ("system", "developer"):
@@ -45,7 +59,4 @@ def with_examples(body: dict, chat: bool, model: str, chosen: list[Chosen]) -> d
             turns += [{"role": "user", "content": c.example.request_text},
                       {"role": "assistant", "content": c.example.answer_text}]
         out["messages"] = messages[:head] + turns + messages[head:]
-    else:
-        shots = "".join(f"Question: {c.example.request_text}\nAnswer: {c.example.answer_text}\n\n" for c in chosen)
-        out["prompt"] = f"{shots}Question: {request_text(body, chat=False)}\nAnswer:"
     return out

@@ -68,6 +68,7 @@ class ICCacheService:
     selector: ExampleSelector
     chooser: ModelChooser
     num_candidates: int = 16
+    text_preamble: str = ""             # before every routed text prompt (prompting.text_prompt)
     counters: dict[str, int] = field(default_factory=lambda: {"routed": 0, "offloaded": 0, "examples_added": 0,
                                                               "feedback": 0, "replays": 0})
 

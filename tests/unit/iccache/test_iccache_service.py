@@ -117,7 +117,10 @@ def test_examples_go_before_the_request_as_turns_or_shots():
     assert chat["messages"][1]["content"] == "Q3" and len(chat["messages"]) == 2     # the caller's body is untouched
     comp = with_examples({"model": "auto", "prompt": "Q3"}, False, "tiny", chosen)
     assert comp["prompt"] == "Question: Q1\nAnswer: A1\n\nQuestion: Q2\nAnswer: A2\n\nQuestion: Q3\nAnswer:"
-    assert with_examples({"model": "auto", "prompt": "Q3"}, False, "tiny-large", [])["prompt"] == "Q3"
+    # The large model gets the same layout without examples; a preamble goes first on both arms.
+    assert with_examples({"model": "auto", "prompt": "Q3"}, False, "tiny-large", [])["prompt"] == "Question: Q3\nAnswer:"
+    fewshot = with_examples({"model": "auto", "prompt": "Q3"}, False, "tiny", chosen[:1], "Demo.\n\n")["prompt"]
+    assert fewshot == "Demo.\n\nQuestion: Q1\nAnswer: A1\n\nQuestion: Q3\nAnswer:"
     assert request_text(chat, True) == "Q3"
     with pytest.raises(NotRoutable):
         request_text({"prompt": [1, 2, 3]}, False)
