@@ -3,8 +3,9 @@ answers by response id, and the operator's view (`pdserve admin iccache`).
 
 Routing: the request's text and both pools' live load go to the service's plan; the body is
 rewritten for the chosen model (the small one gets the examples first) and then served like any
-other request. Pool load is the mean KV use of a model's live workers, read from the router at
-most once a second (a heartbeat-old figure either way)."""
+other request. Pool load is the mean load of a model's live workers (KV use or queue, whichever
+is higher: `pool_loads`), read from the router at most once a second (a heartbeat-old figure either
+way)."""
 from __future__ import annotations
 
 import asyncio
@@ -38,13 +39,22 @@ class PoolLoads:
                     workers = await d.router.list_workers()
                 except grpc.aio.AioRpcError:
                     workers = []      # the request itself will report the router's state
-                used: dict[str, list[float]] = {}
-                for w in workers:
-                    if w.alive and w.num_total_kv_blocks:
-                        used.setdefault(w.model, []).append(1 - w.num_free_kv_blocks / w.num_total_kv_blocks)
-                self._by_model = {m: sum(v) / len(v) for m, v in used.items()}
+                full = d.iccache.full_load_requests if d.iccache is not None else 32
+                self._by_model = pool_loads(workers, full)
                 self._at_s = time.monotonic()
             return self._by_model
+
+
+def pool_loads(workers, full_load_requests: int) -> dict[str, float]:
+    """Per model, the mean load of its live workers, 0..1. A worker's load is the higher of its KV
+    use and its requests in flight over `full_load_requests`: a queue of short prompts fills
+    little KV, yet it is the overload the costly arm must back off from."""
+    loads: dict[str, list[float]] = {}
+    for w in workers:
+        if w.alive and w.num_total_kv_blocks:
+            kv_use = 1 - w.num_free_kv_blocks / w.num_total_kv_blocks
+            loads.setdefault(w.model, []).append(max(kv_use, min(1.0, w.num_active_requests / full_load_requests)))
+    return {m: sum(v) / len(v) for m, v in loads.items()}
 
 
 async def route(request: Request, body: dict, chat: bool, d: GatewayDeps) -> tuple[dict, Plan | None]:

@@ -69,6 +69,7 @@ class ICCacheService:
     chooser: ModelChooser
     num_candidates: int = 16
     text_preamble: str = ""             # before every routed text prompt (prompting.text_prompt)
+    full_load_requests: int = 32        # a worker's requests in flight that count as full load
     counters: dict[str, int] = field(default_factory=lambda: {"routed": 0, "offloaded": 0, "examples_added": 0,
                                                               "feedback": 0, "replays": 0})
 

@@ -26,7 +26,8 @@ async def build(cfg: PDServeConfig, store: Store) -> ICCacheService:
                          ExampleSelector(SelectionConfig(min_similarity=ic.min_similarity,
                                                          max_examples=ic.max_examples)),
                          ModelChooser(BanditConfig(load_penalty_l0=ic.load_penalty), seed=ic.seed),
-                         num_candidates=ic.num_candidates, text_preamble=ic.text_preamble)
+                         num_candidates=ic.num_candidates, text_preamble=ic.text_preamble,
+                         full_load_requests=ic.full_load_requests)
     await svc.load()
     return svc
 

@@ -4,8 +4,8 @@ The vector index (an adapter) supplies the nearest examples with their cosine si
 above `min_similarity` are scored by a logistic model over features of the pair (similarity, the
 example's smoothed success rate, its answer's rating, how often it was used), trained online from
 the ratings of answers the examples took part in. Examples whose predicted utility clears the
-threshold are kept, at most k, best first; then laid out by example id, so that requests reusing
-the same examples share a prompt prefix the workers' prefix caches can reuse.
+threshold are kept (the best one always), at most k, best first; then laid out by example id, so
+that requests reusing the same examples share a prompt prefix the workers' prefix caches can reuse.
 
 The threshold is tuned on the recent (predicted utility, outcome) pairs: the cut that would have
 classified them best."""
@@ -65,7 +65,13 @@ class ExampleSelector:
         """`candidates`: (example, cosine similarity) from the index. Returns the examples to
         use, in prompt order (by id)."""
         scored = [Chosen(ex, sim, self.utility(sim, ex)) for ex, sim in candidates if sim >= self.config.min_similarity]
-        kept = [c for c in scored if c.utility >= self.threshold]
+        # The best candidate is always kept. The threshold is an absolute success probability:
+        # on a task where answers seldom succeed, a few failures put every prediction below it,
+        # and a selector that selects nothing never sees another outcome to learn from (nor does
+        # the bandit's small arm). Whether weak examples are worth an offload is the bandit's
+        # call: its context carries their utility.
+        cut = min(self.threshold, max((c.utility for c in scored), default=0.0))
+        kept = [c for c in scored if c.utility >= cut]
         best = sorted(kept, key=lambda c: (-c.utility, c.example.example_id))[:self.config.max_examples]
         return sorted(best, key=lambda c: c.example.example_id)
 

@@ -57,6 +57,22 @@ def test_threshold_is_tuned_on_outcomes():
     assert sel.utility(0.6, ex) < sel.threshold <= sel.utility(0.9, ex)
 
 
+def test_failures_below_the_threshold_never_stop_selection():
+    """On a hard task offloads mostly fail, so every predicted utility soon sits below the initial
+    threshold. The best candidate is still offered (the bandit decides whether it is worth an
+    offload), so the selector keeps seeing outcomes and learns which examples do better."""
+    sel = ExampleSelector(SelectionConfig(min_similarity=0.5, max_examples=3))
+    exs = [make_example(i) for i in range(1, 5)]
+    for _ in range(30):
+        chosen = sel.select([(ex, 0.6 + 0.05 * i) for i, ex in enumerate(exs)])
+        assert chosen, "a selector that selects nothing learns nothing"
+        sel.learn(chosen, False)
+    assert all(sel.utility(0.75, ex) < sel.threshold for ex in exs)
+    best = sel.select([(exs[0], 0.6), (exs[1], 0.75)])
+    assert [c.example.example_id for c in best] == [2]       # only the best: the rest are below the cut
+    assert sel.select([(exs[0], 0.3)]) == []                  # the similarity pre-filter still holds
+
+
 # ---- the bandit ----
 
 def _train(chooser: ModelChooser, quality: dict[Arm, float], rounds: int, load=None) -> dict[Arm, int]:
