@@ -163,6 +163,18 @@ def _bench_prefix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_iccache(args: argparse.Namespace) -> int:
+    from pdserve.bench import iccache
+
+    report = iccache.run(iccache.Settings(
+        large_model=args.large_model, small_model=args.small_model, num_held_out=args.held_out,
+        num_train=args.train, num_pool=args.pool, overload=args.overload, concurrency=args.concurrency,
+        max_examples=args.max_examples, seed=args.seed, lists_dir=args.lists_dir,
+        policies=tuple(p for p in args.policies.split(",") if p), pin_pools=not args.no_pinning))
+    print(json.dumps(report) if args.json else iccache.format_report(report))
+    return 0
+
+
 def _bench_auth(args: argparse.Namespace) -> int:
     from pdserve.bench import auth
 
@@ -397,6 +409,25 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--json", action="store_true")
     _trace_file_option(px)
     px.set_defaults(fn=_bench_prefix)
+    ic = bench.add_parser("iccache", help="IC-Cache vs always-large/small, random examples and semantic caches, "
+                                          "on red-trivia questions (needs the iccache-bench extra)")
+    ic.add_argument("--large-model", default="gemma3-270m")
+    ic.add_argument("--small-model", default="smollm2-135m")
+    ic.add_argument("--held-out", type=int, default=500, help="questions every policy answers (measured)")
+    ic.add_argument("--train", type=int, default=300, help="questions IC-Cache learns from before the measured run")
+    ic.add_argument("--pool", type=int, default=1200, help="questions the large model answers for the example pool")
+    ic.add_argument("--overload", type=float, default=1.5,
+                    help="held-out arrival rate as a multiple of the large model's measured capacity")
+    ic.add_argument("--concurrency", type=int, default=8, help="clients while building the pool and training")
+    ic.add_argument("--max-examples", type=int, default=3)
+    ic.add_argument("--seed", type=int, default=0)
+    ic.add_argument("--no-pinning", action="store_true",
+                    help="let both pools share every CPU (default: each pool on its own half, as in a fleet)")
+    ic.add_argument("--lists-dir", default=None, help="YAML trivia lists instead of red-trivia's")
+    ic.add_argument("--policies", default=",".join(
+        ("always_large", "always_small", "small_random_examples", "semantic_cache_0.8", "semantic_cache_0.9", "iccache")))
+    ic.add_argument("--json", action="store_true")
+    ic.set_defaults(fn=_bench_iccache)
     au = bench.add_parser("auth", help="gRPC call latency with the cluster secret vs without")
     au.add_argument("--calls", type=int, default=500, help="calls per round")
     au.add_argument("--rounds", type=int, default=6, help="alternating rounds per mode")

@@ -175,3 +175,46 @@ def test_what_feedback_taught_survives_a_restart(tmp_path, embedder):
     untrained, restored = asyncio.run(restart())
     assert restored["arms"] == taught["arms"] != untrained and restored["paused"]
     assert restored["threshold"] == taught["threshold"]
+
+
+def test_semantic_cache_baseline_answers_a_near_duplicate_from_the_cache_and_asks_on_a_miss(embedder):
+    """The bench's semantic-cache baseline with the real MiniLM; the gateway here is a stub that
+    answers 'Rome' (the bench's integration test runs it against a real cluster)."""
+    import httpx
+
+    from pdserve.bench.iccache_policies import Answered, Gateway, SemanticCache
+    from pdserve.bench.trivia import Question
+
+    asked = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.read())
+        return httpx.Response(200, json={"id": "cmpl-1", "choices": [{"text": " Rome"}],
+                                         "usage": {"prompt_tokens": 9, "completion_tokens": 1}})
+
+    pool = [Answered(Question("What is the capital of France?", ("Paris",)), "Paris")]
+    cache = SemanticCache(embedder, 0.9, pool, embedder.embed([pool[0].question.text]))
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://gw") as http:
+            gw = Gateway(http, "")
+            hit = await cache.ask(gw, "large", Question("What's the capital of France?", ("Paris",)))
+            assert hit.model == "cache" and hit.correct and not asked
+            miss = await cache.ask(gw, "large", Question("Which city is Italy's capital?", ("Rome",)))
+            assert miss.model == "large" and miss.correct and len(asked) == 1
+            again = await cache.ask(gw, "large", Question("Which city is Italy's capital?", ("Rome",)))
+            assert again.model == "cache" and len(asked) == 1        # the large answer joined the cache
+
+    asyncio.run(run())
+
+
+def test_pool_load_is_kv_use_or_queue_whichever_is_higher():
+    from types import SimpleNamespace as W
+
+    from pdserve.gateway.iccache_routes import pool_loads
+    workers = [W(model="big", alive=True, num_total_kv_blocks=100, num_free_kv_blocks=90, num_active_requests=64),
+               W(model="big", alive=True, num_total_kv_blocks=100, num_free_kv_blocks=40, num_active_requests=2),
+               W(model="big", alive=False, num_total_kv_blocks=100, num_free_kv_blocks=0, num_active_requests=99),
+               W(model="small", alive=True, num_total_kv_blocks=100, num_free_kv_blocks=100, num_active_requests=8)]
+    loads = pool_loads(workers, full_load_requests=32)
+    assert loads == {"big": pytest.approx((1.0 + 0.6) / 2), "small": pytest.approx(0.25)}   # the dead one is left out
