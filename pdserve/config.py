@@ -166,6 +166,8 @@ class ICCacheSettings(_Section):
     replay_interval_s: float = Field(30.0, gt=0, description="How often replay may re-ask the large model")
     replay_max_load: float = Field(0.5, ge=0, le=1, description="Replay runs only while the large pool is below this load")
     seed: int = Field(0, description="Seed of the bandit's sampling")
+    small_cost: float = Field(0.2, gt=0, description="A small-model request's cost relative to a large one's "
+                              "(C in the load penalty); measure it for the pair served")
     full_load_requests: int = Field(32, gt=0, description="Requests in flight on one worker that make it fully "
                                     "loaded for the load penalty (KV use counts too: the higher one)")
     text_preamble: str = Field("", description="Text placed before every routed text prompt, on both arms "

@@ -14,8 +14,7 @@ red-trivia (`bench/trivia.py`), split once by a seeded shuffle into three disjoi
    `overload` x the large model's capacity: always-large saturates, and a policy that takes load
    off it shows it in throughput and latency. IC-Cache keeps learning from ratings here.
 
-A 429 (a worker's queue is past its bound) is retried after Retry-After, as the openai client
-does: every question is answered, and overload shows as latency and retries.
+A 429 or 503 (queues past their bounds) is retried after Retry-After, as the openai client does: every question is answered, and overload shows as latency and retries.
 Per policy: throughput (answered / time from first arrival to last answer; one run, no interval),
 latency p50/p99 with bootstrap intervals, offload ratio (answers not from the large model) and
 exact match with Wilson intervals; failed requests count as wrong answers and in `errors`. Against
@@ -213,7 +212,7 @@ def summarise(outs: list[Outcome], s: Settings) -> dict:
     latencies = [o.latency_s * 1e3 for o in ok]
     offloaded = sum(o.model != s.large_model for o in ok)
     row = {"requests": n, "answered": len(ok), "errors": dict(Counter(o.error for o in outs if o.error)),
-           "retries_429": sum(o.retries for o in outs),
+           "retries": sum(o.retries for o in outs),
            "throughput_rps": round(len(ok) / span_s, 3) if span_s else None,
            "exact_match": round(correct / n, 4), "exact_match_ci95": _rounded(trivia.wilson(correct, n)),
            "offload_ratio": round(offloaded / max(1, len(ok)), 4),
@@ -275,7 +274,7 @@ def format_report(r: dict) -> str:
         lines.append(f"{name:<24}{row['throughput_rps']!s:>7}{vs.get('throughput_ratio') or '':>9}"
                      f"{row.get('latency_p50_ms')!s:>9}{row.get('latency_p99_ms')!s:>9}{row['offload_ratio']:>9.3f}"
                      f"{row['exact_match']:>10.3f} [{lo:.3f}, {hi:.3f}]  {row['errors'] or 'none'}, "
-                     f"{row['retries_429']} retried 429s")
+                     f"{row['retries']} retried")
     if "large_beats_small" in r:
         d = r["large_beats_small"]
         lines.append(f"always_large - always_small exact match: {d['mean']:+.3f} {d['ci95']} "

@@ -23,7 +23,7 @@ from pdserve.iccache.index import VectorIndex
 from pdserve.iccache.prompting import text_prompt
 
 MAX_TOKENS = 16
-MAX_RETRIES = 1000       # of one request's 429s: in effect until answered (the run is finite)
+MAX_RETRIES = 1000       # of one request's 429s and 503s: in effect until answered (the run is finite)
 CACHE_MODEL = "cache"          # an Outcome's model when a semantic cache answered
 
 
@@ -36,7 +36,7 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""
-    retries: int = 0             # 429s answered by waiting Retry-After and asking again
+    retries: int = 0             # 429s and 503s answered by waiting Retry-After and asking again
     latency_s: float = 0.0
     arrival_s: float = 0.0       # since the replay started
     done_s: float = 0.0
@@ -57,8 +57,8 @@ class Gateway:
 
     async def complete(self, model: str, prompt: str, out: Outcome) -> tuple[str, str]:
         """The answer text and response id (empty on an error, which `out.error` then names). A
-        429 is retried after its Retry-After, as the openai client does, so every question is
-        answered and a policy's overload shows as latency and retries, not as wrong answers."""
+        429 or 503 is retried after its Retry-After, as the openai client does, so every question
+        is answered and a policy's overload shows as latency and retries, not as wrong answers."""
         body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stop": ["\n"]}
         while True:
             try:
@@ -66,7 +66,7 @@ class Gateway:
             except httpx.HTTPError as exc:
                 out.error = type(exc).__name__
                 return "", ""
-            if r.status_code != 429 or out.retries >= MAX_RETRIES:
+            if r.status_code not in (429, 503) or out.retries >= MAX_RETRIES:
                 break
             out.retries += 1
             await asyncio.sleep(float(r.headers.get("retry-after", 1)))

@@ -25,7 +25,7 @@ async def build(cfg: PDServeConfig, store: Store) -> ICCacheService:
                          ExampleCache(CacheConfig(capacity_bytes=ic.capacity_bytes)),
                          ExampleSelector(SelectionConfig(min_similarity=ic.min_similarity,
                                                          max_examples=ic.max_examples)),
-                         ModelChooser(BanditConfig(load_penalty_l0=ic.load_penalty), seed=ic.seed),
+                         ModelChooser(BanditConfig(load_penalty_l0=ic.load_penalty, cost_small=ic.small_cost), seed=ic.seed),
                          num_candidates=ic.num_candidates, text_preamble=ic.text_preamble,
                          full_load_requests=ic.full_load_requests)
     await svc.load()
