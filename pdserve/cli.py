@@ -170,7 +170,8 @@ def _bench_iccache(args: argparse.Namespace) -> int:
         large_model=args.large_model, small_model=args.small_model, num_held_out=args.held_out,
         num_train=args.train, num_pool=args.pool, overload=args.overload, concurrency=args.concurrency,
         max_examples=args.max_examples, seed=args.seed, lists_dir=args.lists_dir,
-        policies=tuple(p for p in args.policies.split(",") if p), pin_pools=not args.no_pinning))
+        policies=tuple(p for p in args.policies.split(",") if p), pin_pools=not args.no_pinning,
+        small_cost=args.small_cost))
     print(json.dumps(report) if args.json else iccache.format_report(report))
     return 0
 
@@ -421,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--concurrency", type=int, default=8, help="clients while building the pool and training")
     ic.add_argument("--max-examples", type=int, default=3)
     ic.add_argument("--seed", type=int, default=0)
+    ic.add_argument("--small-cost", type=float, default=None,
+                    help="IC-Cache's cost of a small request relative to a large one (default: iccache.small_cost)")
     ic.add_argument("--no-pinning", action="store_true",
                     help="let both pools share every CPU (default: each pool on its own half, as in a fleet)")
     ic.add_argument("--lists-dir", default=None, help="YAML trivia lists instead of red-trivia's")

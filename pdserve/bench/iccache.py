@@ -72,6 +72,7 @@ class Settings:
     policies: tuple[str, ...] = POLICIES
     fleet_workers: int = 16
     pin_pools: bool = True
+    small_cost: float | None = None     # iccache.small_cost for the run; None: the configured default
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -96,7 +97,8 @@ def run(s: Settings) -> dict:
         env = {"PDSERVE_DATABASE__URL": f"sqlite:///{db_dir}/bench.db", "PDSERVE_ICCACHE__ENABLED": "true",
                "PDSERVE_ICCACHE__SMALL_MODEL": s.small_model, "PDSERVE_ICCACHE__TEXT_PREAMBLE": PREAMBLE,
                "PDSERVE_ICCACHE__MAX_EXAMPLES": str(s.max_examples), "PDSERVE_ICCACHE__SEED": str(s.seed),
-               "PDSERVE_ROUTER__ADMIN_TOKEN": token, "PDSERVE_MODEL__TORCH_NUM_THREADS": "1", **s.env}
+               "PDSERVE_ROUTER__ADMIN_TOKEN": token, "PDSERVE_MODEL__TORCH_NUM_THREADS": "1",
+               **({"PDSERVE_ICCACHE__SMALL_COST": str(s.small_cost)} if s.small_cost is not None else {}), **s.env}
         cluster = LocalCluster(model=s.large_model, num_prefill=1, num_decode=1,
                                extra_pools=((s.small_model, 1, 1),), env=env).start()
         try:
@@ -188,7 +190,7 @@ def report(s: Settings, capacity_rps: float, pool: list[Answered], train_outs: l
                                                                    [o.correct for o in large])}
     out = {"large_model": s.large_model, "small_model": s.small_model, "held_out": len(next(iter(results.values()), [])),
            "train": len(train_outs), "pool": len(pool), "seed": s.seed, "max_examples": s.max_examples,
-           "fleet_workers": s.fleet_workers,
+           "fleet_workers": s.fleet_workers, "small_cost": s.small_cost,
            "large_capacity_rps": round(capacity_rps, 3), "overload": s.overload,
            "arrival_rate_rps": round((len(times) - 1) / times[-1], 3) if len(times) > 1 and times[-1] else None,
            "pool_exact_match": round(sum(trivia.exact_match(a.answer, a.question.aliases) for a in pool)
