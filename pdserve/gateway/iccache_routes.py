@@ -3,7 +3,7 @@ answers by response id, and the operator's view (`pdserve admin iccache`).
 
 Routing: the request's text and both pools' live load go to the service's plan; the body is
 rewritten for the chosen model (the small one gets the examples first) and then served like any
-other request. Pool load is the mean load of a model's live workers (KV use or queue, whichever
+other request. A request the chosen pool refuses moves once to the other pool (`move`). Pool load is the mean load of a model's live workers (KV use or queue, whichever
 is higher: `pool_loads`), read from the router at most once a second (a heartbeat-old figure either
 way)."""
 from __future__ import annotations
@@ -71,8 +71,18 @@ async def route(request: Request, body: dict, chat: bool, d: GatewayDeps) -> tup
     load = {Arm.LARGE: loads.get(svc.large_model, 0.0), Arm.SMALL_WITH_EXAMPLES: loads.get(svc.small_model, 0.0)}
     # The prompt's length in tokens is known only after templating; the text's length stands in.
     plan = await svc.plan(text, len(text) // 4, load)
-    request.app.state.metrics.iccache.labels(plan.arm.value).inc()
     return with_examples(body, chat, plan.model, plan.chosen, svc.text_preamble), plan
+
+
+def move(body: dict, chat: bool, plan: Plan | None, refusal: OpenAIError, d: GatewayDeps) -> tuple[dict, Plan] | None:
+    """The client's body rewritten for the other pool, when the chosen pool refused the request
+    for capacity (429) or had nowhere to place it (503) and the other arm may take it."""
+    if plan is None or d.iccache is None or refusal.status not in (429, 503):
+        return None
+    moved = d.iccache.move(plan)
+    if moved is None:
+        return None
+    return with_examples(body, chat, moved.model, moved.chosen, d.iccache.text_preamble), moved
 
 
 def headers(model: str, plan: Plan | None) -> dict[str, str]:

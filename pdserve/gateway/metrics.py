@@ -42,6 +42,6 @@ class GatewayMetrics:
                                      registry=r)
         self.prefix_index = Gauge("pdserve_router_prefix_index", "The router's prefix index size", ["kind"],
                                   registry=r)
-        self.iccache = Counter("pdserve_iccache_requests", "Requests for the routed model by the arm chosen "
+        self.iccache = Counter("pdserve_iccache_requests", "Requests for the routed model by the arm that took them "
                                "(large, or small with examples: an offload)", ["arm"], registry=r)
         self.workers_alive = Gauge("pdserve_workers_alive", "Live workers by role", ["role"], registry=r)

@@ -37,16 +37,9 @@ async def _serve(request: Request, chat: bool, d: GatewayDeps, m: GatewayMetrics
         attempt.tenant = await tenant(request)
         d.inflight.acquire()
         admitted = True
-        body = await read_json(request, d.max_body_bytes)
-        body, attempt.plan = await iccache_routes.route(request, body, chat, d)
-        p = attempt.prepared = generation.prepare(body, chat, attempt.req_id, d.tokenizers, d.limits)
-        if attempt.plan is not None:
-            p.iccache = {"model": p.model, "num_examples": attempt.plan.num_examples}
-        charge(request, len(p.prompt_ids) + p.sampling.max_tokens)
-        log.debug("request %s: %s, %d prompt tokens, max_tokens=%d, stream=%s", attempt.req_id, attempt.endpoint,
-                  len(p.prompt_ids), p.sampling.max_tokens, p.stream)
-        stream = await unless_client_leaves(request, generation.open_stream(
-            p, d.router, request.headers.get("x-pdserve-scenario", "")[:128], attempt.tenant))
+        client_body = await read_json(request, d.max_body_bytes)
+        body, attempt.plan = await iccache_routes.route(request, client_body, chat, d)
+        p, stream = await _open(request, chat, d, attempt, client_body, body)
         m.ttft.observe(stream.first_token_s - stream.started_s)
         if p.stream:
             streaming = True
@@ -71,6 +64,38 @@ async def _serve(request: Request, chat: bool, d: GatewayDeps, m: GatewayMetrics
             if admitted:
                 d.inflight.release()
             rec.record(attempt, out, status)
+
+
+async def _open(request: Request, chat: bool, d: GatewayDeps, attempt: Attempt, client_body: dict, body: dict):
+    """The request prepared and its router stream opened. An IC-Cache request that its pool
+    refuses moves once to the other pool; if the moved body cannot be served (say, examples push
+    it past the small model's context), the client gets the first refusal."""
+    refusal: OpenAIError | None = None
+    while True:
+        try:
+            p = attempt.prepared = generation.prepare(body, chat, attempt.req_id, d.tokenizers, d.limits)
+        except OpenAIError:
+            if refusal is not None:
+                raise refusal from None
+            raise
+        if attempt.plan is not None:
+            p.iccache = {"model": p.model, "num_examples": attempt.plan.num_examples}
+        if refusal is None:     # one request, charged once against the key's limits
+            charge(request, len(p.prompt_ids) + p.sampling.max_tokens)
+        log.debug("request %s: %s, %d prompt tokens, max_tokens=%d, stream=%s", attempt.req_id, attempt.endpoint,
+                  len(p.prompt_ids), p.sampling.max_tokens, p.stream)
+        try:
+            stream = await unless_client_leaves(request, generation.open_stream(
+                p, d.router, request.headers.get("x-pdserve-scenario", "")[:128], attempt.tenant))
+        except OpenAIError as exc:
+            moved = iccache_routes.move(client_body, chat, attempt.plan, exc, d)
+            if moved is None:
+                raise
+            refusal, (body, attempt.plan) = exc, moved
+            continue
+        if attempt.plan is not None:
+            request.app.state.metrics.iccache.labels(attempt.plan.arm.value).inc()
+        return p, stream
 
 
 class _EventStream(StreamingResponse):

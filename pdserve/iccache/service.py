@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable
 
 import numpy as np
@@ -51,6 +51,8 @@ class Plan:
     context: np.ndarray
     request_text: str
     embedding: np.ndarray
+    selected: list[Chosen] = field(default_factory=list)   # the selector's examples, whichever arm
+    moved: bool = False                                      # already moved to the other pool once
 
     @property
     def num_examples(self) -> int:
@@ -70,8 +72,8 @@ class ICCacheService:
     num_candidates: int = 16
     text_preamble: str = ""             # before every routed text prompt (prompting.text_prompt)
     full_load_requests: int = 32        # a worker's requests in flight that count as full load
-    counters: dict[str, int] = field(default_factory=lambda: {"routed": 0, "offloaded": 0, "examples_added": 0,
-                                                              "feedback": 0, "replays": 0})
+    counters: dict[str, int] = field(default_factory=lambda: {"routed": 0, "offloaded": 0, "moved": 0,
+                                                              "examples_added": 0, "feedback": 0, "replays": 0})
 
     def __post_init__(self):
         self.index = VectorIndex(self.embedder.dim)
@@ -130,7 +132,24 @@ class ICCacheService:
         self.counters["routed"] += 1
         self.counters["offloaded"] += arm is Arm.SMALL_WITH_EXAMPLES
         model = self.small_model if arm is Arm.SMALL_WITH_EXAMPLES else self.large_model
-        return Plan(arm, model, chosen if arm is Arm.SMALL_WITH_EXAMPLES else [], x, request_text, embedding)
+        return Plan(arm, model, chosen if arm is Arm.SMALL_WITH_EXAMPLES else [], x, request_text, embedding, chosen)
+
+    def move(self, plan: Plan) -> Plan | None:
+        """The other arm, for a request its chosen pool refused (on-demand forwarding across the
+        two pools: a full pool hands the request on instead of queueing it while the other has
+        room). The large model may always take it; the small one only with examples selected and
+        offloading not paused. Once per request, so two full pools still answer 429 at once."""
+        if plan.moved:
+            return None
+        if plan.arm is Arm.SMALL_WITH_EXAMPLES:
+            moved = replace(plan, arm=Arm.LARGE, model=self.large_model, chosen=[], moved=True)
+        elif plan.selected and not self.chooser.paused:
+            moved = replace(plan, arm=Arm.SMALL_WITH_EXAMPLES, model=self.small_model, chosen=plan.selected, moved=True)
+        else:
+            return None
+        self.counters["moved"] += 1
+        self.counters["offloaded"] += 1 if moved.arm is Arm.SMALL_WITH_EXAMPLES else -1
+        return moved
 
     async def record(self, response_id: str, plan: Plan, answer_text: str, tenant: str = "") -> None:
         now_s = self.clock.now_s()

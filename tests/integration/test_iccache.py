@@ -3,6 +3,7 @@ behind the routed name 'auto', each model its own disaggregated pool, with the r
 MiniLM embeddings and the store. Feedback steers the router toward the small model."""
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from pdserve.launch import LocalCluster
+from pdserve.proto_maps import role_name
+from pdserve.v1 import admin_pb2, admin_pb2_grpc
 
 TOKEN = "iccache-test-admin-token"
 QUESTIONS = ["What is the capital of France?", "Which city is the capital of France?",
@@ -99,3 +102,28 @@ def test_explicit_models_bypass_iccache_and_operators_can_pause_it(cluster):
     assert scored.status_code == 200 and scored.json()["recorded"] is True
     with pytest.raises(openai.BadRequestError, match="text prompt"):   # token ids cannot be matched
         oai.completions.create(model="auto", prompt=[1, 2, 3], max_tokens=2)
+
+
+def _admin(cluster, method: str, request):
+    async def call():
+        async with cluster.channel(cluster.router_address) as ch:
+            return await getattr(admin_pb2_grpc.AdminStub(ch), method)(
+                request, metadata=(("authorization", f"Bearer {TOKEN}"),))
+    return asyncio.run(call())
+
+
+def test_a_request_the_small_pool_cannot_take_moves_to_the_large_one(cluster):
+    # The small pool loses its only decode worker; the bandit, taught above, still prefers it.
+    workers = _admin(cluster, "ListWorkers", admin_pb2.Empty()).workers
+    decode = next(w for w in workers if w.model == "tiny" and role_name(w.role) == "decode")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    before = httpx.get(f"{cluster.url}/admin/iccache", headers=auth).json()
+    _admin(cluster, "DrainWorker", admin_pb2.WorkerRef(worker_id=decode.worker_id))
+    try:
+        answered_by = [_ask(cluster.url, q)[0]["x-pdserve-model"] for q in QUESTIONS]
+    finally:
+        _admin(cluster, "UndrainWorker", admin_pb2.WorkerRef(worker_id=decode.worker_id))
+    assert answered_by == ["tiny-large"] * len(QUESTIONS)     # every one answered, none failed
+    after = httpx.get(f"{cluster.url}/admin/iccache", headers=auth).json()
+    assert after["moved"] - before["moved"] >= 1
+    assert after["offloaded"] == before["offloaded"]           # a moved offload is not one

@@ -218,3 +218,26 @@ def test_pool_load_is_kv_use_or_queue_whichever_is_higher():
                W(model="small", alive=True, num_total_kv_blocks=100, num_free_kv_blocks=100, num_active_requests=8)]
     loads = pool_loads(workers, full_load_requests=32)
     assert loads == {"big": pytest.approx((1.0 + 0.6) / 2), "small": pytest.approx(0.25)}   # the dead one is left out
+
+
+def test_a_refused_request_moves_once_to_the_other_pool(tmp_path, embedder):
+    async def run():
+        svc = make_service(tmp_path, embedder)
+        cold = await svc.plan(FRANCE, 10, LARGE_LOADED)
+        assert svc.move(cold) is None            # no examples yet: only the large model can answer
+        await svc.record("cmpl-1", cold, "Paris")
+        # The large pool idle and the small one full: the bandit keeps the large model, but it
+        # has the selector's examples at hand should the large pool refuse.
+        large = await svc.plan(FRANCE_AGAIN, 10, {Arm.LARGE: 0.0, Arm.SMALL_WITH_EXAMPLES: 1.0})
+        assert large.arm is Arm.LARGE and large.num_examples == 0 and len(large.selected) == 1
+        small = svc.move(large)
+        assert small.arm is Arm.SMALL_WITH_EXAMPLES and small.model == "tiny" and small.num_examples == 1
+        assert svc.move(small) is None           # both pools refused: the client gets the refusal
+        assert svc.counters["moved"] == 1 and svc.counters["offloaded"] == 1
+        back = svc.move(await svc.plan(FRANCE_AGAIN, 10, LARGE_LOADED))
+        assert back.arm is Arm.LARGE and back.model == "tiny-large" and back.num_examples == 0
+        assert svc.counters["offloaded"] == 1    # the offload moved back counts no more
+        svc.chooser.paused = True                # an operator stopped offloading: nothing moves to small
+        assert svc.move(await svc.plan(FRANCE_AGAIN, 10, {Arm.LARGE: 0.0, Arm.SMALL_WITH_EXAMPLES: 1.0})) is None
+
+    asyncio.run(run())
