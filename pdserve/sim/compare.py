@@ -117,6 +117,7 @@ def run(minutes: float = 20, speedup: float = 4, workers_per_scenario: int = 8, 
         results["pdserve-prefix-cache"] = {**summarize(cached.run(copy.deepcopy(base))),
                                            "utilisation": cached.utilisation(),
                                            "prefix_hit_rate": cached.prefix_hit_rate(),
+                                           "kv_transfer": cached.kv_transfer(),
                                            "prefix_hit_rate_upper_bound": round(infinite_cache_hit_rate(
                                                ((chain_hashes(block_hashes[r.req_id]), r.input_tokens) for r in base),
                                                MOONCAKE_BLOCK_TOKENS), 4)}

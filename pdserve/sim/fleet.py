@@ -3,11 +3,13 @@
 The decisions come from the live router's policy objects: `WorkerRegistry` + `Dispatcher`
 (placement and on-demand forwarding order), `ScenarioClassifier`, `RatioController` (P/D ratio and
 which workers drain) and a prefill scheduler per worker; only
-time and the workers' speed are simulated (`HardwareProfile`). With prefix caching, each prefill
-worker keeps a cache of 512-token trace blocks in the live workers' block bookkeeping
-(`policy/kv_blocks.py`), computes only after the prefix it holds, and publishes stored/evicted
-blocks on its heartbeat to the router's `PrefixIndex`, which cache-aware placement reads (decode
-workers' caches are not modelled: every transfer carries the whole prompt). Request lifecycle: arrival ->
+time and the workers' speed are simulated (`HardwareProfile`). With prefix caching, every worker
+keeps a cache of 512-token trace blocks in the live workers' block bookkeeping
+(`policy/kv_blocks.py`) and publishes stored/evicted blocks on its heartbeat to the router's
+`PrefixIndex`, which cache-aware placement reads for both roles. A prefill worker computes only
+after the prefix it holds. A decode worker reserves blocks for the whole request when it is
+placed (ReserveKV), linking the prompt's leading blocks it holds, so only the rest crosses the
+wire; a finished request's prompt blocks stay cached there until evicted. Request lifecycle: arrival ->
 classify -> place -> prefill queue -> KV transfer -> decode batch (continuous batching, one token
 per step) -> done. A role change drains the worker first, as in the router.
 """
@@ -19,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from pdserve.policy.cost_model import OperatorCostModel
-from pdserve.policy.kv_blocks import BlockAllocator
+from pdserve.policy.kv_blocks import BlockAllocator, OutOfKVBlocks
 from pdserve.policy.prefix_cache import PrefixIndex, chain_hashes, reusable_blocks
 from pdserve.policy.prefill_scheduler import BasePrefillScheduler, PrefillJob, WorkUnit, make_scheduler
 from pdserve.policy.ratio_controller import RatioController
@@ -51,6 +53,7 @@ class SimRequest:
     decode_id: str = ""
     rejected: bool = False
     decode_start_token_clock: float = 0.0
+    decode_cached_tokens: int = 0       # prompt tokens the decode worker linked from its cache
 
     def met_slo(self) -> bool:
         if self.finish_s is None or self.first_token_s is None:
@@ -90,6 +93,7 @@ class Simulation:
         self._chains = ({rid: chain_hashes(h) for rid, h in (block_hashes or {}).items()} if prefix_caching
                         else {})
         self.prefix_query_tokens = self.prefix_hit_tokens = 0
+        self.kv_tokens_sent = self.kv_tokens_linked = 0    # prompt tokens sent to / linked at decode
         self._prefill_tokens: dict[str, int] = {}     # placement's expected prefill tokens, by request
         self.workers: dict[str, _Worker] = {}
         self._events: list = []
@@ -151,6 +155,12 @@ class Simulation:
         """Prompt tokens prefill workers took from their caches, of all they were offered."""
         return round(self.prefix_hit_tokens / self.prefix_query_tokens, 4) if self.prefix_query_tokens else None
 
+    def kv_transfer(self) -> dict:
+        """Prompt tokens that crossed the wire, and those decode workers linked from their caches."""
+        total = self.kv_tokens_sent + self.kv_tokens_linked
+        return {"tokens_sent": self.kv_tokens_sent, "tokens_linked_at_decode": self.kv_tokens_linked,
+                "linked_share": round(self.kv_tokens_linked / total, 4) if total else None}
+
     def utilisation(self) -> dict:
         """Prefill: busy share of prefill-worker time. Decode: mean batch size while running."""
         prefill_s = self._role_seconds[Role.PREFILL]
@@ -179,6 +189,7 @@ class Simulation:
         self.dispatcher.on_start(p)
         self._prefill_tokens[r.req_id] = p.prefill_tokens
         r.decode_id = p.decode_id
+        self._reserve_decode(r)
         self._jobs[r.req_id] = r
         if self.hw.request_overhead_s:
             self._at(self.now_s + self.hw.request_overhead_s, self._offer_prefill, r, p)
@@ -207,10 +218,32 @@ class Simulation:
                 self._maybe_prefill(w)
                 return
         # Every offer refused: the client gets 429 at once instead of a queue it cannot leave.
+        self._release_decode(r, cache=False)
         self.dispatcher.on_prefill_done(current, self._prefill_tokens.pop(r.req_id, 0))
         self.dispatcher.on_finish(p)
         self._jobs.pop(r.req_id, None)
         r.rejected = True
+
+    def _reserve_decode(self, r: SimRequest) -> None:
+        """ReserveKV: blocks for the whole request on its decode worker, the cached leading blocks
+        of the prompt linked. The router's estimate admitted it in 16-token blocks; when rounding
+        to 512-token blocks does not fit, the request links nothing and holds no cache blocks."""
+        w = self.workers[r.decode_id]
+        if w.cache is not None:
+            try:
+                r.decode_cached_tokens = w.cache.allocate(r.req_id, r.input_tokens + r.output_tokens,
+                                                          self._reusable(r))
+            except OutOfKVBlocks:
+                r.decode_cached_tokens = 0
+
+    def _release_decode(self, r: SimRequest, cache: bool) -> None:
+        """The request's decode blocks back to the pool; after a finished request its prompt's
+        full blocks stay cached (the live worker names them once written)."""
+        w = self.workers[r.decode_id]
+        if w.cache is not None and w.cache.holds(r.req_id):
+            if cache:
+                w.cache.register(r.req_id, self._chains.get(r.req_id, [])[:r.input_tokens // MOONCAKE_BLOCK_TOKENS])
+            w.cache.free(r.req_id)
 
     def _reusable(self, r: SimRequest) -> list[int]:
         return self._chains.get(r.req_id, [])[:reusable_blocks(r.input_tokens, MOONCAKE_BLOCK_TOKENS)]
@@ -241,7 +274,10 @@ class Simulation:
             if w.cache is not None:
                 w.cache.store(self._chains.get(r.req_id, [])[:r.input_tokens // MOONCAKE_BLOCK_TOKENS])
             self.dispatcher.on_prefill_done(w.rec.worker_id, self._prefill_tokens.pop(r.req_id, 0))
-            self._at(self.now_s + self.hw.kv_transfer_s(r.input_tokens), self._kv_arrived, r)
+            sent = r.input_tokens - r.decode_cached_tokens
+            self.kv_tokens_sent += sent
+            self.kv_tokens_linked += r.decode_cached_tokens
+            self._at(self.now_s + self.hw.kv_transfer_s(sent), self._kv_arrived, r)
         w.busy = False
         self._maybe_prefill(w)
 
@@ -296,6 +332,7 @@ class Simulation:
 
     def _finish(self, w: _Worker, r: SimRequest) -> None:
         r.finish_s = self.now_s
+        self._release_decode(r, cache=True)
         self.dispatcher.on_decode_done(w.rec.worker_id, r.req_id)
 
     # ---- control ----

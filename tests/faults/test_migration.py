@@ -97,12 +97,24 @@ def test_decode_worker_stopped_mid_stream_tokens_resume_from_a_replica(cluster, 
     assert wait_until(lambda: asyncio.run(_active(cluster, stopped[0].port)) == 0, timeout_s=30)
 
 
+async def _hit_tokens(cluster, ports) -> dict[int, int]:
+    out = {}
+    for port in ports:
+        async with cluster.channel(port) as ch:
+            info = await worker_pb2_grpc.WorkerStub(ch).GetInfo(worker_pb2.GetInfoRequest())
+        out[port] = info.prefix_cache.hit_tokens
+    return out
+
+
 def test_decode_worker_killed_mid_stream_the_stream_completes_unchanged(cluster, reference):
-    killed = []
+    killed, hits_at_kill = [], {}
 
     async def kill_the_decode_worker_streaming_it():
         for p in await _decode_processes(cluster):
             if await _active(cluster, p.port) > 0:
+                others = [q.port for q in cluster.processes if q is not p and q.proc.poll() is None
+                          and q.name.startswith(("prefill", "decode"))]
+                hits_at_kill.update(await _hit_tokens(cluster, others))
                 os.kill(p.proc.pid, signal.SIGKILL)
                 killed.append(p)
                 return
@@ -110,6 +122,11 @@ def test_decode_worker_killed_mid_stream_the_stream_completes_unchanged(cluster,
     got = asyncio.run(_stream(cluster, "killed", kill_the_decode_worker_streaming_it))
     assert len(killed) == 1, "no decode worker was streaming the request"
     assert got == reference
+    # The moved request's prompt (the prompt, then the tokens already streamed) starts with the
+    # prompt's blocks, which the surviving workers hold from the earlier runs: its new prefill and
+    # decode link them instead of computing and sending them again.
+    hits_after = asyncio.run(_hit_tokens(cluster, list(hits_at_kill)))
+    assert sum(hits_after.values()) - sum(hits_at_kill.values()) >= len(PROMPT) // 16 * 16
     survivor = next(p for p in asyncio.run(_decode_processes(cluster)) if p is not killed[0])
     assert wait_until(lambda: asyncio.run(_active(cluster, survivor.port)) == 0, timeout_s=30)
     cluster.restart(killed[0].name)

@@ -1,4 +1,5 @@
 """The simulator drives the router's policy objects deterministically on virtual time."""
+import copy
 
 from pdserve.bench import ratio
 from pdserve.policy.ratio_controller import ControllerConfig, RatioController
@@ -104,3 +105,27 @@ def test_simulated_prefill_caches_skip_cached_prefixes_and_routing_finds_them():
     assert runs["none"].prefix_hit_rate() is None
     assert 0 < runs["load"].prefix_hit_rate() < runs["aware"].prefix_hit_rate()
     assert runs["aware"].prefill_busy_s < runs["none"].prefill_busy_s
+
+
+def test_simulated_decode_caches_link_a_held_prefix_so_only_the_rest_crosses_the_wire():
+    from pdserve.sim import compare
+    from pdserve.sim.hardware import PRESETS
+
+    classifier = ScenarioClassifier(dict(compare.MOONCAKE_SCENARIOS))
+    # Two turns of one chat (4 trace blocks of 512 tokens each), the second long after the first
+    # ended, and an unrelated prompt: on a 1P+1D fleet all three meet the same decode worker.
+    reqs = [SimRequest("a", "", 0.0, 2048, 8), SimRequest("b", "", 30.0, 2048, 8), SimRequest("c", "", 60.0, 1024, 8)]
+    hashes = {"a": (1, 2, 3, 4), "b": (1, 2, 3, 5), "c": (9, 8)}
+    sims = {}
+    for caching in (False, True):
+        sim = sims[caching] = Simulation(PRESETS["llama3-8b-h100"], {"default": (1, 1)}, classifier, None,
+                                         prefill_policy="flowprefill", forwarding=True, block_hashes=hashes,
+                                         prefix_caching=caching, cache_aware=caching)
+        done = sim.run(copy.deepcopy(reqs))
+        assert all(r.finish_s is not None for r in done)
+    assert sims[False].kv_transfer()["tokens_linked_at_decode"] == 0
+    assert sims[True].kv_transfer() == {"tokens_sent": 2048 + 512 + 1024, "tokens_linked_at_decode": 1536,
+                                        "linked_share": round(1536 / 5120, 4)}
+    decode = next(w for w in sims[True].workers.values() if w.rec.role.name == "DECODE")
+    assert not any(decode.cache.holds(r) for r in "abc")          # every request gave its blocks back
+    assert decode.cache.num_cached_blocks == 4 + 1 + 2               # prompts' full blocks stay cached
