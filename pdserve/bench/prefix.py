@@ -21,6 +21,12 @@ response's usage.prompt_tokens_details.cached_tokens), prefill tokens computed, 
 prefill -> decode (gateway metric), TTFT p50/p99 (latency of max_tokens=1 requests, which end at
 the first token) and goodput (requests within the TTFT SLO per second). The upper bound is the hit
 rate of one infinite cache that saw every earlier prompt of the slice.
+
+`idle_floor` (on the cache-aware cluster, after its replay): TTFT of one request at a time, so
+nothing queues, for fresh prompts of the workload's median length, for prompts sharing their
+first `upper bound` share with a cached one, and for fully cached ones. Its ratios are the most
+caching can cut TTFT on this host at that reuse, whatever the load: what remains is the fixed cost
+of a request (gateway, router, RPCs, the KV transfer's tail) and attention over cached tokens.
 """
 from __future__ import annotations
 
@@ -125,6 +131,52 @@ async def _replay(url: str, requests: list[tuple[float, list[int]]], speedup: fl
             "wall_s": wall_s, "goodput_rps": sum(t <= slo_s for t in ttfts) / wall_s}
 
 
+def floor_prompts(num_tokens: int, reuse: float, num_samples: int, seed: int = 1) -> dict[str, list[list[int]]]:
+    """Fresh prompts, prompts sharing their first `reuse` share, and prompts equal to one cached
+    prompt; `warm` holds the two prompts that put the shared prefix and the whole prompt in cache."""
+    rng = random.Random(seed)
+    fresh = lambda n: [rng.randrange(256) for _ in range(n)]  # noqa: E731
+    shared, whole = fresh(round(num_tokens * reuse)), fresh(num_tokens)
+    return {"warm": [shared + fresh(num_tokens - len(shared)), whole],
+            "cold": [fresh(num_tokens) for _ in range(num_samples)],
+            "partial": [shared + fresh(num_tokens - len(shared)) for _ in range(num_samples)],
+            "cached": [whole] * num_samples}
+
+
+async def idle_floor(url: str, num_tokens: int, reuse: float, num_samples: int = 20) -> dict:
+    prompts = floor_prompts(num_tokens, reuse, num_samples)
+    ttfts: dict[str, list[float]] = {k: [] for k in ("cold", "partial", "cached")}
+    cached: dict[str, int] = {k: 0 for k in ttfts}
+    errors: dict[str, int] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        async def ask(ids: list[int]) -> tuple[float, int] | None:
+            started = time.perf_counter()
+            try:
+                r = await http.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1})
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                return None
+            if r.status_code != 200:
+                errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+                return None
+            return time.perf_counter() - started, r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        for _ in range(2):     # both prefill workers may be chosen: each gets the prefixes
+            for ids in prompts["warm"]:
+                await ask(ids)
+        for i in range(num_samples):          # interleaved, so drift hits all three alike
+            for kind in ttfts:
+                if (got := await ask(prompts[kind][i])) is not None:
+                    ttfts[kind].append(got[0])
+                    cached[kind] += got[1]
+    p50 = {k: 1e3 * _percentile(v, 0.5) if v else None for k, v in ttfts.items()}
+    ratio = lambda k: round(p50[k] / p50["cold"], 3) if p50[k] and p50["cold"] else None  # noqa: E731
+    return {"prompt_tokens": num_tokens, "shared_share": round(reuse, 4), "samples": num_samples, "errors": errors,
+            **{f"{k}_ttft_p50_ms": round(v, 1) if v else None for k, v in p50.items()},
+            **{f"{k}_hit_rate": round(cached[k] / (len(ttfts[k]) * num_tokens), 4) if ttfts[k] else None
+               for k in cached},
+            "partial_vs_cold": ratio("partial"), "cached_vs_cold": ratio("cached")}
+
+
 def _metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -142,7 +194,8 @@ def _wait_for_workers(cluster: LocalCluster, num_each: int, timeout_s: float = 1
     raise TimeoutError("workers did not all register")
 
 
-def run_mode(mode: str, requests, speedup: float, slo_s: float, num_kv_blocks: int) -> dict:
+def run_mode(mode: str, requests, speedup: float, slo_s: float, num_kv_blocks: int,
+             floor: tuple[int, float] | None = None) -> dict:
     db_dir = tempfile.TemporaryDirectory()
     env = {**MODES[mode], "PDSERVE_DATABASE__URL": f"sqlite:///{db_dir.name}/bench.db",
            "PDSERVE_WORKER__NUM_KV_BLOCKS": str(num_kv_blocks), "PDSERVE_MODEL__TORCH_NUM_THREADS": "1"}
@@ -152,6 +205,7 @@ def run_mode(mode: str, requests, speedup: float, slo_s: float, num_kv_blocks: i
         log.info("bench prefix: replaying %d requests in mode %s", len(requests), mode)
         res = asyncio.run(_replay(cluster.url, requests, speedup, slo_s))
         metrics = httpx.get(f"{cluster.url}/metrics", timeout=5).text
+        idle = asyncio.run(idle_floor(cluster.url, *floor)) if floor is not None else None
     finally:
         cluster.stop()
         db_dir.cleanup()
@@ -162,7 +216,8 @@ def run_mode(mode: str, requests, speedup: float, slo_s: float, num_kv_blocks: i
             "kv_bytes_transferred": int(_metric(metrics, "pdserve_kv_transfer_bytes_total")),
             "ttft_p50_ms": round(1e3 * _percentile(ttfts, 0.5), 1) if ttfts else None,
             "ttft_p99_ms": round(1e3 * _percentile(ttfts, 0.99), 1) if ttfts else None,
-            "goodput_rps": round(res["goodput_rps"], 3), "wall_s": round(res["wall_s"], 1)}
+            "goodput_rps": round(res["goodput_rps"], 3), "wall_s": round(res["wall_s"], 1),
+            **({"idle_floor": idle} if idle is not None else {})}
 
 
 def run(num_requests: int | None = None, tokens_per_trace_block: int = 16, speedup: float | None = None,
@@ -173,7 +228,10 @@ def run(num_requests: int | None = None, tokens_per_trace_block: int = 16, speed
     trace = sample_conversations(load_named_or_file("mooncake-conversation", trace_file), sample_every)
     requests, skipped = workload(trace[:num_requests], tokens_per_trace_block, max_prompt_tokens=4000)
     bound = upper_bound_hit_rate([ids for _, ids in requests])
-    results = {mode: run_mode(mode, requests, speedup, ttft_slo_ms / 1e3, num_kv_blocks) for mode in modes}
+    median_tokens = sorted(len(ids) for _, ids in requests)[len(requests) // 2]
+    results = {mode: run_mode(mode, requests, speedup, ttft_slo_ms / 1e3, num_kv_blocks,
+                              (median_tokens, bound) if mode == "cache_aware_routing" else None)
+               for mode in modes}
     report = {"model": "tiny", "cluster": "2 prefill + 2 decode", "requests": len(requests),
               "skipped_too_long": skipped, "conversations_sampled_every": sample_every,
               "tokens_per_trace_block": tokens_per_trace_block, "speedup": speedup,
@@ -202,4 +260,10 @@ def format_report(r: dict) -> str:
                      f"{m['goodput_rps']:>9.2f}  {m['errors'] or 'none'}")
     for key, value in r.get("summary", {}).items():
         lines.append(f"{key}: x{value}")
+    floor = r["modes"].get("cache_aware_routing", {}).get("idle_floor")
+    if floor:
+        lines.append(f"one request at a time, {floor['prompt_tokens']} tokens: cold {floor['cold_ttft_p50_ms']} ms, "
+                     f"{floor['shared_share']:.0%} shared {floor['partial_ttft_p50_ms']} ms "
+                     f"(x{floor['partial_vs_cold']}), fully cached {floor['cached_ttft_p50_ms']} ms "
+                     f"(x{floor['cached_vs_cold']})")
     return "\n".join(lines)

@@ -28,3 +28,15 @@ def test_whole_conversations_keep_the_reuse_a_consecutive_slice_loses():
     sampled, _ = workload(sample_conversations(trace, 20), 16, 4000)
     consecutive, _ = workload(trace[:len(sampled)], 16, 4000)
     assert upper_bound_hit_rate([ids for _, ids in sampled]) > 2 * upper_bound_hit_rate([ids for _, ids in consecutive])
+
+
+def test_idle_floor_prompts_share_exactly_the_stated_prefix():
+    from pdserve.bench.prefix import floor_prompts
+    p = floor_prompts(388, 0.43, num_samples=5)
+    shared = p["warm"][0][:167]
+    assert all(len(ids) == 388 for kind in p.values() for ids in kind)
+    assert all(ids[:167] == shared for ids in p["partial"])                # round(388 * 0.43) tokens
+    assert len({tuple(ids[167:]) for ids in [*p["partial"], p["warm"][0]]}) == 6   # then each its own
+    assert len({tuple(ids[:16]) for ids in p["cold"]}) == 5                 # nothing shared among cold ones
+    assert all(ids[:16] != shared[:16] for ids in p["cold"])
+    assert p["cached"] == [p["warm"][1]] * 5
