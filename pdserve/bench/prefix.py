@@ -99,6 +99,19 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+async def _first_token(http: httpx.AsyncClient, ids: list[int], errors: dict[str, int]) -> httpx.Response | None:
+    """A max_tokens=1 completion; None, counted in `errors` by kind, unless it answered 200."""
+    try:
+        r = await http.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1})
+    except httpx.HTTPError as exc:
+        errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+        return None
+    if r.status_code != 200:
+        errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+        return None
+    return r
+
+
 async def _replay(url: str, requests: list[tuple[float, list[int]]], speedup: float, slo_s: float) -> dict:
     ttfts, cached, errors = [], 0, {}
     prompt_tokens = 0
@@ -110,13 +123,7 @@ async def _replay(url: str, requests: list[tuple[float, list[int]]], speedup: fl
             nonlocal cached, prompt_tokens
             await asyncio.sleep(max(0.0, at_s - (time.perf_counter() - t0)))
             started = time.perf_counter()
-            try:
-                r = await http.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1})
-            except httpx.HTTPError as exc:
-                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                return
-            if r.status_code != 200:
-                errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+            if (r := await _first_token(http, ids, errors)) is None:
                 return
             ttfts.append(time.perf_counter() - started)
             usage = r.json()["usage"]
@@ -151,13 +158,7 @@ async def idle_floor(url: str, num_tokens: int, reuse: float, num_samples: int =
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         async def ask(ids: list[int]) -> tuple[float, int] | None:
             started = time.perf_counter()
-            try:
-                r = await http.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1})
-            except httpx.HTTPError as exc:
-                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                return None
-            if r.status_code != 200:
-                errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+            if (r := await _first_token(http, ids, errors)) is None:
                 return None
             return time.perf_counter() - started, r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
         for _ in range(2):     # both prefill workers may be chosen: each gets the prefixes

@@ -3,9 +3,9 @@ answers by response id, and the operator's view (`pdserve admin iccache`).
 
 Routing: the request's text and both pools' live load go to the service's plan; the body is
 rewritten for the chosen model (the small one gets the examples first) and then served like any
-other request. A request the chosen pool refuses moves once to the other pool (`move`). Pool load is the mean load of a model's live workers (KV use or queue, whichever
-is higher: `pool_loads`), read from the router at most once a second (a heartbeat-old figure either
-way)."""
+other request. A request the chosen pool refuses moves once to the other pool (`move`). Pool
+load is the mean load of a model's live workers (KV use or queue, whichever is higher:
+`pool_loads`), read from the router at most once a second (a heartbeat-old figure either way)."""
 from __future__ import annotations
 
 import asyncio
