@@ -11,6 +11,7 @@ The threshold is tuned on the recent (predicted utility, outcome) pairs: the cut
 classified them best."""
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -100,12 +101,21 @@ class ExampleSelector:
         self._outcomes = deque((float(u), float(label)) for u, label in state.get("outcomes", ()))
 
     def _tune(self) -> None:
+        """One sweep over the outcomes sorted by utility (it runs after every rating, on up to
+        `tuning_window` outcomes): for each candidate cut, the outcomes it classifies right are
+        the successes at or above it plus the failures below it."""
         if len(self._outcomes) < self.config.min_outcomes_to_tune:
             return
-        pairs = list(self._outcomes)
-        cuts = sorted({u for u, _ in pairs} | {self.config.initial_threshold})
+        pairs = sorted(self._outcomes)
+        utilities = [u for u, _ in pairs]
+        failures_below = [0]
+        for _, label in pairs:
+            failures_below.append(failures_below[-1] + (label != 1.0))
+        successes = len(pairs) - failures_below[-1]
 
-        def accuracy(cut: float) -> float:
-            return sum((u >= cut) == (label == 1.0) for u, label in pairs) / len(pairs)
+        def num_right(cut: float) -> int:
+            below = bisect_left(utilities, cut)
+            return successes - (below - failures_below[below]) + failures_below[below]
         # Ties go to the higher cut: of equally accurate thresholds, offload less.
-        self.threshold = max(cuts, key=lambda cut: (accuracy(cut), cut))
+        cuts = set(utilities) | {self.config.initial_threshold}
+        self.threshold = max(cuts, key=lambda cut: (num_right(cut), cut))

@@ -57,6 +57,20 @@ def test_threshold_is_tuned_on_outcomes():
     assert sel.utility(0.6, ex) < sel.threshold <= sel.utility(0.9, ex)
 
 
+def test_tuned_threshold_is_the_most_accurate_cut_ties_to_the_higher():
+    """The sweep picks the cut a brute-force count over every candidate would pick."""
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        sel = ExampleSelector(SelectionConfig(min_outcomes_to_tune=1))
+        utilities = np.round(rng.random(rng.integers(1, 80)), rng.integers(1, 4))
+        pairs = [(float(u), float(rng.random() < u)) for u in utilities]
+        sel._outcomes.extend(pairs)
+        sel._tune()
+        cuts = {u for u, _ in pairs} | {sel.config.initial_threshold}
+        right = {c: sum((u >= c) == (label == 1.0) for u, label in pairs) for c in cuts}
+        assert sel.threshold == max(cuts, key=lambda c: (right[c], c))
+
+
 def test_failures_below_the_threshold_never_stop_selection():
     """On a hard task offloads mostly fail, so every predicted utility soon sits below the initial
     threshold. The best candidate is still offered (the bandit decides whether it is worth an
