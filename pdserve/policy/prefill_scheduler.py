@@ -281,8 +281,25 @@ class FlowPrefillScheduler(BasePrefillScheduler):
         else:   # every deadline is already lost: oldest first, so nothing starves
             unit = min(self._waiting, key=lambda u: u.pieces[0].job.arrival_s)
             self._waiting.remove(unit)
+            unit = self._batch_late(unit)
         self._running = unit
         return unit
+
+    def _batch_late(self, head: WorkUnit) -> WorkUnit:
+        """Late prompts batch as fresh ones do, oldest first, up to the token budget: their
+        deadlines are lost either way, and one at a time an overloaded worker spends its time on
+        per-unit overhead just when it most needs throughput (a pool at 48 clients served 40%
+        fewer requests than at 24 before this)."""
+        if head.next_op != 0 or len(head.pieces) != 1 or head.pieces[0].num_tokens > self.batch_budget_tokens:
+            return head
+        batch, tokens = head, head.pieces[0].num_tokens
+        for cand in sorted((u for u in self._waiting if u.next_op == 0 and len(u.pieces) == 1),
+                           key=lambda u: u.pieces[0].job.arrival_s):
+            if tokens + cand.pieces[0].num_tokens <= self.batch_budget_tokens:
+                tokens += cand.pieces[0].num_tokens
+                batch = WorkUnit(batch.pieces + cand.pieces, self.num_layers)
+                self._waiting.remove(cand)
+        return batch
 
     def _batch(self, head: WorkUnit, feasible: list[WorkUnit], now_s: float) -> WorkUnit:
         if head.next_op != 0 or sum(head.piece_tokens()) > self.batch_budget_tokens:

@@ -99,6 +99,20 @@ def test_short_prompts_are_batched_while_all_keep_slack():
     assert tight.next_unit(0.0).req_ids == ["t0"]
 
 
+def test_late_prompts_are_batched_oldest_first_within_the_budget():
+    """Under overload every waiting deadline can be lost: those prompts still batch, so the
+    worker keeps its throughput, and the oldest go first."""
+    sched = FlowPrefillScheduler(LAYERS, COST, batch_budget_tokens=256)
+    for i, tokens in enumerate((60, 200, 60, 60, 60)):
+        sched.add(make_job(f"late{i}", tokens, 0.01 * i, 0.001), 0.01 * i)
+    unit = sched.next_unit(1.0)                                   # every deadline passed long ago
+    assert unit.req_ids == ["late0", "late2", "late3", "late4"]   # late1 would overflow the budget
+    assert sched.next_unit(1.0).req_ids == ["late1"]
+    sched.add(make_job("fresh", 60, 1.0, 1.0), 1.0)
+    sched.add(make_job("late5", 60, 0.5, 0.001), 1.0)
+    assert sched.next_unit(1.0).req_ids == ["fresh"]              # feasible work still goes first
+
+
 def test_chunked_fills_its_token_budget_in_arrival_order():
     sched = ChunkedScheduler(LAYERS, chunk_tokens=512)
     sched.add(make_job("long", 1000, 0.0, 5.0), 0.0)
