@@ -173,7 +173,12 @@ class UcxFlows:
                 reply = (pb.KVFrame(kind=pb.KV_FRAME_KIND_ERROR, reason=rx.failure() or "")
                          if failed else pb.KVFrame(kind=pb.KV_FRAME_KIND_ACK))
                 self._spawn(self._reply(head.reply_address, wire, reply))
-            if failed:
+            if failed and head is not None:
+                # Only a sender whose header arrived can have messages on the data tags. A header
+                # that comes after this receiver is gone meets the inbox, which refuses and drains
+                # it; draining here as well cost every refused prefill (its reservation aborted
+                # before any byte) two seconds of probing every tag, which under overload ate the
+                # core the pool computes on.
                 self._spawn(self._drain(wire, layout.num_layers))
 
     async def _receive_layers(self, rx, checksum: bool) -> None:
