@@ -420,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     ic.add_argument("--overload", type=float, default=2.0,
                     help="held-out arrival rate as a multiple of the large model's measured capacity (a policy "
                          "that keeps up shows at most this throughput ratio, so keep it above the ratio to show)")
-    ic.add_argument("--concurrency", type=int, default=8, help="clients while building the pool and training")
+    ic.add_argument("--concurrency", type=int, default=32,
+                    help="clients while building the pool (where the large pool's capacity is measured: enough "
+                         "to fill its batches) and training")
     ic.add_argument("--max-examples", type=int, default=3)
     ic.add_argument("--seed", type=int, default=0)
     ic.add_argument("--small-cost", type=float, default=None,

@@ -79,19 +79,19 @@ async def _drive(call, num_requests: int, concurrency: int, tally: _Tally, pids:
                 continue
             tally.latencies_s.append(time.perf_counter() - start)
 
-    cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
+    cpu_before = {name: cpu_s(pid) for name, pid in pids.items()}
     start = time.perf_counter()
     await asyncio.gather(*(client_loop() for _ in range(concurrency)))
     tally.wall_s += time.perf_counter() - start
     tally.num_requests += num_requests
     for name, pid in pids.items():
-        tally.cpu_s[name] = tally.cpu_s.get(name, 0.0) + _cpu_s(pid) - cpu_before[name]
+        tally.cpu_s[name] = tally.cpu_s.get(name, 0.0) + cpu_s(pid) - cpu_before[name]
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _cpu_s(pid: int) -> float:
+def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far (Linux /proc); 0 where unavailable."""
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -6,7 +6,9 @@ red-trivia (`bench/trivia.py`), split once by a seeded shuffle into three disjoi
 1. the example pool: asked through the routed name with IC-Cache paused, so the large model
    answers and each answer becomes an IC-Cache example (rated by exact match, as feedback would);
    the same answers are the examples and the cache of the baselines. This closed-loop phase also
-   measures the large model's capacity (requests per second at `concurrency` clients);
+   measures the large model's capacity (requests per second at `concurrency` clients, 32 by
+   default: with fewer its decode batches stay part empty, and Gemma on one core measured 2.0
+   req/s at 8 clients against 3.0 at 24, which set the arrival rate a third too low);
 2. training: asked through the routed name with IC-Cache on, each answer rated, so its bandit and
    selector start the measured phase having learnt (the paper trains its router offline too);
 3. held-out (at least 500 for the published figures): every policy answers all of them, open
@@ -18,6 +20,7 @@ red-trivia (`bench/trivia.py`), split once by a seeded shuffle into three disjoi
 
 A 429 or 503 (queues past their bounds) is retried after Retry-After, as the openai client does: every question is answered, and overload shows as latency and retries.
 Per policy: throughput (answered / time from first arrival to last answer; one run, no interval),
+CPU milliseconds per request of every process (gateway, router, workers, this client),
 latency p50/p99 with bootstrap intervals, offload ratio (answers not from the large model) and
 exact match with Wilson intervals; failed requests count as wrong answers and in `errors`. Against
 always-large: the throughput ratio and the paired exact-match difference (same questions) with
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from pdserve.bench import trivia
+from pdserve.bench.gateway import cpu_s
 from pdserve.bench.iccache_policies import (CACHE_MODEL, Answered, Gateway, Outcome, RandomExamples,
                                             SemanticCache, ask_model, ask_routed, closed_loop, replay)
 from pdserve.bench.prefix import _wait_for_workers
@@ -67,7 +71,7 @@ class Settings:
     num_train: int = 300
     num_pool: int = 1200
     overload: float = 2.0
-    concurrency: int = 8
+    concurrency: int = 32             # deep enough that the large pool's batches fill: its capacity
     max_examples: int = 3
     seed: int = 0
     lists_dir: str | None = None
@@ -106,7 +110,8 @@ def run(s: Settings) -> dict:
         try:
             _wait_for_workers(cluster, 2)
             cpus = pin_pools(cluster, s.small_model) if s.pin_pools else {}
-            return {**asyncio.run(_run(cluster.url, token, s, held_out, train, pool)), "pool_cpus": cpus}
+            pids = {p.name: p.proc.pid for p in cluster.processes} | {"client": os.getpid()}
+            return {**asyncio.run(_run(cluster.url, token, s, held_out, train, pool, pids)), "pool_cpus": cpus}
         finally:
             cluster.stop()
 
@@ -137,7 +142,7 @@ def pin_pools(cluster: LocalCluster, small_model: str) -> dict[str, list[int]]:
     return {name: sorted(c) for name, c in pools.items()}
 
 
-async def _run(url: str, token: str, s: Settings, held_out, train, pool_questions) -> dict:
+async def _run(url: str, token: str, s: Settings, held_out, train, pool_questions, pids: dict[str, int]) -> dict:
     limits = httpx.Limits(max_connections=1024, keepalive_expiry=2.0)
     admin = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
@@ -154,13 +159,19 @@ async def _run(url: str, token: str, s: Settings, held_out, train, pool_question
         await gw.settle()
         times = arrivals(len(held_out), s.overload * capacity_rps)
         asks = await _policies(gw, s, pool)
-        results = {}
+        results, cpu_ms = {}, {}
         for name in s.policies:
             log.info("bench iccache: %s answers %d held-out questions", name, len(held_out))
+            before = {proc: cpu_s(pid) for proc, pid in pids.items()}
             results[name] = await replay(asks[name], held_out, times)
             await gw.settle()
+            cpu_ms[name] = {proc: round((cpu_s(pid) - before[proc]) * 1e3 / len(held_out), 1)
+                            for proc, pid in pids.items()}
         iccache_stats = (await http.get("/admin/iccache", headers=admin)).json()
-    return report(s, capacity_rps, pool, train_outs, times, results, iccache_stats)
+    out = report(s, capacity_rps, pool, train_outs, times, results, iccache_stats)
+    for name, row in out["results"].items():
+        row["cpu_ms_per_request"] = cpu_ms[name]
+    return out
 
 
 async def _policies(gw: Gateway, s: Settings, pool: list[Answered]) -> dict:
