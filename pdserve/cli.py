@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import pathlib
 import sys
 import threading
 import time
+
+from pdserve import logs
 
 _SUPERVISE_POLL_S = 0.5   # how often `pdserve up` looks for exited components
 
@@ -454,8 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     from pdserve.traces import TraceError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.verbose)
     try:
         return args.fn(args)
     except TraceError as exc:

@@ -16,7 +16,6 @@ from pdserve.gateway import generation
 from pdserve.gateway.admission import ClientGone, InflightLimit
 from pdserve.gateway.errors import OpenAIError, bad_request
 from pdserve.gateway.metrics import GatewayMetrics
-from pdserve.gateway.recording import RequestRecorder
 from pdserve.gateway.router_client import RouterClient
 from pdserve.policy.rate_limit import KeyLimits, RateLimiter, retry_after_header
 from pdserve.store import Store
@@ -62,10 +61,6 @@ async def deps(request: Request) -> GatewayDeps:
 
 async def metrics(request: Request) -> GatewayMetrics:
     return request.app.state.metrics
-
-
-async def recorder(request: Request) -> RequestRecorder:
-    return request.app.state.recorder
 
 
 async def tenant(request: Request) -> str:
