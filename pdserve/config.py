@@ -175,6 +175,10 @@ class ICCacheSettings(_Section):
                                   "extra thread spins on a core the workers may need")
     text_preamble: str = Field("", description="Text placed before every routed text prompt, on both arms "
                                "(fixed demonstrations of the answer format, for base models)")
+    share_examples_across_tenants: bool = Field(False, description="Show one API key tenant's cached answers to "
+                                                "other tenants' requests (one shared cache, as when every tenant is "
+                                                "one organisation). Off: each tenant's requests see only examples "
+                                                "made from its own requests")
 
     @model_validator(mode="after")
     def _small_model_named(self):

@@ -57,8 +57,9 @@ def pool_loads(workers, full_load_requests: int) -> dict[str, float]:
     return {m: sum(v) / len(v) for m, v in loads.items()}
 
 
-async def route(request: Request, body: dict, chat: bool, d: GatewayDeps) -> tuple[dict, Plan | None]:
-    """The body to serve and, for the routed model name, IC-Cache's plan."""
+async def route(request: Request, body: dict, chat: bool, d: GatewayDeps, tenant: str) -> tuple[dict, Plan | None]:
+    """The body to serve and, for the routed model name, IC-Cache's plan (with examples the
+    caller's `tenant` may see)."""
     svc = d.iccache
     routed = d.limits.routed_model
     if svc is None or not routed or body.get("model") != routed:
@@ -70,7 +71,7 @@ async def route(request: Request, body: dict, chat: bool, d: GatewayDeps) -> tup
     loads = await request.app.state.pool_loads.get(d)
     load = {Arm.LARGE: loads.get(svc.large_model, 0.0), Arm.SMALL_WITH_EXAMPLES: loads.get(svc.small_model, 0.0)}
     # The prompt's length in tokens is known only after templating; the text's length stands in.
-    plan = await svc.plan(text, len(text) // 4, load)
+    plan = await svc.plan(text, len(text) // 4, load, tenant)
     return with_examples(body, chat, plan.model, plan.chosen, svc.text_preamble), plan
 
 

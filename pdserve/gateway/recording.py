@@ -76,7 +76,7 @@ class RequestRecorder:
                           "latency_ms": latency_s * 1e3, "outcome": outcome, "status_code": status})
         if attempt.plan is not None and self._iccache is not None:
             if status == 200:
-                self._track(self._iccache.record_soon(p.response_id, attempt.plan, out.text, attempt.tenant))
+                self._track(self._iccache.record_soon(p.response_id, attempt.plan, out.text))
             else:
                 self._iccache.forget(p.response_id)
 

@@ -43,7 +43,7 @@ async def _serve(request: Request, chat: bool):
         d.inflight.acquire()
         admitted = True
         client_body = await read_json(request, d.max_body_bytes)
-        body, attempt.plan = await iccache_routes.route(request, client_body, chat, d)
+        body, attempt.plan = await iccache_routes.route(request, client_body, chat, d, attempt.tenant)
         p, stream = await _open(request, chat, d, attempt, client_body, body)
         m.ttft.observe(stream.first_token_s - stream.started_s)
         if p.stream:

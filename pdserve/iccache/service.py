@@ -53,6 +53,7 @@ class Plan:
     embedding: np.ndarray
     selected: list[Chosen] = field(default_factory=list)   # the selector's examples, whichever arm
     moved: bool = False                                      # already moved to the other pool once
+    tenant: str = ""            # the request's API key tenant: it alone may rate the answer, see its example
 
     @property
     def num_examples(self) -> int:
@@ -72,11 +73,17 @@ class ICCacheService:
     num_candidates: int = 16
     text_preamble: str = ""             # before every routed text prompt (prompting.text_prompt)
     full_load_requests: int = 32        # a worker's requests in flight that count as full load
+    # Off: a tenant's requests are shown only examples made from its own requests; an example
+    # holds a request and its answer, which another tenant must not read in its completion.
+    share_examples_across_tenants: bool = False
     counters: dict[str, int] = field(default_factory=lambda: {"routed": 0, "offloaded": 0, "moved": 0,
                                                               "examples_added": 0, "feedback": 0, "replays": 0})
 
     def __post_init__(self):
-        self.index = VectorIndex(self.embedder.dim)
+        # One vector index per scope (a tenant, or "" when examples are shared): a query searches
+        # only what it may be shown, so other tenants' examples never crowd out its own.
+        self._indexes: dict[str, VectorIndex] = {}
+        self._tenant_of: dict[int, str] = {}     # indexed example -> its tenant (finds its index)
         # Answers being stored: feedback that arrives first (the client got the response before
         # the store write finished) waits for the write instead of reading 'unknown'.
         self._recording: dict[str, asyncio.Task] = {}
@@ -91,8 +98,8 @@ class ICCacheService:
         """The expected answer will not be recorded (the request failed or was cancelled)."""
         _resolve(self._expected.pop(response_id, None))
 
-    def record_soon(self, response_id: str, plan: Plan, answer_text: str, tenant: str = "") -> asyncio.Task:
-        task = asyncio.ensure_future(self.record(response_id, plan, answer_text, tenant))
+    def record_soon(self, response_id: str, plan: Plan, answer_text: str) -> asyncio.Task:
+        task = asyncio.ensure_future(self.record(response_id, plan, answer_text))
         self._recording[response_id] = task
         expected = self._expected.pop(response_id, None)
         task.add_done_callback(lambda _: (self._recording.pop(response_id, None), _resolve(expected)))
@@ -104,7 +111,7 @@ class ICCacheService:
             ex = _from_row(row)
             self.cache.examples[ex.example_id] = ex
             self.cache.num_bytes += ex.num_bytes
-            self.index.add(ex.example_id, ex.embedding)
+            self._add_to_index(ex.example_id, ex.embedding, ex.tenant)
         states = await asyncio.to_thread(self.repo.policy_states)
         if "bandit" in states:
             self.chooser.restore(states["bandit"])
@@ -120,10 +127,35 @@ class ICCacheService:
                                                                "selector": self.selector.state()},
                                 self.clock.now_s())
 
-    async def plan(self, request_text: str, num_prompt_tokens: int, load: dict[Arm, float]) -> Plan:
+    @property
+    def num_indexed(self) -> int:
+        return len(self._tenant_of)
+
+    def _scope(self, tenant: str) -> str:
+        return "" if self.share_examples_across_tenants else tenant
+
+    def _add_to_index(self, example_id: int, embedding: np.ndarray, tenant: str) -> None:
+        scope = self._scope(tenant)
+        if (index := self._indexes.get(scope)) is None:
+            index = self._indexes[scope] = VectorIndex(self.embedder.dim)
+        index.add(example_id, embedding)
+        self._tenant_of[example_id] = tenant
+
+    def _unindex(self, example_id: int) -> None:
+        if (tenant := self._tenant_of.pop(example_id, None)) is None:
+            return
+        scope = self._scope(tenant)
+        index = self._indexes[scope]
+        index.remove(example_id)
+        if not len(index):
+            del self._indexes[scope]
+
+    async def plan(self, request_text: str, num_prompt_tokens: int, load: dict[Arm, float], tenant: str = "") -> Plan:
+        """`tenant`: the request's API key tenant ("" without keys); it sees only its scope's examples."""
         embedding = (await asyncio.to_thread(self.embedder.embed, [request_text]))[0]
-        candidates = [(self.cache.examples[i], sim) for i, sim in self.index.nearest(embedding, self.num_candidates)
-                      if i in self.cache.examples]
+        index = self._indexes.get(self._scope(tenant))
+        nearest = index.nearest(embedding, self.num_candidates) if index is not None else []
+        candidates = [(self.cache.examples[i], sim) for i, sim in nearest if i in self.cache.examples]
         chosen = self.selector.select(candidates)
         x = context(max((c.similarity for c in chosen), default=0.0),
                     float(np.mean([c.utility for c in chosen])) if chosen else 0.0,
@@ -132,7 +164,8 @@ class ICCacheService:
         self.counters["routed"] += 1
         self.counters["offloaded"] += arm is Arm.SMALL_WITH_EXAMPLES
         model = self.small_model if arm is Arm.SMALL_WITH_EXAMPLES else self.large_model
-        return Plan(arm, model, chosen if arm is Arm.SMALL_WITH_EXAMPLES else [], x, request_text, embedding, chosen)
+        return Plan(arm, model, chosen if arm is Arm.SMALL_WITH_EXAMPLES else [], x, request_text, embedding, chosen,
+                    tenant=tenant)
 
     def move(self, plan: Plan) -> Plan | None:
         """The other arm, for a request its chosen pool refused (on-demand forwarding across the
@@ -151,8 +184,8 @@ class ICCacheService:
         self.counters["offloaded"] += 1 if moved.arm is Arm.SMALL_WITH_EXAMPLES else -1
         return moved
 
-    async def record(self, response_id: str, plan: Plan, answer_text: str, tenant: str = "") -> None:
-        now_s = self.clock.now_s()
+    async def record(self, response_id: str, plan: Plan, answer_text: str) -> None:
+        now_s, tenant = self.clock.now_s(), plan.tenant
         request_text = scrub(plan.request_text)
         chosen = [[c.example.example_id, c.similarity, c.utility] for c in plan.chosen]
         row = ICOffload(response_id=response_id, arm=plan.arm.value, model=plan.model, tenant=tenant, chosen=chosen,
@@ -163,14 +196,14 @@ class ICCacheService:
             example_id = await asyncio.to_thread(self.repo.add_example, ICExample(
                 request_text=request_text, answer_text=answer, model=plan.model, embedding=plan.embedding.tobytes(),
                 created_unix_s=now_s, value=0.0, value_at_unix_s=now_s, num_uses=0, num_successes=0,
-                quality=0.5, num_ratings=0, num_replays=0))
-            ex = Example(example_id, request_text, answer, plan.model, plan.embedding, created_s=now_s)
+                quality=0.5, num_ratings=0, num_replays=0, tenant=tenant))
+            ex = Example(example_id, request_text, answer, plan.model, plan.embedding, created_s=now_s, tenant=tenant)
             evicted = self.cache.add(ex, now_s)
             if example_id not in evicted:
-                self.index.add(example_id, plan.embedding)
+                self._add_to_index(example_id, plan.embedding, tenant)
                 self.counters["examples_added"] += 1
             for gone in evicted:
-                self.index.remove(gone)
+                self._unindex(gone)
             await asyncio.to_thread(self.repo.delete_examples, evicted)
             await asyncio.to_thread(self.repo.update_examples, [_stats(ex)] if example_id not in evicted else [])
             row.example_id = example_id
@@ -220,7 +253,7 @@ class ICCacheService:
         outcome = self.cache.apply_replay(ex.example_id, answer, 0.5)
         self.counters["replays"] += 1
         if outcome == "dropped":
-            self.index.remove(ex.example_id)
+            self._unindex(ex.example_id)
             await asyncio.to_thread(self.repo.delete_examples, [ex.example_id])
         else:
             await asyncio.to_thread(self.repo.update_examples, [_stats(ex)])
@@ -243,7 +276,7 @@ def _from_row(row: ICExample) -> Example:
                    np.frombuffer(row.embedding, dtype=np.float32).copy(), created_s=row.created_unix_s,
                    value=row.value, value_at_s=row.value_at_unix_s, num_uses=row.num_uses,
                    num_successes=row.num_successes, quality=row.quality, num_ratings=row.num_ratings,
-                   num_replays=row.num_replays)
+                   num_replays=row.num_replays, tenant=row.tenant)
 
 
 def _stats(ex: Example) -> dict:

@@ -27,7 +27,8 @@ async def build(cfg: PDServeConfig, store: Store) -> ICCacheService:
                                                          max_examples=ic.max_examples)),
                          ModelChooser(BanditConfig(load_penalty_l0=ic.load_penalty, cost_small=ic.small_cost), seed=ic.seed),
                          num_candidates=ic.num_candidates, text_preamble=ic.text_preamble,
-                         full_load_requests=ic.full_load_requests)
+                         full_load_requests=ic.full_load_requests,
+                         share_examples_across_tenants=ic.share_examples_across_tenants)
     await svc.load()
     return svc
 

@@ -101,6 +101,9 @@ class ICExample(Base):
     request_text: Mapped[str] = mapped_column(Text)
     answer_text: Mapped[str] = mapped_column(Text)
     model: Mapped[str] = mapped_column(String(256))
+    # The API key tenant whose request this answered ("" without keys): shown only to its
+    # requests unless iccache.share_examples_across_tenants.
+    tenant: Mapped[str] = mapped_column(String(128), default="", server_default="")
     embedding: Mapped[bytes] = mapped_column(LargeBinary)      # float32, unit norm
     created_unix_s: Mapped[float] = mapped_column(Float)
     value: Mapped[float] = mapped_column(Float)

@@ -34,6 +34,7 @@ class Example:
     quality: float = _UNRATED_QUALITY  # rating of its answer, 0..1
     num_ratings: int = 0
     num_replays: int = 0
+    tenant: str = ""                  # whose request it answered: the scope it may be shown in
 
     @property
     def num_bytes(self) -> int:

@@ -83,12 +83,41 @@ def test_a_large_answer_becomes_an_example_that_serves_a_similar_request(tmp_pat
     assert again.cache.examples[plan.chosen[0].example.example_id].num_successes == 1
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_tenants_examples_are_shown_only_to_its_requests_unless_shared(tmp_path, embedder, shared):
+    def service():
+        svc = make_service(tmp_path, embedder, capacity_bytes=2 * (384 * 4 + 200))
+        svc.share_examples_across_tenants = shared
+        return svc
+
+    async def run():
+        svc = service()
+        await svc.record("cmpl-a", await svc.plan(FRANCE, 10, LARGE_LOADED, "acme"), "Paris, says acme.")
+        own = await svc.plan(FRANCE_AGAIN, 10, LARGE_LOADED, "acme")
+        other = await svc.plan(FRANCE_AGAIN, 10, LARGE_LOADED, "globex")
+        assert own.num_examples == 1 and svc.repo.examples()[0].tenant == "acme"
+        assert other.num_examples == (1 if shared else 0)
+        assert other.arm is (Arm.SMALL_WITH_EXAMPLES if shared else Arm.LARGE)
+        # Evictions leave every scope's index: a full cache drops acme's example for globex's.
+        await svc.record("cmpl-b", await svc.plan(BREAD, 10, LARGE_LOADED, "globex"), "An hour.")
+        await svc.record("cmpl-c", await svc.plan("Who wrote Hamlet?", 10, LARGE_LOADED, "globex"), "Shakespeare")
+        assert svc.cache.num_evictions == 1 and svc.num_indexed == len(svc.cache.examples) == 2
+        assert (await svc.plan(FRANCE_AGAIN, 10, LARGE_LOADED, "acme")).num_examples == 0
+
+        again = service()       # a restart keeps each example's tenant
+        await again.load()
+        own = await again.plan(BREAD, 10, LARGE_LOADED, "globex")
+        other = await again.plan(BREAD, 10, LARGE_LOADED, "acme")
+        assert own.num_examples == 1 and other.num_examples == (1 if shared else 0)
+    asyncio.run(run())
+
+
 def test_eviction_and_replay_reach_the_store(tmp_path, embedder):
     async def run():
         svc = make_service(tmp_path, embedder, capacity_bytes=2 * (384 * 4 + 120))
         for i, (q, a) in enumerate([(FRANCE, "Paris"), (BREAD, "About an hour."), ("Who wrote Hamlet?", "Shakespeare")]):
             await svc.record(f"cmpl-{i}", await svc.plan(q, 10, {}), a)
-        assert len(svc.cache.examples) == 2 and svc.repo.num_examples() == 2 and len(svc.index) == 2
+        assert len(svc.cache.examples) == 2 and svc.repo.num_examples() == 2 and svc.num_indexed == 2
         assert svc.cache.num_evictions == 1
         hamlet = max(svc.cache.examples)                      # the newest
         await svc.feedback("cmpl-2", 0.0)                    # its answer was rated bad: replay it first

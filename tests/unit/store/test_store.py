@@ -20,11 +20,10 @@ def _pg_up() -> bool:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
+def empty_store(request, tmp_path):
+    """A store on an empty database (no schema yet)."""
     if request.param == "sqlite":
-        s = Store(f"sqlite:///{tmp_path / 'pdserve.db'}")
-        s.migrate()
-        yield s
+        yield Store(f"sqlite:///{tmp_path / 'pdserve.db'}")
         return
     if not _pg_up():
         pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
@@ -34,13 +33,36 @@ def store(request, tmp_path):
         conn.execute(text(f"CREATE SCHEMA {schema}"))
     s = Store(f"{PG_URL}?options=-csearch_path%3D{schema}")
     try:
-        s.migrate()
         yield s
     finally:
         s.engine.dispose()
         with admin.engine.begin() as conn:
             conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.engine.dispose()
+
+
+@pytest.fixture
+def store(empty_store):
+    empty_store.migrate()
+    return empty_store
+
+
+def test_examples_cached_before_tenants_were_kept_belong_to_the_keyless_tenant(empty_store):
+    from alembic import command
+    from alembic.config import Config
+    from pdserve.store import repository
+    from pdserve.store.iccache import ICCacheRepository
+    cfg = Config()
+    cfg.set_main_option("script_location", str(repository._MIGRATIONS))
+    with empty_store.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0006")
+        conn.execute(text("INSERT INTO iccache_examples (request_text, answer_text, model, embedding, created_unix_s, "
+                          "value, value_at_unix_s, num_uses, num_successes, quality, num_ratings, num_replays) "
+                          "VALUES ('q', 'a', 'm', :e, 1, 0, 1, 0, 0, 0.5, 0, 0)"), {"e": b"\0" * 4})
+    empty_store.migrate()
+    (example,) = ICCacheRepository(empty_store).examples()
+    assert (example.request_text, example.tenant) == ("q", "")
 
 
 def test_migration_creates_schema_and_is_idempotent(store):
