@@ -50,7 +50,7 @@ from pdserve.launch import LocalCluster
 from pdserve.policy.ratio_controller import ControllerConfig, RatioController
 from pdserve.policy.registry import Role, WorkerRecord
 from pdserve.policy.scenarios import ScenarioSpec
-from pdserve.sim.hardware import LLAMA3_8B_H100
+from pdserve.sim.hardware import KV_POOL_BYTES, LLAMA3_8B_H100
 from pdserve.traces import load_azure
 
 log = logging.getLogger("pdserve.bench")
@@ -258,7 +258,8 @@ def pool_view(outs: list[Outcome], fleet_workers: int) -> dict:
     for o in outs:
         controller.observe("pool", o.arrival_s, o.prompt_tokens, o.completion_tokens)
     half = fleet_workers // 2
-    members = [WorkerRecord(f"w{i}", Role.PREFILL if i < half else Role.DECODE, "m", "", {}, 1, 16, 1)
+    kv_blocks = KV_POOL_BYTES // (LLAMA3_8B_H100.kv_bytes_per_token * 16)
+    members = [WorkerRecord(f"w{i}", Role.PREFILL if i < half else Role.DECODE, "m", "", {}, kv_blocks, 16, 1)
                for i in range(fleet_workers)]
     spec, perf = ScenarioSpec("pool"), LLAMA3_8B_H100.perf()
     demand = controller.demand("pool", spec, perf, window_s)

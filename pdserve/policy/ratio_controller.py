@@ -3,8 +3,14 @@ so both roles run at the same utilisation under the scenario's SLOs.
 
 Demand model, from a sliding window of observed requests and the workers' profiled speed:
 - prefill load (in workers) = arrival rate x mean input tokens / prefill tokens per second;
-- decode load (in workers) = arrival rate x mean output tokens / decode tokens per second, where a
-  decode worker's rate is B/step(B) at the largest batch B whose step time meets the TPOT SLO.
+- decode load (in workers) = the higher of its compute and its KV memory:
+  - compute: arrival rate x mean output tokens / decode tokens per second, where a decode worker's
+    rate is B/step(B) at the largest batch B whose step time meets the TPOT SLO;
+  - KV: the token-seconds of KV each request holds on its decode worker (its prompt from the
+    reservation, through its prefill, and its growing sequence while it decodes at step(B) per
+    token) x arrival rate / one decode worker's KV tokens. Long prompts with short answers need
+    little decode compute but much decode memory; sized by compute alone, the split leaves too
+    few decode workers and requests are refused for KV while prefill workers idle.
 Target prefill count = round(N x prefill load / (prefill + decode load)), clamped to the
 scenario's bounds. Stability: no change while utilisations differ by less than `hysteresis`
 (relative), none within `cooldown_s` of the previous change, at most `max_step` workers per
@@ -45,7 +51,9 @@ class Demand:
     mean_input_tokens: float = 0.0
     mean_output_tokens: float = 0.0
     prefill_load: float = 0.0
-    decode_load: float = 0.0
+    decode_load: float = 0.0            # the higher of the two below
+    decode_compute_load: float = 0.0
+    decode_kv_load: float = 0.0         # 0 when the workers' KV capacity is unknown
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,8 @@ class RatioPlan:
             return self.reason.value
         d, (p, n) = self.demand, self.old
         util_p, util_d = d.prefill_load / max(p, 1e-9), d.decode_load / max(n, 1e-9)
-        return (f"prefill utilisation {util_p:.2f} vs decode {util_d:.2f} (imbalance {self.imbalance:.0%}); "
+        bound = "KV" if d.decode_kv_load > d.decode_compute_load else "compute"
+        return (f"prefill utilisation {util_p:.2f} vs decode {util_d:.2f} ({bound}; imbalance {self.imbalance:.0%}); "
                 f"target {self.new[0]}:{self.new[1]}")
 
     @property
@@ -142,7 +151,9 @@ class RatioController:
         st = self._state(scenario)
         st.last_change_s = max(st.last_change_s, last_change_s)
 
-    def demand(self, scenario: str, spec: ScenarioSpec, perf: WorkerPerf, now_s: float) -> Demand:
+    def demand(self, scenario: str, spec: ScenarioSpec, perf: WorkerPerf, now_s: float,
+               kv_tokens_per_worker: float = 0.0) -> Demand:
+        """`kv_tokens_per_worker`: one decode worker's KV capacity in tokens (0: unknown, KV not modelled)."""
         st = self._state(scenario)
         self._trim(st, now_s)
         n = len(st.arrivals)
@@ -151,8 +162,17 @@ class RatioController:
         rate = n / self.config.window_s
         mean_in = sum(a[1] for a in st.arrivals) / n
         mean_out = sum(a[2] for a in st.arrivals) / n
+        tpot_s = spec.tpot_slo_ms / 1e3
+        compute = rate * mean_out / perf.decode_tokens_per_s(tpot_s)
+        kv = 0.0
+        if kv_tokens_per_worker > 0:
+            step_s, prefill_tps = perf.decode_step_s(tpot_s), perf.prefill_tokens_per_s
+            # Per request, summed (long prompts tend to hold their KV longest): prompt held through
+            # its prefill, then prompt plus on average half the answer for the answer's steps.
+            token_s = sum(i * i / prefill_tps + (i + o / 2) * o * step_s for _, i, o in st.arrivals)
+            kv = token_s / self.config.window_s / kv_tokens_per_worker
         return Demand(rate, mean_in, mean_out, prefill_load=rate * mean_in / perf.prefill_tokens_per_s,
-                      decode_load=rate * mean_out / perf.decode_tokens_per_s(spec.tpot_slo_ms / 1e3))
+                      decode_load=max(compute, kv), decode_compute_load=compute, decode_kv_load=kv)
 
     def decide(self, scenario: str, spec: ScenarioSpec, members: list[WorkerRecord], perf: WorkerPerf,
                now_s: float) -> RatioPlan | None:
@@ -171,7 +191,7 @@ class RatioController:
             if st.pinned == current:
                 return None
             return self._plan(scenario, st, now_s, members, current, st.pinned, RatioReason.PINNED)
-        d = self.demand(scenario, spec, perf, now_s)
+        d = self.demand(scenario, spec, perf, now_s, _kv_tokens_per_worker(members))
         if total < 2 or d.prefill_load + d.decode_load == 0:
             return None
         target_p = round(total * d.prefill_load / (d.prefill_load + d.decode_load))
@@ -193,3 +213,8 @@ class RatioController:
               imbalance: float | None = None) -> RatioPlan:
         st.last_change_s = now_s
         return RatioPlan(scenario, now_s, old, new, reason, plan_role_changes(members, new), demand, imbalance)
+
+
+def _kv_tokens_per_worker(members: list[WorkerRecord]) -> float:
+    """A member's KV capacity in tokens, on average (roles switch, so every member counts)."""
+    return sum(w.num_total_kv_blocks * w.block_size_tokens for w in members) / len(members) if members else 0.0

@@ -23,12 +23,21 @@ class WorkerPerf:
     decode_step_per_seq_s: float
     max_batch: int = 256
 
-    def decode_tokens_per_s(self, tpot_slo_s: float) -> float:
+    def decode_batch(self, tpot_slo_s: float) -> int:
+        """The largest batch whose step meets the TPOT SLO (1 when none does: best effort)."""
         room = tpot_slo_s - self.decode_step_base_s
         if room <= 0:
-            return 1.0 / max(self.decode_step_base_s, 1e-9)   # SLO unmeetable: best effort, batch 1
-        batch = max(1, min(self.max_batch, int(room / max(self.decode_step_per_seq_s, 1e-12))))
-        return batch / (self.decode_step_base_s + self.decode_step_per_seq_s * batch)
+            return 1
+        return max(1, min(self.max_batch, int(room / max(self.decode_step_per_seq_s, 1e-12))))
+
+    def decode_step_s(self, tpot_slo_s: float) -> float:
+        """One step's time at that batch: the time per output token of each sequence in it."""
+        return self.decode_step_base_s + self.decode_step_per_seq_s * self.decode_batch(tpot_slo_s)
+
+    def decode_tokens_per_s(self, tpot_slo_s: float) -> float:
+        if tpot_slo_s <= self.decode_step_base_s:
+            return 1.0 / max(self.decode_step_base_s, 1e-9)
+        return self.decode_batch(tpot_slo_s) / self.decode_step_s(tpot_slo_s)
 
     @staticmethod
     def mean(perfs: "list[WorkerPerf]") -> "WorkerPerf | None":

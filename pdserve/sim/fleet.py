@@ -28,13 +28,12 @@ from pdserve.policy.ratio_controller import RatioController
 from pdserve.policy.scenarios import ScenarioClassifier
 from pdserve.policy.dispatch import Dispatcher
 from pdserve.policy.registry import NoCapacity, NoWorkers, Role, WorkerRecord, WorkerRegistry
-from pdserve.sim.hardware import HardwareProfile
+from pdserve.sim.hardware import KV_POOL_BYTES, HardwareProfile
 from pdserve.traces import MOONCAKE_BLOCK_TOKENS
 
 _MODEL = "sim"
 _BLOCK_TOKENS = 16
 _HEARTBEAT_S = 1.0
-_KV_POOL_BYTES = 40 << 30   # HBM left for KV on a decode worker
 
 
 @dataclass
@@ -110,14 +109,14 @@ class Simulation:
         self.prefill_busy_s = 0.0
         self.decode_batch_seconds = 0.0
         self._role_seconds = {Role.PREFILL: 0.0, Role.DECODE: 0.0}
-        total_blocks = _KV_POOL_BYTES // (hw.kv_bytes_per_token * _BLOCK_TOKENS)
+        total_blocks = KV_POOL_BYTES // (hw.kv_bytes_per_token * _BLOCK_TOKENS)
         for scenario, (num_p, num_d) in splits.items():
             for i in range(num_p + num_d):
                 rec = WorkerRecord(f"{scenario}-{i}", Role.PREFILL if i < num_p else Role.DECODE, _MODEL, "",
                                    {"sim": b""}, total_blocks, _BLOCK_TOKENS, 1 << 20, scenario=scenario,
                                    perf=hw.perf())
                 self.registry.register(rec, 0.0)
-                cache = (BlockAllocator(_KV_POOL_BYTES // (hw.kv_bytes_per_token * MOONCAKE_BLOCK_TOKENS),
+                cache = (BlockAllocator(KV_POOL_BYTES // (hw.kv_bytes_per_token * MOONCAKE_BLOCK_TOKENS),
                                         MOONCAKE_BLOCK_TOKENS, prefix_caching=True) if prefix_caching else None)
                 self.workers[rec.worker_id] = _Worker(rec, self._scheduler(prefill_policy), cache=cache)
             self.ratio_log.append((0.0, scenario, num_p, num_d))

@@ -11,20 +11,25 @@ SPEC = ScenarioSpec("chat", ttft_slo_ms=1000, tpot_slo_ms=50)
 CFG = ControllerConfig(window_s=30, cooldown_s=20, hysteresis=0.2, max_step=1)
 
 
-def members(ratio: tuple[int, int], inflight: dict[str, int] | None = None) -> list[WorkerRecord]:
+AMPLE_KV_BLOCKS = 65_536       # 1M tokens a worker: the tests of compute balance never run short of KV
+
+
+def members(ratio: tuple[int, int], inflight: dict[str, int] | None = None,
+            kv_blocks: int = AMPLE_KV_BLOCKS) -> list[WorkerRecord]:
     roles = [Role.PREFILL] * ratio[0] + [Role.DECODE] * ratio[1]
-    out = [WorkerRecord(f"w{i}", role, "m", "", {}, 100, 16, 4096, scenario="chat") for i, role in enumerate(roles)]
+    out = [WorkerRecord(f"w{i}", role, "m", "", {}, kv_blocks, 16, 32_768, scenario="chat")
+           for i, role in enumerate(roles)]
     for w in out:
         w.num_inflight = (inflight or {}).get(w.worker_id, 0)
     return out
 
 
-def drive(ctrl, clock, ratio, seconds, rps, input_tokens, output_tokens, rng):
+def drive(ctrl, clock, ratio, seconds, rps, input_tokens, output_tokens, rng, kv_blocks=AMPLE_KV_BLOCKS):
     changes = []
     for _ in range(int(seconds)):
         for _ in range(rng.randint(rps - 1, rps + 1)):
             ctrl.observe("chat", clock.now_s(), input_tokens, output_tokens)
-        d = ctrl.decide("chat", SPEC, members(ratio), PERF, clock.now_s())
+        d = ctrl.decide("chat", SPEC, members(ratio, kv_blocks=kv_blocks), PERF, clock.now_s())
         if d is not None:
             changes.append(d)
             assert len(d.role_changes) == abs(d.new[0] - d.old[0])   # the plan moves exactly that many
@@ -82,6 +87,28 @@ def test_plan_moves_the_least_busy_workers_and_skips_draining_ones():
     ws[1].draining = True
     assert [c.worker_id for c in plan_role_changes(ws, (2, 2))] == ["w2"]
     assert plan_role_changes(ws, (3, 1)) == ()
+
+
+def test_decode_workers_short_of_kv_draw_the_split_toward_decode():
+    # Long prompts, short answers: by compute the scenario is prefill-bound (4 prefill workers'
+    # worth against 0.13 of decode), but each request holds 8k tokens of KV on its decode worker
+    # through its prefill and its answer: about 11 workers' worth at 10k tokens a worker.
+    clock, rng = VirtualClock(), random.Random(3)
+    ample, _ = drive(RatioController(CFG), clock, (4, 4), 200, 10, 8000, 20, rng)
+    short, changes = drive(RatioController(CFG), clock, (4, 4), 200, 10, 8000, 20, rng, kv_blocks=625)
+    assert ample[0] > 4 and short[0] < 4 and changes
+    d = changes[0].demand
+    assert d.decode_kv_load > 10 * d.decode_compute_load and d.decode_load == d.decode_kv_load
+    assert "(KV;" in changes[0].reason_text and changes[0].inputs["decode_kv_load"] == round(d.decode_kv_load, 6)
+    # The KV model in numbers: rate x (prompt through its prefill + prompt and half the answer
+    # for the answer's steps) / one worker's KV tokens.
+    only = RatioController(CFG)
+    for _ in range(300):
+        only.observe("chat", 0.0, 8000, 20)
+    step_s = PERF.decode_step_s(SPEC.tpot_slo_ms / 1e3)
+    expected = 10 * (8000 * 8000 / 20_000 + 8010 * 20 * step_s) / 10_000
+    assert abs(only.demand("chat", SPEC, PERF, 0.0, 10_000).decode_kv_load - expected) < 1e-9
+    assert only.demand("chat", SPEC, PERF, 0.0).decode_kv_load == 0       # capacity unknown: not modelled
 
 
 def test_plan_reason_and_inputs_are_typed_and_recordable():
