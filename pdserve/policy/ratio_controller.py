@@ -111,6 +111,14 @@ def plan_role_changes(members: list[WorkerRecord], target: tuple[int, int]) -> t
 @dataclass
 class _ScenarioState:
     arrivals: deque = field(default_factory=deque)    # (t_s, input_tokens, output_tokens)
+    # Running sums over the window (exact integers), so a decision costs O(1) however many
+    # requests a fleet's window holds: [sum in, sum out, sum in^2, sum 2*in*out + out^2].
+    sums: list = field(default_factory=lambda: [0, 0, 0, 0])
+
+    def add(self, arrival: tuple[float, int, int], sign: int) -> None:
+        _, i, o = arrival
+        for k, v in enumerate((i, o, i * i, 2 * i * o + o * o)):
+            self.sums[k] += sign * v
     last_change_s: float = float("-inf")
     pinned: tuple[int, int] | None = None
 
@@ -125,12 +133,14 @@ class RatioController:
 
     def observe(self, scenario: str, now_s: float, input_tokens: int, output_tokens: int) -> None:
         st = self._state(scenario)
-        st.arrivals.append((now_s, input_tokens, output_tokens))
+        arrival = (now_s, int(input_tokens), int(output_tokens))
+        st.arrivals.append(arrival)
+        st.add(arrival, +1)
         self._trim(st, now_s)
 
     def _trim(self, st: _ScenarioState, now_s: float) -> None:
         while st.arrivals and st.arrivals[0][0] < now_s - self.config.window_s:
-            st.arrivals.popleft()
+            st.add(st.arrivals.popleft(), -1)
 
     def pin(self, scenario: str, num_prefill: int, num_decode: int) -> None:
         if num_prefill < 0 or num_decode < 0:
@@ -160,8 +170,8 @@ class RatioController:
         if n == 0:
             return Demand()
         rate = n / self.config.window_s
-        mean_in = sum(a[1] for a in st.arrivals) / n
-        mean_out = sum(a[2] for a in st.arrivals) / n
+        sum_in, sum_out, sum_in_sq, sum_kv_decode = st.sums
+        mean_in, mean_out = sum_in / n, sum_out / n
         tpot_s = spec.tpot_slo_ms / 1e3
         compute = rate * mean_out / perf.decode_tokens_per_s(tpot_s)
         kv = 0.0
@@ -169,7 +179,7 @@ class RatioController:
             step_s, prefill_tps = perf.decode_step_s(tpot_s), perf.prefill_tokens_per_s
             # Per request, summed (long prompts tend to hold their KV longest): prompt held through
             # its prefill, then prompt plus on average half the answer for the answer's steps.
-            token_s = sum(i * i / prefill_tps + (i + o / 2) * o * step_s for _, i, o in st.arrivals)
+            token_s = sum_in_sq / prefill_tps + sum_kv_decode / 2 * step_s
             kv = token_s / self.config.window_s / kv_tokens_per_worker
         return Demand(rate, mean_in, mean_out, prefill_load=rate * mean_in / perf.prefill_tokens_per_s,
                       decode_load=max(compute, kv), decode_compute_load=compute, decode_kv_load=kv)
