@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import pathlib
 import sys
 import threading
 import time
-
-from pdserve import logs
 
 _SUPERVISE_POLL_S = 0.5   # how often `pdserve up` looks for exited components
 
@@ -455,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     from pdserve.traces import TraceError
 
     args = build_parser().parse_args(argv)
-    logs.configure(args.verbose)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
     except TraceError as exc:
