@@ -53,9 +53,8 @@ class RequestRecorder:
         self.pending: set[asyncio.Task] = set()
         self.batcher = RecordBatcher(store, self._track)
 
-    def record(self, attempt: Attempt, out: Outcome, status: int, ended_s: float | None = None) -> None:
-        """`ended_s`: when the request ended (perf_counter), where it is recorded later than that."""
-        latency_s = (ended_s if ended_s is not None else time.perf_counter()) - attempt.started_s
+    def record(self, attempt: Attempt, out: Outcome, status: int) -> None:
+        latency_s = time.perf_counter() - attempt.started_s
         self._metrics.requests.labels(attempt.endpoint, str(status)).inc()
         if status == 200:
             self._metrics.e2e.observe(latency_s)
