@@ -12,6 +12,7 @@ import enum
 import heapq
 from dataclasses import dataclass, field
 
+DEFAULT_MAX_BATCH = 256     # a worker's decode batch limit when it does not say (older workers)
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class WorkerPerf:
     prefill_tokens_per_s: float
     decode_step_base_s: float        # step time = base + per_seq * batch
     decode_step_per_seq_s: float
-    max_batch: int = 256
+    max_batch: int = DEFAULT_MAX_BATCH
 
     def decode_batch(self, tpot_slo_s: float) -> int:
         """The largest batch whose step meets the TPOT SLO (1 when none does: best effort)."""
@@ -46,7 +47,8 @@ class WorkerPerf:
         n = len(perfs)
         return WorkerPerf(sum(p.prefill_tokens_per_s for p in perfs) / n,
                           sum(p.decode_step_base_s for p in perfs) / n,
-                          sum(p.decode_step_per_seq_s for p in perfs) / n)
+                          sum(p.decode_step_per_seq_s for p in perfs) / n,
+                          round(sum(p.max_batch for p in perfs) / n))
 
 class Role(enum.Enum):
     PREFILL = "prefill"

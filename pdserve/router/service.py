@@ -17,7 +17,7 @@ from pdserve.clock import Clock
 from pdserve.cluster_auth import Credential
 from pdserve.policy.dispatch import Dispatcher
 from pdserve.policy.ratio_controller import RatioController
-from pdserve.policy.registry import Role, WorkerPerf, WorkerRecord, WorkerRegistry
+from pdserve.policy.registry import DEFAULT_MAX_BATCH, Role, WorkerPerf, WorkerRecord, WorkerRegistry
 from pdserve.policy.request_state import RequestState, RequestTracker
 from pdserve.policy.scenarios import DEFAULT_SCENARIO, ScenarioClassifier
 from pdserve.proto_maps import ROLE_FROM_PROTO, ROLE_TO_PROTO
@@ -129,7 +129,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             kv_addresses={e.backend: e.address for e in request.kv_endpoints},
             num_total_kv_blocks=request.num_total_kv_blocks, block_size_tokens=request.kv_block_size_tokens or 16,
             max_model_len_tokens=request.max_model_len_tokens, scenario=request.scenario or DEFAULT_SCENARIO,
-            perf=WorkerPerf(request.prefill_tokens_per_s, request.decode_step_base_s, request.decode_step_per_seq_s)
+            perf=WorkerPerf(request.prefill_tokens_per_s, request.decode_step_base_s, request.decode_step_per_seq_s,
+                            request.max_batch_size or DEFAULT_MAX_BATCH)
             if request.prefill_tokens_per_s > 0 else None, instance_id=request.instance_id)
         if await self._held_by_another_live_instance(rec):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"worker id {rec.worker_id!r} belongs to a live "

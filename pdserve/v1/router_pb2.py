@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import worker_pb2 as pdserve_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/router.proto\x12\npdserve.v1\x1a\x17pdserve/v1/worker.proto\"\xf6\x02\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x04 \x01(\t\x12,\n\x0ckv_endpoints\x18\x05 \x03(\x0b\x32\x16.pdserve.v1.KVEndpoint\x12\x1b\n\x13num_total_kv_blocks\x18\x06 \x01(\r\x12\x1c\n\x14kv_block_size_tokens\x18\x07 \x01(\r\x12\x1c\n\x14max_model_len_tokens\x18\x08 \x01(\r\x12\x10\n\x08scenario\x18\t \x01(\t\x12\x1c\n\x14prefill_tokens_per_s\x18\n \x01(\x01\x12\x1a\n\x12\x64\x65\x63ode_step_base_s\x18\x0b \x01(\x01\x12\x1d\n\x15\x64\x65\x63ode_step_per_seq_s\x18\x0c \x01(\x01\x12\x13\n\x0binstance_id\x18\r \x01(\t\"#\n\x10RegisterResponse\x12\x0f\n\x07lease_s\x18\x01 \x01(\x01\"\xff\x01\n\nWorkerLoad\x12\x1a\n\x12num_free_kv_blocks\x18\x01 \x01(\r\x12\x1b\n\x13num_active_requests\x18\x02 \x01(\r\x12\x14\n\x0cheld_req_ids\x18\x03 \x03(\t\x12\x1b\n\x13stored_block_hashes\x18\x04 \x03(\x04\x12\x1c\n\x14\x65victed_block_hashes\x18\x05 \x03(\x04\x12\x1a\n\x12\x62lock_hashes_reset\x18\x06 \x01(\x08\x12\x32\n\x0cprefix_cache\x18\x07 \x01(\x0b\x32\x1c.pdserve.v1.PrefixCacheStats\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x04\"`\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04load\x18\x02 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\xe7\x01\n\x0cRouteRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x13\n\x0bttft_slo_ms\x18\x06 \x01(\x01\x12\x17\n\x0fscenario_header\x18\x07 \x01(\t\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x1f\n\x17resume_output_token_ids\x18\t \x03(\r\"\x14\n\x12ListWorkersRequest\"\xe3\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x04 \x01(\t\x12\r\n\x05\x61live\x18\x05 \x01(\x08\x12\x1a\n\x12num_free_kv_blocks\x18\x06 \x01(\r\x12\x1b\n\x13num_total_kv_blocks\x18\x07 \x01(\r\x12\x1b\n\x13num_active_requests\x18\x08 \x01(\r\x12\x1f\n\x17seconds_since_heartbeat\x18\t \x01(\x01\x12\x10\n\x08scenario\x18\n \x01(\t\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12\x32\n\x0cprefix_cache\x18\x0c \x01(\x0b\x32\x1c.pdserve.v1.PrefixCacheStats\x12\x17\n\x0fnum_preemptions\x18\r \x01(\x04\"\xa9\x01\n\x13ListWorkersResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.WorkerStatus\x12\x1b\n\x13prefix_index_blocks\x18\x02 \x01(\x04\x12\x1c\n\x14prefix_index_entries\x18\x03 \x01(\x04\x12,\n\x08\x63ounters\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.RouterCounters\"g\n\x0eRouterCounters\x12\x0e\n\x06routed\x18\x01 \x01(\x04\x12\x11\n\tforwarded\x18\x02 \x01(\x04\x12\x10\n\x08rejected\x18\x03 \x01(\x04\x12\x10\n\x08migrated\x18\x04 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x04\";\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"#\n\x12\x44\x65registerResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x32\xf6\x02\n\x06Router\x12\x45\n\x08Register\x12\x1b.pdserve.v1.RegisterRequest\x1a\x1c.pdserve.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1d.pdserve.v1.HeartbeatResponse\x12K\n\nDeregister\x12\x1d.pdserve.v1.DeregisterRequest\x1a\x1e.pdserve.v1.DeregisterResponse\x12>\n\x08Generate\x12\x18.pdserve.v1.RouteRequest\x1a\x16.pdserve.v1.TokenChunk0\x01\x12N\n\x0bListWorkers\x12\x1e.pdserve.v1.ListWorkersRequest\x1a\x1f.pdserve.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/router.proto\x12\npdserve.v1\x1a\x17pdserve/v1/worker.proto\"\x8e\x03\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x04 \x01(\t\x12,\n\x0ckv_endpoints\x18\x05 \x03(\x0b\x32\x16.pdserve.v1.KVEndpoint\x12\x1b\n\x13num_total_kv_blocks\x18\x06 \x01(\r\x12\x1c\n\x14kv_block_size_tokens\x18\x07 \x01(\r\x12\x1c\n\x14max_model_len_tokens\x18\x08 \x01(\r\x12\x10\n\x08scenario\x18\t \x01(\t\x12\x1c\n\x14prefill_tokens_per_s\x18\n \x01(\x01\x12\x1a\n\x12\x64\x65\x63ode_step_base_s\x18\x0b \x01(\x01\x12\x1d\n\x15\x64\x65\x63ode_step_per_seq_s\x18\x0c \x01(\x01\x12\x13\n\x0binstance_id\x18\r \x01(\t\x12\x16\n\x0emax_batch_size\x18\x0e \x01(\r\"#\n\x10RegisterResponse\x12\x0f\n\x07lease_s\x18\x01 \x01(\x01\"\xff\x01\n\nWorkerLoad\x12\x1a\n\x12num_free_kv_blocks\x18\x01 \x01(\r\x12\x1b\n\x13num_active_requests\x18\x02 \x01(\r\x12\x14\n\x0cheld_req_ids\x18\x03 \x03(\t\x12\x1b\n\x13stored_block_hashes\x18\x04 \x03(\x04\x12\x1c\n\x14\x65victed_block_hashes\x18\x05 \x03(\x04\x12\x1a\n\x12\x62lock_hashes_reset\x18\x06 \x01(\x08\x12\x32\n\x0cprefix_cache\x18\x07 \x01(\x0b\x32\x1c.pdserve.v1.PrefixCacheStats\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x04\"`\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04load\x18\x02 \x01(\x0b\x32\x16.pdserve.v1.WorkerLoad\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\xe7\x01\n\x0cRouteRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x13\n\x0bttft_slo_ms\x18\x06 \x01(\x01\x12\x17\n\x0fscenario_header\x18\x07 \x01(\t\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x1f\n\x17resume_output_token_ids\x18\t \x03(\r\"\x14\n\x12ListWorkersRequest\"\xe3\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.pdserve.v1.WorkerRole\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x04 \x01(\t\x12\r\n\x05\x61live\x18\x05 \x01(\x08\x12\x1a\n\x12num_free_kv_blocks\x18\x06 \x01(\r\x12\x1b\n\x13num_total_kv_blocks\x18\x07 \x01(\r\x12\x1b\n\x13num_active_requests\x18\x08 \x01(\r\x12\x1f\n\x17seconds_since_heartbeat\x18\t \x01(\x01\x12\x10\n\x08scenario\x18\n \x01(\t\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12\x32\n\x0cprefix_cache\x18\x0c \x01(\x0b\x32\x1c.pdserve.v1.PrefixCacheStats\x12\x17\n\x0fnum_preemptions\x18\r \x01(\x04\"\xa9\x01\n\x13ListWorkersResponse\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.WorkerStatus\x12\x1b\n\x13prefix_index_blocks\x18\x02 \x01(\x04\x12\x1c\n\x14prefix_index_entries\x18\x03 \x01(\x04\x12,\n\x08\x63ounters\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.RouterCounters\"g\n\x0eRouterCounters\x12\x0e\n\x06routed\x18\x01 \x01(\x04\x12\x11\n\tforwarded\x18\x02 \x01(\x04\x12\x10\n\x08rejected\x18\x03 \x01(\x04\x12\x10\n\x08migrated\x18\x04 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x04\";\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"#\n\x12\x44\x65registerResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x32\xf6\x02\n\x06Router\x12\x45\n\x08Register\x12\x1b.pdserve.v1.RegisterRequest\x1a\x1c.pdserve.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1d.pdserve.v1.HeartbeatResponse\x12K\n\nDeregister\x12\x1d.pdserve.v1.DeregisterRequest\x1a\x1e.pdserve.v1.DeregisterResponse\x12>\n\x08Generate\x12\x18.pdserve.v1.RouteRequest\x1a\x16.pdserve.v1.TokenChunk0\x01\x12N\n\x0bListWorkers\x12\x1e.pdserve.v1.ListWorkersRequest\x1a\x1f.pdserve.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,29 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.router_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERREQUEST']._serialized_start=65
-  _globals['_REGISTERREQUEST']._serialized_end=439
-  _globals['_REGISTERRESPONSE']._serialized_start=441
-  _globals['_REGISTERRESPONSE']._serialized_end=476
-  _globals['_WORKERLOAD']._serialized_start=479
-  _globals['_WORKERLOAD']._serialized_end=734
-  _globals['_HEARTBEATREQUEST']._serialized_start=736
-  _globals['_HEARTBEATREQUEST']._serialized_end=832
-  _globals['_HEARTBEATRESPONSE']._serialized_start=834
-  _globals['_HEARTBEATRESPONSE']._serialized_end=868
-  _globals['_ROUTEREQUEST']._serialized_start=871
-  _globals['_ROUTEREQUEST']._serialized_end=1102
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1104
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1124
-  _globals['_WORKERSTATUS']._serialized_start=1127
-  _globals['_WORKERSTATUS']._serialized_end=1482
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1485
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1654
-  _globals['_ROUTERCOUNTERS']._serialized_start=1656
-  _globals['_ROUTERCOUNTERS']._serialized_end=1759
-  _globals['_DEREGISTERREQUEST']._serialized_start=1761
-  _globals['_DEREGISTERREQUEST']._serialized_end=1820
-  _globals['_DEREGISTERRESPONSE']._serialized_start=1822
-  _globals['_DEREGISTERRESPONSE']._serialized_end=1857
-  _globals['_ROUTER']._serialized_start=1860
-  _globals['_ROUTER']._serialized_end=2234
+  _globals['_REGISTERREQUEST']._serialized_end=463
+  _globals['_REGISTERRESPONSE']._serialized_start=465
+  _globals['_REGISTERRESPONSE']._serialized_end=500
+  _globals['_WORKERLOAD']._serialized_start=503
+  _globals['_WORKERLOAD']._serialized_end=758
+  _globals['_HEARTBEATREQUEST']._serialized_start=760
+  _globals['_HEARTBEATREQUEST']._serialized_end=856
+  _globals['_HEARTBEATRESPONSE']._serialized_start=858
+  _globals['_HEARTBEATRESPONSE']._serialized_end=892
+  _globals['_ROUTEREQUEST']._serialized_start=895
+  _globals['_ROUTEREQUEST']._serialized_end=1126
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1128
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1148
+  _globals['_WORKERSTATUS']._serialized_start=1151
+  _globals['_WORKERSTATUS']._serialized_end=1506
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1509
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1678
+  _globals['_ROUTERCOUNTERS']._serialized_start=1680
+  _globals['_ROUTERCOUNTERS']._serialized_end=1783
+  _globals['_DEREGISTERREQUEST']._serialized_start=1785
+  _globals['_DEREGISTERREQUEST']._serialized_end=1844
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1846
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1881
+  _globals['_ROUTER']._serialized_start=1884
+  _globals['_ROUTER']._serialized_end=2258
 # @@protoc_insertion_point(module_scope)

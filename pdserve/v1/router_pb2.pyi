@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "role", "model", "grpc_address", "kv_endpoints", "num_total_kv_blocks", "kv_block_size_tokens", "max_model_len_tokens", "scenario", "prefill_tokens_per_s", "decode_step_base_s", "decode_step_per_seq_s", "instance_id")
+    __slots__ = ("worker_id", "role", "model", "grpc_address", "kv_endpoints", "num_total_kv_blocks", "kv_block_size_tokens", "max_model_len_tokens", "scenario", "prefill_tokens_per_s", "decode_step_base_s", "decode_step_per_seq_s", "instance_id", "max_batch_size")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class RegisterRequest(_message.Message):
     DECODE_STEP_BASE_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_PER_SEQ_S_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: _worker_pb2.WorkerRole
     model: str
@@ -35,7 +36,8 @@ class RegisterRequest(_message.Message):
     decode_step_base_s: float
     decode_step_per_seq_s: float
     instance_id: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_worker_pb2.WorkerRole, str]] = ..., model: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[_worker_pb2.KVEndpoint, _Mapping]]] = ..., num_total_kv_blocks: _Optional[int] = ..., kv_block_size_tokens: _Optional[int] = ..., max_model_len_tokens: _Optional[int] = ..., scenario: _Optional[str] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_base_s: _Optional[float] = ..., decode_step_per_seq_s: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    max_batch_size: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_worker_pb2.WorkerRole, str]] = ..., model: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_endpoints: _Optional[_Iterable[_Union[_worker_pb2.KVEndpoint, _Mapping]]] = ..., num_total_kv_blocks: _Optional[int] = ..., kv_block_size_tokens: _Optional[int] = ..., max_model_len_tokens: _Optional[int] = ..., scenario: _Optional[str] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_base_s: _Optional[float] = ..., decode_step_per_seq_s: _Optional[float] = ..., instance_id: _Optional[str] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("lease_s",)

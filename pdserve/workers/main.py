@@ -72,7 +72,8 @@ async def _advertised(cfg: PDServeConfig, model, port: int) -> Advertised:
     reference_tokens = 1024   # prefill throughput at a typical prompt length
     return Advertised(grpc_address=f"{cfg.worker.advertise_host or cfg.worker.host}:{port}",
                       scenario=cfg.worker.scenario, prefill_tokens_per_s=reference_tokens / cost.prefill_s(reference_tokens),
-                      decode_step_base_s=base_s, decode_step_per_seq_s=per_seq_s)
+                      decode_step_base_s=base_s, decode_step_per_seq_s=per_seq_s,
+                      max_batch_size=cfg.worker.max_batch_size)
 
 
 async def serve(cfg: PDServeConfig) -> None:

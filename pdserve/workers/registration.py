@@ -26,6 +26,7 @@ class Advertised:
     prefill_tokens_per_s: float
     decode_step_base_s: float
     decode_step_per_seq_s: float
+    max_batch_size: int = 0
 
 
 async def keep_registered(service: WorkerService, router_address: str, ad: Advertised,
@@ -78,7 +79,7 @@ async def _register(stub: router_pb2_grpc.RouterStub, service: WorkerService, ad
         kv_block_size_tokens=info.kv_block_size_tokens, max_model_len_tokens=info.max_model_len_tokens,
         scenario=ad.scenario, prefill_tokens_per_s=ad.prefill_tokens_per_s,
         decode_step_base_s=ad.decode_step_base_s, decode_step_per_seq_s=ad.decode_step_per_seq_s,
-        instance_id=info.instance_id), timeout=5.0)
+        instance_id=info.instance_id, max_batch_size=ad.max_batch_size), timeout=5.0)
     log.info("registered with router as %s (lease %.1f s)", info.worker_id, resp.lease_s)
     return resp.lease_s
 

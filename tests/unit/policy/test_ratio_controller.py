@@ -156,3 +156,12 @@ def test_a_scenario_mixing_models_is_left_alone():
         assert ctrl.decide("chat", SPEC, mixed, PERF, clock.now_s()) is None
         clock.advance(1.0)
     assert ctrl.decide("chat", SPEC, members((2, 2)), PERF, clock.now_s()) is not None   # one model: it acts
+
+
+def test_a_workers_batch_limit_bounds_its_decode_rate():
+    # A 50 ms TPOT SLO allows batches of 80 at this speed; a worker that runs at most 32 is
+    # worth 32/step(32), not 80/step(80).
+    capped = WorkerPerf(20_000, 0.010, 0.0005, max_batch=32)
+    assert PERF.decode_batch(0.05) == 80 and capped.decode_batch(0.05) == 32
+    assert capped.decode_tokens_per_s(0.05) == 32 / (0.010 + 0.0005 * 32)
+    assert WorkerPerf.mean([capped, capped]).max_batch == 32        # the mean keeps it
