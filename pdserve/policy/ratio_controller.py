@@ -114,13 +114,13 @@ class _ScenarioState:
     # Running sums over the window (exact integers), so a decision costs O(1) however many
     # requests a fleet's window holds: [sum in, sum out, sum in^2, sum 2*in*out + out^2].
     sums: list = field(default_factory=lambda: [0, 0, 0, 0])
+    last_change_s: float = float("-inf")
+    pinned: tuple[int, int] | None = None
 
     def add(self, arrival: tuple[float, int, int], sign: int) -> None:
         _, i, o = arrival
         for k, v in enumerate((i, o, i * i, 2 * i * o + o * o)):
             self.sums[k] += sign * v
-    last_change_s: float = float("-inf")
-    pinned: tuple[int, int] | None = None
 
 
 class RatioController:

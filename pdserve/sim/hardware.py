@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from pdserve.policy.registry import WorkerPerf
 
-
 KV_POOL_BYTES = 40 << 30    # HBM left for KV on a decode worker (the presets' accelerators)
+
 
 @dataclass(frozen=True)
 class HardwareProfile:
