@@ -5,7 +5,9 @@ pdserve: disaggregated workers, each scenario with its own workers, the RatioCon
 split, placement by the router's Dispatcher with on-demand forwarding, FlowPrefill ordering on
 prefill workers. A request every worker refuses counts as not served (the client got 429). Baselines: the same number of aggregated workers
 behind round-robin, least-loaded, power-of-two or prefix-aware routing, and disaggregated
-workers at the best static split found by sweeping every split (DistServe-style). Aggregated
+workers at the best static split found by sweeping every split (DistServe-style), with fcfs
+prefill (`static-best`) and with pdserve's FlowPrefill and forwarding (`static-best-flowprefill`,
+which leaves the ratio control as the only difference). Aggregated
 workers run whole prompts between decode steps (`aggregated-*`) or chunked prefill mixed into
 decode steps under a token budget (`aggregated-chunked-*`, vLLM's default scheduler; the best
 of five budgets per router, named in the row).
@@ -121,14 +123,11 @@ def run(minutes: float = 20, speedup: float = 4, workers_per_scenario: int = 8, 
                                            "prefix_hit_rate_upper_bound": round(infinite_cache_hit_rate(
                                                ((chain_hashes(block_hashes[r.req_id]), r.input_tokens) for r in base),
                                                MOONCAKE_BLOCK_TOKENS), 4)}
-    best = None
-    for p in range(1, g):
-        say(f"static P/D {p}:{g - p}")
-        static = Simulation(hw, {s: (p, g - p) for s in scenarios}, classifier, None)
-        row = {**summarize(static.run(copy.deepcopy(base))), "utilisation": static.utilisation()}
-        if best is None or row["goodput_rps"] > best[1]["goodput_rps"]:
-            best = (f"{p}:{g - p}", row)
-    results["static-best"] = {**best[1], "ratio": best[0]}
+    results["static-best"] = _best_static(hw, scenarios, classifier, g, base, say)
+    # The same sweep with pdserve's prefill side (FlowPrefill, on-demand forwarding): against it,
+    # the margin is the ratio control's alone.
+    results["static-best-flowprefill"] = _best_static(hw, scenarios, classifier, g, base, say,
+                                                      prefill_policy="flowprefill", forwarding=True)
     for name, cls in BASELINE_ROUTERS.items():
         say(f"aggregated x{n_total}, {name}")
         results[f"aggregated-{name}"] = _aggregated(hw, n_total, cls, seed, base, classifier, block_hashes, None)
@@ -150,6 +149,18 @@ def run(minutes: float = 20, speedup: float = 4, workers_per_scenario: int = 8, 
                                          for k, v in results.items() if k != ours_name}}
 
 
+def _best_static(hw, scenarios, classifier, g: int, base, say, **prefill) -> dict:
+    """Every fixed split of g workers per scenario, the best by goodput (DistServe-style)."""
+    best = None
+    for p in range(1, g):
+        say(f"static P/D {p}:{g - p}{' with FlowPrefill' if prefill else ''}")
+        static = Simulation(hw, {s: (p, g - p) for s in scenarios}, classifier, None, **prefill)
+        row = {**summarize(static.run(copy.deepcopy(base))), "utilisation": static.utilisation()}
+        if best is None or row["goodput_rps"] > best[1]["goodput_rps"]:
+            best = (f"{p}:{g - p}", row)
+    return {**best[1], "ratio": best[0]}
+
+
 def format_table(report: dict) -> str:
     head = f"{'configuration':<44}{'goodput/s':>10}{'attain':>8}{'TTFT p99':>10}{'TPOT p99':>10}{'pdserve x':>10}"
     lines = [head, "-" * len(head)]
@@ -162,7 +173,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-_NUM_STAGES = 16   # pdserve, 7 static splits (at 8 workers per scenario), 4 routers x 2 aggregated schedulers
+_NUM_STAGES = 23   # pdserve, 2 x 7 static splits (at 8 workers per scenario), 4 routers x 2 aggregated schedulers
 
 
 class _ProgressBar:

@@ -64,7 +64,7 @@ def test_sim_report_is_deterministic_and_compares_every_baseline():
     assert a == b
     ratios = json.loads(a)["goodput_ratio_pdserve_vs"]
     routers = ("round-robin", "least-loaded", "power-of-two", "prefix-aware")
-    assert set(ratios) == {"static-best", *(f"aggregated-{r}" for r in routers),
+    assert set(ratios) == {"static-best", "static-best-flowprefill", *(f"aggregated-{r}" for r in routers),
                            *(f"aggregated-chunked-{r}" for r in routers)}
     chunked = json.loads(a)["results"]["aggregated-chunked-least-loaded"]
     assert chunked["chunk_tokens"] in compare.CHUNK_TOKENS
