@@ -75,6 +75,8 @@ class _Worker:
     decode_version: int = 0
     role_since_s: float = 0.0
     cache: BlockAllocator | None = None      # prefix cache of 512-token trace blocks
+    # Requests reserved here (ReserveKV) whose KV has not arrived: their prompts hold KV already.
+    reserved: dict = field(default_factory=dict)     # req_id -> prompt tokens
 
 
 class Simulation:
@@ -228,6 +230,7 @@ class Simulation:
         of the prompt linked. The router's estimate admitted it in 16-token blocks; when rounding
         to 512-token blocks does not fit, the request links nothing and holds no cache blocks."""
         w = self.workers[r.decode_id]
+        w.reserved[r.req_id] = r.input_tokens
         if w.cache is not None:
             try:
                 r.decode_cached_tokens = w.cache.allocate(r.req_id, r.input_tokens + r.output_tokens,
@@ -239,6 +242,7 @@ class Simulation:
         """The request's decode blocks back to the pool; after a finished request its prompt's
         full blocks stay cached (the live worker names them once written)."""
         w = self.workers[r.decode_id]
+        w.reserved.pop(r.req_id, None)
         if w.cache is not None and w.cache.holds(r.req_id):
             if cache:
                 w.cache.register(r.req_id, self._chains.get(r.req_id, [])[:r.input_tokens // MOONCAKE_BLOCK_TOKENS])
@@ -294,6 +298,7 @@ class Simulation:
     def _kv_arrived(self, r: SimRequest) -> None:
         r.first_token_s, r.num_generated_tokens = self.now_s, 1
         w = self.workers[r.decode_id]
+        w.reserved.pop(r.req_id, None)          # its prompt's KV now counts in the batch
         if r.output_tokens <= 1:
             self._finish(w, r)
             return
@@ -326,8 +331,10 @@ class Simulation:
             self._maybe_switch(w)
 
     def _kv_tokens(self, w: _Worker) -> float:
-        """Tokens held in the worker's KV: prompts plus everything generated so far."""
-        return w.sum_input_tokens + len(w.batch) * (w.token_clock + 1) - w.sum_start_token_clock
+        """Tokens held in the worker's KV: prompts plus everything generated so far, and the prompts
+        of requests reserved here whose KV is still on its way (a live ReserveKV takes them)."""
+        return (w.sum_input_tokens + len(w.batch) * (w.token_clock + 1) - w.sum_start_token_clock
+                + sum(w.reserved.values()))
 
     def _finish(self, w: _Worker, r: SimRequest) -> None:
         r.finish_s = self.now_s
@@ -339,8 +346,7 @@ class Simulation:
         for w in self.workers.values():
             self._advance(w)
             used = int(self._kv_tokens(w) // _BLOCK_TOKENS)
-            # Simplification kept from the first simulator: a simulated decode worker does not reserve
-            # KV for requests still in prefill, and each heartbeat counts every placement as seen.
+            # Simplification kept from the first simulator: each heartbeat counts every placement as seen.
             self.registry.heartbeat(w.rec.worker_id, w.rec.num_total_kv_blocks - used, len(w.batch), self.now_s)
             if w.cache is not None and self.dispatcher.prefix_index is not None:
                 self.dispatcher.prefix_index.apply(w.rec.worker_id, *w.cache.drain_events())
@@ -360,7 +366,7 @@ class Simulation:
                 self._maybe_switch(w)
 
     def _maybe_switch(self, w: _Worker) -> None:
-        idle = not w.busy and w.prefill.num_waiting == 0 and not w.batch
+        idle = not w.busy and w.prefill.num_waiting == 0 and not w.batch and not w.reserved
         if w.pending_role is not None and idle:
             role, w.pending_role = w.pending_role, None
             self._role_seconds[w.rec.role] += self.now_s - w.role_since_s

@@ -31,7 +31,9 @@ def test_controller_moves_a_prefill_bound_group_towards_prefill_and_helps():
     dynamic = sim.run(_prefill_heavy(600))
     assert sim.ratio_log[-1][2] > 1                         # more prefill workers than it started with
     assert sum(r.met_slo() for r in dynamic) > sum(r.met_slo() for r in static)
-    assert all(r.finish_s is not None for r in dynamic)     # role changes drained: nothing lost
+    # Role changes drained: every placed request finished. (Some are refused at arrival: queued
+    # prefills hold their prompts' KV on the decode workers, as ReserveKV does live.)
+    assert all(r.finish_s is not None for r in dynamic if not r.rejected)
 
 
 def test_routing_baselines_pick_as_documented():
