@@ -6,8 +6,8 @@ import asyncio
 import numpy as np
 
 from pdserve.kvtransfer import frames
-from pdserve.kvtransfer.backends._ucx_wire import (ABORT_POLL_S, ABORT_SLOT, ACK_SLOT, IDLE_BACKOFF_S, INBOX_TAG,
-                                                   Aborted, Pacer, frame_slot, tag)
+from pdserve.kvtransfer.backends._ucx_wire import (ABORT_POLL_S, ABORT_SLOT, ACK_SLOT, INBOX_TAG, Aborted,
+                                                   frame_slot, tag, ucx_buffer, ucx_tag)
 from pdserve.kvtransfer.base import crc32, wire_id
 from pdserve.v1 import kvtransfer_pb2 as pb
 
@@ -19,31 +19,20 @@ class UcxFlows:
         """Route incoming headers to armed receivers; refuse unknown transfers at once.
 
         The inbox keeps one receive posted (pre-posted, not probed): a header lands in it as it
-        arrives, where a probe had to find it first and a receive then take it, the second of
-        which waited on UCX's progress thread (about 1.5 ms of a small transfer, `pdserve bench
-        kv`). Its buffer belongs to the agent, so the receive may stay posted for the agent's
-        lifetime. Its completion is polled, not awaited: ucxx without Python futures awaits by
-        spinning, which a receive that waits for the next header would make endless."""
-        pacer = Pacer()
-        request = self._post_inbox()
+        arrives, and the progress on the loop completes it without a probe-then-receive round
+        trip. Its buffer belongs to the agent, so the receive may stay posted for the agent's
+        lifetime."""
         while True:
-            if not request.completed:
-                await self._inbox_pause(pacer)
-                continue
-            pacer.reset()
+            request = self._worker.tag_recv(ucx_buffer(self._inbox_buf), ucx_tag(INBOX_TAG))
             try:
-                request.check_error()     # a header longer than a slot fails as truncated
+                await self._progress.wait(request, self._inbox_buf)
                 head = frames.decode_slot(bytes(self._inbox_buf))
+            except asyncio.CancelledError:
+                raise
             except Exception:
-                head = None               # a malformed header names no transfer to answer
-            request = self._post_inbox()
+                head = None               # truncated or malformed: it names no transfer to answer
             if head is not None:
                 self._route_header(head)
-
-    def _post_inbox(self):
-        from ucxx._lib.arr import Array
-        from ucxx.types import Tag
-        return self._ctx.worker.tag_recv(Array(self._inbox_buf), Tag(INBOX_TAG))
 
     def _route_header(self, head: pb.KVFrame) -> None:
         waiter, layout = self._armed.get(head.transfer_id, (None, None))
@@ -59,23 +48,9 @@ class UcxFlows:
         self._spawn(self._reply(head.reply_address, wire, pb.KVFrame(kind=pb.KV_FRAME_KIND_ERROR, reason=reason)))
         self._spawn(self._drain(wire, head.num_layers))
 
-    async def _inbox_pause(self, pacer: Pacer) -> None:
-        """Poll briskly while some receiver expects a header (it bounds time to first byte); with
-        none armed only stray headers can come, so sleep long, but wake at once when one is armed."""
-        if self._armed:
-            await pacer.wait()
-            return
-        pacer.reset()
-        self._inbox_wake.clear()
-        try:
-            await asyncio.wait_for(self._inbox_wake.wait(), IDLE_BACKOFF_S)
-        except asyncio.TimeoutError:
-            pass
-
     async def _send(self, tx, peer_address: bytes, checksum: bool) -> None:
-        """Sends are posted back to back and awaited together before the ACK: awaiting each one
-        costs a hand-off through ucxx's notifier thread and the loop, ~0.3 ms, which dominated
-        small transfers (`pdserve bench kv`). UCX keeps each posted buffer until it is sent."""
+        """Sends are posted back to back and awaited together before the ACK: the next layer
+        need not wait for the previous one's receiver. Each buffer is kept until UCX sent it."""
         tid = tx.layout.wire_id   # labels the data tags
         ep = None
         posted = _Posted(self)
@@ -87,7 +62,9 @@ class UcxFlows:
             tx.status.mark_transferring()
             next_slot = frame_slot(0)
             while True:
-                item = await self._bounded(tx.queue.get(), tx.status)
+                # Layers queued already are taken without a wait (wait_for costs a task each).
+                item = (tx.queue.get_nowait() if not tx.queue.empty()
+                        else await self._bounded(tx.queue.get(), tx.status))
                 posted.raise_failed()
                 await self._raise_if_refused(tid)
                 if item[0] == "abort":
@@ -131,11 +108,10 @@ class UcxFlows:
             raise _Refused(f"receiver refused: {(await self._take_frame(found)).reason}")
 
     async def _await_ack(self, tx) -> None:
-        pacer = Pacer()
         while (found := self._probe(tag(tx.layout.wire_id, ACK_SLOT))) is None:
             if not tx.status.active:
                 raise Aborted()
-            await pacer.wait()
+            await self._progress.next_event(ABORT_POLL_S)
         reply = await self._take_frame(found)
         if reply.kind == pb.KV_FRAME_KIND_ACK:
             tx.status.mark_done()
@@ -226,7 +202,6 @@ class UcxFlows:
 
     async def _wait_probe(self, rx, slot: int):
         wanted, abort_tag = tag(rx.layout.wire_id, slot), tag(rx.layout.wire_id, ABORT_SLOT)
-        pacer = Pacer()
         while True:
             if (found := self._probe(wanted)) is not None:
                 return found
@@ -234,7 +209,7 @@ class UcxFlows:
                 raise ValueError(f"sender aborted: {(await self._take_frame(aborted)).reason}")
             if not rx.status.active:
                 raise Aborted()
-            await pacer.wait()
+            await self._progress.next_event(ABORT_POLL_S)
 
 
 class _Refused(Exception):
@@ -242,43 +217,34 @@ class _Refused(Exception):
 
 
 class _Posted:
-    """UCX sends of one transfer in flight, each with the buffer it reads until it completes."""
+    """UCX sends of one transfer in flight (the agent's progress keeps their buffers)."""
 
     def __init__(self, agent):
         self._agent = agent
-        self._sends: list[tuple[asyncio.Task, object]] = []
+        self._sends: list[asyncio.Future] = []
 
     def frame(self, ep, frame: pb.KVFrame, frame_tag: int) -> None:
         self.payload(ep, frames.encode_slot(frame), frame_tag)
 
     def payload(self, ep, buf, buf_tag: int) -> None:
-        self._sends.append((asyncio.ensure_future(ep.send(buf, tag=buf_tag, force_tag=True)), buf))
+        array = ucx_buffer(buf)
+        self._sends.append(self._agent._progress.wait(ep.tag_send(array, ucx_tag(buf_tag)), array))
 
     def raise_failed(self) -> None:
         """Drops completed sends; raises the error of a failed one (the transfer fails now, not
         at its end)."""
-        pending = []
-        for task, buf in self._sends:
-            if not task.done():
-                pending.append((task, buf))
-            elif task.exception() is not None:
-                raise task.exception()
-        self._sends = pending
+        for send in self._sends:
+            if send.done() and send.exception() is not None:
+                raise send.exception()
+        self._sends = [send for send in self._sends if not send.done()]
 
     async def settle(self, status) -> None:
         """Every send completed within the transfer's deadline, or Aborted / the send's error."""
         while self._sends:
             if status.remaining_s() <= 0 or not status.active:
                 raise Aborted()     # an abort must not wait for sends its peer will never take
-            await asyncio.wait([t for t, _ in self._sends], timeout=min(status.remaining_s(), ABORT_POLL_S))
+            await asyncio.wait(self._sends, timeout=min(status.remaining_s(), ABORT_POLL_S))
             self.raise_failed()
 
     def abandon(self) -> None:
-        """Sends still in flight keep their buffers until UCX completes them (see UcxAgent._io)."""
-        for task, buf in self._sends:
-            if task.done():
-                task.cancelled() or task.exception()   # retrieved: nobody awaits it
-            else:
-                self._agent._unfinished_io[task] = buf
-                task.add_done_callback(self._agent._io_finished)
         self._sends = []

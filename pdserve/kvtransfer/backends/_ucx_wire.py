@@ -1,4 +1,4 @@
-"""Tag layout and pacing shared by the UCX agent and its send/receive flows."""
+"""Tag layout and waits shared by the UCX agent and its send/receive flows."""
 from __future__ import annotations
 
 import asyncio
@@ -12,13 +12,6 @@ INBOX_TAG = 0                       # transfer id 0 is reserved for the inbox
 MAX_LAYERS = (ACK_SLOT - 3) // 2   # layer slots, then the trailer's frame and payload, below ACK_SLOT
 MAX_TRANSFER_ID = (1 << (64 - _SLOT_BITS)) - 1
 assert MAX_TRANSFER_ID == base.MAX_TRANSFER_ID, "tags must carry every transfer id"
-# Probe pacing: spin briefly (messages of one transfer follow each other closely), then back off
-# exponentially up to a cap, so waiting through a long prefill costs few wake-ups: on a small host
-# every wake-up steals time from the compute threads the transfer is meant to hide behind.
-SPIN_PROBES = 50
-BACKOFF_START_S = 0.00005
-BACKOFF_S = 0.0005
-IDLE_BACKOFF_S = 0.005
 DRAIN_S = 2.0
 DRAIN_POLL_S = 0.01
 # How often a wait on a UCX request looks whether its transfer was aborted: a large send completes
@@ -36,27 +29,21 @@ def frame_slot(layer_index: int) -> int:
     return 1 + 2 * layer_index
 
 
+# ucxx is imported on first use, not with this module: importing it edits the UCX environment,
+# which the agent inspects first (ucx._prepare_ucx_environment).
+def ucx_tag(value: int):
+    from ucxx.types import Tag
+    return Tag(value)
+
+
+def ucx_buffer(obj):
+    """A ucxx view of a buffer-protocol object (it keeps `obj` alive)."""
+    from ucxx._lib.arr import Array
+    return Array(obj)
+
+
 class Aborted(Exception):
     pass
-
-
-class Pacer:
-    def __init__(self, idle_s: float = BACKOFF_S):
-        self._spins = 0
-        self._idle_s = idle_s
-        self._sleep_s = BACKOFF_START_S
-
-    async def wait(self, idle_s: float | None = None) -> None:
-        self._spins += 1
-        if self._spins < SPIN_PROBES:
-            await asyncio.sleep(0)
-            return
-        await asyncio.sleep(self._sleep_s)
-        self._sleep_s = min(2 * self._sleep_s, idle_s or self._idle_s)
-
-    def reset(self) -> None:
-        self._spins = 0
-        self._sleep_s = BACKOFF_START_S
 
 
 async def wait_active(task: asyncio.Future, timeout_s: float, status=None):

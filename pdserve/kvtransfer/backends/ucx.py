@@ -13,7 +13,8 @@ sitting in UCX's queue; a sender without the token cannot address the data tags 
 Slot 1+2i carries the frame of layer i, 2+2i its payload, 1+2L the trailer's frame and 2+2L its
 bytes (a trailer can outgrow a control slot: prompt logprobs); the receiver answers
 ACK or ERROR on the sender's ACK_SLOT, and a sender's ABORT goes to ABORT_SLOT, always watched.
-All UCX calls run on one background thread with its own event loop.
+All UCX calls run on one background thread with its own event loop, which also progresses the
+worker when UCX signals an event (see _ucx_progress.py): no progress thread, no polling.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from pdserve.kvtransfer import frames
 from pdserve.kvtransfer.base import (BaseKVAgent, BaseKVReceiver, BaseKVSender, TransferLayout,
                                      TransferStatus)
 from pdserve.kvtransfer.backends._ucx_flows import UcxFlows
+from pdserve.kvtransfer.backends._ucx_progress import UcxProgress
 from pdserve.kvtransfer.backends._ucx_wire import (ACK_SLOT, ABORT_SLOT, MAX_LAYERS, MAX_TRANSFER_ID,
                                                    DRAIN_POLL_S, DRAIN_S, REPLY_TIMEOUT_S, Aborted,
-                                                   frame_slot, tag, wait_active)
+                                                   frame_slot, tag, ucx_buffer, ucx_tag, wait_active)
 from pdserve.v1 import kvtransfer_pb2 as pb
 
 MAX_ADDRESS_BYTES = 64 << 10
@@ -89,14 +91,11 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._tasks: set[asyncio.Task] = set()
-        # UCX requests we stopped waiting for, with the buffers they still use (loop thread only).
-        self._unfinished_io: dict[asyncio.Task, object] = {}
         self._num_active = 0
         self._lock = threading.Lock()
         self._endpoints: dict[bytes, object] = {}
         self._armed: dict[int, tuple[asyncio.Future, TransferLayout]] = {}   # set by create_receiver
         self._inbox_buf = bytearray(frames.SLOT_BYTES)   # the inbox's posted receive (agent-lived)
-        self._inbox_wake = asyncio.Event()
         self._init_error: Exception | None = None
         _prepare_ucx_environment()
         self._thread = threading.Thread(target=self._run_loop, args=(tls,), name="kv-ucx", daemon=True)
@@ -109,9 +108,12 @@ class UcxAgent(UcxFlows, BaseKVAgent):
     def _run_loop(self, tls: str) -> None:
         asyncio.set_event_loop(self._loop)
         try:
-            from ucxx._lib_async.application_context import ApplicationContext
-            self._ctx = ApplicationContext(config_dict={"TLS": tls})
-            self._address = bytes(self._ctx.worker_address)
+            from ucxx._lib import libucxx
+            self._ucx_context = libucxx.UCXContext({"TLS": tls})
+            self._worker = libucxx.UCXWorker(self._ucx_context, enable_delayed_submission=False,
+                                             enable_python_future=False)
+            self._address = bytes(self._worker.address)
+            self._progress = UcxProgress(self._worker, self._loop)
         except Exception as exc:  # surfaced to the constructor's caller
             self._init_error = exc
         self._ready.set()
@@ -150,7 +152,6 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         # the loop thread only; a dict store is atomic.
         waiter = self._loop.create_future()
         self._armed[layout.transfer_id] = (waiter, layout)
-        self.call_soon(self._inbox_wake.set)
         self._spawn(self._receive(rx, waiter))
         return rx
 
@@ -178,6 +179,7 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         def cancel_all() -> None:
             for task in list(self._tasks):
                 task.cancel()
+            self._progress.close()
         self.call_soon(cancel_all)
 
     def check_peer_address(self, peer_address: bytes) -> str | None:
@@ -193,47 +195,33 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         if ep is None:
             if problem := self.check_peer_address(peer_address):
                 raise ValueError(problem)
-            from ucxx import get_ucx_address_from_buffer
-            ep = await self._ctx.create_endpoint_from_worker_address(
-                get_ucx_address_from_buffer(peer_address), endpoint_error_handling=False)
+            from ucxx._lib import libucxx
+            ep = libucxx.UCXEndpoint.create_from_worker_address(
+                self._worker, libucxx.UCXAddress.create_from_buffer(peer_address), False)
             self._endpoints[peer_address] = ep
         return ep
 
-    async def _io(self, coro, buf, timeout_s: float, status: TransferStatus | None = None):
-        """Await one UCX send or receive for at most `timeout_s`, and, with `status`, only while
+    async def _io(self, request, buf, timeout_s: float, status: TransferStatus | None = None):
+        """Await one posted UCX request for at most `timeout_s`, and, with `status`, only while
         the transfer is active. Giving up on the wait (deadline, abort, close) does not end the
-        UCX request, which may still read or write `buf`: the buffer is kept alive until UCX
-        completes the request, so it never touches freed memory (a freed receive buffer corrupts
-        the heap; a freed, unmapped send buffer crashes the process)."""
-        task = asyncio.ensure_future(coro)
-        try:
-            return await wait_active(task, timeout_s, status)
-        except BaseException:
-            if not task.done():
-                self._unfinished_io[task] = buf
-                task.add_done_callback(self._io_finished)
-            raise
+        request, which may still read or write `buf`: the progress keeps the buffer alive until
+        UCX completes it, so it never touches freed memory."""
+        return await wait_active(self._progress.wait(request, buf), timeout_s, status)
 
-    def _io_finished(self, task: asyncio.Task) -> None:
-        self._unfinished_io.pop(task, None)
-        if not task.cancelled():
-            task.exception()      # retrieved: nobody awaits a request we gave up on
-
-    async def _bounded_io(self, coro, buf, status: TransferStatus):
-        """`_io` within the transfer's deadline; Aborted once the transfer has ended."""
+    async def _bounded_io(self, post, buf, status: TransferStatus):
+        """`_io` of the request `post()` makes, within the transfer's deadline; Aborted, and
+        nothing posted, once the transfer has ended."""
         remaining = status.remaining_s()
         if remaining <= 0 or not status.active:
-            coro.close()
             raise Aborted()
-        return await self._io(coro, buf, remaining, status)
+        return await self._io(post(), buf, remaining, status)
 
     async def _send_frame(self, ep, frame: pb.KVFrame, frame_tag: int, status: TransferStatus | None) -> None:
-        data = frames.encode_slot(frame)
-        coro = ep.send(data, tag=frame_tag, force_tag=True)
+        data = ucx_buffer(frames.encode_slot(frame))
         if status is None:
-            await self._io(coro, data, REPLY_TIMEOUT_S)
+            await self._io(ep.tag_send(data, ucx_tag(frame_tag)), data, REPLY_TIMEOUT_S)
         else:
-            await self._bounded_io(coro, data, status)
+            await self._bounded_io(lambda: ep.tag_send(data, ucx_tag(frame_tag)), data, status)
 
     async def _reply(self, address: bytes, wire_id: int, frame: pb.KVFrame) -> None:
         try:
@@ -252,11 +240,12 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         return await asyncio.wait_for(awaitable, remaining)
 
     def _probe(self, wanted: int):
-        found = self._ctx.tag_probe(wanted, remove=True)
+        found = self._worker.tag_probe(ucx_tag(wanted), remove=True)
         return found if found.matched else None
 
     async def _take(self, found, buf) -> None:
-        await self._io(self._ctx.recv_with_handle(buf, found), buf, self._stall_timeout_s)
+        array = ucx_buffer(buf)
+        await self._io(self._worker.tag_recv_with_handle(array, found), array, self._stall_timeout_s)
 
     async def _take_frame(self, found) -> pb.KVFrame:
         buf = bytearray(found.length)
