@@ -96,15 +96,27 @@ class TransferStatus:
         self._state = TransferState.BOOTSTRAPPING
         self._failure: str | None = None
         self.finished = threading.Event()
+        self._on_finish: list = []
 
     def poll(self) -> TransferState:
         with self._lock:
-            if self._state in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING) \
-                    and self._clock.now_s() > self.deadline_s:
-                self._state = TransferState.FAILED
-                self._failure = f"timed out after {self._timeout_s:.1f} s"
-                self.finished.set()
-            return self._state
+            timed_out = (self._state in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING)
+                         and self._clock.now_s() > self.deadline_s)
+            if timed_out:
+                self._end(TransferState.FAILED, f"timed out after {self._timeout_s:.1f} s")
+            state = self._state
+        if timed_out:
+            self._run_finish_callbacks()
+        return state
+
+    def add_finish_callback(self, fn) -> None:
+        """`fn()` once the transfer has ended: at once if it has, else on the thread that ends it
+        (an event loop's waiter hands it over with call_soon_threadsafe)."""
+        with self._lock:
+            if not self.finished.is_set():
+                self._on_finish.append(fn)
+                return
+        fn()
 
     def failure(self) -> str | None:
         with self._lock:
@@ -119,19 +131,29 @@ class TransferStatus:
         with self._lock:
             if self._state in (TransferState.DONE, TransferState.FAILED):
                 return False
-            self._state = TransferState.DONE
-            self.finished.set()
-            return True
+            self._end(TransferState.DONE, None)
+        self._run_finish_callbacks()
+        return True
 
     def mark_failed(self, reason: str) -> bool:
         """First failure wins; returns False if the transfer had already ended."""
         with self._lock:
             if self._state in (TransferState.DONE, TransferState.FAILED):
                 return False
-            self._state = TransferState.FAILED
-            self._failure = reason
-            self.finished.set()
-            return True
+            self._end(TransferState.FAILED, reason)
+        self._run_finish_callbacks()
+        return True
+
+    def _end(self, state: TransferState, failure: str | None) -> None:
+        """Under the lock."""
+        self._state, self._failure = state, failure
+        self.finished.set()
+
+    def _run_finish_callbacks(self) -> None:
+        with self._lock:
+            callbacks, self._on_finish = self._on_finish, []
+        for fn in callbacks:
+            fn()
 
     def remaining_s(self) -> float:
         return self.deadline_s - self._clock.now_s()

@@ -26,7 +26,9 @@ from pdserve.workers.model.sampling import SamplingConfig, TokenLogprob, sample_
 from pdserve.workers.prefill_runner import LayerCallback, PrefillRunner, Rejected
 
 log = logging.getLogger("pdserve.worker")
-_WAIT_SLICE_S = 0.5     # how long one thread-pool wait on a transfer event lasts (cancellation latency)
+# A transfer's deadline passes without any thread ending it (poll() fails it lazily): a waiter
+# polls at least this often.
+_WAIT_SLICE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -82,10 +84,27 @@ class _LazySender:
 
 
 async def wait_transfer(end) -> TransferState:
-    """Wait for a sender or receiver to finish without blocking the event loop."""
+    """Wait for a sender or receiver to finish without blocking the event loop. The backend's
+    thread wakes the loop directly when the transfer ends: a wait on its threading.Event in the
+    default executor held one of its few threads for each transfer in flight (6 on a 2-core
+    host), so under concurrency finished transfers queued behind unfinished ones' waits."""
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(_resolve, ended)
+        except RuntimeError:
+            pass            # the loop closed meanwhile: nobody waits any more
+    end.status.add_finish_callback(wake)
     while end.poll() in (TransferState.BOOTSTRAPPING, TransferState.TRANSFERRING):
-        await asyncio.to_thread(end.status.finished.wait, _WAIT_SLICE_S)
+        await asyncio.wait({ended}, timeout=_WAIT_SLICE_S)
     return end.poll()
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class PrefillSide:
