@@ -53,7 +53,7 @@ class UcxFlows:
         need not wait for the previous one's receiver. Each buffer is kept until UCX sent it."""
         tid = tx.layout.wire_id   # labels the data tags
         ep = None
-        posted = _Posted(self)
+        posted = _Posted(self._progress)
         try:
             ep = await self._bounded(self._endpoint(peer_address), tx.status)
             head = frames.header(tx.layout, checksum)
@@ -217,10 +217,10 @@ class _Refused(Exception):
 
 
 class _Posted:
-    """UCX sends of one transfer in flight (the agent's progress keeps their buffers)."""
+    """UCX sends of one transfer in flight (the progress keeps their buffers)."""
 
-    def __init__(self, agent):
-        self._agent = agent
+    def __init__(self, progress):
+        self._progress = progress
         self._sends: list[asyncio.Future] = []
 
     def frame(self, ep, frame: pb.KVFrame, frame_tag: int) -> None:
@@ -228,7 +228,7 @@ class _Posted:
 
     def payload(self, ep, buf, buf_tag: int) -> None:
         array = ucx_buffer(buf)
-        self._sends.append(self._agent._progress.wait(ep.tag_send(array, ucx_tag(buf_tag)), array))
+        self._sends.append(self._progress.wait(ep.tag_send(array, ucx_tag(buf_tag)), array))
 
     def raise_failed(self) -> None:
         """Drops completed sends; raises the error of a failed one (the transfer fails now, not
