@@ -50,11 +50,21 @@ def _idle_connections(agent: TcpAgent) -> list:
         return list(agent._idle)
 
 
+def _transfer_then_idle(a, b, fill: int) -> None:
+    _transfer(a, b, fill)
+    assert wait_until(lambda: len(_idle_connections(a)) == 1, 5)   # back in the pool after the ACK
+
+
+def _completes_on_a_new_connection(a, b) -> None:
+    _transfer(a, b, 2)
+    assert a.num_connections_opened == 2
+    assert_no_leaks(agents=(a, b))
+
+
 def test_later_transfers_reuse_the_connection(pair):
     a, b = pair
     for fill in range(5):
-        _transfer(a, b, fill)
-        assert wait_until(lambda: len(_idle_connections(a)) == 1, 5)   # back in the pool after the ACK
+        _transfer_then_idle(a, b, fill)
     assert a.num_connections_opened == 1
     assert_no_leaks(agents=(a, b))
 
@@ -75,29 +85,23 @@ def test_concurrent_transfers_to_one_peer_use_separate_connections(pair):
 
 def test_a_connection_the_peer_closed_is_replaced_not_reused(pair):
     a, b = pair
-    _transfer(a, b, 1)
-    assert wait_until(lambda: len(_idle_connections(a)) == 1, 5)
+    _transfer_then_idle(a, b, 1)
     with b._lock:
         served = list(b._served)
     for sock in served:          # what a restarting or overloaded peer does to an idle connection
         sock.shutdown(2)
     assert wait_until(lambda: not _idle_connections(a)[0].alive(), 5)
-    _transfer(a, b, 2)
-    assert a.num_connections_opened == 2
-    assert_no_leaks(agents=(a, b))
+    _completes_on_a_new_connection(a, b)
 
 
 def test_a_failed_transfer_closes_its_connection_and_the_next_one_completes(pair):
     a, b = pair
-    _transfer(a, b, 1)
-    assert wait_until(lambda: len(_idle_connections(a)) == 1, 5)
+    _transfer_then_idle(a, b, 1)
     unknown = _send(a, b, TransferLayout(next(_ids), (16,)), 7)     # nothing armed under its id
     assert wait_until(lambda: unknown.poll() in _ENDED, 8)
     assert unknown.poll() is TransferState.FAILED and "unknown or expired transfer id" in unknown.failure()
     assert wait_until(lambda: not _idle_connections(a), 5)
-    _transfer(a, b, 2)
-    assert a.num_connections_opened == 2
-    assert_no_leaks(agents=(a, b))
+    _completes_on_a_new_connection(a, b)
 
 
 def test_an_aborted_transfer_is_not_followed_on_its_connection(pair):
@@ -107,9 +111,7 @@ def test_an_aborted_transfer_is_not_followed_on_its_connection(pair):
     tx.send_layer(0, memoryview(np.zeros(4096, np.uint8)))
     tx.abort("client went away")
     assert wait_until(lambda: rx.poll() in _ENDED, 6) and rx.poll() is TransferState.FAILED
-    _transfer(a, b, 3)
-    assert a.num_connections_opened == 2
-    assert_no_leaks(agents=(a, b))
+    _completes_on_a_new_connection(a, b)
 
 
 def test_close_ends_every_connection_thread():
