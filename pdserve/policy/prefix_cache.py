@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 _ROOT = b"\0" * 8
 
@@ -48,17 +48,21 @@ def reusable_blocks(num_prompt_tokens: int, block_size_tokens: int) -> int:
     return max(0, (num_prompt_tokens - 1) // block_size_tokens)
 
 
-def infinite_cache_hit_rate(prompts: Iterable[tuple[Sequence[int], int]], block_size_tokens: int) -> float:
-    """Upper bound of a prefix hit rate: the share of prompt tokens one cache that never evicts
-    and sees every prompt (given in arrival order as (block names, prompt tokens)) would serve."""
+def infinite_cache_hits(prompts: Iterable[tuple[Sequence[int], int]], block_size_tokens: int) -> Iterator[int]:
+    """Per prompt (given in arrival order as (block names, prompt tokens)), the tokens that one
+    cache that never evicts and saw every earlier prompt would serve."""
     seen: set[int] = set()
-    hits = total = 0
     for hashes, num_tokens in prompts:
         reusable = hashes[:reusable_blocks(num_tokens, block_size_tokens)]
-        hits += next((i for i, h in enumerate(reusable) if h not in seen), len(reusable)) * block_size_tokens
-        total += num_tokens
+        yield next((i for i, h in enumerate(reusable) if h not in seen), len(reusable)) * block_size_tokens
         seen.update(hashes[:num_tokens // block_size_tokens])
-    return hits / total if total else 0.0
+
+
+def infinite_cache_hit_rate(prompts: Iterable[tuple[Sequence[int], int]], block_size_tokens: int) -> float:
+    """Upper bound of a prefix hit rate: the share of prompt tokens `infinite_cache_hits` serves."""
+    prompts = list(prompts)
+    total = sum(num_tokens for _, num_tokens in prompts)
+    return sum(infinite_cache_hits(prompts, block_size_tokens)) / total if total else 0.0
 
 
 class PrefixIndex:

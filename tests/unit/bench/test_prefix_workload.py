@@ -40,3 +40,12 @@ def test_idle_floor_prompts_share_exactly_the_stated_prefix():
     assert len({tuple(ids[:16]) for ids in p["cold"]}) == 5                 # nothing shared among cold ones
     assert all(ids[:16] != shared[:16] for ids in p["cold"])
     assert p["cached"] == [p["warm"][1]] * 5
+
+
+def test_the_compute_only_ratio_is_the_median_left_to_compute_over_the_median_prompt():
+    from pdserve.bench.prefix import compute_only_ttft_p50_ratio
+    first = list(range(64))
+    prompts = [first, first + [7] * 32, [9] * 96, first + [7] * 32 + [8] * 32]
+    # 16-token blocks; left to compute: 64, 32 (first cached), 96, 32 (first 96 cached)
+    assert compute_only_ttft_p50_ratio(prompts) == 64 / 96
+    assert compute_only_ttft_p50_ratio([]) == 0.0

@@ -31,3 +31,13 @@ def test_a_worker_is_capped_at_its_block_budget():
     index = PrefixIndex(max_blocks_per_worker=3)
     index.apply("w", block_hashes(list(range(80)), 8), [])
     assert index.num_blocks("w") == 3
+
+
+def test_an_infinite_cache_serves_each_prompt_the_leading_blocks_an_earlier_one_had():
+    from pdserve.policy.prefix_cache import infinite_cache_hit_rate, infinite_cache_hits
+    a, b, c = [1, 2, 3], [1, 2, 9], [5, 2, 3]           # block names, 4 tokens a block
+    prompts = [(a, 12), (b, 12), (c, 12), (a, 13), (a, 12)]
+    # b shares a's first two blocks; c shares no leading block; a again: every full block, except
+    # that the block holding a prompt's last token is never served (its logits are needed).
+    assert list(infinite_cache_hits(prompts, 4)) == [0, 8, 0, 12, 8]
+    assert infinite_cache_hit_rate(prompts, 4) == 28 / 61
