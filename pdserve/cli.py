@@ -19,17 +19,18 @@ def _config(args: argparse.Namespace, overrides: dict | None = None):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pdserve import timeline
     from pdserve.aio import run_loop
 
+    cfg = _config(args, {"worker.role": args.component} if args.component not in ("router", "gateway") else None)
+    timeline.enable(cfg.diagnostics.timeline_file)
     if args.component == "router":
         from pdserve.router.main import serve
-        run_loop(serve(_config(args)))
     elif args.component == "gateway":
         from pdserve.gateway.main import serve
-        run_loop(serve(_config(args)))
     else:
         from pdserve.workers.main import serve
-        run_loop(serve(_config(args, {"worker.role": args.component})))
+    run_loop(serve(cfg))
     return 0
 
 
@@ -160,6 +161,14 @@ def _bench_prefix(args: argparse.Namespace) -> int:
     report = prefix.run(args.requests, args.tokens_per_trace_block, args.speedup, args.ttft_slo_ms,
                         args.kv_blocks, args.trace_file, tuple(args.modes.split(",")), args.sample_every)
     print(json.dumps(report) if args.json else prefix.format_report(report))
+    return 0
+
+
+def _bench_timeline(args: argparse.Namespace) -> int:
+    from pdserve.bench import timeline
+
+    report = timeline.run(args.requests, args.prompt_tokens, args.prefill, args.decode, args.kv_backend)
+    print(json.dumps(report) if args.json else timeline.format_report(report))
     return 0
 
 
@@ -410,6 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--json", action="store_true")
     _trace_file_option(px)
     px.set_defaults(fn=_bench_prefix)
+    tl = bench.add_parser("timeline", help="where one request's time goes, stage by stage (cached and cold prompts)")
+    tl.add_argument("--requests", type=int, default=20, help="requests of each kind, one at a time")
+    tl.add_argument("--prompt-tokens", type=int, default=293, help="prompt length (the median of bench prefix's)")
+    tl.add_argument("--prefill", type=int, default=2, help="prefill workers")
+    tl.add_argument("--decode", type=int, default=2, help="decode workers")
+    tl.add_argument("--kv-backend", choices=("ucx", "tcp"), default="ucx")
+    tl.add_argument("--json", action="store_true")
+    tl.set_defaults(fn=_bench_timeline)
     ic = bench.add_parser("iccache", help="IC-Cache vs always-large/small, random examples and semantic caches, "
                                           "on red-trivia questions (needs the iccache-bench extra)")
     ic.add_argument("--large-model", default="gemma3-270m")

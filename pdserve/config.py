@@ -192,6 +192,11 @@ class DatabaseSettings(_Section):
                                      "(postgresql+psycopg://user@host/db for production)")
 
 
+class DiagnosticsSettings(_Section):
+    timeline_file: str = Field("", description="Append each request's stages (wall time, process, stage, id) "
+                                               "here; for latency work (`pdserve bench timeline`), off when empty")
+
+
 class PDServeConfig(_Section):
     model: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
@@ -201,6 +206,7 @@ class PDServeConfig(_Section):
     database: DatabaseSettings = DatabaseSettings()
     cluster: ClusterSettings = ClusterSettings()
     iccache: ICCacheSettings = ICCacheSettings()
+    diagnostics: DiagnosticsSettings = DiagnosticsSettings()
 
     @property
     def served_model(self) -> str:

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 
+from pdserve import timeline
 from pdserve.gateway import generation, iccache_routes
 from pdserve.gateway.admission import ClientGone, unless_client_leaves
 from pdserve.gateway.dependencies import GatewayDeps, charge, deps, metrics, read_json, tenant
@@ -35,6 +36,7 @@ async def _serve(request: Request, chat: bool):
     state = request.app.state
     d, m, rec = state.deps, state.metrics, state.recorder
     attempt = Attempt(request.state.req_id, "chat" if chat else "completions", time.perf_counter())
+    timeline.mark("gateway.received", attempt.req_id)
     out, status, streaming, admitted = generation.Outcome(), 200, False, False
     m.inflight.inc()
     try:
@@ -44,6 +46,7 @@ async def _serve(request: Request, chat: bool):
         client_body = await read_json(request, d.max_body_bytes)
         body, attempt.plan = await iccache_routes.route(request, client_body, chat, d, attempt.tenant)
         p, stream = await _open(request, chat, d, attempt, client_body, body)
+        timeline.mark("gateway.first_chunk", attempt.req_id)
         m.ttft.observe(stream.first_token_s - stream.started_s)
         if p.stream:
             streaming = True
@@ -63,6 +66,7 @@ async def _serve(request: Request, chat: bool):
         status = 500
         raise
     finally:
+        timeline.mark("gateway.answered", attempt.req_id)
         if not streaming:       # a stream settles when its response ends (_closer)
             m.inflight.dec()
             if admitted:

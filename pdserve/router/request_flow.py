@@ -21,6 +21,7 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
+from pdserve import timeline
 from pdserve.clock import Clock
 from pdserve.policy.dispatch import Dispatcher, Placement
 from pdserve.policy.ratio_controller import RatioController
@@ -159,6 +160,7 @@ class RequestFlow:
     async def _attempt(self, request, max_tokens: int, scenario: str, tracker: RequestTracker,
                        excluded: set[str]) -> AsyncIterator[worker_pb2.TokenChunk]:
         placement, reservation = await self._place_and_reserve(request, max_tokens, scenario, excluded)
+        timeline.mark("router.reserved", request.req_id)
         tracker.to(RequestState.PLACED, self.clock.now_s())
         log.info("request %s placed: scenario=%s prefill=%s decode=%s backend=%s", request.req_id, scenario,
                  placement.prefill_id, placement.decode_id, placement.kv_backend)
@@ -249,6 +251,7 @@ class RequestFlow:
             async for chunk in self._relay(call, placement.decode_id, request.req_id, tracker, first):
                 if chunk.finish_reason != worker_pb2.FINISH_REASON_UNSPECIFIED:
                     await _settle(prefill, chunk)
+                    timeline.mark("router.last_chunk", request.req_id)
                 yield chunk
         except RouteFailed:
             # The decode side usually fails *because* the prefill did: report the cause.

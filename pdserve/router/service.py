@@ -13,6 +13,7 @@ from typing import Callable
 
 import grpc
 
+from pdserve import timeline
 from pdserve.clock import Clock
 from pdserve.cluster_auth import Credential
 from pdserve.policy.dispatch import Dispatcher
@@ -216,6 +217,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the router is routing {len(self.trackers)} requests, its limit")
         counters.routed += 1
+        timeline.mark("router.received", req_id)
         tracker = self.trackers[req_id] = RequestTracker(req_id, self.clock.now_s())
         timeout_s = request.timeout_s or self.request_timeout_s
         try:

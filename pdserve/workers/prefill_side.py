@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from pdserve import timeline
 from pdserve.clock import Clock
 from pdserve.kvtransfer import BaseKVAgent, TransferLayout, TransferState, as_bytes_view
 from pdserve.v1 import kvtransfer_pb2, logprobs_pb2, worker_pb2
@@ -165,6 +166,7 @@ class PrefillSide:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"backend {request.target.backend!r} not served here")
         if problem := agent.check_peer_address(request.target.address):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        timeline.mark("prefill.received", request.req_id)
         ids = list(request.prompt_token_ids)
         params = await checked_params(self.engine, ids, request.sampling, context)
         skip = request.skip_kv_tokens
@@ -182,6 +184,7 @@ class PrefillSide:
             try:
                 prefix_kv = (await self._run(self.engine.lookup_prefix, ids)
                              if self.engine.allocator.prefix_caching else None)
+                timeline.mark("prefill.prefix_looked_up", request.req_id)
                 result = await self.compute(request.req_id, ids, params, request.ttft_slo_ms, on_layer,
                                             admission_budget_s=self.admission_budget_s(request.ttft_slo_ms),
                                             first_output_index=len(request.resume_output_token_ids),
@@ -190,6 +193,7 @@ class PrefillSide:
                 # Nothing was sent: the decode worker's receiver stays armed for another prefill worker.
                 log.info("request %s: rejected for on-demand forwarding: %s", request.req_id, exc)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill rejected: {exc}")
+            timeline.mark("prefill.computed", request.req_id)
             sender = link.get()
             trailer = kvtransfer_pb2.PrefillTrailer(req_id=request.req_id, first_token_id=result.first_token_id,
                                                     num_prompt_tokens=len(ids))
@@ -198,10 +202,12 @@ class PrefillSide:
             trailer.prompt_logprobs.extend(logprob_to_proto(lp) for lp in result.prompt_logprobs or ())
             sender.finish(trailer.SerializeToString())
             tail_start = self.clock.now_s()
+            timeline.mark("prefill.trailer_sent", request.req_id)
             if await wait_transfer(sender) is TransferState.FAILED:
                 log.warning("request %s: KV transfer failed: %s", request.req_id, sender.failure())
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {sender.failure()}")
             tail_ms = (self.clock.now_s() - tail_start) * 1e3
+            timeline.mark("prefill.acked", request.req_id)
             if self.engine.allocator.prefix_caching:
                 self._store_later(ids, layers)
             log.info("request %s: prefilled %d tokens (%d cached) in %.1f ms, sent %d KV bytes (%d tokens held "

@@ -19,6 +19,7 @@ import secrets
 
 import grpc
 
+from pdserve import timeline
 from pdserve.clock import Clock
 from pdserve.kvtransfer import (MAX_TRANSFER_ID, BaseKVAgent, TransferLayout, TransferState, as_bytes_view,
                                new_token)
@@ -160,6 +161,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         transfer_id, token = self._new_transfer_id(), new_token()
+        timeline.mark("decode.reserve_received", request.req_id)
 
         def arm(req):   # the transfer carries only what the prefix cache does not hold
             layout = TransferLayout(transfer_id, self.engine.layer_nbytes(req.num_prompt_tokens - req.cached_tokens),
@@ -173,6 +175,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except RequestGone as exc:
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        timeline.mark("decode.reserve_answered", request.req_id)
         return worker_pb2.ReserveKVResponse(
             endpoint=worker_pb2.KVEndpoint(backend=request.backend, address=agent.address()),
             transfer_id=transfer_id, lease_s=self._lease_s, transfer_token=token, num_cached_tokens=req.cached_tokens)
@@ -197,12 +200,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if await wait_transfer(rx) is TransferState.FAILED:
             log.warning("request %s: KV transfer failed: %s", req.req_id, rx.failure())
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {rx.failure()}")
+        timeline.mark("decode.kv_arrived", req.req_id)
         trailer = kvtransfer_pb2.PrefillTrailer.FromString(rx.trailer)
         if trailer.req_id != req.req_id:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"KV transfer carried request {trailer.req_id!r}, expected {req.req_id!r}")
         delta = await self.requests.start(req, prompt_ids, req.staging, params, trailer.first_token_id, resume,
                                           layers_start_tokens=req.cached_tokens)
+        timeline.mark("decode.kv_imported", req.req_id)
         first = logprob_from_proto(trailer.first_token_logprob) if trailer.HasField("first_token_logprob") else None
         return _with_logprobs(delta, first, [logprob_from_proto(p) for p in trailer.prompt_logprobs])
 
@@ -230,6 +235,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if req_id in self._streams:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {req_id!r} is already running")
         queue = self._streams[req_id] = asyncio.Queue()
+        timeline.mark("decode.generate_received", req_id)
         held, reason = None, "request ended"     # held: the request this call owns and must release
         try:
             params = await self._params_or_drop(request, prompt_ids, context)
@@ -245,6 +251,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             num_generated, num_prompt_tokens = len(resume), len(prompt_ids) - len(resume)
             while True:
                 num_generated += len(delta.token_ids)
+                timeline.mark("decode.chunk", req_id)
                 yield self._chunk(req_id, delta, num_prompt_tokens, num_generated)
                 if delta.finish is not None:
                     reason = f"finished ({delta.finish.value}, {num_generated} tokens)"

@@ -52,3 +52,20 @@ def test_bench_auth_json_compares_the_channel_kinds():
     for kind in ("unary", "stream"):
         assert set(report["results"][kind]) == {"bare", "plain", "secret", "secret_by_interceptor", "mtls_and_secret"}
         assert report["results"][kind]["bare"]["p50_ratio_to_bare"] == 1.0
+
+
+def test_bench_timeline_json_has_every_stage_in_order():
+    out = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "timeline", "--json", "--requests", "2",
+                          "--prefill", "1", "--decode", "1", "--kv-backend", "tcp"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    report = json.loads(out)
+    # Causally ordered in every request, so in their medians too (prefill.trailer_sent is not:
+    # the backend's thread may deliver the trailer before the handler marks it sent).
+    expected = ["client.sent", "gateway.received", "router.received", "decode.reserve_received", "router.reserved",
+                "prefill.received", "prefill.computed", "decode.kv_arrived", "decode.kv_imported", "decode.chunk",
+                "router.last_chunk", "gateway.first_chunk", "gateway.answered", "client.received"]
+    for kind, k in report["kinds"].items():
+        at = {s["stage"]: s["at_ms_p50"] for s in k["stages"]}
+        assert set(expected) | {"prefill.trailer_sent", "prefill.acked"} <= set(at), (kind, sorted(at))
+        assert [at[s] for s in expected] == sorted(at[s] for s in expected), (kind, at)
+    assert report["kinds"]["cached"]["cached_tokens_p50"] > 0 == report["kinds"]["cold"]["cached_tokens_p50"]

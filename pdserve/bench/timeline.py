@@ -1,0 +1,100 @@
+"""`pdserve bench timeline`: where one request's time goes, stage by stage, on a real cluster.
+
+Starts a `tiny` cluster (2 prefill + 2 decode by default, one torch thread each, as
+`bench prefix` runs) with `diagnostics.timeline_file` set, so every component appends the stages
+a request passes (pdserve/timeline.py). Then sends requests one at a time, so nothing queues:
+`cached` ones repeat one prompt whose prefix the workers hold, `cold` ones are fresh prompts,
+interleaved so drift hits both alike. Per kind: the client's end-to-end latency and, per stage
+in the order requests pass them, the median time since the client sent the request and since
+the previous stage (medians of per-request differences, so the columns need not add up).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import tempfile
+import time
+
+import httpx
+
+from pdserve import timeline
+from pdserve.launch import LocalCluster
+
+KINDS = ("cached", "cold")
+
+
+def _ask(http: httpx.Client, ids: list[int]) -> tuple[str, float, float, int]:
+    sent = time.time()
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1})
+    r.raise_for_status()
+    cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    return r.headers["x-request-id"], sent, time.time(), cached
+
+
+def _summary(samples: list[tuple[dict[str, float], float, float]]) -> list[dict]:
+    """samples: (stage -> wall s, client sent s, client received s) per request."""
+    rows = [{"client.sent": sent, **stages, "client.received": got} for stages, sent, got in samples]
+    names = {name for row in rows for name in row}
+    at = {name: statistics.median(row[name] - row["client.sent"] for row in rows if name in row) for name in names}
+    order = sorted(names, key=lambda name: at[name])
+    out = []
+    for prev, name in zip([None, *order], order):
+        gaps = [row[name] - row[prev] for row in rows if prev is not None and name in row and prev in row]
+        out.append({"stage": name, "at_ms_p50": round(1e3 * at[name], 2),
+                    "since_previous_ms_p50": round(1e3 * statistics.median(gaps), 2) if gaps else None})
+    return out
+
+
+def run(num_requests: int = 20, prompt_tokens: int = 293, num_prefill: int = 2, num_decode: int = 2,
+        backend: str = "ucx") -> dict:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/timeline.log"
+        env = {"PDSERVE_DATABASE__URL": f"sqlite:///{tmp}/bench.db", "PDSERVE_MODEL__TORCH_NUM_THREADS": "1",
+               "PDSERVE_DIAGNOSTICS__TIMELINE_FILE": path,
+               "PDSERVE_ROUTER__KV_BACKEND_PREFERENCE": f'["{backend}"]'}
+        cluster = LocalCluster(model="tiny", num_prefill=num_prefill, num_decode=num_decode, env=env).start()
+        try:
+            raw = _replay(cluster.url, num_requests, prompt_tokens, num_prefill)
+        finally:
+            cluster.stop()
+        stages = timeline.read(path)
+    kinds = {}
+    for kind in KINDS:
+        done = raw[kind]
+        kinds[kind] = {
+            "requests": len(done),
+            "cached_tokens_p50": statistics.median(c for *_, c in done),
+            "end_to_end_ms_p50": round(1e3 * statistics.median(got - sent for _, sent, got, _ in done), 2),
+            "stages": _summary([(stages.get(rid, {}), sent, got) for rid, sent, got, _ in done])}
+    return {"model": "tiny", "cluster": f"{num_prefill} prefill + {num_decode} decode", "kv_backend": backend,
+            "prompt_tokens": prompt_tokens, "kinds": kinds}
+
+
+def _replay(url: str, num_requests: int, prompt_tokens: int, num_prefill: int) -> dict[str, list]:
+    rng = random.Random(1)
+    fresh = lambda: [rng.randrange(256) for _ in range(prompt_tokens)]  # noqa: E731
+    cached = fresh()
+    raw: dict[str, list] = {kind: [] for kind in KINDS}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for _ in range(2 * num_prefill):     # every prefill worker may be chosen at first
+            _ask(http, cached)
+            _ask(http, fresh())
+        for _ in range(num_requests):
+            raw["cached"].append(_ask(http, cached))
+            raw["cold"].append(_ask(http, fresh()))
+    return raw
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['model']}, {r['cluster']}, {r['prompt_tokens']}-token prompts, KV over {r['kv_backend']}; "
+             "medians, one request at a time"]
+    for kind, k in r["kinds"].items():
+        lines.append(f"{kind}: {k['requests']} requests, {k['cached_tokens_p50']} tokens cached, "
+                     f"end to end {k['end_to_end_ms_p50']} ms")
+        lines.append(f"  {'stage':<28}{'at ms':>9}{'since previous':>16}")
+        for s in k["stages"]:
+            since = "" if s["since_previous_ms_p50"] is None else f"{s['since_previous_ms_p50']:.2f}"
+            lines.append(f"  {s['stage']:<28}{s['at_ms_p50']:>9.2f}{since:>16}")
+    return "\n".join(lines)
