@@ -195,9 +195,12 @@ class _Connection:
         self._jobs.put(sender)         # None ends the thread
 
     def alive(self) -> bool:
-        """An idle connection never has anything to read: readable means the peer closed it."""
+        """An idle connection never has anything to read: readable means the peer closed it.
+        poll, not select: a busy worker's descriptors can exceed select's limit of 1024."""
         try:
-            return not select.select([self.sock], [], [], 0)[0]
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            return not poller.poll(0)
         except (OSError, ValueError):
             return False
 

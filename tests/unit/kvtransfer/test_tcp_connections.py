@@ -125,3 +125,31 @@ def test_close_ends_every_connection_thread():
     a.close()
     b.close()
     assert wait_until(lambda: not (ours() - before), 5), ours() - before
+
+
+def test_liveness_is_read_right_past_selects_descriptor_limit(pair):
+    """A busy worker holds many descriptors: an idle connection numbered past 1024 (select's
+    limit) must still be found alive, and found dead once its peer closes it."""
+    import os
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 2000:
+        pytest.skip(f"descriptor limit {hard} leaves no room past 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    a, b = pair
+    try:
+        _transfer_then_idle(a, b, 1)
+        conn = _idle_connections(a)[0]
+        low = conn.sock
+        conn.sock = socket.socket(fileno=os.dup2(low.fileno(), 2000))
+        low.close()
+        assert conn.alive()
+        with b._lock:
+            served = list(b._served)
+        for sock in served:
+            sock.shutdown(2)
+        assert wait_until(lambda: not conn.alive(), 5)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
