@@ -101,12 +101,7 @@ def compute_only_ttft_p50_ratio(prompts: list[list[int]], block_tokens: int = BL
         return 0.0
     hits = infinite_cache_hits(((block_hashes(ids, block_tokens), len(ids)) for ids in prompts), block_tokens)
     uncached = [len(ids) - hit for ids, hit in zip(prompts, hits)]
-    return _median(uncached) / _median([len(ids) for ids in prompts])
-
-
-def _median(values: list[int]) -> int:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
+    return _percentile(uncached, 0.5) / _percentile([len(ids) for ids in prompts], 0.5)
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -247,7 +242,7 @@ def run(num_requests: int | None = None, tokens_per_trace_block: int = 16, speed
     requests, skipped = workload(trace[:num_requests], tokens_per_trace_block, max_prompt_tokens=4000)
     bound = upper_bound_hit_rate([ids for _, ids in requests])
     compute_only = compute_only_ttft_p50_ratio([ids for _, ids in requests])
-    median_tokens = _median([len(ids) for _, ids in requests])
+    median_tokens = _percentile([len(ids) for _, ids in requests], 0.5)
     results = {mode: run_mode(mode, requests, speedup, ttft_slo_ms / 1e3, num_kv_blocks,
                               (median_tokens, bound) if mode == "cache_aware_routing" else None)
                for mode in modes}
