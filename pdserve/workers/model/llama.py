@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pdserve.workers.model.attention import attend_after_past
 from pdserve.workers.model.config import ModelConfig
 
 
@@ -123,17 +124,9 @@ class LlamaModel:
         q, k, v = self.qkv(layer, hidden, positions)
         full_k = k if past_k is None else torch.cat([past_k, k], dim=0)
         full_v = v if past_v is None else torch.cat([past_v, v], dim=0)
-        num_past = full_k.shape[0] - k.shape[0]
-        if num_past == 0:
-            # is_causal lets torch use its fused kernel instead of materialising a T x T mask.
-            mask, causal = None, True
-        else:
-            # Causal mask offset by the tokens already prefilled.
-            mask = torch.ones(k.shape[0], full_k.shape[0], dtype=torch.bool).tril(diagonal=num_past)
-            causal = False
-        out = F.scaled_dot_product_attention(
+        out = attend_after_past(
             q.transpose(0, 1)[None], self._expand_kv(full_k.transpose(0, 1)[None]),
-            self._expand_kv(full_v.transpose(0, 1)[None]), attn_mask=mask, is_causal=causal,
+            self._expand_kv(full_v.transpose(0, 1)[None]), num_past=full_k.shape[0] - k.shape[0],
         )[0].transpose(0, 1)
         return self.attention_output(layer, hidden, out), k, v
 

@@ -50,3 +50,14 @@ def test_chunked_attention_matches_whole_prompt():
     first, k1, v1 = m.prefill_attention(0, h[:25], torch.arange(25))
     second, _, _ = m.prefill_attention(0, h[25:], torch.arange(25, 40), past_k=k1, past_v=v1)
     torch.testing.assert_close(torch.cat([first, second]), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_a_long_chunk_after_a_prefix_matches_the_whole_prompt():
+    """Chunks of MERGE_MIN_TOKENS or more take the merged-softmax path (attention.py)."""
+    m = _tiny().model
+    ids = torch.arange(700) % 250
+    h = m.embed(ids)
+    whole, _, _ = m.prefill_attention(0, h, torch.arange(700))
+    first, k1, v1 = m.prefill_attention(0, h[:100], torch.arange(100))
+    second, _, _ = m.prefill_attention(0, h[100:], torch.arange(100, 700), past_k=k1, past_v=v1)
+    torch.testing.assert_close(torch.cat([first, second]), whole, rtol=1e-5, atol=1e-5)

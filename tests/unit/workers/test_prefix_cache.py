@@ -87,3 +87,20 @@ def test_a_prefill_cancelled_mid_way_leaves_the_shared_blocks_to_the_other(model
             assert again.token_ids == cold[1] and again.num_cached_tokens == 5 * BLOCK
             await _assert_clean([svc])
     asyncio.run(body())
+
+
+def test_a_long_prompt_after_a_cached_prefix_equals_its_cold_run(model_cache_dir):
+    """600 uncached tokens after 5 cached blocks: the prefill takes attention.py's merged path."""
+    long_prompt = SHARED[:5 * BLOCK] + [(13 * i + 5) % 250 + 1 for i in range(600)]
+    params = worker_pb2.SamplingParams(**PARAMS["greedy"])
+
+    async def body():
+        async with worker_cluster(model_cache_dir, roles=("aggregated",)) as (_, [a]):
+            cold = (await route([a], "cold", long_prompt, params)).token_ids
+        async with worker_cluster(model_cache_dir, prefix_caching=True) as (services, (p, d, _)):
+            await route([p, d], "warm", SHARED, params, backend="fake")
+            got = await route([p, d], "long", long_prompt, params, backend="fake")
+            assert got.num_cached_tokens == 5 * BLOCK
+            assert got.token_ids == cold
+            await _assert_clean(services)
+    asyncio.run(body())
