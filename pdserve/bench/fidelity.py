@@ -26,7 +26,7 @@ from pdserve.sim.hardware import from_host_profile
 from pdserve.traces import load_azure, load_file
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from pdserve.workers.model.loader import load_model
-from pdserve.workers.profiler import profile_decode
+from pdserve.workers.profiler import profile_decode, profile_path
 
 # Clipped so that this 2-core host (router, two workers and the client share it) is loaded but not
 # saturated: the comparison is about timing under load, not about queues growing without bound.
@@ -92,8 +92,7 @@ def run(minutes: float = 2.0, trace_file: pathlib.Path | None = None) -> dict:
             prefill_info = asyncio.run(_measured(cluster, cluster.process("prefill-0").port))
         finally:
             cluster.stop()
-    import torch
-    cost_file = cfg.model.cache_dir / f"profile-tiny-{torch.get_num_threads()}t.json"
+    cost_file = profile_path(cfg.model.cache_dir, "tiny")
     cost = OperatorCostModel.from_dict(json.loads(cost_file.read_text()))
     # Calibrated from the real cluster: decode step interval as measured in service, prefill
     # cost model with the correction factor the prefill worker learned in service.
@@ -101,7 +100,7 @@ def run(minutes: float = 2.0, trace_file: pathlib.Path | None = None) -> dict:
     per_seq_s = decode_info.measured_decode_step_per_seq_s
     scale = prefill_info.prefill_cost_scale or 1.0
     cost = OperatorCostModel(cost.num_layers, tuple(c * scale for c in cost.attention_coeffs),
-                             tuple(c * scale for c in cost.mlp_coeffs))
+                             tuple(c * scale for c in cost.mlp_coeffs), cost.attention_past_s * scale)
     small = cost.prefill_s(16)
     hw = from_host_profile("this-host-tiny", cost, base_s, per_seq_s, model.config.kv_bytes_per_token, 3e9,
                            request_overhead_s=max(0.0, real["overhead_s"] - small - base_s))

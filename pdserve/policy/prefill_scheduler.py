@@ -79,6 +79,11 @@ class WorkUnit:
     def piece_tokens(self) -> list[int]:
         return [p.num_tokens for p in self.pieces]
 
+    def piece_past(self) -> list[int]:
+        """Per piece, the tokens of its prompt before it (cached or computed earlier): its
+        attention reads their KV too."""
+        return [p.start_token for p in self.pieces]
+
     @property
     def req_ids(self) -> list[str]:
         return [p.job.req_id for p in self.pieces]
@@ -117,7 +122,7 @@ class BasePrefillScheduler(abc.ABC):
         wait_s = self.admission_wait_s(job, now_s)
         if wait_s is None or self.cost_model is None:
             return True, 0.0
-        finish_s = wait_s + self.cost_model.prefill_s(job.remaining_tokens)
+        finish_s = wait_s + self.cost_model.prefill_s(job.remaining_tokens, job.num_tokens_done)
         return now_s + finish_s <= job.deadline_s, finish_s
 
     def on_operator_done(self, unit: WorkUnit, now_s: float) -> None:
@@ -236,7 +241,7 @@ class FlowPrefillScheduler(BasePrefillScheduler):
         self._running: WorkUnit | None = None
 
     def slack_s(self, unit: WorkUnit, now_s: float, extra_wait_s: float = 0.0) -> float:
-        finish_s = now_s + extra_wait_s + self.cost.remaining_s(unit.piece_tokens(), unit.next_op)
+        finish_s = now_s + extra_wait_s + self.cost.remaining_s(unit.piece_tokens(), unit.next_op, unit.piece_past())
         return min(p.job.deadline_s for p in unit.pieces) - finish_s
 
     def add(self, job: PrefillJob, now_s: float) -> bool:
@@ -245,9 +250,9 @@ class FlowPrefillScheduler(BasePrefillScheduler):
         running = self._running
         if running is None:
             return False
-        running_left_s = self.cost.remaining_s(running.piece_tokens(), running.next_op)
+        running_left_s = self.cost.remaining_s(running.piece_tokens(), running.next_op, running.piece_past())
         # Preemption takes effect at the next operator boundary: count the operator in progress.
-        current_op_s = self.cost.op_s(running.next_op, running.piece_tokens())
+        current_op_s = self.cost.op_s(running.next_op, running.piece_tokens(), running.piece_past())
         can_make_it = self.slack_s(unit, now_s, extra_wait_s=current_op_s) >= 0
         misses_if_waits = self.slack_s(unit, now_s, extra_wait_s=running_left_s) < 0
         more_urgent = self.slack_s(unit, now_s) < self.slack_s(running, now_s)
@@ -260,13 +265,13 @@ class FlowPrefillScheduler(BasePrefillScheduler):
         wait_s = 0.0
         for u in self._waiting:
             if min(p.job.deadline_s for p in u.pieces) <= job.deadline_s:
-                wait_s += self.cost.remaining_s(u.piece_tokens(), u.next_op)
+                wait_s += self.cost.remaining_s(u.piece_tokens(), u.next_op, u.piece_past())
         running = self._running
         if running is not None:
             if min(p.job.deadline_s for p in running.pieces) <= job.deadline_s:
-                wait_s += self.cost.remaining_s(running.piece_tokens(), running.next_op)
+                wait_s += self.cost.remaining_s(running.piece_tokens(), running.next_op, running.piece_past())
             else:
-                wait_s += self.cost.op_s(running.next_op, running.piece_tokens())
+                wait_s += self.cost.op_s(running.next_op, running.piece_tokens(), running.piece_past())
         return wait_s
 
     def next_unit(self, now_s: float) -> WorkUnit | None:

@@ -25,7 +25,7 @@ from pdserve.policy.prefill_scheduler import make_scheduler
 from pdserve.workers.engine import Engine
 from pdserve.workers.model.loader import load_model
 from pdserve.workers.prefill_runner import PrefillRunner
-from pdserve.workers.profiler import fit_cost_model, profile_decode
+from pdserve.workers.profiler import fit_cost_model, profile_decode, profile_path
 from pdserve.workers.registration import Advertised, deregister, keep_registered
 from pdserve.workers.service import WorkerService
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
@@ -48,7 +48,7 @@ def build_agents(cfg: PDServeConfig, clock: WallClock) -> dict[str, BaseKVAgent]
 
 def load_or_profile_cost_model(cfg: PDServeConfig, model) -> OperatorCostModel:
     """Profiles of the runner on this host are cached per model and thread count."""
-    path = cfg.model.cache_dir / f"profile-{cfg.model.name.replace('/', '_')}-{torch.get_num_threads()}t.json"
+    path = profile_path(cfg.model.cache_dir, cfg.model.name)
     if path.is_file():
         return OperatorCostModel.from_dict(json.loads(path.read_text()))
     cost, _, max_error = fit_cost_model(model)

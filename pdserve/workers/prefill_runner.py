@@ -76,7 +76,8 @@ class PrefillRunner:
                prefix_kv: list[torch.Tensor] | None = None) -> concurrent.futures.Future:
         """Queue a prompt; the future resolves to its JobState (`logits`: the last position's;
         `prompt_logprobs` when `prompt_top` asks for them). `prefix_kv`: per layer, the cached KV
-        [2, C, KV, D] of the prompt's first C tokens; only the rest is computed (and costed).
+        [2, C, KV, D] of the prompt's first C tokens; only the rest is computed (and costed, with
+        its attention over the prefix).
 
         Refuses at once (Rejected) when `max_pending` prompts are already here, and, given an
         `admission_deadline_s`, a prompt the policy predicts cannot finish by then: the router
@@ -209,21 +210,18 @@ class PrefillRunner:
             return
         if self._record_timings:    # the prediction made before this measurement is folded in
             kind = "attention" if unit.next_op % 2 == 0 else "mlp"
-            predicted = cost.op_s(unit.next_op, unit.piece_tokens())
+            predicted = cost.op_s(unit.next_op, unit.piece_tokens(), unit.piece_past())
             self.stats.operator_timings.append((kind, sum(unit.piece_tokens()), predicted, measured_s))
             if unit.next_op == 0:
-                self._unit_totals[id(unit)] = [cost.remaining_s(unit.piece_tokens(), 0), 0.0]
+                self._unit_totals[id(unit)] = [cost.remaining_s(unit.piece_tokens(), 0, unit.piece_past()), 0.0]
             totals = self._unit_totals.get(id(unit))
             if totals is not None:
                 totals[1] += measured_s
                 if unit.next_op == unit.num_ops - 1:
                     self.stats.unit_timings.append(tuple(self._unit_totals.pop(id(unit))))
-        # An attention over a cached prefix costs more than its piece's tokens say (it reads the
-        # prefix too): it would inflate the correction every later prediction is scaled by.
-        over_cached_prefix = unit.next_op % 2 == 0 and any(p.job.cached_tokens for p in unit.pieces)
-        if isinstance(cost, CalibratedCostModel) and not over_cached_prefix:
+        if isinstance(cost, CalibratedCostModel):
             with self._cond:
-                cost.observe(unit.next_op, unit.piece_tokens(), measured_s)
+                cost.observe(unit.next_op, unit.piece_tokens(), measured_s, unit.piece_past())
 
     def _complete(self, jobs: list[PrefillJob]) -> None:
         for job in jobs:

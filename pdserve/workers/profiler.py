@@ -1,12 +1,16 @@
 """`pdserve profile`: time the real model runner's operators and fit the cost model.
 
 Runs whole prompts of several lengths through the prefill executor, times each operator, and
-fits pdserve.policy.cost_model.OperatorCostModel to the medians.
+fits pdserve.policy.cost_model.OperatorCostModel to the medians; then times the attention of
+pieces that follow earlier KV (a cached prefix, earlier chunks) and fits its past term.
 """
 from __future__ import annotations
 
+import pathlib
 import statistics
 import time
+
+import torch
 
 from pdserve.policy.cost_model import OperatorCostModel
 from pdserve.policy.prefill_scheduler import Piece, PrefillJob, WorkUnit
@@ -14,6 +18,16 @@ from pdserve.workers.model.llama import LlamaModel
 from pdserve.workers.model.unit_execution import JobState, UnitExecution
 
 DEFAULT_TOKEN_COUNTS = (8, 32, 128, 512, 1024, 2048)
+# (piece tokens, earlier tokens): both attention paths (attention.py: the dense mask below 512
+# new tokens, merged softmaxes from there), short and long pasts.
+DEFAULT_PAST_SHAPES = ((32, 1024), (256, 2048), (768, 1024))
+
+
+def profile_path(cache_dir: pathlib.Path, model_name: str) -> pathlib.Path:
+    """Where a worker keeps its profile, per model and thread count. The version changes when
+    profiles learn a new term (v2: attention over earlier KV), so a worker re-profiles instead
+    of planning without it."""
+    return cache_dir / f"profile-v2-{model_name.replace('/', '_')}-{torch.get_num_threads()}t.json"
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -51,10 +65,40 @@ def profile_operators(model: LlamaModel, token_counts=DEFAULT_TOKEN_COUNTS, repe
     return samples
 
 
-def fit_cost_model(model: LlamaModel, token_counts=DEFAULT_TOKEN_COUNTS, repeats: int = 3):
+def profile_past(model: LlamaModel, shapes=DEFAULT_PAST_SHAPES, repeats: int = 3) -> list[tuple[int, int, float]]:
+    """(piece tokens, earlier tokens, median attention seconds) of pieces run after a prefix of
+    random KV (its values do not change the time), by the prefill worker's executor."""
+    cfg = model.config
+    samples = []
+    for n, past in shapes:
+        if n + past > cfg.max_position_tokens:
+            continue
+        times = []
+        for rep in range(repeats + 1):
+            ids = [(i * 13 + rep) % cfg.vocab_size for i in range(past + n)]
+            job = PrefillJob(f"profile-past-{n}-{past}-{rep}", past + n, 0.0, 0.0, cached_tokens=past)
+            unit = WorkUnit([Piece(job, past, n)], cfg.num_layers)
+            state = JobState(job.req_id, ids)
+            state.seed([torch.randn(2, past, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)])
+            execution = UnitExecution(model, unit, {job.req_id: state})
+            while not unit.finished:
+                start = time.perf_counter()
+                execution.run_operator()
+                if rep and unit.next_op % 2 == 0:
+                    times.append(time.perf_counter() - start)
+                unit.next_op += 1
+        samples.append((n, past, statistics.median(times)))
+    return samples
+
+
+def fit_cost_model(model: LlamaModel, token_counts=DEFAULT_TOKEN_COUNTS, repeats: int = 3,
+                   past_shapes=DEFAULT_PAST_SHAPES):
+    """(cost model, whole-prompt samples, largest relative error of the fit over them)."""
     samples = profile_operators(model, token_counts, repeats)
     cost = OperatorCostModel.fit(model.config.num_layers, samples)
     errors = [abs((cost.attention_s(n) if k == "attention" else cost.mlp_s(n)) - s) / s for k, n, s in samples]
+    if past_samples := profile_past(model, past_shapes, repeats):
+        cost = cost.with_past(past_samples)
     return cost, samples, max(errors)
 
 

@@ -146,3 +146,43 @@ def test_calibration_learns_a_constant_slowdown_deterministically():
     assert cal.op_s(1, [100]) == pytest.approx(0.9 * COST.op_s(1, [100]), rel=1e-3)
     cal.observe(0, [500], 1000.0)                      # an outlier moves it by a bounded step only
     assert cal.scale["attention"] < 2.2
+
+
+PAST_COST = OperatorCostModel(LAYERS, COST.attention_coeffs, COST.mlp_coeffs, attention_past_s=2e-9)
+
+
+def test_the_past_term_is_fitted_from_pieces_after_earlier_kv():
+    samples = [(n, p, PAST_COST.attention_s(n, p)) for n, p in ((16, 512), (64, 2048), (512, 512), (1024, 2048))]
+    fitted = COST.with_past(samples)
+    assert fitted.attention_past_s == pytest.approx(2e-9, rel=1e-6)
+    assert fitted.attention_s(300, 3000) == pytest.approx(PAST_COST.attention_s(300, 3000), rel=1e-6)
+    with pytest.raises(ValueError):
+        COST.with_past([(16, 0, 1e-3)])
+    assert OperatorCostModel.from_dict(fitted.to_dict()) == fitted
+    old = {k: v for k, v in COST.to_dict().items() if k != "attention_past_s"}
+    assert OperatorCostModel.from_dict(old).attention_past_s == 0.0       # profiles from before the term
+
+
+def test_a_piece_after_a_cached_prefix_is_costed_with_its_attention_over_it():
+    """Only the uncached tokens are computed, but their attention reads the cached keys."""
+    sched = FlowPrefillScheduler(LAYERS, PAST_COST)
+    job = PrefillJob("cached", 3000 + 100, 0.0, 10.0, cached_tokens=3000)
+    sched.add(job, 0.0)
+    unit = sched.next_unit(0.0)
+    assert unit.piece_past() == [3000]
+    expected = PAST_COST.prefill_s(100, 3000)
+    assert expected > PAST_COST.prefill_s(100) + LAYERS * 100 * 3000 * 1e-9     # the past term counts
+    assert sched.slack_s(unit, 0.0) == pytest.approx(10.0 - expected)
+    fresh = FlowPrefillScheduler(LAYERS, PAST_COST)
+    accept, finish_s = fresh.admission(PrefillJob("c2", 3100, 0.0, 10.0, cached_tokens=3000), 0.0)
+    assert accept and finish_s == pytest.approx(expected)
+
+
+def test_calibration_with_the_past_term_is_not_inflated_by_cached_pieces():
+    from pdserve.policy.cost_model import CalibratedCostModel
+
+    cal = CalibratedCostModel(PAST_COST, smoothing=0.2)
+    for _ in range(60):     # measured exactly as modelled: attention over 3000 cached tokens
+        cal.observe(0, [100], PAST_COST.op_s(0, [100], [3000]), [3000])
+    assert cal.scale["attention"] == pytest.approx(1.0)
+    assert cal.op_s(0, [100], [3000]) == pytest.approx(PAST_COST.attention_s(100, 3000))
