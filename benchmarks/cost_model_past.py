@@ -16,36 +16,20 @@ import json
 import pathlib
 import statistics
 import sys
-import time
 
 import torch
 
-from pdserve.policy.prefill_scheduler import Piece, PrefillJob, WorkUnit
 from pdserve.workers.model.loader import load_model
-from pdserve.workers.model.unit_execution import JobState, UnitExecution
-from pdserve.workers.profiler import fit_cost_model
+from pdserve.workers.profiler import fit_cost_model, operator_times_s
 
 # (new tokens, earlier tokens): a cached chat turn, longer turns, late chunks of long prompts.
 SHAPES = [(5, 288), (96, 1000), (400, 3000), (1000, 2000), (2000, 1000), (100, 0), (1000, 0)]
 
 
 def time_prefill_s(model, new_tokens: int, past_tokens: int, repeats: int) -> float:
-    cfg = model.config
-    times = []
-    for rep in range(repeats + 1):
-        job = PrefillJob(f"bench-{rep}", past_tokens + new_tokens, 0.0, 0.0, cached_tokens=past_tokens)
-        unit = WorkUnit([Piece(job, past_tokens, new_tokens)], cfg.num_layers)
-        state = JobState(job.req_id, [(i * 7 + rep) % cfg.vocab_size for i in range(past_tokens + new_tokens)])
-        if past_tokens:
-            state.seed([torch.randn(2, past_tokens, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)])
-        execution = UnitExecution(model, unit, {job.req_id: state})
-        start = time.perf_counter()
-        while not unit.finished:
-            execution.run_operator()
-            unit.next_op += 1
-        if rep:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    operator_times_s(model, new_tokens, past_tokens, seed=0)      # warm-up
+    return statistics.median(sum(operator_times_s(model, new_tokens, past_tokens, seed=rep))
+                             for rep in range(1, repeats + 1))
 
 
 def run(model_name: str, repeats: int) -> dict:

@@ -40,53 +40,51 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def profile_operators(model: LlamaModel, token_counts=DEFAULT_TOKEN_COUNTS, repeats: int = 3):
-    """Times every operator of whole-prompt units run by the same executor the prefill worker
-    uses (so its per-operator overheads, e.g. copying out finished layers, are in the model);
-    the median over layers and repeats is one sample per (operator kind, prompt length)."""
+def operator_times_s(model: LlamaModel, new_tokens: int, past_tokens: int = 0, seed: int = 0) -> list[float]:
+    """Seconds of each operator (attention, MLP, per layer) of one prefill of `new_tokens` after
+    `past_tokens` of random KV (its values do not change the time), run by the executor the
+    prefill worker uses (so its per-operator overheads, e.g. copying out finished layers, count)."""
     cfg = model.config
+    ids = [(i * 13 + seed) % cfg.vocab_size for i in range(past_tokens + new_tokens)]
+    job = PrefillJob(f"profile-{new_tokens}-{past_tokens}-{seed}", len(ids), 0.0, 0.0, cached_tokens=past_tokens)
+    unit = WorkUnit([Piece(job, past_tokens, new_tokens)], cfg.num_layers)
+    state = JobState(job.req_id, ids)
+    if past_tokens:
+        state.seed([torch.randn(2, past_tokens, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)])
+    execution = UnitExecution(model, unit, {job.req_id: state})
+    times = []
+    while not unit.finished:
+        start = time.perf_counter()
+        execution.run_operator()
+        times.append(time.perf_counter() - start)
+        unit.next_op += 1
+    return times
+
+
+def profile_operators(model: LlamaModel, token_counts=DEFAULT_TOKEN_COUNTS, repeats: int = 3):
+    """Per (operator kind, prompt length), the median over layers and repeats of whole prompts."""
     samples: list[tuple[str, int, float]] = []
     for n in token_counts:
-        if n > cfg.max_position_tokens:
+        if n > model.config.max_position_tokens:
             continue
+        operator_times_s(model, n, seed=0)      # warms allocator and kernels up
         times: dict[str, list[float]] = {"attention": [], "mlp": []}
-        for rep in range(repeats + 1):       # the first pass warms allocator and kernels up
-            ids = [(i * 13 + rep) % cfg.vocab_size for i in range(n)]
-            job = PrefillJob(f"profile-{n}-{rep}", n, 0.0, 0.0)
-            unit = WorkUnit([Piece(job, 0, n)], cfg.num_layers)
-            execution = UnitExecution(model, unit, {job.req_id: JobState(job.req_id, ids)})
-            while not unit.finished:
-                start = time.perf_counter()
-                execution.run_operator()
-                if rep:
-                    times["attention" if unit.next_op % 2 == 0 else "mlp"].append(time.perf_counter() - start)
-                unit.next_op += 1
+        for rep in range(1, repeats + 1):
+            ops = operator_times_s(model, n, seed=rep)
+            times["attention"] += ops[0::2]
+            times["mlp"] += ops[1::2]
         samples += [(kind, n, statistics.median(values)) for kind, values in times.items()]
     return samples
 
 
 def profile_past(model: LlamaModel, shapes=DEFAULT_PAST_SHAPES, repeats: int = 3) -> list[tuple[int, int, float]]:
-    """(piece tokens, earlier tokens, median attention seconds) of pieces run after a prefix of
-    random KV (its values do not change the time), by the prefill worker's executor."""
-    cfg = model.config
+    """(piece tokens, earlier tokens, median attention seconds) of pieces after earlier KV."""
     samples = []
     for n, past in shapes:
-        if n + past > cfg.max_position_tokens:
+        if n + past > model.config.max_position_tokens:
             continue
-        times = []
-        for rep in range(repeats + 1):
-            ids = [(i * 13 + rep) % cfg.vocab_size for i in range(past + n)]
-            job = PrefillJob(f"profile-past-{n}-{past}-{rep}", past + n, 0.0, 0.0, cached_tokens=past)
-            unit = WorkUnit([Piece(job, past, n)], cfg.num_layers)
-            state = JobState(job.req_id, ids)
-            state.seed([torch.randn(2, past, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)])
-            execution = UnitExecution(model, unit, {job.req_id: state})
-            while not unit.finished:
-                start = time.perf_counter()
-                execution.run_operator()
-                if rep and unit.next_op % 2 == 0:
-                    times.append(time.perf_counter() - start)
-                unit.next_op += 1
+        operator_times_s(model, n, past, seed=0)      # warm-up
+        times = [t for rep in range(1, repeats + 1) for t in operator_times_s(model, n, past, seed=rep)[0::2]]
         samples.append((n, past, statistics.median(times)))
     return samples
 

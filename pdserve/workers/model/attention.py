@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 # Below this many new tokens the dense mask wastes less than a second kernel call and the merge
-# cost (CPU, `python benchmarks/chunk_attention.py`: merged/dense x1.0-1.45 at 5-245 new tokens,
-# x0.87 at 512, x0.43 at 3,266 after 48).
+# cost (CPU, `python benchmarks/chunk_attention.py`: merged/dense x0.88-1.49 at 5-245 new tokens,
+# x0.87 at 512, x0.41-0.43 at 3,266 after 48).
 MERGE_MIN_TOKENS = 512
 
 _flash_with_lse = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
