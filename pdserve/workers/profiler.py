@@ -6,6 +6,7 @@ pieces that follow earlier KV (a cached prefix, earlier chunks) and fits its pas
 """
 from __future__ import annotations
 
+import math
 import pathlib
 import statistics
 import time
@@ -21,6 +22,12 @@ DEFAULT_TOKEN_COUNTS = (8, 32, 128, 512, 1024, 2048)
 # (piece tokens, earlier tokens): both attention paths (attention.py: the dense mask below 512
 # new tokens, merged softmaxes from there), short and long pasts.
 DEFAULT_PAST_SHAPES = ((32, 1024), (256, 2048), (768, 1024))
+# Per shape, runs stop once this many per-layer samples are in (a median over them is stable): a
+# deep model needs one run, where three runs of SmolLM2 (30 layers) took 90 s of its start-up.
+MIN_LAYER_SAMPLES = 12
+# A shape's first call pays allocator and kernel set-up: short prompts get a discarded warm-up
+# run. Longer ones measured within 3% of their later runs (SmolLM2, 1,024-3,072 tokens).
+WARMUP_BELOW_TOKENS = 1024
 
 
 def profile_path(cache_dir: pathlib.Path, model_name: str) -> pathlib.Path:
@@ -30,14 +37,13 @@ def profile_path(cache_dir: pathlib.Path, model_name: str) -> pathlib.Path:
     return cache_dir / f"profile-v2-{model_name.replace('/', '_')}-{torch.get_num_threads()}t.json"
 
 
-def _median_s(fn, repeats: int) -> float:
-    fn()   # warm-up: allocator and kernel selection
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def _runs(model: LlamaModel, repeats: int) -> int:
+    return max(1, min(repeats, math.ceil(MIN_LAYER_SAMPLES / model.config.num_layers)))
+
+
+def _warm_up(model: LlamaModel, new_tokens: int, past_tokens: int = 0) -> None:
+    if new_tokens + past_tokens < WARMUP_BELOW_TOKENS:
+        operator_times_s(model, new_tokens, past_tokens, seed=0)
 
 
 def operator_times_s(model: LlamaModel, new_tokens: int, past_tokens: int = 0, seed: int = 0) -> list[float]:
@@ -62,14 +68,15 @@ def operator_times_s(model: LlamaModel, new_tokens: int, past_tokens: int = 0, s
 
 
 def profile_operators(model: LlamaModel, token_counts=DEFAULT_TOKEN_COUNTS, repeats: int = 3):
-    """Per (operator kind, prompt length), the median over layers and repeats of whole prompts."""
+    """Per (operator kind, prompt length), the median over layers and runs (at most `repeats`)
+    of whole prompts."""
     samples: list[tuple[str, int, float]] = []
     for n in token_counts:
         if n > model.config.max_position_tokens:
             continue
-        operator_times_s(model, n, seed=0)      # warms allocator and kernels up
+        _warm_up(model, n)
         times: dict[str, list[float]] = {"attention": [], "mlp": []}
-        for rep in range(1, repeats + 1):
+        for rep in range(1, _runs(model, repeats) + 1):
             ops = operator_times_s(model, n, seed=rep)
             times["attention"] += ops[0::2]
             times["mlp"] += ops[1::2]
@@ -83,8 +90,9 @@ def profile_past(model: LlamaModel, shapes=DEFAULT_PAST_SHAPES, repeats: int = 3
     for n, past in shapes:
         if n + past > model.config.max_position_tokens:
             continue
-        operator_times_s(model, n, past, seed=0)      # warm-up
-        times = [t for rep in range(1, repeats + 1) for t in operator_times_s(model, n, past, seed=rep)[0::2]]
+        _warm_up(model, n, past)
+        times = [t for rep in range(1, _runs(model, repeats) + 1)
+                 for t in operator_times_s(model, n, past, seed=rep)[0::2]]
         samples.append((n, past, statistics.median(times)))
     return samples
 
