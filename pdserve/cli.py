@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replay this many times faster (default: --sample-every, the trace's arrival rate)")
     px.add_argument("--ttft-slo-ms", type=float, default=1000.0, help="TTFT that counts towards goodput")
     px.add_argument("--kv-blocks", type=int, default=4096, help="KV pool blocks per worker")
-    px.add_argument("--modes", default="no_cache,cache_load_routing,cache_aware_routing")
+    px.add_argument("--modes", default="no_cache,cache_load_routing,cache_aware_routing,cache_aware_local_prefill")
     px.add_argument("--json", action="store_true")
     _trace_file_option(px)
     px.set_defaults(fn=_bench_prefix)

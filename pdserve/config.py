@@ -91,6 +91,10 @@ class RouterSettings(_Section):
     cache_load_tokens_per_request: float = Field(
         512.0, ge=0, description="Cache-aware routing: a request in flight on a worker costs like this many "
         "uncached prompt tokens")
+    local_prefill_max_tokens: int = Field(
+        0, ge=0, description="Conditional disaggregation (with cache_aware_routing): a request whose decode worker "
+        "caches all of its prompt but at most this many tokens is prefilled there, skipping the prefill worker and "
+        "the KV transfer; 0 always uses a prefill worker")
     control_interval_s: float = Field(5.0, gt=0, description="How often the P/D ratio controller decides")
     ratio_window_s: float = Field(60.0, gt=0, description="Traffic window the ratio controller models")
     ratio_cooldown_s: float = Field(30.0, ge=0, description="Least time between two ratio changes")

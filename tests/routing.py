@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from pdserve.clock import WallClock
 from pdserve.policy.dispatch import Dispatcher
+from pdserve.policy.prefix_cache import PrefixIndex, block_hashes
 from pdserve.policy.registry import WorkerRecord, WorkerRegistry
 from pdserve.policy.request_state import RequestTracker
 from pdserve.policy.scenarios import ScenarioClassifier
@@ -27,6 +28,7 @@ class Completion:
     num_cached_tokens: int = 0
     logprobs: list[tuple[int, float]] = field(default_factory=list)          # (token id, logprob)
     prompt_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    local_prefill: bool = False        # the router prefilled it on its decode worker
 
 
 async def collect(stream) -> Completion:
@@ -44,8 +46,11 @@ async def collect(stream) -> Completion:
 
 
 async def route(stubs: list, req_id: str, prompt_ids: list[int], sampling: worker_pb2.SamplingParams,
-                backend: str | None = None, ttft_slo_ms: float = 0.0) -> Completion:
-    """One request through RequestFlow over exactly these workers (and this KV backend)."""
+                backend: str | None = None, ttft_slo_ms: float = 0.0, local_prefill_max_tokens: int = 0,
+                indexed_on: int | None = None) -> Completion:
+    """One request through RequestFlow over exactly these workers (and this KV backend).
+    `indexed_on`: the router's prefix index says the worker at that position holds the whole
+    prompt (true or stale), so conditional disaggregation can place it there."""
     registry = WorkerRegistry(lease_s=math.inf)
     by_id = {}
     for i, stub in enumerate(stubs):
@@ -58,7 +63,13 @@ async def route(stubs: list, req_id: str, prompt_ids: list[int], sampling: worke
             num_free_kv_blocks=info.num_free_kv_blocks), 0.0)
     model = info.model
     backends = (backend,) if backend else ("ucx", "tcp", "fake")
-    flow = RequestFlow(Dispatcher(registry, backends), by_id.__getitem__, WallClock(), ScenarioClassifier())
+    index = PrefixIndex() if indexed_on is not None else None
+    if index is not None:
+        index.apply(list(by_id)[indexed_on], block_hashes(prompt_ids, info.kv_block_size_tokens), [])
+    dispatcher = Dispatcher(registry, backends, index, local_prefill_max_tokens=local_prefill_max_tokens)
+    flow = RequestFlow(dispatcher, by_id.__getitem__, WallClock(), ScenarioClassifier())
     request = router_pb2.RouteRequest(req_id=req_id, model=model, prompt_token_ids=prompt_ids, sampling=sampling,
                                       ttft_slo_ms=ttft_slo_ms)
-    return await collect(flow.run(request, RequestTracker(req_id, 0.0)))
+    out = await collect(flow.run(request, RequestTracker(req_id, 0.0)))
+    out.local_prefill = flow.counters.local_prefills > 0
+    return out

@@ -12,10 +12,14 @@ so equal hashes give equal tokens and shared trace prefixes are shared prompt pr
 lengths are the trace's, scaled by the same factor; prompts that would not fit the model's context
 are left out (and counted). Requests arrive at the trace's times (divided by `speedup`).
 
-Three clusters of 2 prefill + 2 decode workers, one per mode, replay the same requests:
+Four clusters of 2 prefill + 2 decode workers, one per mode, replay the same requests:
 - `no_cache`: prefix caching off, load-only routing (pdserve before prefix caching);
 - `cache_load_routing`: caches on, routing ignores them;
-- `cache_aware_routing`: caches on, the router places by cached prefix against load.
+- `cache_aware_routing`: caches on, the router places by cached prefix against load;
+- `cache_aware_local_prefill`: the same, plus conditional disaggregation: a request whose decode
+  worker caches all but `LOCAL_PREFILL_MAX_TOKENS` of its prompt is prefilled there. The bench's
+  requests decode one token, so their decode workers are otherwise idle: the decode steps such a
+  prefill delays on a busy worker do not show here.
 Per mode: prefix hit rate (prompt tokens the prefill worker took from its cache, from each
 response's usage.prompt_tokens_details.cached_tokens), prefill tokens computed, KV bytes sent
 prefill -> decode (gateway metric), TTFT p50/p99 (latency of max_tokens=1 requests, which end at
@@ -44,11 +48,17 @@ from pdserve.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest, load_named_or_fi
 
 log = logging.getLogger("pdserve.bench")
 BLOCK_TOKENS = 16                  # the workers' KV block size (the default)
+# Half the workload's requests leave at most this many tokens uncached (infinite cache, default
+# scaling), and on tiny that many tokens compute in a few milliseconds.
+LOCAL_PREFILL_MAX_TOKENS = 128
+_AWARE = {"PDSERVE_WORKER__PREFIX_CACHING": "true", "PDSERVE_ROUTER__CACHE_AWARE_ROUTING": "true"}
 MODES = {
     "no_cache": {"PDSERVE_WORKER__PREFIX_CACHING": "false", "PDSERVE_ROUTER__CACHE_AWARE_ROUTING": "false"},
     "cache_load_routing": {"PDSERVE_WORKER__PREFIX_CACHING": "true", "PDSERVE_ROUTER__CACHE_AWARE_ROUTING": "false"},
-    "cache_aware_routing": {"PDSERVE_WORKER__PREFIX_CACHING": "true", "PDSERVE_ROUTER__CACHE_AWARE_ROUTING": "true"},
+    "cache_aware_routing": _AWARE,
+    "cache_aware_local_prefill": {**_AWARE, "PDSERVE_ROUTER__LOCAL_PREFILL_MAX_TOKENS": str(LOCAL_PREFILL_MAX_TOKENS)},
 }
+_FLOOR_MODES = ("cache_aware_routing", "cache_aware_local_prefill")
 
 
 def conversation_key(req: TraceRequest) -> int:
@@ -244,7 +254,7 @@ def run(num_requests: int | None = None, tokens_per_trace_block: int = 16, speed
     compute_only = compute_only_ttft_p50_ratio([ids for _, ids in requests])
     median_tokens = _percentile([len(ids) for _, ids in requests], 0.5)
     results = {mode: run_mode(mode, requests, speedup, ttft_slo_ms / 1e3, num_kv_blocks,
-                              (median_tokens, bound) if mode == "cache_aware_routing" else None)
+                              (median_tokens, bound) if mode in _FLOOR_MODES else None)
                for mode in modes}
     report = {"model": "tiny", "cluster": "2 prefill + 2 decode", "requests": len(requests),
               "skipped_too_long": skipped, "conversations_sampled_every": sample_every,
@@ -261,6 +271,10 @@ def run(num_requests: int | None = None, tokens_per_trace_block: int = 16, speed
                 aware["prefill_tokens_computed"] / max(1, none["prefill_tokens_computed"]), 3),
             "kv_bytes_cache_aware_vs_no_cache": round(
                 aware["kv_bytes_transferred"] / max(1, none["kv_bytes_transferred"]), 3)}
+    local = results.get("cache_aware_local_prefill")
+    if local and none and local["ttft_p50_ms"] and none["ttft_p50_ms"]:
+        report.setdefault("summary", {})["ttft_p50_local_prefill_vs_no_cache"] = round(
+            local["ttft_p50_ms"] / none["ttft_p50_ms"], 3)
     return report
 
 
@@ -269,17 +283,18 @@ def format_report(r: dict) -> str:
              f"conversation, {r['speedup']:g}x faster; {r['skipped_too_long']} too long left out), "
              f"{r['prompt_tokens']} prompt tokens; infinite-cache hit rate {r['upper_bound_hit_rate']:.3f}; "
              f"TTFT p50 ratio if TTFT were compute alone: x{r['compute_only_ttft_p50_ratio']}",
-             f"{'mode':<22}{'hit rate':>9}{'computed':>10}{'KV MB':>8}{'p50 ms':>8}{'p99 ms':>8}{'goodput':>9}  errors"]
+             f"{'mode':<27}{'hit rate':>9}{'computed':>10}{'KV MB':>8}{'p50 ms':>8}{'p99 ms':>8}{'goodput':>9}  errors"]
     for mode, m in r["modes"].items():
-        lines.append(f"{mode:<22}{m['hit_rate']:>9.3f}{m['prefill_tokens_computed']:>10}"
+        lines.append(f"{mode:<27}{m['hit_rate']:>9.3f}{m['prefill_tokens_computed']:>10}"
                      f"{m['kv_bytes_transferred'] / 1e6:>8.1f}{m['ttft_p50_ms']!s:>8}{m['ttft_p99_ms']!s:>8}"
                      f"{m['goodput_rps']:>9.2f}  {m['errors'] or 'none'}")
     for key, value in r.get("summary", {}).items():
         lines.append(f"{key}: x{value}")
-    floor = r["modes"].get("cache_aware_routing", {}).get("idle_floor")
-    if floor:
-        lines.append(f"one request at a time, {floor['prompt_tokens']} tokens: cold {floor['cold_ttft_p50_ms']} ms, "
-                     f"{floor['shared_share']:.0%} shared {floor['partial_ttft_p50_ms']} ms "
-                     f"(x{floor['partial_vs_cold']}), fully cached {floor['cached_ttft_p50_ms']} ms "
-                     f"(x{floor['cached_vs_cold']})")
+    for mode in _FLOOR_MODES:
+        floor = r["modes"].get(mode, {}).get("idle_floor")
+        if floor:
+            lines.append(f"{mode}, one request at a time, {floor['prompt_tokens']} tokens: cold "
+                         f"{floor['cold_ttft_p50_ms']} ms, {floor['shared_share']:.0%} shared "
+                         f"{floor['partial_ttft_p50_ms']} ms (x{floor['partial_vs_cold']}), fully cached "
+                         f"{floor['cached_ttft_p50_ms']} ms (x{floor['cached_vs_cold']})")
     return "\n".join(lines)

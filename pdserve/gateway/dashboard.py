@@ -129,7 +129,8 @@ def _router(resp) -> dict:
     hits = sum(w.prefix_cache.hit_tokens for w in resp.workers if w.prefix_cache.enabled)
     queries = sum(w.prefix_cache.query_tokens for w in resp.workers if w.prefix_cache.enabled)
     return {"routed": c.routed, "forwarded": c.forwarded, "rejected": c.rejected, "migrated": c.migrated,
-            "failed": c.failed, "preemptions": sum(w.num_preemptions for w in resp.workers),
+            "failed": c.failed, "local_prefills": c.local_prefills,
+            "preemptions": sum(w.num_preemptions for w in resp.workers),
             "prefix_hit_rate": hits / queries if queries else None, "prefix_index_blocks": resp.prefix_index_blocks}
 
 

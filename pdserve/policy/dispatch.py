@@ -11,6 +11,10 @@ With cache-aware routing (a `PrefixIndex` given and the prompt's token ids passe
 cost = tokens left to compute or move (prompt minus cached prefix) + prompt tokens already
 queued on the worker (prefill) + load_tokens_per_request x requests in flight, and take the
 cheapest (KV must still fit on the decode side).
+Conditional disaggregation (`local_prefill_max_tokens` > 0, cache-aware routing on): when the
+chosen decode worker holds all of the prompt's prefix but at most that many tokens, the request
+is prefilled there (no prefill worker, no KV transfer): the hop and the transfer cost more than
+the few tokens' compute, which briefly delays that worker's decode steps.
 Each is O(log n) in the number of workers (the registry's ranked index) plus the prompt's blocks
 and the workers holding them. The caller reports the
 request's progress (`on_start`, `on_prefill_forwarded`, `on_prefill_done`, `on_decode_done`) so
@@ -32,6 +36,7 @@ class Placement:
     num_blocks: int
     req_id: str = ""
     prefill_tokens: int = 0          # prompt tokens the prefill worker is expected to compute
+    local_prefill: bool = False      # a decode worker prefills the few tokens its cache lacks
 
     @property
     def disaggregated(self) -> bool:
@@ -70,13 +75,14 @@ class _Prompt:
 class Dispatcher:
     def __init__(self, registry: WorkerRegistry, kv_backend_preference: tuple[str, ...] = ("ucx", "tcp"),
                  prefix_index: PrefixIndex | None = None, load_tokens_per_request: float = 512.0,
-                 num_load_candidates: int = 4):
+                 num_load_candidates: int = 4, local_prefill_max_tokens: int = 0):
         self.registry = registry
         self.kv_backend_preference = kv_backend_preference
         # Cache-aware routing when set: the workers' cached prefixes, fed by their heartbeats.
         self.prefix_index = prefix_index
         self.load_tokens_per_request = load_tokens_per_request
         self.num_load_candidates = num_load_candidates
+        self.local_prefill_max_tokens = local_prefill_max_tokens
 
     def scenario_for(self, model: str, scenario: str) -> str:
         """The scenario a request for `model` runs in: the classified one when it has workers of
@@ -101,6 +107,9 @@ class Dispatcher:
         total_tokens = num_prompt_tokens + max_tokens
         prompt = _Prompt(self.prefix_index, prompt_ids, prompt_hashes)
         decode = self._best_kv(model, Role.DECODE, scenario, total_tokens, exclude_ids, prompt)
+        if decode is not None and self._prefills_locally(decode, prompt, num_prompt_tokens):
+            return Placement(decode.worker_id, None, None, decode.blocks_needed(total_tokens), req_id,
+                             num_prompt_tokens - prompt.cached_tokens(decode), local_prefill=True)
         if decode is not None:
             reachable = lambda w: self._common_backend(w, decode) is not None  # noqa: E731
             prefill = self._cheapest(self.registry.ranked(model, Role.PREFILL, scenario, self._k(prompt),
@@ -118,6 +127,12 @@ class Dispatcher:
             raise NoWorkers(f"no live worker can serve model {model!r} now (it needs an aggregated worker, "
                             f"or a prefill and a decode worker)")
         raise NoCapacity("no worker has free KV capacity for this request now")
+
+    def _prefills_locally(self, decode: WorkerRecord, prompt: _Prompt, num_prompt_tokens: int) -> bool:
+        # Only on a cache hit: a short cold prompt still goes to a prefill worker, so decode
+        # workers never take prefill work that the index cannot vouch is small.
+        cached = prompt.cached_tokens(decode) if self.local_prefill_max_tokens > 0 else 0
+        return cached > 0 and num_prompt_tokens - cached <= self.local_prefill_max_tokens
 
     def _can_serve(self, model: str) -> bool:
         """Placeable workers exist for a whole request, full or not (then it is a capacity problem).

@@ -66,7 +66,8 @@ async def start(cfg: PDServeConfig) -> RouterRuntime:
     operator_state = await asyncio.to_thread(load_operator_state, store)
     apply_operator_state(operator_state, controller, clock.now_s())
     dispatcher = Dispatcher(registry, tuple(rc.kv_backend_preference),
-                            PrefixIndex() if rc.cache_aware_routing else None, rc.cache_load_tokens_per_request)
+                            PrefixIndex() if rc.cache_aware_routing else None, rc.cache_load_tokens_per_request,
+                            local_prefill_max_tokens=rc.local_prefill_max_tokens)
     service = RouterService(registry, dispatcher, clock,
                             rc.request_timeout_s, record_event=store.record_worker_event,
                             scenarios=scenarios, controller=controller, control_interval_s=rc.control_interval_s,

@@ -162,6 +162,7 @@ class RequestFlow:
         placement, reservation = await self._place_and_reserve(request, max_tokens, scenario, excluded)
         timeline.mark("router.reserved", request.req_id)
         tracker.to(RequestState.PLACED, self.clock.now_s())
+        self.counters.local_prefills += placement.local_prefill
         log.info("request %s placed: scenario=%s prefill=%s decode=%s backend=%s", request.req_id, scenario,
                  placement.prefill_id, placement.decode_id, placement.kv_backend)
         try:

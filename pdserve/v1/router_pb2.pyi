@@ -150,18 +150,20 @@ class ListWorkersResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., prefix_index_blocks: _Optional[int] = ..., prefix_index_entries: _Optional[int] = ..., counters: _Optional[_Union[RouterCounters, _Mapping]] = ...) -> None: ...
 
 class RouterCounters(_message.Message):
-    __slots__ = ("routed", "forwarded", "rejected", "migrated", "failed")
+    __slots__ = ("routed", "forwarded", "rejected", "migrated", "failed", "local_prefills")
     ROUTED_FIELD_NUMBER: _ClassVar[int]
     FORWARDED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     MIGRATED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
     routed: int
     forwarded: int
     rejected: int
     migrated: int
     failed: int
-    def __init__(self, routed: _Optional[int] = ..., forwarded: _Optional[int] = ..., rejected: _Optional[int] = ..., migrated: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...
+    local_prefills: int
+    def __init__(self, routed: _Optional[int] = ..., forwarded: _Optional[int] = ..., rejected: _Optional[int] = ..., migrated: _Optional[int] = ..., failed: _Optional[int] = ..., local_prefills: _Optional[int] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("worker_id", "instance_id")

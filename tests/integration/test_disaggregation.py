@@ -64,6 +64,37 @@ def test_a_cached_prefix_gives_the_cold_runs_tokens_and_sends_only_the_rest(tiny
     tiny_cluster.assert_idle()
 
 
+def test_a_nearly_cached_prompt_is_prefilled_on_its_decode_worker(tiny_cluster):
+    """Conditional disaggregation: the router's index says the decode worker holds the prompt, so
+    the prefill worker and the KV transfer are skipped; the decode worker computes the tail after
+    its cached blocks, and the tokens are the cold run's. A stale index entry (a prompt the
+    worker never saw) costs a full local prefill, never a wrong token."""
+    prompt = list(b"local prefill: ") + LONG_PROMPT[:250]
+    fresh = list(b"never seen here: ") + LONG_PROMPT[:90]
+    params = worker_pb2.SamplingParams(max_tokens=16, temperature=0.9, seed=5)
+
+    async def run():
+        s = tiny_cluster.stubs()
+        pair = [s["prefill"], s["decode"]]
+        refs = [await route([s["aggregated"]], f"lp-ref{i}", p, params) for i, p in enumerate((prompt, fresh))]
+        cold = await route(pair, "lp-cold", prompt, params, backend="tcp")    # its blocks stay on the decode worker
+        local = await route(pair, "lp-local", prompt, params, backend="tcp", local_prefill_max_tokens=32,
+                            indexed_on=1)
+        stale = await route(pair, "lp-stale", fresh, params, backend="tcp", local_prefill_max_tokens=32,
+                            indexed_on=1)
+        far = await route(pair, "lp-far", prompt, params, backend="tcp", local_prefill_max_tokens=8, indexed_on=1)
+        return refs, cold, local, stale, far
+    (ref, ref_fresh), cold, local, stale, far = asyncio.run(run())
+    assert cold.token_ids == local.token_ids == far.token_ids == ref.token_ids and local.text == ref.text
+    held = (len(prompt) - 1) // 16 * 16
+    assert not cold.local_prefill and cold.kv_transfer_bytes > 0
+    assert local.local_prefill and local.kv_transfer_bytes == 0 and local.num_cached_tokens == held
+    assert stale.local_prefill and stale.token_ids == ref_fresh.token_ids and stale.num_cached_tokens == 0
+    # More uncached tokens than allowed (the index's tail block is not whole): a prefill worker again.
+    assert not far.local_prefill and far.kv_transfer_bytes > 0
+    tiny_cluster.assert_idle()
+
+
 def test_concurrent_disaggregated_requests(tiny_cluster):
     async def run():
         s = tiny_cluster.stubs()

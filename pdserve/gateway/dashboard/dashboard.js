@@ -44,6 +44,7 @@ function renderCards(state) {
          `${fmt(g.tpot_ms.p50, 1)} / ${fmt(g.tpot_ms.p99, 1, " ms")}`, over(g.tpot_ms.p99, slo.tpot)),
     card("Routed", fmt(r.routed)),
     card("Forwarded prefills", fmt(r.forwarded)),
+    card("Prefilled on decode", fmt(r.local_prefills)),
     card("Router rejections", fmt(r.rejected), r.rejected > 0),
     card("Migrations", fmt(r.migrated)),
     card("Preemptions", fmt(r.preemptions)),

@@ -198,6 +198,34 @@ def test_cache_aware_placement_follows_the_prefix_until_load_outweighs_it(clock)
     assert disp.place("m", len(prompt), 16, prompt_ids=prompt).prefill_id != "p3"
 
 
+def test_conditional_disaggregation_prefills_a_nearly_cached_prompt_on_its_decode_worker(clock):
+    from pdserve.policy.prefix_cache import PrefixIndex, block_hashes
+    reg = WorkerRegistry(3.0)
+    for w in (make_worker("d1", Role.DECODE, 900), make_worker("d2", Role.DECODE, 800),
+              make_worker("p1", Role.PREFILL), make_worker("p2", Role.PREFILL)):
+        reg.register(w, clock.now_s())
+    index = PrefixIndex()
+    disp = Dispatcher(reg, prefix_index=index, local_prefill_max_tokens=64)
+    prompt = list(range(1000))
+    hashes = block_hashes(prompt, 16)
+    index.apply("d2", hashes[:60], [])                    # 960 of 1000 tokens
+    local = disp.place("m", len(prompt), 16, prompt_ids=prompt, req_id="a")
+    assert (local.decode_id, local.prefill_id, local.kv_backend) == ("d2", None, None)
+    assert local.local_prefill and not local.disaggregated and local.prefill_tokens == 40
+    disp.on_start(local)
+    assert reg.get("p1").num_inflight == reg.get("p2").num_inflight == 0 and reg.get("d2").num_inflight == 1
+    disp.on_finish(local)
+    # Off by default, and no prompt ids (no index lookup): a prefill worker computes it.
+    assert Dispatcher(reg, prefix_index=index).place("m", len(prompt), 16, prompt_ids=prompt).disaggregated
+    assert disp.place("m", len(prompt), 16).disaggregated
+    # More than 64 tokens left uncached: a prefill worker.
+    index.apply("d2", [], hashes[55:60])
+    far = disp.place("m", len(prompt), 16, prompt_ids=prompt)
+    assert far.disaggregated and not far.local_prefill and far.decode_id == "d2"
+    # A short prompt nobody caches stays disaggregated: decode workers take only cache hits.
+    assert disp.place("m", 20, 16, prompt_ids=list(range(7000, 7020))).disaggregated
+
+
 def test_a_model_with_a_pool_of_its_own_runs_in_that_pools_scenario(clock):
     """IC-Cache's small model in scenario 'small-pool': its requests (classified 'default') are
     observed and placed there, so that pool's ratio controller sees them."""
