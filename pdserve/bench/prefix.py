@@ -237,6 +237,7 @@ def run_mode(mode: str, requests, speedup: float, slo_s: float, num_kv_blocks: i
             "hit_rate": round(res["cached_tokens"] / res["prompt_tokens"], 4) if res["prompt_tokens"] else 0.0,
             "prefill_tokens_computed": res["prompt_tokens"] - res["cached_tokens"],
             "kv_bytes_transferred": int(_metric(metrics, "pdserve_kv_transfer_bytes_total")),
+            "prefilled_on_decode": int(_metric(metrics, 'pdserve_router_requests{kind="local_prefills"}')),
             "ttft_p50_ms": round(1e3 * _percentile(ttfts, 0.5), 1) if ttfts else None,
             "ttft_p99_ms": round(1e3 * _percentile(ttfts, 0.99), 1) if ttfts else None,
             "goodput_rps": round(res["goodput_rps"], 3), "wall_s": round(res["wall_s"], 1),

@@ -42,6 +42,9 @@ class GatewayMetrics:
                                      registry=r)
         self.prefix_index = Gauge("pdserve_router_prefix_index", "The router's prefix index size", ["kind"],
                                   registry=r)
+        self.router_requests = Gauge("pdserve_router_requests", "The router's request counters since it started: "
+                                     "routed, forwarded, rejected, migrated, failed, local_prefills", ["kind"],
+                                     registry=r)
         self.iccache = Counter("pdserve_iccache_requests", "Requests for the routed model by the arm that took them "
                                "(large, or small with examples: an offload)", ["arm"], registry=r)
         self.workers_alive = Gauge("pdserve_workers_alive", "Live workers by role", ["role"], registry=r)

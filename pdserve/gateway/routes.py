@@ -193,6 +193,8 @@ def _prefix_metrics(m, resp) -> None:
     m.prefix_hit_rate.labels("blocks").set(hit_blocks / query_blocks if query_blocks else 0.0)
     m.prefix_index.labels("blocks").set(resp.prefix_index_blocks)
     m.prefix_index.labels("entries").set(resp.prefix_index_entries)
+    for field in resp.counters.DESCRIPTOR.fields:
+        m.router_requests.labels(field.name).set(getattr(resp.counters, field.name))
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -97,6 +97,9 @@ def test_a_shared_prefix_is_served_from_the_caches_and_reported(cluster, oai):
         assert wait_until(lambda: reported(http.get("/metrics").text))   # the next heartbeats bring them
         text = http.get("/metrics").text
     assert _metric(text, 'pdserve_tokens_total{kind="cached_prompt"}') >= common // 16 * 16
+    # The router's counters: both requests routed, neither prefilled on its decode worker (off by default).
+    assert _metric(text, 'pdserve_router_requests{kind="routed"}') >= 2
+    assert 'pdserve_router_requests{kind="local_prefills"} 0.0' in text
 
 
 def test_chat_streaming_and_not(oai):
