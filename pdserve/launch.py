@@ -36,6 +36,18 @@ class Process:
     port: int
     log_lines: list[str]
     ports: dict[str, int] = field(default_factory=dict)   # per component that announced itself
+    announced: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def wait_ready(self, timeout_s: float = 180.0) -> "Process":
+        """Until it announced itself (every component it runs); raises if it exits or times out."""
+        deadline = time.monotonic() + timeout_s
+        while not self.announced.wait(0.1):
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise TimeoutError(f"{self.name} not ready in {timeout_s} s:\n" + "\n".join(self.log_lines[-30:]))
+        if not self.port:
+            raise RuntimeError(f"{self.name} exited with {self.proc.wait()}:\n" + "\n".join(self.log_lines[-30:]))
+        return self
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.proc.poll() is None:
@@ -51,37 +63,34 @@ def start_process(name: str, args: list[str], env: dict[str, str] | None = None,
                   echo: bool = False, components: tuple[str, ...] = ()) -> Process:
     """Ready at its first READY line, or once every one of `components` has announced itself (a
     gateway with an embedded router announces both)."""
+    return spawn_process(name, args, env, echo, components).wait_ready(timeout_s)
+
+
+def spawn_process(name: str, args: list[str], env: dict[str, str] | None = None, echo: bool = False,
+                  components: tuple[str, ...] = ()) -> Process:
+    """Start a component without waiting for it (`Process.wait_ready` does), so several can start
+    at once."""
     cmd = [sys.executable, "-m", "pdserve.cli", *args]
     full_env = {**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
-    lines: list[str] = []
-    port_box: list[int] = []
-    ports: dict[str, int] = {}
-    ready = threading.Event()
+    started = Process(name, proc, 0, [])
 
     def pump() -> None:
         # Drain output for the process's whole life so it never blocks on a full pipe.
         for line in proc.stdout:
-            lines.append(line.rstrip())
+            started.log_lines.append(line.rstrip())
             if echo:
                 print(f"[{name}] {line.rstrip()}", file=sys.stderr, flush=True)
             if line.startswith(READY_MARKER):
                 fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
-                ports[fields.get("component", "")] = int(fields["port"])
-                if not port_box and all(c in ports for c in components):
-                    port_box.append(int(fields["port"]))
-                    ready.set()
-        ready.set()
+                started.ports[fields.get("component", "")] = int(fields["port"])
+                if not started.port and all(c in started.ports for c in components):
+                    started.port = int(fields["port"])
+                    started.announced.set()
+        started.announced.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout_s
-    while not ready.wait(0.1):
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise TimeoutError(f"{name} not ready in {timeout_s} s:\n" + "\n".join(lines[-30:]))
-    if not port_box:
-        raise RuntimeError(f"{name} exited with {proc.wait()}:\n" + "\n".join(lines[-30:]))
-    return Process(name, proc, port_box[0], lines, ports)
+    return started
 
 
 def worker_env(model: str = "tiny", kv_backends: str = "ucx,tcp", router_address: str = "",
@@ -92,9 +101,12 @@ def worker_env(model: str = "tiny", kv_backends: str = "ucx,tcp", router_address
 
 
 def start_worker(role: str, model: str = "tiny", kv_backends: str = "ucx,tcp", router_address: str = "",
-                 extra_env: dict[str, str] | None = None, name: str | None = None, echo: bool = False) -> Process:
+                 extra_env: dict[str, str] | None = None, name: str | None = None, echo: bool = False,
+                 wait: bool = True) -> Process:
+    """`wait=False`: started, not yet ready (`Process.wait_ready`)."""
     env = worker_env(model, kv_backends, router_address, extra_env)
-    return start_process(name or role, ["serve", role], env, echo=echo)
+    proc = spawn_process(name or role, ["serve", role], env, echo=echo)
+    return proc.wait_ready() if wait else proc
 
 
 class RestartBackoff:
@@ -159,18 +171,26 @@ class LocalCluster:
                                             ("aggregated", self.num_aggregated)))]
             pools += [(model, f"{model}-", {"PDSERVE_WORKER__SCENARIO": model}, (("prefill", p), ("decode", d)))
                       for model, p, d in self.extra_pools]
+            # Workers and the gateway need only the router, so they start together, except a
+            # model's first worker: it starts alone, so the profile it times (and caches for
+            # the others) is the hardware's own, not shared with other processes starting.
             for model, prefix, scenario_env, counts in pools:
+                first = True
                 for role, count in counts:
                     for i in range(count):
                         self._launch(f"{prefix}{role}-{i}", ["serve", role], worker_env(
                             model, router_address=self.router_address,
-                            extra_env={**self._env_of("worker"), **scenario_env}))
+                            extra_env={**self._env_of("worker"), **scenario_env}), wait=first)
+                        first = False
             if not self.embedded_router:
-                gateway = self._launch("gateway", ["serve", "gateway"], {
+                self._launch("gateway", ["serve", "gateway"], {
                     **self._env_of("gateway"), "PDSERVE_MODEL__NAME": self.model,
                     "PDSERVE_GATEWAY__PORT": str(self.gateway_port),
-                    "PDSERVE_GATEWAY__ROUTER_ADDRESS": self.router_address})
-                self._gateway_started(gateway.port)
+                    "PDSERVE_GATEWAY__ROUTER_ADDRESS": self.router_address}, wait=False)
+            for proc in self.processes:
+                proc.wait_ready(timeout_s)
+            if not self.embedded_router:
+                self._gateway_started(self.process("gateway").port)
             self._wait_ready(timeout_s)
             return self
         except BaseException:
@@ -221,11 +241,12 @@ class LocalCluster:
             tls = TlsMaterial(f.ca_file.read_bytes(), f.cert_file.read_bytes(), f.key_file.read_bytes())
         return ClusterCredential(self.cluster_secret, tls)
 
-    def _launch(self, name: str, args: list[str], env: dict[str, str], components: tuple[str, ...] = ()) -> Process:
-        proc = start_process(name, args, env, echo=self.echo, components=components)
+    def _launch(self, name: str, args: list[str], env: dict[str, str], components: tuple[str, ...] = (),
+                wait: bool = True) -> Process:
+        proc = spawn_process(name, args, env, echo=self.echo, components=components)
         self._recipes[name] = (args, env)
-        self.processes.append(proc)
-        return proc
+        self.processes.append(proc)     # stop() ends it whether or not it got ready
+        return proc.wait_ready() if wait else proc
 
     def restart(self, name: str) -> Process:
         """Start a component that exited again, as it was started (the router and the gateway on

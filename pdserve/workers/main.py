@@ -7,8 +7,12 @@ grace period, close transfer agents, exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import logging
+import os
+import pathlib
 import signal
 
 import torch
@@ -53,9 +57,42 @@ def load_or_profile_cost_model(cfg: PDServeConfig, model) -> OperatorCostModel:
         return OperatorCostModel.from_dict(json.loads(path.read_text()))
     cost, _, max_error = fit_cost_model(model)
     log.info("profiled %s: cost model fit within %.0f%% of measurements", cfg.model.name, max_error * 100)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cost.to_dict()))
+    _publish(path, cost.to_dict())
     return cost
+
+
+def load_or_profile_decode(cfg: PDServeConfig, model) -> tuple[float, float]:
+    """(base s, s per sequence) of a decode step, cached beside the prefill profile: a worker
+    started while others start would time a shared CPU."""
+    path = profile_path(cfg.model.cache_dir, cfg.model.name).with_suffix(".decode.json")
+    if path.is_file():
+        d = json.loads(path.read_text())
+        return d["base_s"], d["per_seq_s"]
+    base_s, per_seq_s = profile_decode(model)
+    _publish(path, {"base_s": base_s, "per_seq_s": per_seq_s})
+    return base_s, per_seq_s
+
+
+def _publish(path: pathlib.Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(path)       # atomic: a reader never sees half a profile
+
+
+@contextlib.contextmanager
+def start_up_turn(cache_dir: pathlib.Path):
+    """One worker process on this host at a time loads (maybe converts) its model and times the
+    hardware, so two never convert the same weights or time each other. (Other processes still
+    share the CPU: LocalCluster starts one worker of a model alone, the rest once it has
+    profiled.)"""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".start-up.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def build_scheduler(cfg: PDServeConfig, model):
@@ -65,10 +102,10 @@ def build_scheduler(cfg: PDServeConfig, model):
                           batch_budget_tokens=w.batch_budget_tokens)
 
 
-async def _advertised(cfg: PDServeConfig, model, port: int) -> Advertised:
+def _advertised(cfg: PDServeConfig, model, port: int) -> Advertised:
     """What the router needs to know: address, scenario group and profiled speed."""
-    cost = await asyncio.to_thread(load_or_profile_cost_model, cfg, model)
-    base_s, per_seq_s = await asyncio.to_thread(profile_decode, model)
+    cost = load_or_profile_cost_model(cfg, model)
+    base_s, per_seq_s = load_or_profile_decode(cfg, model)
     reference_tokens = 1024   # prefill throughput at a typical prompt length
     return Advertised(grpc_address=f"{cfg.worker.advertise_host or cfg.worker.host}:{port}",
                       scenario=cfg.worker.scenario, prefill_tokens_per_s=reference_tokens / cost.prefill_s(reference_tokens),
@@ -79,15 +116,18 @@ async def _advertised(cfg: PDServeConfig, model, port: int) -> Advertised:
 async def serve(cfg: PDServeConfig) -> None:
     if cfg.model.torch_num_threads:
         torch.set_num_threads(cfg.model.torch_num_threads)
-    loaded = load_model(cfg.model.name, cfg.model.cache_dir)
     w = cfg.worker
     credential = cfg.cluster_credential
     require_for_bind("worker", w.host, credential)
-    engine = Engine(loaded, w.num_kv_blocks, w.block_size_tokens, w.max_batch_size, w.prefix_caching)
-    clock = WallClock()
     server = rpc.server(w.max_concurrent_rpcs, credential)
     port = rpc.listen(server, f"{w.host}:{w.port}", credential)
-    runner = PrefillRunner(loaded.model, build_scheduler(cfg, loaded.model), clock, max_pending=w.max_queued_prefills)
+    with start_up_turn(cfg.model.cache_dir):
+        loaded = load_model(cfg.model.name, cfg.model.cache_dir)
+        scheduler = build_scheduler(cfg, loaded.model)
+        advertised = _advertised(cfg, loaded.model, port) if w.router_address else None
+    engine = Engine(loaded, w.num_kv_blocks, w.block_size_tokens, w.max_batch_size, w.prefix_caching)
+    clock = WallClock()
+    runner = PrefillRunner(loaded.model, scheduler, clock, max_pending=w.max_queued_prefills)
     service = WorkerService(engine, build_agents(cfg, clock), clock, worker_id=w.worker_id or f"{w.host}:{port}",
                             role=w.role, transfer_timeout_s=cfg.kvtransfer.timeout_s,
                             lease_s=w.reservation_lease_s, checksum=cfg.kvtransfer.checksum,
@@ -103,9 +143,8 @@ async def serve(cfg: PDServeConfig) -> None:
     await service.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     registration = None
-    if w.router_address:
-        registration = asyncio.create_task(keep_registered(service, w.router_address,
-                                                           await _advertised(cfg, loaded.model, port), credential))
+    if advertised is not None:
+        registration = asyncio.create_task(keep_registered(service, w.router_address, advertised, credential))
     print(f"{READY_MARKER} component=worker role={w.role} port={port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -10,8 +10,14 @@ from pdserve.launch import start_worker
 
 class Cluster:
     def __init__(self, model: str, extra_env: dict[str, str] | None = None):
-        self.procs = {role: start_worker(role, model=model, extra_env=extra_env)
+        self.procs = {role: start_worker(role, model=model, extra_env=extra_env, wait=False)
                       for role in ("prefill", "decode", "aggregated")}
+        try:
+            for p in self.procs.values():
+                p.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def stubs(self) -> dict[str, worker_pb2_grpc.WorkerStub]:
         # Channels belong to an event loop: build them inside each asyncio.run().
