@@ -49,6 +49,9 @@ def azure_merged(minutes: float, speedup: float) -> list[SimRequest]:
 # defaults span them (512 in its first chunked-prefill release, 2,048 or 8,192 for its OpenAI
 # server depending on the GPU); a small budget protects TPOT, a large one prefill throughput.
 CHUNK_TOKENS = (256, 512, 1024, 2048, 8192)
+# Conditional disaggregation in the simulator: at most one 512-token trace block left to compute
+# on the decode worker (the index sees whole blocks only), a decode stall well under the TPOT SLO.
+LOCAL_PREFILL_MAX_TOKENS = 512
 MOONCAKE_SCENARIOS = {"default": ScenarioSpec("default", ttft_slo_ms=5000, tpot_slo_ms=100)}
 
 
@@ -123,6 +126,16 @@ def run(minutes: float = 20, speedup: float = 4, workers_per_scenario: int = 8, 
                                            "prefix_hit_rate_upper_bound": round(infinite_cache_hit_rate(
                                                ((chain_hashes(block_hashes[r.req_id]), r.input_tokens) for r in base),
                                                MOONCAKE_BLOCK_TOKENS), 4)}
+        say("the same, with conditional disaggregation")
+        controller = RatioController(ControllerConfig(window_s=20.0, cooldown_s=10.0, hysteresis=0.2, max_step=1))
+        local = Simulation(hw, {s: (g // 2, g - g // 2) for s in scenarios}, classifier, controller,
+                           control_interval_s=2.0, prefill_policy="flowprefill", forwarding=True,
+                           block_hashes=block_hashes, prefix_caching=True, cache_aware=True,
+                           local_prefill_max_tokens=LOCAL_PREFILL_MAX_TOKENS)
+        results["pdserve-prefix-cache-local-prefill"] = {
+            **summarize(local.run(copy.deepcopy(base))), "utilisation": local.utilisation(),
+            "prefix_hit_rate": local.prefix_hit_rate(), "kv_transfer": local.kv_transfer(),
+            "local_prefills": local.num_local_prefills, "local_prefill_max_tokens": LOCAL_PREFILL_MAX_TOKENS}
     results["static-best"] = _best_static(hw, scenarios, classifier, g, base, say)
     # The same sweep with pdserve's prefill side (FlowPrefill, on-demand forwarding): against it,
     # the margin is the ratio control's alone.

@@ -9,7 +9,9 @@ keeps a cache of 512-token trace blocks in the live workers' block bookkeeping
 `PrefixIndex`, which cache-aware placement reads for both roles. A prefill worker computes only
 after the prefix it holds. A decode worker reserves blocks for the whole request when it is
 placed (ReserveKV), linking the prompt's leading blocks it holds, so only the rest crosses the
-wire; a finished request's prompt blocks stay cached there until evicted. Request lifecycle: arrival ->
+wire; a finished request's prompt blocks stay cached there until evicted. With conditional
+disaggregation (`local_prefill_max_tokens`), a request the placement sends to its decode worker is
+prefilled there: that worker's decode steps stop while it computes. Request lifecycle: arrival ->
 classify -> place -> prefill queue -> KV transfer -> decode batch (continuous batching, one token
 per step) -> done. A role change drains the worker first, as in the router.
 """
@@ -77,6 +79,14 @@ class _Worker:
     cache: BlockAllocator | None = None      # prefix cache of 512-token trace blocks
     # Requests reserved here (ReserveKV) whose KV has not arrived: their prompts hold KV already.
     reserved: dict = field(default_factory=dict)     # req_id -> prompt tokens
+    # Local prefills (one after another) stop decode steps: one interval, which starts at or
+    # before the simulated now whenever it is still running.
+    stall_from_s: float = 0.0
+    stall_until_s: float = 0.0
+
+    def stalled_s(self, start_s: float, end_s: float) -> float:
+        """Seconds of [start_s, end_s] during which decode steps were stopped."""
+        return max(0.0, min(end_s, self.stall_until_s) - max(start_s, self.stall_from_s))
 
 
 class Simulation:
@@ -84,13 +94,15 @@ class Simulation:
                  controller: RatioController | None, control_interval_s: float = 5.0,
                  heartbeat_s: float = _HEARTBEAT_S, prefill_policy: str = "fcfs", forwarding: bool = False,
                  max_prefill_offers: int = 3, block_hashes: dict[str, tuple[int, ...]] | None = None,
-                 prefix_caching: bool = False, cache_aware: bool = False):
+                 prefix_caching: bool = False, cache_aware: bool = False, local_prefill_max_tokens: int = 0):
         self.hw = hw
         self.scenarios = scenarios
         self.controller = controller
         self.control_interval_s = control_interval_s
         self.registry = WorkerRegistry(lease_s=float("inf"))
-        self.dispatcher = Dispatcher(self.registry, ("sim",), PrefixIndex() if cache_aware else None)
+        self.dispatcher = Dispatcher(self.registry, ("sim",), PrefixIndex() if cache_aware else None,
+                                     local_prefill_max_tokens=local_prefill_max_tokens)
+        self.num_local_prefills = 0
         self._chains = ({rid: chain_hashes(h) for rid, h in (block_hashes or {}).items()} if prefix_caching
                         else {})
         self.prefix_query_tokens = self.prefix_hit_tokens = 0
@@ -192,10 +204,28 @@ class Simulation:
         r.decode_id = p.decode_id
         self._reserve_decode(r)
         self._jobs[r.req_id] = r
+        start = self._prefill_locally if p.local_prefill else self._offer_prefill
         if self.hw.request_overhead_s:
-            self._at(self.now_s + self.hw.request_overhead_s, self._offer_prefill, r, p)
+            self._at(self.now_s + self.hw.request_overhead_s, start, r, p)
         else:
-            self._offer_prefill(r, p)
+            start(r, p)
+
+    def _prefill_locally(self, r: SimRequest, p) -> None:
+        """Conditional disaggregation: the decode worker computes what its cache lacks, after any
+        local prefill before it, and its batch makes no progress meanwhile."""
+        w = self.workers[r.decode_id]
+        self._jobs.pop(r.req_id, None)
+        self._prefill_tokens.pop(r.req_id, None)
+        self.num_local_prefills += 1
+        self.prefix_query_tokens += r.input_tokens
+        self.prefix_hit_tokens += r.decode_cached_tokens
+        self.kv_tokens_linked += r.decode_cached_tokens
+        self._advance(w)
+        if self.now_s >= w.stall_until_s:
+            w.stall_from_s = w.stall_until_s = self.now_s
+        w.stall_until_s += self.hw.prefill_s(r.input_tokens - r.decode_cached_tokens)
+        self._schedule_decode(w)
+        self._at(w.stall_until_s, self._kv_arrived, r)
 
     def _offer_prefill(self, r: SimRequest, p) -> None:
         """On-demand forwarding, as the router does: offer the prefill to the workers of
@@ -291,7 +321,8 @@ class Simulation:
     # when sequences join or finish, not at every step: that is what lets a fleet-scale run fit.
     def _advance(self, w: _Worker) -> None:
         if w.batch:
-            w.token_clock += (self.now_s - w.clock_s) / self.hw.decode_step_s(len(w.batch))
+            running_s = self.now_s - w.clock_s - w.stalled_s(w.clock_s, self.now_s)
+            w.token_clock += running_s / self.hw.decode_step_s(len(w.batch))
             self.decode_batch_seconds += len(w.batch) * (self.now_s - w.clock_s)
         w.clock_s = self.now_s
 
@@ -313,7 +344,8 @@ class Simulation:
         w.decode_version += 1
         if w.batch:
             steps = max(0.0, w.batch[0][0] - w.token_clock)
-            self._at(self.now_s + steps * self.hw.decode_step_s(len(w.batch)), self._decode_event, w,
+            stall_left_s = max(0.0, w.stall_until_s - self.now_s)
+            self._at(self.now_s + stall_left_s + steps * self.hw.decode_step_s(len(w.batch)), self._decode_event, w,
                      w.decode_version)
 
     def _decode_event(self, w: _Worker, version: int) -> None:

@@ -131,3 +131,36 @@ def test_simulated_decode_caches_link_a_held_prefix_so_only_the_rest_crosses_the
     decode = next(w for w in sims[True].workers.values() if w.rec.role.name == "DECODE")
     assert not any(decode.cache.holds(r) for r in "abc")          # every request gave its blocks back
     assert decode.cache.num_cached_blocks == 4 + 1 + 2               # prompts' full blocks stay cached
+
+
+def test_conditional_disaggregation_prefills_on_the_decode_worker_and_stalls_its_batch():
+    import pytest
+
+    from pdserve.sim import compare
+    from pdserve.sim.hardware import HardwareProfile
+
+    # 1,000 prefill tokens/s + 5 ms; a decode step 10 ms + 1 ms per sequence; transfers ~free.
+    # An 8B model's KV per token, so the pool has a realistic number of blocks.
+    hw = HardwareProfile("toy", prefill_base_s=0.005, prefill_tokens_per_s=1000.0, prefill_quad_s=0.0,
+                         decode_step_base_s=0.010, decode_step_per_seq_s=0.001, kv_bytes_per_token=131072,
+                         interconnect_bytes_per_s=1e18)
+    classifier = ScenarioClassifier(dict(compare.MOONCAKE_SCENARIOS))
+    # "b" repeats "a"'s four blocks and adds 100 tokens while "x" decodes on the only decode worker.
+    reqs = [SimRequest("a", "", 0.0, 2048, 2), SimRequest("x", "", 5.0, 512, 1001),
+            SimRequest("b", "", 10.0, 2148, 2)]
+    hashes = {"a": (1, 2, 3, 4), "x": (7,), "b": (1, 2, 3, 4, 5)}
+    runs, sims = {}, {}
+    for limit in (0, 512):
+        sims[limit] = Simulation(hw, {"default": (1, 1)}, classifier, None, prefill_policy="flowprefill",
+                                 forwarding=True, block_hashes=hashes, prefix_caching=True, cache_aware=True,
+                                 local_prefill_max_tokens=limit)
+        runs[limit] = {r.req_id: r for r in sims[limit].run(copy.deepcopy(reqs))}
+    assert sims[0].num_local_prefills == 0 and sims[512].num_local_prefills == 1
+    local, remote = runs[512], runs[0]
+    assert local["b"].first_token_s == pytest.approx(10.0 + 0.005 + 0.1)      # 100 tokens on the decode worker
+    assert all(r.finish_s is not None for r in local.values())
+    # Nothing crossed the wire for "b": its 2,048 cached tokens were linked, the rest computed there.
+    assert sims[512].kv_transfer()["tokens_sent"] == 2048 + 512
+    assert sims[0].kv_transfer()["tokens_sent"] == 2048 + 512 + 100
+    # "x" lost exactly the local prefill's time: its decode steps stopped meanwhile.
+    assert local["x"].finish_s - remote["x"].finish_s == pytest.approx(0.105, abs=1e-4)
