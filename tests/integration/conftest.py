@@ -10,7 +10,8 @@ from pdserve.launch import start_worker
 
 class Cluster:
     def __init__(self, model: str, extra_env: dict[str, str] | None = None):
-        self.procs = {role: start_worker(role, model=model, extra_env=extra_env, wait=False)
+        # The first alone (it may profile the model and cache it), the others together.
+        self.procs = {role: start_worker(role, model=model, extra_env=extra_env, wait=role == "prefill")
                       for role in ("prefill", "decode", "aggregated")}
         try:
             for p in self.procs.values():
