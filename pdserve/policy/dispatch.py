@@ -107,9 +107,10 @@ class Dispatcher:
         total_tokens = num_prompt_tokens + max_tokens
         prompt = _Prompt(self.prefix_index, prompt_ids, prompt_hashes)
         decode = self._best_kv(model, Role.DECODE, scenario, total_tokens, exclude_ids, prompt)
-        if decode is not None and self._prefills_locally(decode, prompt, num_prompt_tokens):
+        local_tokens = self._local_prefill_tokens(decode, prompt, num_prompt_tokens) if decode is not None else None
+        if local_tokens is not None:
             return Placement(decode.worker_id, None, None, decode.blocks_needed(total_tokens), req_id,
-                             num_prompt_tokens - prompt.cached_tokens(decode), local_prefill=True)
+                             local_tokens, local_prefill=True)
         if decode is not None:
             reachable = lambda w: self._common_backend(w, decode) is not None  # noqa: E731
             prefill = self._cheapest(self.registry.ranked(model, Role.PREFILL, scenario, self._k(prompt),
@@ -128,11 +129,13 @@ class Dispatcher:
                             f"or a prefill and a decode worker)")
         raise NoCapacity("no worker has free KV capacity for this request now")
 
-    def _prefills_locally(self, decode: WorkerRecord, prompt: _Prompt, num_prompt_tokens: int) -> bool:
-        # Only on a cache hit: a short cold prompt still goes to a prefill worker, so decode
-        # workers never take prefill work that the index cannot vouch is small.
+    def _local_prefill_tokens(self, decode: WorkerRecord, prompt: _Prompt, num_prompt_tokens: int) -> int | None:
+        """Tokens the decode worker would compute itself, or None: a prefill worker does it.
+        Only on a cache hit: a short cold prompt still goes to a prefill worker, so decode workers
+        never take prefill work that the index cannot vouch is small."""
         cached = prompt.cached_tokens(decode) if self.local_prefill_max_tokens > 0 else 0
-        return cached > 0 and num_prompt_tokens - cached <= self.local_prefill_max_tokens
+        left = num_prompt_tokens - cached
+        return left if cached > 0 and left <= self.local_prefill_max_tokens else None
 
     def _can_serve(self, model: str) -> bool:
         """Placeable workers exist for a whole request, full or not (then it is a capacity problem).
