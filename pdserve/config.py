@@ -29,7 +29,9 @@ class ModelSettings(_Section):
     cache_dir: pathlib.Path = Field(
         pathlib.Path.home() / ".cache" / "pdserve",
         description="Where converted model weights are cached (the GGUF is dequantised once)")
-    torch_num_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+    torch_num_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default (every core) "
+                                   "for a worker started alone, an even share of the cores for each worker "
+                                   "`pdserve up` starts")
 
 
 class KVTransferSettings(_Section):

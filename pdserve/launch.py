@@ -27,6 +27,31 @@ from pdserve.cluster_auth import ClusterCredential, TlsMaterial, new_secret
 
 READY_MARKER = "PDSERVE_READY"
 SECRET_ENV = "PDSERVE_CLUSTER__SECRET"
+THREADS_ENV = "PDSERVE_MODEL__TORCH_NUM_THREADS"
+
+
+def host_cpus() -> int:
+    """CPUs this process may run on (a container's cpuset, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def torch_threads_share(num_workers: int, num_cpus: int) -> int:
+    """Intra-op threads for each of `num_workers` workers sharing `num_cpus`: an even share, one
+    share kept for the router and gateway. Every worker taking all cores (torch's default) makes
+    their thread teams contend: on 2 cores, a tiny 1-token request took 6.0 ms of worker compute
+    with 2 threads, 3.4 ms with 1 (`pdserve bench gateway`, README)."""
+    return max(1, num_cpus // (num_workers + 1))
+
+
+def threads_env(num_workers: int, environ: dict[str, str], num_cpus: int) -> dict[str, str]:
+    """The worker environment entry for the share, unless the user chose a thread count (in the
+    environment, or in the config file it names)."""
+    if environ.get(THREADS_ENV):
+        return {}
+    from pdserve.config import load_config
+    if load_config(environ=environ).model.torch_num_threads:
+        return {}
+    return {THREADS_ENV: str(torch_threads_share(num_workers, num_cpus))}
 
 
 @dataclass
@@ -171,6 +196,8 @@ class LocalCluster:
                                             ("aggregated", self.num_aggregated)))]
             pools += [(model, f"{model}-", {"PDSERVE_WORKER__SCENARIO": model}, (("prefill", p), ("decode", d)))
                       for model, p, d in self.extra_pools]
+            threads = threads_env(sum(n for *_, counts in pools for _, n in counts),
+                                  {**os.environ, **self.env}, host_cpus())
             # Workers and the gateway need only the router, so they start together, except a
             # model's first worker: it starts alone, so the profile it times (and caches for
             # the others) is the hardware's own, not shared with other processes starting.
@@ -180,7 +207,7 @@ class LocalCluster:
                     for i in range(count):
                         self._launch(f"{prefix}{role}-{i}", ["serve", role], worker_env(
                             model, router_address=self.router_address,
-                            extra_env={**self._env_of("worker"), **scenario_env}), wait=first)
+                            extra_env={**threads, **self._env_of("worker"), **scenario_env}), wait=first)
                         first = False
             if not self.embedded_router:
                 self._launch("gateway", ["serve", "gateway"], {
