@@ -171,6 +171,8 @@ class LocalCluster:
     # The router inside the gateway's process (gateway.embedded_router): one process fewer, one
     # gRPC hop fewer per request. Its process is named "gateway".
     embedded_router: bool = False
+    # Intra-op threads each worker was given (threads_env); 0 where the user chose them.
+    worker_torch_threads: int = 0
     processes: list[Process] = field(default_factory=list)
     _recipes: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
     _certs: dict[str, CertFiles] = field(default_factory=dict)
@@ -198,6 +200,7 @@ class LocalCluster:
                       for model, p, d in self.extra_pools]
             threads = threads_env(sum(n for *_, counts in pools for _, n in counts),
                                   {**os.environ, **self.env}, host_cpus())
+            self.worker_torch_threads = int(threads.get(THREADS_ENV, 0))
             # Workers and the gateway need only the router, so they start together, except a
             # model's first worker: it starts alone, so the profile it times (and caches for
             # the others) is the hardware's own, not shared with other processes starting.

@@ -1,6 +1,7 @@
 """`pdserve bench gateway`: what the control plane (HTTP gateway + router) adds to a request.
 
-One run, one aggregated `tiny` worker, max_tokens=1, the same prompt, per deployment:
+One run, one aggregated `tiny` worker, max_tokens=1, the same prompt, per deployment (the worker
+has LocalCluster's share of the cores, reported as `worker_torch_threads`):
 - separate: gateway and router in two processes (the default);
 - embedded: the router inside the gateway's process (gateway.embedded_router).
 Each deployment is its own cluster, measured on two paths at each of `concurrencies` (1, 8 and
@@ -147,7 +148,7 @@ def run(num_requests: int = 300, concurrencies: tuple[int, ...] = (1, 8, 32),
     logging.getLogger("httpx").setLevel(logging.WARNING)
     report = {"model": "tiny", "max_tokens": 1, "deployments": {}}
     for deployment in deployments:
-        rows = _run_cluster(deployment == "embedded", num_requests, concurrencies)
+        rows, report["worker_torch_threads"] = _run_cluster(deployment == "embedded", num_requests, concurrencies)
         summary = {}
         for c in concurrencies:
             d, g = rows[f"direct_c{c}"], rows[f"gateway_c{c}"]
@@ -163,13 +164,13 @@ def _run_cluster(embedded: bool, num_requests: int, concurrencies: list[int]) ->
         cluster = LocalCluster(model="tiny", num_prefill=0, num_decode=0, num_aggregated=1, embedded_router=embedded,
                                env={"PDSERVE_DATABASE__URL": f"sqlite:///{db_dir}/bench.db"}).start()
         try:
-            return run_loop(_measure(cluster, num_requests, concurrencies))
+            return run_loop(_measure(cluster, num_requests, concurrencies)), cluster.worker_torch_threads
         finally:
             cluster.stop()
 
 
 def format_report(r: dict) -> str:
-    lines = []
+    lines = [f"worker: tiny, {r['worker_torch_threads'] or 'configured'} torch thread(s)"]
     for deployment, part in r["deployments"].items():
         lines.append(f"{deployment}: {'router inside the gateway process' if deployment == 'embedded' else 'gateway and router in two processes'}")
         lines.append(f"  {'path':<10}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}  cpu ms/request  errors")
