@@ -1,16 +1,19 @@
 """Real worker processes on loopback, started once per module."""
 import asyncio
+import os
 
 import pytest
 
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.workers import client
-from pdserve.launch import start_worker
+from pdserve.launch import host_cpus, start_worker, threads_env
 
 
 class Cluster:
     def __init__(self, model: str, extra_env: dict[str, str] | None = None):
-        # The first alone (it may profile the model and cache it), the others together.
+        # The first alone (it may profile the model and cache it), the others together; each on
+        # its share of the cores, as LocalCluster starts them.
+        extra_env = {**threads_env(3, {**os.environ, **(extra_env or {})}, host_cpus()), **(extra_env or {})}
         self.procs = {role: start_worker(role, model=model, extra_env=extra_env, wait=role == "prefill")
                       for role in ("prefill", "decode", "aggregated")}
         try:
