@@ -7,7 +7,7 @@ import numpy as np
 
 from pdserve.kvtransfer import frames
 from pdserve.kvtransfer.backends._ucx_wire import (ABORT_POLL_S, ABORT_SLOT, ACK_SLOT, INBOX_TAG, Aborted,
-                                                   frame_slot, tag, ucx_buffer, ucx_tag)
+                                                   frame_slot, tag, ucx_buffer, ucx_tag, wait_active)
 from pdserve.kvtransfer.base import crc32, wire_id
 from pdserve.v1 import kvtransfer_pb2 as pb
 
@@ -80,6 +80,9 @@ class UcxFlows:
                                             payload_bytes=len(buf), crc32=crc), tag(tid, next_slot))
                 posted.payload(ep, np.frombuffer(buf, dtype=np.uint8), tag(tid, next_slot + 1))
                 next_slot += 2
+                # Out now, not after the layers queued behind it are posted: the receiver starts
+                # on this one while the rest are posted.
+                self._progress.progress()
         except (Aborted, asyncio.TimeoutError):
             tx.status.mark_failed("timed out")  # keeps an earlier abort's reason
         except Exception as exc:  # UCX errors surface as various exception types
@@ -158,31 +161,51 @@ class UcxFlows:
                 self._spawn(self._drain(wire, layout.num_layers))
 
     async def _receive_layers(self, rx, checksum: bool) -> None:
-        """Each layer's frame and payload are taken together once both have arrived (the sender
-        posts them back to back): one completion wait per layer instead of two."""
-        offset = 0
-        for index in range(rx.layout.num_layers):
-            frame_found = await self._wait_probe(rx, frame_slot(index))
-            found = await self._wait_probe(rx, frame_slot(index) + 1)
-            nbytes = rx.layout.layer_nbytes[index]
-            if found.length != nbytes or frame_found.length != frames.SLOT_BYTES:
-                # Off UCX's queue, then refuse.
-                await asyncio.gather(self._take(frame_found, bytearray(frame_found.length)),
-                                     self._take(found, bytearray(found.length)))
-                raise ValueError(f"KV payload of layer {index} is {found.length} bytes, expected {nbytes} "
-                                 "(truncated or corrupted)" if found.length != nbytes else
-                                 f"malformed control frame of {frame_found.length} bytes")
-            view = rx.dest[offset: offset + nbytes]
-            frame_buf = bytearray(frame_found.length)
-            await asyncio.gather(self._take(frame_found, frame_buf), self._take(found, view))
-            frame = frames.decode_slot(frame_buf)
-            problem = frames.check_layer(frame, index, rx.layout)
-            if problem:
-                raise ValueError(problem)
-            if checksum and crc32(view) != frame.crc32:
-                raise ValueError(f"checksum mismatch in layer {index}")
-            offset += nbytes
-            rx.num_layers_received = index + 1
+        """Each layer's frame and payload are received into place once both have arrived, without
+        waiting for the previous layer's receives to complete: consecutive layers' rendezvous
+        reads overlap. Waiting for each layer before probing the next cost about 0.1 ms a layer
+        here, 4 ms for 30 layers of 1 MiB in all. Frames are checked in order as they complete."""
+        posted: list[tuple[int, bytearray, memoryview, asyncio.Future, asyncio.Future]] = []
+        try:
+            offset = 0
+            for index in range(rx.layout.num_layers):
+                frame_found, found = await self._probe_layer(rx, index)
+                nbytes = rx.layout.layer_nbytes[index]
+                frame_buf, view = bytearray(frame_found.length), rx.dest[offset: offset + nbytes]
+                posted.append((index, frame_buf, view, self._post_take(frame_found, frame_buf),
+                               self._post_take(found, view)))
+                offset += nbytes
+            for index, frame_buf, view, frame_done, payload_done in posted:
+                await wait_active(asyncio.gather(frame_done, payload_done), self._stall_timeout_s)
+                frame = frames.decode_slot(frame_buf)
+                problem = frames.check_layer(frame, index, rx.layout)
+                if problem:
+                    raise ValueError(problem)
+                if checksum and crc32(view) != frame.crc32:
+                    raise ValueError(f"checksum mismatch in layer {index}")
+                rx.num_layers_received = index + 1
+        except Exception:
+            # A failed transfer's destination goes back to the pool: no receive may still be
+            # writing into it when the failure is reported.
+            pending = [f for *_, frame_done, payload_done in posted for f in (frame_done, payload_done)
+                       if not f.done()]
+            if pending:
+                await asyncio.wait(pending, timeout=self._stall_timeout_s)
+            raise
+
+    async def _probe_layer(self, rx, index: int):
+        """The layer's frame and payload, both arrived and of the layout's sizes (refused otherwise,
+        after taking them off UCX's queue)."""
+        frame_found = await self._wait_probe(rx, frame_slot(index))
+        found = await self._wait_probe(rx, frame_slot(index) + 1)
+        nbytes = rx.layout.layer_nbytes[index]
+        if found.length != nbytes or frame_found.length != frames.SLOT_BYTES:
+            await asyncio.gather(self._take(frame_found, bytearray(frame_found.length)),
+                                 self._take(found, bytearray(found.length)))
+            raise ValueError(f"KV payload of layer {index} is {found.length} bytes, expected {nbytes} "
+                             "(truncated or corrupted)" if found.length != nbytes else
+                             f"malformed control frame of {frame_found.length} bytes")
+        return frame_found, found
 
     async def _receive_trailer(self, rx) -> bytes:
         layout = rx.layout

@@ -243,9 +243,14 @@ class UcxAgent(UcxFlows, BaseKVAgent):
         found = self._worker.tag_probe(ucx_tag(wanted), remove=True)
         return found if found.matched else None
 
-    async def _take(self, found, buf) -> None:
+    def _post_take(self, found, buf) -> asyncio.Future:
+        """Receive a probed message into `buf`; the future ends when UCX has completed it (the
+        progress keeps `buf` until then)."""
         array = ucx_buffer(buf)
-        await self._io(self._worker.tag_recv_with_handle(array, found), array, self._stall_timeout_s)
+        return self._progress.wait(self._worker.tag_recv_with_handle(array, found), array)
+
+    async def _take(self, found, buf) -> None:
+        await wait_active(self._post_take(found, buf), self._stall_timeout_s)
 
     async def _take_frame(self, found) -> pb.KVFrame:
         buf = bytearray(found.length)

@@ -48,10 +48,12 @@ def _transfer(sender_agent, receiver_agent, layers, *, checksum=False, timeout_s
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("checksum", [False, True])
-def test_layers_arrive_intact(agent_pairs, backend, checksum):
+@pytest.mark.parametrize("checksum,num_layers,nbytes", [(False, 4, 64 * 1024), (True, 4, 64 * 1024),
+                                                        (True, 64, 24 * 1024)])
+def test_layers_arrive_intact(agent_pairs, backend, checksum, num_layers, nbytes):
+    """Many layers: a receiver takes a layer while earlier ones are still being received."""
     a, b = agent_pairs[backend]
-    layers = _layers()
+    layers = _layers(num_layers, nbytes)
     rx, tx, dest = _transfer(a, b, layers, checksum=checksum)
     assert (rx.poll(), tx.poll()) == (TransferState.DONE, TransferState.DONE), (rx.failure(), tx.failure())
     assert np.array_equal(dest, np.concatenate(layers))
@@ -81,6 +83,7 @@ def test_a_trailer_larger_than_a_control_frame_arrives_intact(agent_pairs, backe
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fault,needs_checksum,expected", [
     (Faults(truncate_layers=frozenset({1})), False, "bytes"),
+    (Faults(truncate_layers=frozenset({3})), False, "bytes"),    # after three layers in flight
     (Faults(corrupt_layers=frozenset({2})), True, "checksum mismatch"),
     (Faults(drop_layers=frozenset({0})), False, ""),
 ])
