@@ -48,22 +48,33 @@ def receiver_main(conn, backends: list[str]) -> None:
         conn.send((state.value, rx.failure()))
 
 
-def _one_transfer(agent, conn, backend: str, peer: bytes, transfer_id: int,
+def _one_transfer(agent, conn, proc, backend: str, peer: bytes, transfer_id: int,
                   bufs: list[np.ndarray]) -> float:
     layout = TransferLayout(transfer_id, tuple(b.nbytes for b in bufs))
     conn.send((backend, transfer_id, list(layout.layer_nbytes)))
-    assert conn.recv() == "armed"
+    assert _reply(conn, proc) == "armed"
     start = time.perf_counter()
     tx = agent.create_sender(peer, layout, _TIMEOUT_S)
     for i, buf in enumerate(bufs):
         tx.send_layer(i, memoryview(buf))
     tx.finish(b"")
-    state, failure = conn.recv()
+    state, failure = _reply(conn, proc)
     elapsed = time.perf_counter() - start
     wait_ended(tx.status, _TIMEOUT_S)
     if state != TransferState.DONE.value:
         raise RuntimeError(f"{backend} transfer failed: {failure}")
     return elapsed
+
+
+def _reply(conn, proc, timeout_s: float = _TIMEOUT_S + 10):
+    """The receiver process's next message; an error, not a hang, if it died or went silent."""
+    end_s = time.monotonic() + timeout_s
+    while not conn.poll(0.2):
+        if not proc.is_alive():
+            raise RuntimeError(f"the receiver process exited (code {proc.exitcode}); its error is above")
+        if time.monotonic() > end_s:
+            raise RuntimeError(f"the receiver process sent nothing for {timeout_s:.0f} s")
+    return conn.recv()
 
 
 def memcpy_gbps(size_bytes: int, repeats: int) -> float:
@@ -95,7 +106,7 @@ def run(backends: list[str], sizes_mib: list[float], num_layers: int = 1, repeat
     proc.start()
     results = []
     try:
-        peers = parent.recv()
+        peers = _reply(parent, proc)
         agents = {b: create_agent(b, WallClock(), **agent_options(b)) for b in backends}
         transfer_id = 1
         for size_mib in sizes_mib:
@@ -106,11 +117,14 @@ def run(backends: list[str], sizes_mib: list[float], num_layers: int = 1, repeat
             for backend in backends:
                 times = []
                 for _ in range(_WARMUP + repeats):
-                    times.append(_one_transfer(agents[backend], parent, backend, peers[backend], transfer_id, bufs))
+                    times.append(_one_transfer(agents[backend], parent, proc, backend, peers[backend], transfer_id, bufs))
                     transfer_id += 1
                 results.append(_row(backend, size_mib, size, times[_WARMUP:]))
     finally:
-        parent.send(None)
+        try:
+            parent.send(None)
+        except OSError:     # the receiver is gone already
+            pass
         proc.join(10)
         if proc.is_alive():
             proc.kill()
