@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import tempfile
 import time
 
@@ -207,6 +208,19 @@ def _metric(text: str, name: str) -> float:
     return 0.0
 
 
+_PREFIX_TOKENS = re.compile(r'^pdserve_worker_prefix_(hit|query)_tokens\{[^}]*role="(\w+)"[^}]*\} (\S+)$')
+
+
+def _hit_rate_by_role(metrics: str) -> dict[str, float]:
+    """Each role's prefix hit rate (tokens) from the workers' gauges: where a cluster misses."""
+    sums: dict[tuple[str, str], float] = {}
+    for line in metrics.splitlines():
+        if m := _PREFIX_TOKENS.match(line):
+            sums[(m[2], m[1])] = sums.get((m[2], m[1]), 0.0) + float(m[3])
+    return {role: round(sums.get((role, "hit"), 0.0) / query, 4)
+            for (role, kind), query in sorted(sums.items()) if kind == "query" and query}
+
+
 def _wait_for_workers(cluster: LocalCluster, num_each: int, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -238,6 +252,8 @@ def run_mode(mode: str, requests, speedup: float, slo_s: float, num_kv_blocks: i
             "prefill_tokens_computed": res["prompt_tokens"] - res["cached_tokens"],
             "kv_bytes_transferred": int(_metric(metrics, "pdserve_kv_transfer_bytes_total")),
             "prefilled_on_decode": int(_metric(metrics, 'pdserve_router_requests{kind="local_prefills"}')),
+            "prefill_forwarded": int(_metric(metrics, 'pdserve_router_requests{kind="forwarded"}')),
+            "hit_rate_by_role": _hit_rate_by_role(metrics),
             "ttft_p50_ms": round(1e3 * _percentile(ttfts, 0.5), 1) if ttfts else None,
             "ttft_p99_ms": round(1e3 * _percentile(ttfts, 0.99), 1) if ttfts else None,
             "goodput_rps": round(res["goodput_rps"], 3), "wall_s": round(res["wall_s"], 1),

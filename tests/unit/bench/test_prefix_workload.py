@@ -49,3 +49,17 @@ def test_the_compute_only_ratio_is_the_median_left_to_compute_over_the_median_pr
     # 16-token blocks; left to compute: 64, 32 (first cached), 96, 32 (first 96 cached)
     assert compute_only_ttft_p50_ratio(prompts) == 64 / 96
     assert compute_only_ttft_p50_ratio([]) == 0.0
+
+
+def test_hit_rate_by_role_sums_each_roles_workers_gauges():
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    from pdserve.bench.prefix import _hit_rate_by_role
+    registry = CollectorRegistry()
+    gauges = {k: Gauge(f"pdserve_worker_prefix_{k}_tokens", k, ["worker_id", "role"], registry=registry)
+              for k in ("query", "hit")}
+    for worker_id, role, query, hit in (("p0", "prefill", 100, 30), ("p1", "prefill", 100, 10),
+                                        ("d0", "decode", 200, 100)):
+        gauges["query"].labels(worker_id, role).set(query)
+        gauges["hit"].labels(worker_id, role).set(hit)
+    assert _hit_rate_by_role(generate_latest(registry).decode()) == {"decode": 0.5, "prefill": 0.2}
