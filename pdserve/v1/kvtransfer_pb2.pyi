@@ -33,7 +33,7 @@ CHECKSUM_KIND_NONE: ChecksumKind
 CHECKSUM_KIND_CRC32: ChecksumKind
 
 class KVFrame(_message.Message):
-    __slots__ = ("kind", "transfer_id", "layer_index", "payload_bytes", "crc32", "num_layers", "layer_bytes", "checksum", "trailer", "reason", "reply_address", "transfer_token")
+    __slots__ = ("kind", "transfer_id", "layer_index", "payload_bytes", "crc32", "num_layers", "layer_bytes", "checksum", "trailer", "reason", "reply_address", "transfer_token", "frameless")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class KVFrame(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     REPLY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FRAMELESS_FIELD_NUMBER: _ClassVar[int]
     kind: KVFrameKind
     transfer_id: int
     layer_index: int
@@ -58,7 +59,8 @@ class KVFrame(_message.Message):
     reason: str
     reply_address: bytes
     transfer_token: bytes
-    def __init__(self, kind: _Optional[_Union[KVFrameKind, str]] = ..., transfer_id: _Optional[int] = ..., layer_index: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., num_layers: _Optional[int] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., checksum: _Optional[_Union[ChecksumKind, str]] = ..., trailer: _Optional[bytes] = ..., reason: _Optional[str] = ..., reply_address: _Optional[bytes] = ..., transfer_token: _Optional[bytes] = ...) -> None: ...
+    frameless: bool
+    def __init__(self, kind: _Optional[_Union[KVFrameKind, str]] = ..., transfer_id: _Optional[int] = ..., layer_index: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., num_layers: _Optional[int] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., checksum: _Optional[_Union[ChecksumKind, str]] = ..., trailer: _Optional[bytes] = ..., reason: _Optional[str] = ..., reply_address: _Optional[bytes] = ..., transfer_token: _Optional[bytes] = ..., frameless: _Optional[bool] = ...) -> None: ...
 
 class PrefillTrailer(_message.Message):
     __slots__ = ("req_id", "first_token_id", "num_prompt_tokens", "first_token_logprob", "prompt_logprobs")

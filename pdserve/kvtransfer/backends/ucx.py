@@ -11,7 +11,9 @@ TransferLayout.wire_id). Headers of all transfers go to the agent's inbox tag, s
 receiver does not know, or a header with the wrong token, is answered with an ERROR instead of
 sitting in UCX's queue; a sender without the token cannot address the data tags at all.
 Slot 1+2i carries the frame of layer i, 2+2i its payload, 1+2L the trailer's frame and 2+2L its
-bytes (a trailer can outgrow a control slot: prompt logprobs); the receiver answers
+bytes (a trailer can outgrow a control slot: prompt logprobs); a header marked `frameless` (every
+sender without a checksum) announces a transfer that leaves the frames out, the receiver taking
+sizes from its probes. The receiver answers
 ACK or ERROR on the sender's ACK_SLOT, and a sender's ABORT goes to ABORT_SLOT, always watched.
 All UCX calls run on one background thread with its own event loop, which also progresses the
 worker when UCX signals an event (see _ucx_progress.py): no progress thread, no polling.
@@ -88,6 +90,9 @@ class UcxAgent(UcxFlows, BaseKVAgent):
     def __init__(self, clock: Clock, tls: str = "tcp,sm,self", stall_timeout_s: float = 10.0):
         self._clock = clock
         self._stall_timeout_s = stall_timeout_s
+        # Senders leave per-layer frames out unless they checksum. Receivers take either form:
+        # False makes this agent send as releases before the frameless form did (for tests).
+        self.frameless_sends = True
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._tasks: set[asyncio.Task] = set()

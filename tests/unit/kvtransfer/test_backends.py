@@ -35,14 +35,15 @@ def _layers(num_layers=4, nbytes=64 * 1024):
     return [np.random.default_rng(i).integers(0, 255, nbytes, dtype=np.uint8) for i in range(num_layers)]
 
 
-def _transfer(sender_agent, receiver_agent, layers, *, checksum=False, timeout_s=5.0, send_layout=None):
+def _transfer(sender_agent, receiver_agent, layers, *, checksum=False, timeout_s=5.0, send_layout=None,
+              trailer=b"trailer-bytes"):
     layout = TransferLayout(next(_ids), tuple(x.nbytes for x in layers))
     dest = np.zeros(layout.total_nbytes, dtype=np.uint8)
     rx = receiver_agent.create_receiver(layout, memoryview(dest), timeout_s)
     tx = sender_agent.create_sender(receiver_agent.address(), send_layout or layout, timeout_s, checksum)
     for i, buf in enumerate(layers):
         tx.send_layer(i, memoryview(buf))
-    tx.finish(b"trailer-bytes")
+    tx.finish(trailer)
     assert wait_until(lambda: rx.poll() in _ENDED and tx.poll() in _ENDED, timeout_s + 5)
     return rx, tx, dest
 
@@ -58,6 +59,39 @@ def test_layers_arrive_intact(agent_pairs, backend, checksum, num_layers, nbytes
     assert (rx.poll(), tx.poll()) == (TransferState.DONE, TransferState.DONE), (rx.failure(), tx.failure())
     assert np.array_equal(dest, np.concatenate(layers))
     assert rx.trailer == b"trailer-bytes"
+    assert_no_leaks(agents=(a, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("checksum", [False, True])
+def test_an_empty_trailer_arrives(agent_pairs, backend, checksum):
+    """Without frames (UCX, no checksum) the trailer is a message of its own even when empty."""
+    a, b = agent_pairs[backend]
+    layers = _layers(num_layers=3, nbytes=4096)
+    rx, tx, dest = _transfer(a, b, layers, checksum=checksum, trailer=b"")
+    assert (rx.poll(), tx.poll()) == (TransferState.DONE, TransferState.DONE), (rx.failure(), tx.failure())
+    assert rx.trailer == b"" and np.array_equal(dest, np.concatenate(layers))
+    assert_no_leaks(agents=(a, b))
+
+
+@pytest.mark.parametrize("frameless", [True, False], ids=["frameless", "framed-as-earlier-releases"])
+def test_ucx_sends_no_layer_frames_without_a_checksum_and_takes_framed_transfers_too(
+        agent_pairs, monkeypatch, frameless):
+    """A layer's frame carries only its CRC beyond what the tag and probed length say, so without a
+    checksum each layer is one message; a receiver still takes a sender that frames every layer."""
+    from pdserve.kvtransfer.backends import _ucx_flows
+    a, b = agent_pairs["ucx"]
+    sent = []
+    real_payload = _ucx_flows._Posted.payload
+    monkeypatch.setattr(_ucx_flows._Posted, "payload",
+                        lambda self, ep, buf, buf_tag: (sent.append(buf_tag), real_payload(self, ep, buf, buf_tag)))
+    monkeypatch.setattr(a, "frameless_sends", frameless)
+    layers = _layers(num_layers=4, nbytes=8192)
+    rx, tx, dest = _transfer(a, b, layers)
+    assert (rx.poll(), tx.poll()) == (TransferState.DONE, TransferState.DONE), (rx.failure(), tx.failure())
+    assert np.array_equal(dest, np.concatenate(layers)) and rx.trailer == b"trailer-bytes"
+    # The header, then per layer a payload (and its frame), then the trailer (and its frame).
+    assert len(sent) == (1 + 4 + 1 if frameless else 1 + 2 * 4 + 2)
     assert_no_leaks(agents=(a, b))
 
 
