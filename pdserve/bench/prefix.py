@@ -26,6 +26,10 @@ prefill -> decode (gateway metric), TTFT p50/p99 (latency of max_tokens=1 reques
 the first token) and goodput (requests within the TTFT SLO per second). The upper bound is the hit
 rate of one infinite cache that saw every earlier prompt of the slice.
 
+`ttft_by_tokens_computed` (per mode): TTFT p50 by how many prompt tokens the prefill computed, and
+the share of requests sent while no other was in flight (where that share is high, TTFT is the
+request's fixed path plus its compute, and queueing explains little).
+
 `idle_floor` (on the cache-aware cluster, after its replay): TTFT of one request at a time, so
 nothing queues, for fresh prompts of the workload's median length, for prompts sharing their
 first `upper bound` share with a cached one, and for fully cached ones. Its ratios are the most
@@ -35,6 +39,7 @@ of a request (gateway, router, RPCs, the KV transfer's tail) and attention over 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import random
 import re
@@ -135,8 +140,28 @@ async def _first_token(http: httpx.AsyncClient, ids: list[int], errors: dict[str
     return r
 
 
+_COMPUTED_BUCKETS = (0, 32, 128, 256, 512, 1024)
+
+
+def ttft_by_tokens_computed(records: list[tuple[float, int, float]]) -> dict:
+    """records: (sent s, prompt tokens the prefill computed, TTFT s) per answered request. TTFT p50
+    per range of tokens computed, and the share of requests sent while no other was in flight:
+    where most requests meet an idle cluster, TTFT is the fixed path plus compute, which a
+    nearly cached prompt cuts only to the fixed path (the 0-31 row)."""
+    starts = sorted(sent for sent, _, _ in records)
+    ends = sorted(sent + ttft for sent, _, ttft in records)
+    alone = sum(bisect.bisect_left(starts, sent) - bisect.bisect_right(ends, sent) == 0 for sent, _, _ in records)
+    rows = []
+    for low, high in zip(_COMPUTED_BUCKETS, (*_COMPUTED_BUCKETS[1:], None)):
+        ttfts = [t for _, n, t in records if n >= low and (high is None or n < high)]
+        if ttfts:
+            rows.append({"tokens_computed": f"{low}-{high - 1}" if high else f"{low}+", "requests": len(ttfts),
+                         "ttft_p50_ms": round(1e3 * _percentile(ttfts, 0.5), 1)})
+    return {"sent_while_none_in_flight": round(alone / len(records), 3) if records else None, "by_range": rows}
+
+
 async def _replay(url: str, requests: list[tuple[float, list[int]]], speedup: float, slo_s: float) -> dict:
-    ttfts, cached, errors = [], 0, {}
+    ttfts, cached, errors, records = [], 0, {}, []
     prompt_tokens = 0
     # Idle connections are dropped before the server would close them (uvicorn: 5 s), so a request
     # never races a server-side close on a reused connection.
@@ -152,13 +177,16 @@ async def _replay(url: str, requests: list[tuple[float, list[int]]], speedup: fl
             usage = r.json()["usage"]
             cached += usage["prompt_tokens_details"]["cached_tokens"]
             prompt_tokens += usage["prompt_tokens"]
+            records.append((started, usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"],
+                            ttfts[-1]))
 
         first = requests[0][0]
         t0 = time.perf_counter()
         await asyncio.gather(*(one((at - first) / speedup, ids) for at, ids in requests))
         wall_s = time.perf_counter() - t0
     return {"ttfts": ttfts, "cached_tokens": cached, "prompt_tokens": prompt_tokens, "errors": errors,
-            "wall_s": wall_s, "goodput_rps": sum(t <= slo_s for t in ttfts) / wall_s}
+            "wall_s": wall_s, "goodput_rps": sum(t <= slo_s for t in ttfts) / wall_s,
+            "ttft_by_tokens_computed": ttft_by_tokens_computed(records)}
 
 
 def floor_prompts(num_tokens: int, reuse: float, num_samples: int, seed: int = 1) -> dict[str, list[list[int]]]:
@@ -257,6 +285,7 @@ def run_mode(mode: str, requests, speedup: float, slo_s: float, num_kv_blocks: i
             "ttft_p50_ms": round(1e3 * _percentile(ttfts, 0.5), 1) if ttfts else None,
             "ttft_p99_ms": round(1e3 * _percentile(ttfts, 0.99), 1) if ttfts else None,
             "goodput_rps": round(res["goodput_rps"], 3), "wall_s": round(res["wall_s"], 1),
+            "ttft_by_tokens_computed": res["ttft_by_tokens_computed"],
             **({"idle_floor": idle} if idle is not None else {})}
 
 
@@ -305,6 +334,12 @@ def format_report(r: dict) -> str:
         lines.append(f"{mode:<27}{m['hit_rate']:>9.3f}{m['prefill_tokens_computed']:>10}"
                      f"{m['kv_bytes_transferred'] / 1e6:>8.1f}{m['ttft_p50_ms']!s:>8}{m['ttft_p99_ms']!s:>8}"
                      f"{m['goodput_rps']:>9.2f}  {m['errors'] or 'none'}")
+    for mode, m in r["modes"].items():
+        by = m.get("ttft_by_tokens_computed")
+        if by and by["by_range"]:
+            rows = ", ".join(f"{row['tokens_computed']}: {row['ttft_p50_ms']} ({row['requests']})" for row in by["by_range"])
+            lines.append(f"{mode}: {by['sent_while_none_in_flight']:.0%} sent with none in flight; "
+                         f"TTFT p50 ms (requests) by tokens computed: {rows}")
     for key, value in r.get("summary", {}).items():
         lines.append(f"{key}: x{value}")
     for mode in _FLOOR_MODES:

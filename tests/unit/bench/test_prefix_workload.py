@@ -63,3 +63,17 @@ def test_hit_rate_by_role_sums_each_roles_workers_gauges():
         gauges["query"].labels(worker_id, role).set(query)
         gauges["hit"].labels(worker_id, role).set(hit)
     assert _hit_rate_by_role(generate_latest(registry).decode()) == {"decode": 0.5, "prefill": 0.2}
+
+
+def test_ttft_by_tokens_computed_buckets_requests_and_counts_those_sent_to_an_idle_cluster():
+    from pdserve.bench.prefix import ttft_by_tokens_computed
+    records = [(0.0, 5, 0.010), (1.0, 20, 0.030), (1.01, 300, 0.050), (2.0, 2000, 0.200), (3.0, 40, 0.020)]
+    out = ttft_by_tokens_computed(records)
+    # The request sent at 1.01 s found the one sent at 1.0 s still in flight; the others found none.
+    assert out["sent_while_none_in_flight"] == 0.8
+    assert out["by_range"] == [
+        {"tokens_computed": "0-31", "requests": 2, "ttft_p50_ms": 30.0},
+        {"tokens_computed": "32-127", "requests": 1, "ttft_p50_ms": 20.0},
+        {"tokens_computed": "256-511", "requests": 1, "ttft_p50_ms": 50.0},
+        {"tokens_computed": "1024+", "requests": 1, "ttft_p50_ms": 200.0}]
+    assert ttft_by_tokens_computed([]) == {"sent_while_none_in_flight": None, "by_range": []}
