@@ -29,9 +29,10 @@ class ModelSettings(_Section):
     cache_dir: pathlib.Path = Field(
         pathlib.Path.home() / ".cache" / "pdserve",
         description="Where converted model weights are cached (the GGUF is dequantised once)")
-    torch_num_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default (every core) "
-                                   "for a worker started alone, an even share of the cores for each worker "
-                                   "`pdserve up` starts")
+    torch_num_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: for a worker started alone, "
+                                   "half the CPUs it may use (its affinity capped by its cgroup CPU quota: "
+                                   "its two compute threads each run a team), for each worker `pdserve up` "
+                                   "starts an even share of the cores")
 
 
 class KVTransferSettings(_Section):

@@ -23,6 +23,7 @@ import httpx
 
 from pdserve import rpc
 from pdserve.certs import CertFiles, cluster_env, make_dev_pki
+from pdserve.cpus import available_cpus
 from pdserve.cluster_auth import ClusterCredential, TlsMaterial, new_secret
 
 READY_MARKER = "PDSERVE_READY"
@@ -31,8 +32,8 @@ THREADS_ENV = "PDSERVE_MODEL__TORCH_NUM_THREADS"
 
 
 def host_cpus() -> int:
-    """CPUs this process may run on (a container's cpuset, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """CPUs this process may use (a container's cpuset and CPU quota, not the host's count)."""
+    return available_cpus()
 
 
 def torch_threads_share(num_workers: int, num_cpus: int) -> int:

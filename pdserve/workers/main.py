@@ -23,6 +23,7 @@ from pdserve import rpc
 from pdserve.cluster_auth import Credential, require_for_bind
 from pdserve.clock import WallClock
 from pdserve.config import PDServeConfig
+from pdserve.cpus import available_cpus, default_worker_threads
 from pdserve.kvtransfer import BaseKVAgent, create_agent
 from pdserve.policy.cost_model import OperatorCostModel
 from pdserve.policy.prefill_scheduler import make_scheduler
@@ -113,9 +114,18 @@ def _advertised(cfg: PDServeConfig, model, port: int) -> Advertised:
                       max_batch_size=cfg.worker.max_batch_size)
 
 
+def configure_torch_threads(cfg: PDServeConfig, num_cpus: int | None = None) -> int:
+    """The configured intra-op thread count, else `default_worker_threads` of the CPUs available."""
+    cpus = available_cpus() if num_cpus is None else num_cpus
+    threads = cfg.model.torch_num_threads or default_worker_threads(cpus)
+    torch.set_num_threads(threads)
+    log.info("torch runs %d intra-op thread(s) per compute thread (%d CPUs available, %s)", threads, cpus,
+             "configured" if cfg.model.torch_num_threads else "default")
+    return threads
+
+
 async def serve(cfg: PDServeConfig) -> None:
-    if cfg.model.torch_num_threads:
-        torch.set_num_threads(cfg.model.torch_num_threads)
+    configure_torch_threads(cfg)
     w = cfg.worker
     credential = cfg.cluster_credential
     require_for_bind("worker", w.host, credential)
