@@ -7,6 +7,7 @@ import pytest
 from pdserve.v1 import worker_pb2, worker_pb2_grpc
 from pdserve.workers import client
 from pdserve.launch import host_cpus, start_worker, threads_env
+from tests.conftest import wait_until
 
 
 class Cluster:
@@ -32,8 +33,16 @@ class Cluster:
             return await self.stubs()[role].GetInfo(worker_pb2.GetInfoRequest())
         return asyncio.run(get())
 
-    def assert_idle(self) -> None:
+    def assert_idle(self, timeout_s: float = 10.0) -> None:
+        """Every worker alive, its KV blocks free and nothing in flight, once its asynchronous
+        cleanup has run: a transfer that failed by its deadline is reported at once to whoever
+        polls it, while its agent stops tracking it only when its own loop next looks, or after
+        the receives still in flight complete (bounded by the stall timeout)."""
+        def idle(info: worker_pb2.WorkerInfo) -> bool:
+            return (info.num_free_kv_blocks == info.num_total_kv_blocks and info.num_pending_transfers == 0
+                    and info.num_active_requests == 0)
         for role in self.procs:
+            wait_until(lambda: self.procs[role].proc.poll() is not None or idle(self.info(role)), timeout_s, 0.05)
             info = self.info(role)
             assert info.num_free_kv_blocks == info.num_total_kv_blocks, f"{role} leaked KV blocks"
             assert info.num_pending_transfers == 0, f"{role} still tracks transfers"
