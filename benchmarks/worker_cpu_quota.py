@@ -1,7 +1,7 @@
 """A lone worker under a CPU quota: torch's old default (a team per core the host shows) vs the
 worker's own default (half the CPUs the quota allows, `pdserve.cpus`).
 
-    sudo python benchmarks/worker_cpu_quota.py [--json] [--quota-cpus 1] [--rounds 3] [--requests 300]
+    python benchmarks/worker_cpu_quota.py [--json] [--quota-cpus 1] [--rounds 3] [--requests 300]   # as root
 
 Needs root and a writable cgroup tree (v1 `cpu` controller or v2 with `cpu` enabled): it makes a
 cgroup with the quota, starts one aggregated `tiny` worker in it (as a Kubernetes pod with
