@@ -23,8 +23,8 @@ import httpx
 
 from pdserve import rpc
 from pdserve.certs import CertFiles, cluster_env, make_dev_pki
-from pdserve.cpus import available_cpus
 from pdserve.cluster_auth import ClusterCredential, TlsMaterial, new_secret
+from pdserve.cpus import available_cpus
 
 READY_MARKER = "PDSERVE_READY"
 SECRET_ENV = "PDSERVE_CLUSTER__SECRET"
