@@ -50,50 +50,76 @@ class UcxFlows:
 
     async def _send(self, tx, peer_address: bytes, checksum: bool) -> None:
         """Sends are posted back to back and awaited together before the ACK: the next layer
-        need not wait for the previous one's receiver. Each buffer is kept until UCX sent it."""
+        need not wait for the previous one's receiver. Each buffer is kept until UCX sent it.
+
+        The header goes out after the layers queued when the sender starts, not before them: each
+        message that finds its receiver asleep wakes it (50-100 us of scheduling on a small VM),
+        and a header sent first woke it once for the header and again for the data. The
+        receiver routes data that came before its header like any other (UCX queues it)."""
         tid = tx.layout.wire_id   # labels the data tags
-        ep = None
+        ep = header = None
         posted = _Posted(self._progress)
         try:
-            ep = await self._bounded(self._endpoint(peer_address), tx.status)
-            head = frames.header(tx.layout, checksum)
-            head.reply_address = self._address
-            # Without a checksum a layer's frame says nothing its tag and probed length do not:
-            # leaving it out halves the messages (and the receiver's probes) of a transfer.
-            head.frameless = self.frameless_sends and not checksum
-            posted.frame(ep, head, INBOX_TAG)
+            # Created even for a sender aborted already (it takes no wait): its receiver is told.
+            ep = await self._endpoint(peer_address)
+            header = _Header(ep, self._header_frame(tx.layout, checksum))
             tx.status.mark_transferring()
             next_slot = frame_slot(0)
             while True:
-                # Layers queued already are taken without a wait (wait_for costs a task each).
-                item = (tx.queue.get_nowait() if not tx.queue.empty()
-                        else await self._bounded(tx.queue.get(), tx.status))
+                item = await self._next_item(tx)
                 posted.raise_failed()
                 await self._raise_if_refused(tid)
                 if item[0] == "abort":
                     raise Aborted()
                 if item[0] == "trailer":
-                    self._post_trailer(ep, posted, tag(tid, next_slot), item[1], head.frameless)
+                    self._post_trailer(ep, posted, tag(tid, next_slot), item[1], header.frame.frameless)
+                    header.post_once(posted)
                     await posted.settle(tx.status)
                     await self._await_ack(tx)
                     return
-                _, index, buf, given_crc = item
-                if not head.frameless:
-                    crc = (crc32(buf) if given_crc is None else given_crc) if checksum else 0
-                    posted.frame(ep, pb.KVFrame(kind=pb.KV_FRAME_KIND_LAYER, layer_index=index,
-                                                payload_bytes=len(buf), crc32=crc), tag(tid, next_slot))
-                posted.payload(ep, np.frombuffer(buf, dtype=np.uint8), tag(tid, next_slot + 1))
+                self._post_layer(ep, posted, tag(tid, next_slot), item, header.frame, checksum)
                 next_slot += 2
+                if not tx.items:
+                    header.post_once(posted)
         except (Aborted, asyncio.TimeoutError):
             tx.status.mark_failed("timed out")  # keeps an earlier abort's reason
         except Exception as exc:  # UCX errors surface as various exception types
             tx.status.mark_failed(str(exc) if isinstance(exc, _Refused) else f"ucx send failed: {exc}")
         finally:
             posted.abandon()
-            tx.queue = asyncio.Queue()  # drop references to caller buffers
-            if ep is not None and tx.poll().name == "FAILED":
-                await self._send_abort(ep, tid, tx.failure() or "failed")
+            tx.items.clear()  # drop references to caller buffers
+            if header is not None and tx.poll().name == "FAILED":
+                await self._send_abort(ep, tid, tx.failure() or "failed",
+                                       None if header.posted else header.frame)
             self._track(-1)
+
+    def _header_frame(self, layout, checksum: bool) -> pb.KVFrame:
+        head = frames.header(layout, checksum)
+        head.reply_address = self._address
+        # Without a checksum a layer's frame says nothing its tag and probed length do not:
+        # leaving it out halves the messages (and the receiver's probes) of a transfer.
+        head.frameless = self.frameless_sends and not checksum
+        return head
+
+    @staticmethod
+    def _post_layer(ep, posted: "_Posted", frame_tag: int, item, head: pb.KVFrame, checksum: bool) -> None:
+        _, index, buf, given_crc = item
+        if not head.frameless:
+            crc = (crc32(buf) if given_crc is None else given_crc) if checksum else 0
+            posted.frame(ep, pb.KVFrame(kind=pb.KV_FRAME_KIND_LAYER, layer_index=index,
+                                        payload_bytes=len(buf), crc32=crc), frame_tag)
+        posted.payload(ep, np.frombuffer(buf, dtype=np.uint8), frame_tag + 1)
+
+    async def _next_item(self, tx):
+        """The sender's next queued item; waits (within the deadline) only when none is queued."""
+        while not tx.items:
+            tx.waiter = self._loop.create_future()
+            try:
+                if not tx.items:        # re-read after publishing the waiter (see UcxSender._put)
+                    await self._bounded(tx.waiter, tx.status)
+            finally:
+                tx.waiter = None
+        return tx.items.popleft()
 
     @staticmethod
     def _post_trailer(ep, posted: "_Posted", frame_tag: int, trailer: bytes, frameless: bool) -> None:
@@ -123,8 +149,13 @@ class UcxFlows:
         else:
             tx.status.mark_failed(f"receiver refused: {reply.reason}")
 
-    async def _send_abort(self, ep, wire_id: int, reason: str) -> None:
+    async def _send_abort(self, ep, wire_id: int, reason: str, header: pb.KVFrame | None) -> None:
+        """`header`: the transfer's, when it has not gone out yet. The receiver looks for an abort
+        only after the header, and then drains what this sender posted; without the header, the
+        data would wait in the receiver's UCX queue for good."""
         try:
+            if header is not None:
+                await self._send_frame(ep, header, INBOX_TAG, None)
             await self._send_frame(ep, frames.abort_frame(reason), tag(wire_id, ABORT_SLOT), None)
         except Exception:  # best effort: the receiver's deadline covers a lost abort
             pass
@@ -254,6 +285,18 @@ class UcxFlows:
 
 class _Refused(Exception):
     """The receiver answered ERROR before the transfer finished."""
+
+
+class _Header:
+    """A transfer's header, posted to the peer's inbox once."""
+
+    def __init__(self, ep, frame: pb.KVFrame):
+        self.ep, self.frame, self.posted = ep, frame, False
+
+    def post_once(self, posted: "_Posted") -> None:
+        if not self.posted:
+            posted.frame(self.ep, self.frame, INBOX_TAG)
+            self.posted = True
 
 
 class _Posted:

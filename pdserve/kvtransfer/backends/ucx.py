@@ -10,6 +10,8 @@ Tags are wire_id << 16 | slot, where the wire id derives from the transfer's sec
 TransferLayout.wire_id). Headers of all transfers go to the agent's inbox tag, so a transfer the
 receiver does not know, or a header with the wrong token, is answered with an ERROR instead of
 sitting in UCX's queue; a sender without the token cannot address the data tags at all.
+A sender posts its header after the layers queued when it starts, so one wake-up of the
+receiver finds both; data that comes before its header waits in UCX's queue like any other.
 Slot 1+2i carries the frame of layer i, 2+2i its payload, 1+2L the trailer's frame and 2+2L its
 bytes (a trailer can outgrow a control slot: prompt logprobs); a header marked `frameless` (every
 sender without a checksum) announces a transfer that leaves the frames out, the receiver taking
@@ -21,6 +23,7 @@ worker when UCX signals an event (see _ucx_progress.py): no progress thread, no 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import threading
 
@@ -50,20 +53,37 @@ class UcxReceiver(BaseKVReceiver):
 
 
 class UcxSender(BaseKVSender):
+    """The caller's thread appends work to `items`; the agent's loop takes it. The loop is woken
+    only while it waits for work (`waiter` set): a wake-up costs a system call and a loop turn,
+    and layers queued back to back need one at most."""
+
     def __init__(self, agent: "UcxAgent", layout: TransferLayout, status: TransferStatus):
         super().__init__(layout, status)
         self._agent = agent
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.items: collections.deque = collections.deque()
+        self.waiter: asyncio.Future | None = None    # the loop's, while it waits for items
 
     def send_layer(self, layer_index: int, buf: memoryview, crc32: int | None = None) -> None:
-        self._agent.call_soon(self.queue.put_nowait, ("layer", layer_index, buf, crc32))
+        self._put(("layer", layer_index, buf, crc32))
 
     def finish(self, trailer: bytes) -> None:
-        self._agent.call_soon(self.queue.put_nowait, ("trailer", trailer))
+        self._put(("trailer", trailer))
 
     def abort(self, reason: str) -> None:
         if self.status.mark_failed(f"aborted: {reason}"):
-            self._agent.call_soon(self.queue.put_nowait, ("abort", reason))
+            self._put(("abort", reason))
+
+    def _put(self, item) -> None:
+        # Append before looking at the waiter; the loop sets its waiter before it looks at the
+        # items again (UcxFlows._next_item), so one of the two always sees the other's write.
+        self.items.append(item)
+        if self.waiter is not None:
+            self._agent.call_soon(self.wake)
+
+    def wake(self) -> None:
+        """Loop thread."""
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
 
 # UCX writes its log (warnings included) to stdout unless told otherwise, which breaks every

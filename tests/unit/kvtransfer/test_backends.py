@@ -237,6 +237,20 @@ def test_abort_from_either_side(agent_pairs, backend):
     assert_no_leaks(agents=(a, b))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sender_aborted_before_its_first_layer_fails_the_receiver_before_its_deadline(agent_pairs, backend):
+    """UCX sends the header after the first layers; a sender aborted before any still announces
+    the transfer, so its receiver ends now with the reason instead of waiting out its deadline."""
+    a, b = agent_pairs[backend]
+    layout = TransferLayout(next(_ids), (4096, 4096))
+    rx = b.create_receiver(layout, memoryview(np.zeros(8192, np.uint8)), 60.0)
+    tx = a.create_sender(b.address(), layout, 60.0)
+    tx.abort("prefill preempted")
+    assert wait_until(lambda: rx.poll() in _ENDED, 10)
+    assert rx.poll() is TransferState.FAILED and "prefill preempted" in rx.failure()
+    assert_no_leaks(agents=(a, b))
+
+
 def test_unknown_backend_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown KV transfer backend"):
         create_agent("carrier-pigeon", WallClock())
