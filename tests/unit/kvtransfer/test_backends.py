@@ -79,18 +79,16 @@ def test_ucx_sends_no_layer_frames_without_a_checksum_and_takes_framed_transfers
         agent_pairs, monkeypatch, frameless):
     """A layer's frame carries only its CRC beyond what the tag and probed length say, so without a
     checksum each layer is one message; a receiver still takes a sender that frames every layer."""
-    from pdserve.kvtransfer.backends import _ucx_flows
     a, b = agent_pairs["ucx"]
     sent = []
-    real_payload = _ucx_flows._Posted.payload
-    monkeypatch.setattr(_ucx_flows._Posted, "payload",
-                        lambda self, ep, buf, buf_tag: (sent.append(buf_tag), real_payload(self, ep, buf, buf_tag)))
+    real_send = a.post_send
+    monkeypatch.setattr(a, "post_send", lambda ep, buf, buf_tag: (sent.append(buf_tag), real_send(ep, buf, buf_tag))[1])
     monkeypatch.setattr(a, "frameless_sends", frameless)
     layers = _layers(num_layers=4, nbytes=8192)
     rx, tx, dest = _transfer(a, b, layers)
     assert (rx.poll(), tx.poll()) == (TransferState.DONE, TransferState.DONE), (rx.failure(), tx.failure())
     assert np.array_equal(dest, np.concatenate(layers)) and rx.trailer == b"trailer-bytes"
-    # The header, then per layer a payload (and its frame), then the trailer (and its frame).
+    # Per layer a payload (and its frame), the trailer (and its frame), the header.
     assert len(sent) == (1 + 4 + 1 if frameless else 1 + 2 * 4 + 2)
     assert_no_leaks(agents=(a, b))
 
