@@ -14,10 +14,11 @@ import os
 import select
 import time
 
-# The loop wakes at least this often while flows are open: a transfer's status can end from
-# another thread (its deadline seen by a poll()) without a wake-up, and UCX documents no lost
-# event but a transfer must never hang on one.
+# The loop wakes at least this often while a transfer is open: its status can end from another
+# thread (its deadline seen by a poll()) without a wake-up, and UCX documents no lost event but a
+# transfer must never hang on one. An idle agent (only its inbox open) wakes at IDLE_TICK_S.
 TICK_S = 0.05
+IDLE_TICK_S = 0.1
 
 
 class Pending:
@@ -106,14 +107,17 @@ class UcxEngine:
         self._sleeping = True
         try:
             if not self._commands:
-                timeout_s = min([TICK_S] + [flow.wake_at_s() for flow in self._flows]) if self._flows else None
-                self._poll.poll(None if timeout_s is None else max(0, int(timeout_s * 1000) + 1))
+                self._poll.poll(max(0, int(self._timeout_s() * 1000) + 1))
         finally:
             self._sleeping = False
         try:
             os.eventfd_read(self._wake_fd)
         except BlockingIOError:
             pass
+
+    def _timeout_s(self) -> float:
+        soonest_s = min((flow.wake_at_s() for flow in self._flows), default=float("inf"))
+        return IDLE_TICK_S if soonest_s == float("inf") else min(soonest_s, TICK_S)
 
     def _run_commands(self) -> bool:
         if not self._commands:
