@@ -1,6 +1,7 @@
 """Every backend honours the same contract: data arrives intact, every failure is reported with a
 reason on both sides, nothing waits past its deadline, and nothing stays tracked afterwards."""
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -289,4 +290,33 @@ def test_a_malformed_peer_address_is_refused_before_it_reaches_the_backend(agent
             assert wait_until(lambda: tx.poll() in _ENDED, 4)
             assert tx.poll() is TransferState.FAILED and "UCX worker address" in tx.failure()
     assert a.check_peer_address(b.address()) is None
+    assert_no_leaks(agents=(a, b))
+
+
+@pytest.mark.parametrize("backend", ["tcp", "ucx"])
+def test_transfers_sent_from_many_threads_at_once_arrive_intact(agent_pairs, backend):
+    """A UCX sender posts from its caller's thread while the agent's thread progresses the same
+    worker (ucxx makes it thread-safe): eight threads, each streaming transfers layer by layer,
+    against one receiving agent."""
+    a, b = agent_pairs[backend]
+    results, errors = [], []
+
+    def stream(seed: int) -> None:
+        try:
+            for _ in range(5):
+                layers = [np.random.default_rng(seed * 100 + i).integers(0, 255, 8192 * (i + 1), dtype=np.uint8)
+                          for i in range(6)]
+                results.append((layers, *_transfer(a, b, layers, trailer=bytes([seed]))))
+        except Exception as exc:  # surfaced below, with the thread that raised it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=stream, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors and len(results) == 40
+    for layers, rx, tx, dest in results:
+        assert (rx.poll(), tx.poll()) == (TransferState.DONE, TransferState.DONE), (rx.failure(), tx.failure())
+        assert np.array_equal(dest, np.concatenate(layers)) and len(rx.trailer) == 1
     assert_no_leaks(agents=(a, b))
