@@ -4,11 +4,9 @@ The caller's thread posts each layer's sends itself, the moment it hands the lay
 makes its workers thread-safe (UCS_THREAD_MODE_MULTI), so the data need not wait for the engine's
 thread to wake and take it (a hand-off that cost 40-70 us a transfer on a 2-vCPU host). The
 engine's thread steps the flow for the rest: completions, the receiver's answer, the deadline,
-an abort. A lock keeps the two threads' turns apart.
+an abort. The engine's lock keeps the two threads' turns apart (and their UCX calls).
 """
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 
@@ -37,7 +35,7 @@ class SendFlow(Flow):
     def __init__(self, agent, tx, peer_address: bytes, checksum: bool):
         """Caller's thread."""
         self._agent, self._tx, self._checksum = agent, tx, checksum
-        self._lock = threading.Lock()
+        self._lock = agent.engine.lock          # held by the engine while it steps this flow
         self._ep = self._head = None
         self._error: Exception | None = None     # from a post on the caller's thread
         self._aborted = self._closed_for_posts = False
@@ -46,7 +44,8 @@ class SendFlow(Flow):
         self._sends: list[Pending] = []
         self._reply: Pending | None = None       # the take of the receiver's ACK or ERROR
         try:
-            self._ep = agent.endpoint(peer_address)
+            with self._lock:
+                self._ep = agent.endpoint(peer_address)
             self._head = self._header_frame()
             tx.status.mark_transferring()
         except Exception as exc:  # reported as the transfer's failure by the engine's thread
@@ -120,32 +119,30 @@ class SendFlow(Flow):
 
     def step(self, now_s: float) -> bool:
         tx = self._tx
-        with self._lock:
-            try:
-                if self._error is not None:
-                    raise self._error
-                if self._aborted:
-                    raise Aborted()
-                moved = self._check_sends() | self._check_reply()
-                if self._acked and not self._sends:
-                    tx.status.mark_done()
-                    self._end()
-                    return True
-                if not tx.status.active or tx.status.remaining_s() <= 0:
-                    raise Aborted()
-                return moved
-            except Aborted:
-                self._fail("timed out")     # keeps an earlier abort's reason
-            except Refused as exc:
-                self._fail(str(exc))
-            except Exception as exc:  # UCX errors surface as various exception types
-                self._fail(f"ucx send failed: {exc}")
-            return True
+        try:
+            if self._error is not None:
+                raise self._error
+            if self._aborted:
+                raise Aborted()
+            moved = self._check_sends() | self._check_reply()
+            if self._acked and not self._sends:
+                tx.status.mark_done()
+                self._end()
+                return True
+            if not tx.status.active or tx.status.remaining_s() <= 0:
+                raise Aborted()
+            return moved
+        except Aborted:
+            self._fail("timed out")     # keeps an earlier abort's reason
+        except Refused as exc:
+            self._fail(str(exc))
+        except Exception as exc:  # UCX errors surface as various exception types
+            self._fail(f"ucx send failed: {exc}")
+        return True
 
     def close(self) -> None:
-        with self._lock:
-            self._tx.status.mark_failed("ucx agent closed")
-            self._end()
+        self._tx.status.mark_failed("ucx agent closed")
+        self._end()
 
     def _check_sends(self) -> bool:
         """Drops completed sends; raises the error of a failed one (the transfer fails now, not
