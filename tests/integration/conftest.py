@@ -1,6 +1,7 @@
 """Real worker processes on loopback, started once per module."""
 import asyncio
 import os
+import sys
 
 import pytest
 
@@ -50,7 +51,10 @@ class Cluster:
             assert self.procs[role].proc.poll() is None, f"{role} worker died"
 
     def stop(self) -> None:
-        for p in self.procs.values():
+        for role, p in self.procs.items():
+            if p.proc.poll() is not None:   # died before the tests were done with it: say how
+                print(f"{role} worker exited with {p.proc.returncode}; its last lines:\n"
+                      + "\n".join(p.log_lines[-40:]), file=sys.stderr)
             p.stop()
 
 

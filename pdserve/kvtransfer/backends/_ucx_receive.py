@@ -90,6 +90,7 @@ class ReceiveFlow(Flow):
         self._offset = 0
         self._frames: list = []          # each layer's frame take (none when frameless)
         self._takes: list = []           # every take that writes into the destination
+        self._scratch: list = []         # takes of messages discarded (wrong size)
         self._trailer = None             # (take, expected size or None) of the trailer's bytes
         self._trailer_frame = None       # the framed form's trailer frame take
         self._trailer_bytes: bytes | None = None
@@ -168,7 +169,7 @@ class ReceiveFlow(Flow):
                 break
             nbytes = layout.layer_nbytes[index]
             if found.length != nbytes:
-                self._agent.take(found, bytearray(found.length))
+                self._discard(found)
                 raise ValueError(f"KV payload of layer {index} is {found.length} bytes, expected {nbytes} "
                                  "(truncated or corrupted)")
             self._takes.append(self._agent.take(found, self._rx.dest[self._offset: self._offset + nbytes]))
@@ -187,7 +188,7 @@ class ReceiveFlow(Flow):
             if (found := self._agent.probe(tag(self.layout.wire_id, frame_slot(index)))) is None:
                 break
             if found.length != frames.SLOT_BYTES:
-                self._agent.take(found, bytearray(found.length))
+                self._discard(found)
                 raise ValueError(f"malformed control frame of {found.length} bytes")
             self._frames.append(self._agent.take(found, bytearray(frames.SLOT_BYTES)))
             moved = True
@@ -212,10 +213,10 @@ class ReceiveFlow(Flow):
         if (found := self._agent.probe(tag(self.layout.wire_id, slot + 1))) is None:
             return False
         if found.length > frames.MAX_TRAILER_BYTES:
-            self._agent.take(found, bytearray(found.length))
+            self._discard(found)
             raise ValueError(f"trailer of {found.length} bytes exceeds {frames.MAX_TRAILER_BYTES}")
         if expected is not None and found.length != expected:
-            self._agent.take(found, bytearray(found.length))
+            self._discard(found)
             raise ValueError(f"trailer is {found.length} bytes, its frame says {expected}")
         self._trailer = (self._agent.take(found, bytearray(found.length)), found.length)
         return True
@@ -267,10 +268,18 @@ class ReceiveFlow(Flow):
         self._stall_end_s = now_s + self._agent.stall_timeout_s
         self._finish_failure(now_s)
 
+    def _discard(self, found) -> None:
+        """Take a message this transfer will not use (wrong size) off UCX's queue."""
+        self._scratch.append(self._agent.take(found, bytearray(found.length)))
+
     def _finish_failure(self, now_s: float) -> bool:
         """A failed transfer's destination goes back to the pool: no receive may still be writing
-        into it when the failure is reported (up to the stall timeout)."""
-        if any(not t.done for t in self._takes) and now_s < self._stall_end_s:
+        into it when the failure is reported (up to the stall timeout). Nor is the sender answered
+        while a receive still reads from it: told, it may exit, and UCX (without error handling)
+        aborts this process when a read from a process that is gone fails."""
+        trailer = [] if self._trailer is None else [self._trailer[0]]
+        in_flight = (*self._takes, *self._scratch, *self._frames, *trailer, self._trailer_frame)
+        if any(t is not None and not t.done for t in in_flight) and now_s < self._stall_end_s:
             return False
         self._rx.status.mark_failed(self._failure)     # keeps an earlier abort's reason
         self._end()

@@ -188,10 +188,12 @@ class SendFlow(Flow):
         self._end()
 
     def _end(self) -> None:
-        """Under the lock. Sends still in flight go to the engine, which keeps their buffers."""
+        """Under the lock. Requests still in flight go to the engine, which keeps their buffers;
+        this flow lets go of every request here, on the engine's thread: the caller's thread may
+        drop the flow last, and ucxx must not free a request there while the engine progresses."""
         if not self.finished:
             self.finished = self._closed_for_posts = True
-            for send in self._sends:
-                self._agent.engine.adopt(send)
-            self._sends = []
+            for pending in (*self._sends, *([self._reply] if self._reply is not None else [])):
+                self._agent.engine.adopt(pending)
+            self._sends, self._reply = [], None
             self._agent.track(-1)
