@@ -41,6 +41,9 @@ class KVTransferSettings(_Section):
     host: str = Field("127.0.0.1", description="Address the tcp backend listens on")
     tcp_port: int = Field(0, ge=0, le=65535, description="tcp backend port; 0 picks a free one")
     ucx_tls: str = Field("tcp,sm,self", description="UCX transports; sm gives shared memory on one host")
+    ucx_spin_us: float = Field(
+        50.0, ge=0, le=10_000, description="While a transfer is open, the UCX agent's thread keeps polling this "
+        "long after its last event before it sleeps (saves a thread wake-up per message; 0: sleep at once)")
     timeout_s: float = Field(30.0, gt=0, description="Deadline of one whole transfer")
     stall_timeout_s: float = Field(10.0, gt=0, description="Longest silence from a peer mid-transfer")
     checksum: bool = Field(False, description="CRC32 every layer (costs ~1 GB/s of CPU per core)")

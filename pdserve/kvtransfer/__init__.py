@@ -12,7 +12,7 @@ BACKENDS = ("ucx", "tcp", "fake")
 
 
 def create_agent(backend: str, clock: Clock, **options) -> BaseKVAgent:
-    """options: tcp -> host, port, stall_timeout_s; ucx -> tls, stall_timeout_s; fake -> fabric."""
+    """options: tcp -> host, port, stall_timeout_s; ucx -> tls, stall_timeout_s, spin_s; fake -> fabric."""
     if backend == "tcp":
         from pdserve.kvtransfer.backends.tcp import TcpAgent
         return TcpAgent(clock, **options)

@@ -45,7 +45,7 @@ def build_agents(cfg: PDServeConfig, clock: WallClock) -> dict[str, BaseKVAgent]
     kv = cfg.kvtransfer
     options = {
         "tcp": {"host": kv.host, "port": kv.tcp_port, "stall_timeout_s": kv.stall_timeout_s},
-        "ucx": {"tls": kv.ucx_tls, "stall_timeout_s": kv.stall_timeout_s},
+        "ucx": {"tls": kv.ucx_tls, "stall_timeout_s": kv.stall_timeout_s, "spin_s": kv.ucx_spin_us / 1e6},
         "fake": {},
     }
     return {b: create_agent(b, clock, **options[b]) for b in kv.backends}

@@ -31,7 +31,7 @@ from pdserve.clock import Clock
 from pdserve.kvtransfer import frames
 from pdserve.kvtransfer.base import (BaseKVAgent, BaseKVReceiver, BaseKVSender, TransferLayout,
                                      TransferStatus)
-from pdserve.kvtransfer.backends._ucx_engine import Pending, UcxEngine
+from pdserve.kvtransfer.backends._ucx_engine import DEFAULT_SPIN_S, Pending, UcxEngine
 from pdserve.kvtransfer.backends._ucx_receive import DrainFlow, InboxFlow, ReceiveFlow
 from pdserve.kvtransfer.backends._ucx_send import SendFlow
 from pdserve.kvtransfer.backends._ucx_wire import (ACK_SLOT, MAX_LAYERS, MAX_TRANSFER_ID, tag, ucx_buffer,
@@ -91,8 +91,10 @@ def _prepare_ucx_environment() -> None:
 class UcxAgent(BaseKVAgent):
     backend_name = "ucx"
 
-    def __init__(self, clock: Clock, tls: str = "tcp,sm,self", stall_timeout_s: float = 10.0):
+    def __init__(self, clock: Clock, tls: str = "tcp,sm,self", stall_timeout_s: float = 10.0,
+                 spin_s: float = DEFAULT_SPIN_S):
         self._clock = clock
+        self._spin_s = spin_s
         self.stall_timeout_s = stall_timeout_s
         # Senders leave per-layer frames out unless they checksum. Receivers take either form:
         # False makes this agent send as releases before the frameless form did (for tests).
@@ -118,7 +120,7 @@ class UcxAgent(BaseKVAgent):
             self.worker = libucxx.UCXWorker(self._ucx_context, enable_delayed_submission=False,
                                             enable_python_future=False)
             self._address = bytes(self.worker.address)
-            self.engine = UcxEngine(self.worker)
+            self.engine = UcxEngine(self.worker, self._spin_s)
             self.engine.add(InboxFlow(self))
         except Exception as exc:  # surfaced to the constructor's caller
             self._init_error = exc
