@@ -4,9 +4,9 @@
 
 The floor: two processes, one ucxx worker each, no agent: the sender posts a tag send of the
 buffer and a receive for an 8-byte reply; the receiver has its receive posted, and replies once
-the data is in. Timed from the send to the reply's arrival (the same span as `pdserve bench kv`:
-data in place on the other side, and word of it back), with each side waiting on its worker one
-of two ways: spinning on progress (`busy`, the lowest latency, a core per process) or sleeping on
+the data is in, with the moment it saw the data in (the monotonic clock, which the processes of
+a host share). Timed from the send to that moment (the same span as `pdserve bench kv`: data in
+place on the other side, seen there), with each side waiting on its worker one of two ways: spinning on progress (`busy`, the lowest latency, a core per process) or sleeping on
 the worker's event descriptor (`blocking`, what the agent does). The agent's row is
 `pdserve bench kv`'s measurement in the same run. Reports p50 per size and agent / blocking floor.
 """
@@ -72,11 +72,12 @@ def _peer(conn, size: int, count: int, blocking: bool) -> None:
     conn.send(bytes(worker.address))
     ep = _endpoint(lib, worker, conn.recv())
     waiter = _Waiter(worker, blocking)
-    dest, reply = np.zeros(size, np.uint8), np.zeros(8, np.uint8)
+    dest, reply = np.zeros(size, np.uint8), np.zeros(1, np.float64)
     request = worker.tag_recv(_array(dest), _tag(1))
     conn.send("ready")
     for i in range(count):
         waiter.wait(request)
+        reply[0] = time.monotonic()
         if i + 1 < count:
             request = worker.tag_recv(_array(dest), _tag(i + 2))
         waiter.wait(ep.tag_send(_array(reply), _tag(_REPLY_TAG | i)))
@@ -94,14 +95,14 @@ def floor_p50_ms(size: int, repeats: int, blocking: bool) -> float:
         parent.send(bytes(worker.address))
         assert parent.recv() == "ready"
         waiter = _Waiter(worker, blocking)
-        src, reply = np.ones(size, np.uint8), np.zeros(8, np.uint8)
+        src, reply = np.ones(size, np.uint8), np.zeros(1, np.float64)
         times = []
         for i in range(count):
-            start = time.perf_counter()
+            start = time.monotonic()
             done = worker.tag_recv(_array(reply), _tag(_REPLY_TAG | i))
             waiter.wait(ep.tag_send(_array(src), _tag(i + 1)))
             waiter.wait(done)
-            times.append(time.perf_counter() - start)
+            times.append(float(reply[0]) - start)
         proc.join(30)
     finally:
         if proc.is_alive():

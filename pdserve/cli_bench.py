@@ -12,14 +12,14 @@ def _bench_kv(args: argparse.Namespace) -> int:
     from pdserve.bench import kv
 
     report = kv.run(args.backends.split(","), [float(s) for s in args.sizes_mib.split(",")],
-                    num_layers=args.layers, repeats=args.repeats)
+                    num_layers=args.layers, repeats=args.repeats, ucx_spin_us=args.ucx_spin_us)
     if args.json:
         print(json.dumps(report))
     else:
         for row in report["results"]:
             ratio = row.get("ratio_to_memcpy", 1.0)
             latency = (f"  p50 {row['latency_p50_ms']:.3f} ms  p99 {row['latency_p99_ms']:.3f} ms"
-                       if "latency_p50_ms" in row else "")
+                       f"  (sender told: p50 {row['reply_p50_ms']:.3f} ms)" if "latency_p50_ms" in row else "")
             print(f"{row['backend']:>7} {row['size_mib']:>6g} MiB  {row['gbps']:7.2f} GB/s  x{ratio:.2f} of memcpy{latency}")
     return 0
 
@@ -138,6 +138,8 @@ def add_bench_parser(sub) -> None:
     k.add_argument("--sizes-mib", default="0.25,1,4,64", help="transfer sizes in MiB (fractions allowed)")
     k.add_argument("--layers", type=int, default=1, help="split each transfer into this many layers")
     k.add_argument("--repeats", type=int, default=20, help="timed transfers per backend and size")
+    k.add_argument("--ucx-spin-us", type=float, default=None,
+                   help="UCX agents' spin before sleeping (default: kvtransfer.ucx_spin_us's default)")
     k.add_argument("--json", action="store_true")
     k.set_defaults(fn=_bench_kv)
     o = bench.add_parser("overlap", help="prefill+transfer time vs prefill alone (layer-wise overlap)")

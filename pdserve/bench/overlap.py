@@ -49,7 +49,7 @@ class _Link:
         return self._agent.create_sender(self._peer, layout, _TIMEOUT_S)
 
     def wait_done(self, sender) -> None:
-        state, failure = self._conn.recv()
+        state, failure, _seen_s = self._conn.recv()
         sender.status.finished.wait(_TIMEOUT_S)
         if state != TransferState.DONE.value or sender.poll() is not TransferState.DONE:
             raise RuntimeError(f"transfer failed: {failure or sender.failure()}")
