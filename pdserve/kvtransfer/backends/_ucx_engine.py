@@ -92,6 +92,9 @@ class UcxEngine:
     def close(self) -> None:
         self.call_soon(self._stop)
 
+    def set_spin_s(self, spin_s: float) -> None:
+        self._spin_s = spin_s     # read once a turn; a plain attribute write is atomic
+
     # ---- engine thread ----
     def add(self, flow) -> None:
         self._flows.append(flow)
