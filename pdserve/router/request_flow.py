@@ -239,11 +239,15 @@ class RequestFlow:
 
     async def _disaggregated(self, request, placement: Placement, reservation, tracker: RequestTracker):
         tracker.to(RequestState.WAITING_FOR_KV, self.clock.now_s())
-        call = self._stub(placement.decode_id).Generate(worker_pb2.GenerateRequest(
-            req_id=request.req_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
-            remote_prefill=True, resume_output_token_ids=request.resume_output_token_ids))
         prefill = asyncio.ensure_future(self._forward_prefill(request, placement, reservation))
+        call = None
         try:
+            # The prefill is the critical path (compute, then KV); the decode stream need only be
+            # open when the KV is in. One loop turn lets the prefill's call go out first.
+            await asyncio.sleep(0)
+            call = self._stub(placement.decode_id).Generate(worker_pb2.GenerateRequest(
+                req_id=request.req_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
+                remote_prefill=True, resume_output_token_ids=request.resume_output_token_ids))
             first = asyncio.ensure_future(call.read())
             await asyncio.wait({prefill, first}, return_when=asyncio.FIRST_COMPLETED)
             if prefill.done() and prefill.exception() is not None and not first.done():
@@ -262,7 +266,9 @@ class RequestFlow:
         finally:
             if not prefill.done():
                 prefill.cancel()
-            if not call.done():
+            if call is None:        # cancelled before the stream opened: the reservation is unclaimed
+                await self._abort(placement.decode_id, request.req_id)
+            elif not call.done():
                 await self._abort_decode(call, placement.decode_id, request.req_id)
 
     async def _forward_prefill(self, request, placement: Placement, reservation) -> worker_pb2.PrefillResponse:
