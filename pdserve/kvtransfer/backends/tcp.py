@@ -20,53 +20,13 @@ from pdserve.clock import Clock
 from pdserve.kvtransfer import frames
 from pdserve.kvtransfer.base import (BaseKVAgent, BaseKVReceiver, BaseKVSender, TransferLayout,
                                      TransferStatus, crc32)
+from pdserve.kvtransfer.backends._tcp_socket import (peer_reason, read_body, read_frame, recv_exact, shutdown,
+                                                    tune)
 from pdserve.v1 import kvtransfer_pb2 as pb
 
-_SOCKET_BUFFER_BYTES = 4 << 20  # large kernel buffers keep multi-MiB layers streaming
 _POLL_S = 0.05                  # how often idle threads re-check deadlines and aborts
 _DRAIN_CHUNK_BYTES = 1 << 16   # read size while draining a refused transfer before closing
 _MAX_IDLE_CONNECTIONS = 64      # kept open for later transfers, all peers together (LRU)
-_KEEPALIVE = (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))   # seconds, seconds, probes
-
-
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionError(f"peer closed the connection after {got} of {len(view)} bytes")
-        got += n
-
-
-def _read_frame(sock: socket.socket) -> pb.KVFrame:
-    prefix = bytearray(4)
-    _recv_exact(sock, memoryview(prefix))
-    return _read_body(sock, prefix)
-
-
-def _read_body(sock: socket.socket, prefix: bytearray) -> pb.KVFrame:
-    body = bytearray(frames.frame_length(bytes(prefix)))
-    _recv_exact(sock, memoryview(body))
-    return frames.decode(body)
-
-
-def _tune(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER_BYTES)
-    # Connections stay open between transfers: keepalive notices a peer host that vanished
-    # without closing them, so a receiving thread does not wait on it forever.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in _KEEPALIVE:
-        if hasattr(socket, option):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 class TcpReceiver(BaseKVReceiver):
@@ -89,7 +49,7 @@ class TcpReceiver(BaseKVReceiver):
         ended_here = self.status.mark_failed(f"aborted: {reason}")
         sock = self._sock
         if ended_here and sock is not None:
-            _shutdown(sock)      # unblocks the connection thread at once
+            shutdown(sock)      # unblocks the connection thread at once
         self._agent.forget_receiver(self.layout.transfer_id, self)
 
 
@@ -125,7 +85,7 @@ class TcpSender(BaseKVSender):
             self.status.mark_transferring()
             return self._pump(sock)
         except (OSError, ValueError) as exc:
-            self.status.mark_failed(_peer_reason(sock) or f"tcp send failed: {exc}")
+            self.status.mark_failed(peer_reason(sock) or f"tcp send failed: {exc}")
             return False
         finally:
             self._end()
@@ -160,22 +120,12 @@ class TcpSender(BaseKVSender):
                 continue
             sock.sendall(frames.encode_stream(pb.KVFrame(kind=pb.KV_FRAME_KIND_TRAILER, trailer=item[1])))
             sock.settimeout(max(0.1, self.status.remaining_s()))
-            reply = _read_frame(sock)
+            reply = read_frame(sock)
             if reply.kind == pb.KV_FRAME_KIND_ACK:
                 return self.status.mark_done()
             self.status.mark_failed(f"receiver refused: {reply.reason}")
             return False
         return False
-
-
-def _peer_reason(sock: socket.socket) -> str | None:
-    """After a broken send, the receiver may have left an ERROR frame saying why."""
-    try:
-        sock.settimeout(0.2)
-        reply = _read_frame(sock)
-        return f"receiver refused: {reply.reason}" if reply.kind == pb.KV_FRAME_KIND_ERROR else None
-    except (OSError, ValueError):
-        return None
 
 
 class _Connection:
@@ -217,7 +167,7 @@ class _Connection:
         if self.sock is None:
             try:
                 self.sock = socket.create_connection(self.address, timeout=max(0.1, sender.status.remaining_s()))
-                _tune(self.sock)
+                tune(self.sock)
             except OSError as exc:
                 sender.fail(f"tcp send failed: {exc}")
                 return False
@@ -323,7 +273,7 @@ class TcpAgent(BaseKVAgent):
         for conn in idle:
             conn.submit(None)
         for sock in served:       # unblocks connection threads waiting for a next transfer
-            _shutdown(sock)
+            shutdown(sock)
 
     def _accept_loop(self) -> None:
         while not self._closed:
@@ -338,7 +288,7 @@ class TcpAgent(BaseKVAgent):
         with self._lock:
             self._served.add(sock)
         try:
-            _tune(sock)
+            tune(sock)
             while not self._closed and self._serve_one(sock):
                 pass
         finally:
@@ -354,8 +304,8 @@ class TcpAgent(BaseKVAgent):
             if not sock.recv_into(prefix, 1):
                 return False             # closed by the sender between transfers
             sock.settimeout(self._stall_timeout_s)
-            _recv_exact(sock, memoryview(prefix)[1:])
-            head = _read_body(sock, prefix)
+            recv_exact(sock, memoryview(prefix)[1:])
+            head = read_body(sock, prefix)
             with self._lock:
                 armed = self._receivers.get(head.transfer_id)
             # Checked before attaching: a connection whose header does not fit is refused and the
@@ -396,17 +346,17 @@ class TcpAgent(BaseKVAgent):
     def _receive_layers(self, sock: socket.socket, rx: TcpReceiver, checksum: bool) -> None:
         offset = 0
         for index in range(rx.layout.num_layers):
-            frame = _read_frame(sock)
+            frame = read_frame(sock)
             problem = frames.check_layer(frame, index, rx.layout)
             if problem:
                 raise ValueError(problem)
             view = rx.dest[offset: offset + frame.payload_bytes]
-            _recv_exact(sock, view)
+            recv_exact(sock, view)
             if checksum and crc32(view) != frame.crc32:
                 raise ValueError(f"checksum mismatch in layer {index}")
             offset += frame.payload_bytes
             rx.num_layers_received = index + 1
-        tail = _read_frame(sock)
+        tail = read_frame(sock)
         if tail.kind != pb.KV_FRAME_KIND_TRAILER:
             raise ValueError(frames.check_layer(tail, rx.layout.num_layers, rx.layout) or "expected trailer")
         rx.trailer = tail.trailer
