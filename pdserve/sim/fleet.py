@@ -20,73 +20,22 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from dataclasses import dataclass, field
 
 from pdserve.policy.cost_model import OperatorCostModel
 from pdserve.policy.kv_blocks import BlockAllocator, OutOfKVBlocks
 from pdserve.policy.prefix_cache import PrefixIndex, chain_hashes, reusable_blocks
-from pdserve.policy.prefill_scheduler import BasePrefillScheduler, PrefillJob, WorkUnit, make_scheduler
+from pdserve.policy.prefill_scheduler import PrefillJob, WorkUnit, make_scheduler
 from pdserve.policy.ratio_controller import RatioController
 from pdserve.policy.scenarios import ScenarioClassifier
 from pdserve.policy.dispatch import Dispatcher
 from pdserve.policy.registry import NoCapacity, NoWorkers, Role, WorkerRecord, WorkerRegistry
+from pdserve.sim.entities import SimRequest, SimWorker
 from pdserve.sim.hardware import KV_POOL_BYTES, HardwareProfile
 from pdserve.traces import MOONCAKE_BLOCK_TOKENS
 
 _MODEL = "sim"
 _BLOCK_TOKENS = 16
 _HEARTBEAT_S = 1.0
-
-
-@dataclass
-class SimRequest:
-    req_id: str
-    scenario_header: str
-    arrival_s: float
-    input_tokens: int
-    output_tokens: int
-    scenario: str = ""
-    ttft_slo_s: float = 0.0
-    tpot_slo_s: float = 0.0
-    first_token_s: float | None = None
-    finish_s: float | None = None
-    num_generated_tokens: int = 0
-    decode_id: str = ""
-    rejected: bool = False
-    decode_start_token_clock: float = 0.0
-    decode_cached_tokens: int = 0       # prompt tokens the decode worker linked from its cache
-
-    def met_slo(self) -> bool:
-        if self.finish_s is None or self.first_token_s is None:
-            return False
-        tpot = (self.finish_s - self.first_token_s) / max(self.output_tokens - 1, 1)
-        return self.first_token_s - self.arrival_s <= self.ttft_slo_s and tpot <= self.tpot_slo_s
-
-
-@dataclass
-class _Worker:
-    rec: WorkerRecord
-    prefill: BasePrefillScheduler
-    busy: bool = False
-    pending_role: Role | None = None
-    batch: list = field(default_factory=list)        # heap of (finish token clock, seq, request)
-    token_clock: float = 0.0
-    clock_s: float = 0.0
-    sum_input_tokens: int = 0
-    sum_start_token_clock: float = 0.0
-    decode_version: int = 0
-    role_since_s: float = 0.0
-    cache: BlockAllocator | None = None      # prefix cache of 512-token trace blocks
-    # Requests reserved here (ReserveKV) whose KV has not arrived: their prompts hold KV already.
-    reserved: dict = field(default_factory=dict)     # req_id -> prompt tokens
-    # Local prefills (one after another) stop decode steps: one interval, which starts at or
-    # before the simulated now whenever it is still running.
-    stall_from_s: float = 0.0
-    stall_until_s: float = 0.0
-
-    def stalled_s(self, start_s: float, end_s: float) -> float:
-        """Seconds of [start_s, end_s] during which decode steps were stopped."""
-        return max(0.0, min(end_s, self.stall_until_s) - max(start_s, self.stall_from_s))
 
 
 class Simulation:
@@ -108,7 +57,7 @@ class Simulation:
         self.prefix_query_tokens = self.prefix_hit_tokens = 0
         self.kv_tokens_sent = self.kv_tokens_linked = 0    # prompt tokens sent to / linked at decode
         self._prefill_tokens: dict[str, int] = {}     # placement's expected prefill tokens, by request
-        self.workers: dict[str, _Worker] = {}
+        self.workers: dict[str, SimWorker] = {}
         self._events: list = []
         self._seq = itertools.count()
         self.now_s = 0.0
@@ -132,7 +81,7 @@ class Simulation:
                 self.registry.register(rec, 0.0)
                 cache = (BlockAllocator(KV_POOL_BYTES // (hw.kv_bytes_per_token * MOONCAKE_BLOCK_TOKENS),
                                         MOONCAKE_BLOCK_TOKENS, prefix_caching=True) if prefix_caching else None)
-                self.workers[rec.worker_id] = _Worker(rec, self._scheduler(prefill_policy), cache=cache)
+                self.workers[rec.worker_id] = SimWorker(rec, self._scheduler(prefill_policy), cache=cache)
             self.ratio_log.append((0.0, scenario, num_p, num_d))
 
     def _scheduler(self, policy: str):
@@ -281,7 +230,7 @@ class Simulation:
     def _reusable(self, r: SimRequest) -> list[int]:
         return self._chains.get(r.req_id, [])[:reusable_blocks(r.input_tokens, MOONCAKE_BLOCK_TOKENS)]
 
-    def _maybe_prefill(self, w: _Worker) -> None:
+    def _maybe_prefill(self, w: SimWorker) -> None:
         if w.busy:
             return
         unit = w.prefill.next_unit(self.now_s)
@@ -293,14 +242,14 @@ class Simulation:
         self.prefill_busy_s += duration
         self._at(self.now_s + duration, self._prefill_done, w, unit)
 
-    def _unit_s(self, w: _Worker, unit: WorkUnit) -> float:
+    def _unit_s(self, w: SimWorker, unit: WorkUnit) -> float:
         if len(unit.pieces) == 1:
             return self.hw.prefill_s(unit.pieces[0].num_tokens)
         # A batch (FlowPrefill): attention per piece, one MLP over all tokens. Nothing calibrates
         # the simulated cost model, so it predicts exactly the hardware's time.
         return w.prefill.cost_model.remaining_s(unit.piece_tokens(), 0)
 
-    def _prefill_done(self, w: _Worker, unit: WorkUnit) -> None:
+    def _prefill_done(self, w: SimWorker, unit: WorkUnit) -> None:
         unit.next_op = unit.num_ops
         for job in w.prefill.on_unit_done(unit, self.now_s):
             r = self._jobs.pop(job.req_id)
@@ -319,7 +268,7 @@ class Simulation:
     # taken so far) that advances at 1/step(B) per second while the batch size B is constant; a
     # sequence joining at T0 with n tokens to go finishes when T reaches T0 + n. Events happen only
     # when sequences join or finish, not at every step: that is what lets a fleet-scale run fit.
-    def _advance(self, w: _Worker) -> None:
+    def _advance(self, w: SimWorker) -> None:
         if w.batch:
             running_s = self.now_s - w.clock_s - w.stalled_s(w.clock_s, self.now_s)
             w.token_clock += running_s / self.hw.decode_step_s(len(w.batch))
@@ -340,7 +289,7 @@ class Simulation:
         w.sum_start_token_clock += w.token_clock
         self._schedule_decode(w)
 
-    def _schedule_decode(self, w: _Worker) -> None:
+    def _schedule_decode(self, w: SimWorker) -> None:
         w.decode_version += 1
         if w.batch:
             steps = max(0.0, w.batch[0][0] - w.token_clock)
@@ -348,7 +297,7 @@ class Simulation:
             self._at(self.now_s + stall_left_s + steps * self.hw.decode_step_s(len(w.batch)), self._decode_event, w,
                      w.decode_version)
 
-    def _decode_event(self, w: _Worker, version: int) -> None:
+    def _decode_event(self, w: SimWorker, version: int) -> None:
         if version != w.decode_version:
             return                       # the batch changed since this was scheduled
         self._advance(w)
@@ -362,13 +311,13 @@ class Simulation:
         if not w.batch:
             self._maybe_switch(w)
 
-    def _kv_tokens(self, w: _Worker) -> float:
+    def _kv_tokens(self, w: SimWorker) -> float:
         """Tokens held in the worker's KV: prompts plus everything generated so far, and the prompts
         of requests reserved here whose KV is still on its way (a live ReserveKV takes them)."""
         return (w.sum_input_tokens + len(w.batch) * (w.token_clock + 1) - w.sum_start_token_clock
                 + sum(w.reserved.values()))
 
-    def _finish(self, w: _Worker, r: SimRequest) -> None:
+    def _finish(self, w: SimWorker, r: SimRequest) -> None:
         r.finish_s = self.now_s
         self._release_decode(r, cache=True)
         self.dispatcher.on_decode_done(w.rec.worker_id, r.req_id)
@@ -397,7 +346,7 @@ class Simulation:
                 w.pending_role = change.to_role
                 self._maybe_switch(w)
 
-    def _maybe_switch(self, w: _Worker) -> None:
+    def _maybe_switch(self, w: SimWorker) -> None:
         idle = not w.busy and w.prefill.num_waiting == 0 and not w.batch and not w.reserved
         if w.pending_role is not None and idle:
             role, w.pending_role = w.pending_role, None
