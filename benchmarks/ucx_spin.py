@@ -11,39 +11,21 @@ Reports per size and setting p50, p90 and the best transfer's bandwidth, and spi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
 import sys
-import time
 
 import numpy as np
 
 MIB = 1 << 20
 _WARMUP = 4
-_TIMEOUT_S = 60.0
 
 
-def _spin_of(transfer_id: int, spin_s: float) -> float:
-    return spin_s if transfer_id % 2 else 0.0
-
-
-def _receiver(conn, spin_s: float) -> None:
-    from pdserve.bench.kv import wait_ended
-    from pdserve.clock import WallClock
-    from pdserve.kvtransfer import TransferLayout, create_agent
-    agent = create_agent("ucx", WallClock())
-    conn.send({"ucx": agent.address()})
-    dests: dict[int, np.ndarray] = {}
-    while (msg := conn.recv()) is not None:
-        _backend, transfer_id, layer_nbytes = msg
-        agent.engine.set_spin_s(_spin_of(transfer_id, spin_s))
-        layout = TransferLayout(transfer_id, tuple(layer_nbytes))
-        dest = dests.setdefault(layout.total_nbytes, np.zeros(layout.total_nbytes, dtype=np.uint8))
-        rx = agent.create_receiver(layout, memoryview(dest), _TIMEOUT_S)
-        conn.send("armed")
-        state = wait_ended(rx.status, _TIMEOUT_S)
-        conn.send((state.value, rx.failure(), time.monotonic()))
+def _set_spin(spin_s: float, agent, transfer_id: int) -> None:
+    """Odd transfers spin, even ones do not (both agents alike)."""
+    agent.engine.set_spin_s(spin_s if transfer_id % 2 else 0.0)
 
 
 def _summary(size: int, times_s: list[float]) -> dict:
@@ -54,17 +36,18 @@ def _summary(size: int, times_s: list[float]) -> dict:
 
 
 def run(spin_us: float, sizes_mib: list[float], num_layers: int, repeats: int) -> dict:
-    from pdserve.bench.kv import _one_transfer, _reply
+    from pdserve.bench.kv import one_transfer, receiver_main, reply
     from pdserve.clock import WallClock
     from pdserve.kvtransfer import create_agent
     spin_s = spin_us / 1e6
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_receiver, args=(child, spin_s), daemon=True)
+    proc = ctx.Process(target=receiver_main, args=(child, ["ucx"], None, functools.partial(_set_spin, spin_s)),
+                       daemon=True)
     proc.start()
     rows = []
     try:
-        peer = _reply(parent, proc)["ucx"]
+        peer = reply(parent, proc)["ucx"]
         agent = create_agent("ucx", WallClock())
         transfer_id = 1
         for size_mib in sizes_mib:
@@ -72,8 +55,8 @@ def run(spin_us: float, sizes_mib: list[float], num_layers: int, repeats: int) -
             bufs = [np.full(size // num_layers, i % 251, dtype=np.uint8) for i in range(num_layers)]
             times: dict[bool, list[float]] = {True: [], False: []}
             for i in range(_WARMUP + 2 * repeats):
-                agent.engine.set_spin_s(_spin_of(transfer_id, spin_s))
-                seen_s, _replied_s = _one_transfer(agent, parent, proc, "ucx", peer, transfer_id, bufs)
+                _set_spin(spin_s, agent, transfer_id)
+                seen_s, _replied_s = one_transfer(agent, parent, proc, "ucx", peer, transfer_id, bufs)
                 if i >= _WARMUP:
                     times[bool(transfer_id % 2)].append(seen_s)
                 transfer_id += 1

@@ -37,7 +37,9 @@ def wait_ended(status, timeout_s: float) -> TransferState:
     return status.poll()
 
 
-def receiver_main(conn, backends: list[str], ucx_spin_us: float | None = None) -> None:
+def receiver_main(conn, backends: list[str], ucx_spin_us: float | None = None, prepare=None) -> None:
+    """The receiving process. `prepare(agent, transfer_id)`, if given (picklable: a module-level
+    function or a partial of one), runs before each transfer is armed."""
     agents = {b: create_agent(b, WallClock(), **agent_options(b, ucx_spin_us)) for b in backends}
     conn.send({b: a.address() for b, a in agents.items()})
     # Destinations are reused and pre-touched, as a decode worker's resident KV pool would be;
@@ -45,6 +47,8 @@ def receiver_main(conn, backends: list[str], ucx_spin_us: float | None = None) -
     dests: dict[int, np.ndarray] = {}
     while (msg := conn.recv()) is not None:
         backend, transfer_id, layer_nbytes = msg
+        if prepare is not None:
+            prepare(agents[backend], transfer_id)
         layout = TransferLayout(transfer_id, tuple(layer_nbytes))
         dest = dests.setdefault(layout.total_nbytes, np.zeros(layout.total_nbytes, dtype=np.uint8))
         rx = agents[backend].create_receiver(layout, memoryview(dest), _TIMEOUT_S)
@@ -54,18 +58,18 @@ def receiver_main(conn, backends: list[str], ucx_spin_us: float | None = None) -
         conn.send((state.value, rx.failure(), seen_s))
 
 
-def _one_transfer(agent, conn, proc, backend: str, peer: bytes, transfer_id: int,
+def one_transfer(agent, conn, proc, backend: str, peer: bytes, transfer_id: int,
                   bufs: list[np.ndarray]) -> tuple[float, float]:
     """(seconds until the receiver saw it done, seconds until this process heard so)."""
     layout = TransferLayout(transfer_id, tuple(b.nbytes for b in bufs))
     conn.send((backend, transfer_id, list(layout.layer_nbytes)))
-    assert _reply(conn, proc) == "armed"
+    assert reply(conn, proc) == "armed"
     start_s = time.monotonic()
     tx = agent.create_sender(peer, layout, _TIMEOUT_S)
     for i, buf in enumerate(bufs):
         tx.send_layer(i, memoryview(buf))
     tx.finish(b"")
-    state, failure, seen_s = _reply(conn, proc)
+    state, failure, seen_s = reply(conn, proc)
     replied_s = time.monotonic() - start_s
     wait_ended(tx.status, _TIMEOUT_S)
     if state != TransferState.DONE.value:
@@ -75,7 +79,7 @@ def _one_transfer(agent, conn, proc, backend: str, peer: bytes, transfer_id: int
     return seen_s - start_s, replied_s
 
 
-def _reply(conn, proc, timeout_s: float = _TIMEOUT_S + 10):
+def reply(conn, proc, timeout_s: float = _TIMEOUT_S + 10):
     """The receiver process's next message; an error, not a hang, if it died or went silent."""
     end_s = time.monotonic() + timeout_s
     while not conn.poll(0.2):
@@ -117,7 +121,7 @@ def run(backends: list[str], sizes_mib: list[float], num_layers: int = 1, repeat
     proc.start()
     results = []
     try:
-        peers = _reply(parent, proc)
+        peers = reply(parent, proc)
         agents = {b: create_agent(b, WallClock(), **agent_options(b, ucx_spin_us)) for b in backends}
         transfer_id = 1
         for size_mib in sizes_mib:
@@ -128,7 +132,7 @@ def run(backends: list[str], sizes_mib: list[float], num_layers: int = 1, repeat
             for backend in backends:
                 times = []
                 for _ in range(_WARMUP + repeats):
-                    times.append(_one_transfer(agents[backend], parent, proc, backend, peers[backend], transfer_id, bufs))
+                    times.append(one_transfer(agents[backend], parent, proc, backend, peers[backend], transfer_id, bufs))
                     transfer_id += 1
                 seen, replied = zip(*times[_WARMUP:])
                 results.append(_row(backend, size_mib, size, list(seen), list(replied)))
