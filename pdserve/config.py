@@ -44,6 +44,10 @@ class KVTransferSettings(_Section):
     ucx_spin_us: float = Field(
         50.0, ge=0, le=10_000, description="While a transfer is open, the UCX agent's thread keeps polling this "
         "long after its last event before it sleeps (saves a thread wake-up per message; 0: sleep at once)")
+    send_group_bytes: int = Field(
+        1 << 20, ge=0, description="While it computes, a prefill worker sends finished layers in groups of at least "
+        "this many bytes, the rest once the prefill is done: a smaller layer's transfer is shorter than a send's "
+        "fixed cost, so streaming it alone delays the first token; 0 sends every layer as it finishes")
     timeout_s: float = Field(30.0, gt=0, description="Deadline of one whole transfer")
     stall_timeout_s: float = Field(10.0, gt=0, description="Longest silence from a peer mid-transfer")
     checksum: bool = Field(False, description="CRC32 every layer (costs ~1 GB/s of CPU per core)")

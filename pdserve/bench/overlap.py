@@ -28,7 +28,7 @@ from pdserve.workers.model.loader import load_model
 _TIMEOUT_S = 120.0
 
 
-class _Link:
+class Link:
     """Sender side in this process, receiver in a spawned one; one transfer at a time."""
 
     def __init__(self, backend: str):
@@ -36,23 +36,29 @@ class _Link:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=receiver_main, args=(child, [backend]), daemon=True)
         self._proc.start()
-        self._peer = self._conn.recv()[backend]
-        self._agent = create_agent(backend, WallClock(), **agent_options(backend))
+        self.peer = self._conn.recv()[backend]
+        self.agent = create_agent(backend, WallClock(), **agent_options(backend))
         self._backend = backend
         self._next_id = 1
 
-    def open(self, layer_nbytes: tuple[int, ...]):
+    def arm(self, layer_nbytes: tuple[int, ...]) -> TransferLayout:
+        """The receiving process expects a transfer of this layout from now on."""
         layout = TransferLayout(self._next_id, layer_nbytes)
         self._next_id += 1
         self._conn.send((self._backend, layout.transfer_id, list(layer_nbytes)))
         assert self._conn.recv() == "armed"
-        return self._agent.create_sender(self._peer, layout, _TIMEOUT_S)
+        return layout
 
-    def wait_done(self, sender) -> None:
-        state, failure, _seen_s = self._conn.recv()
+    def open(self, layer_nbytes: tuple[int, ...]):
+        return self.agent.create_sender(self.peer, self.arm(layer_nbytes), _TIMEOUT_S)
+
+    def wait_done(self, sender) -> float:
+        """When (monotonic s) the receiving process's thread saw the transfer done."""
+        state, failure, seen_s = self._conn.recv()
         sender.status.finished.wait(_TIMEOUT_S)
         if state != TransferState.DONE.value or sender.poll() is not TransferState.DONE:
             raise RuntimeError(f"transfer failed: {failure or sender.failure()}")
+        return seen_s
 
     def close(self) -> None:
         self._conn.send(None)
@@ -75,7 +81,7 @@ def run(model_name: str, backend: str, prompt_tokens: int, repeats: int, torch_t
     vocab = model.config.vocab_size
     ids = [(i * 7919) % vocab for i in range(prompt_tokens)]
     nbytes = (prompt_tokens * model.config.kv_bytes_per_token_per_layer,) * model.config.num_layers
-    link = _Link(backend)
+    link = Link(backend)
 
     def prefill_alone() -> tuple[float, float]:
         start = time.perf_counter()

@@ -42,13 +42,21 @@ class Prefilled:
 
 
 class _LazySender:
-    """Creates the KV sender on first use (the first finished layer), so a prefill rejected at
-    admission never touches the decode worker's armed receiver."""
+    """Creates the KV sender on first use, so a prefill rejected at admission never touches the
+    decode worker's armed receiver. Finished layers go out in groups of at least `group_bytes`
+    while the prefill runs; the rest waits for `flush()` once it finished. Every send costs the
+    compute thread time (posting, and waking the transfer's thread, which then competes with the
+    next operator for the interpreter), and a small layer's transfer takes less than that: sent
+    alone it delays the first token instead of hiding behind compute, while sent after the
+    prefill it adds at most a group's transfer time (benchmarks/layer_groups.py)."""
 
     def __init__(self, agent: BaseKVAgent, address: bytes, layout: TransferLayout, timeout_s: float, checksum: bool,
-                 skip_tokens: int = 0):
+                 skip_tokens: int = 0, group_bytes: int = 0):
         self._args = (address, layout, timeout_s, checksum)
         self._skip_tokens = skip_tokens     # the receiver holds these already (its prefix cache)
+        self._group_bytes = group_bytes
+        self._held: list[tuple[int, memoryview]] = []
+        self._held_bytes = 0
         self._agent = agent
         self._sender = None
         self._closed = False
@@ -61,20 +69,33 @@ class _LazySender:
                 self._sender = self._agent.create_sender(*self._args)
             return self._sender
 
-    def send_layer(self, layer: int, kv) -> None:    # compute thread: hand the layer over at once
+    def send_layer(self, layer: int, kv) -> None:    # compute thread
+        if self._skip_tokens:
+            kv = kv[:, self._skip_tokens:].contiguous()
+        view = as_bytes_view(kv.numpy())
         with self._lock:
             # A request that ended (cancelled while its operator still ran) sends nothing more: a
             # sender created now would wait for layers that never come until its deadline.
             if self._closed:
                 return
+            self._held.append((layer, view))
+            self._held_bytes += len(view)
+            if self._held_bytes < self._group_bytes:
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        """Send the layers held back, if any (the prefill finished, or a group is complete)."""
+        with self._lock:
+            if self._closed or not self._held:
+                return
+            group, self._held, self._held_bytes = self._held, [], 0
             if self._sender is None:
                 self._sender = self._agent.create_sender(*self._args)
             sender = self._sender
-        if self._skip_tokens:
-            kv = kv[:, self._skip_tokens:].contiguous()
-        view = as_bytes_view(kv.numpy())
-        self.kv_bytes += len(view)
-        sender.send_layer(layer, view)
+        for index, buf in group:
+            self.kv_bytes += len(buf)
+            sender.send_layer(index, buf)
 
     def abort_if_active(self, reason: str) -> None:
         with self._lock:
@@ -111,8 +132,9 @@ def _resolve(future: asyncio.Future) -> None:
 class PrefillSide:
     def __init__(self, runner: PrefillRunner, engine: Engine, agents: dict[str, BaseKVAgent], clock: Clock, *,
                  transfer_timeout_s: float, checksum: bool, default_ttft_slo_ms: float,
-                 max_prefill_wait_s: float = 30.0, run_compute=None):
+                 max_prefill_wait_s: float = 30.0, run_compute=None, send_group_bytes: int = 0):
         self.runner = runner
+        self._send_group_bytes = send_group_bytes
         self._run = run_compute     # the engine's compute thread (owner of the paged pool)
         self.engine = engine
         self.agents = agents
@@ -174,7 +196,8 @@ class PrefillSide:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"skip_kv_tokens={skip} must leave part of the "
                                 f"{len(ids)}-token prompt to send")
         layout = TransferLayout(request.transfer_id, self.engine.layer_nbytes(len(ids) - skip), request.transfer_token)
-        link = _LazySender(agent, request.target.address, layout, self._transfer_timeout_s, self._checksum, skip)
+        link = _LazySender(agent, request.target.address, layout, self._transfer_timeout_s, self._checksum, skip,
+                           self._send_group_bytes)
         layers: list = [None] * self.engine.config.num_layers
 
         def on_layer(layer: int, kv) -> None:
@@ -194,6 +217,7 @@ class PrefillSide:
                 log.info("request %s: rejected for on-demand forwarding: %s", request.req_id, exc)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill rejected: {exc}")
             timeline.mark("prefill.computed", request.req_id)
+            link.flush()
             sender = link.get()
             trailer = kvtransfer_pb2.PrefillTrailer(req_id=request.req_id, first_token_id=result.first_token_id,
                                                     num_prompt_tokens=len(ids))

@@ -48,7 +48,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: Engine, agents: dict[str, BaseKVAgent], clock: Clock, *, worker_id: str,
                  role: str, transfer_timeout_s: float, lease_s: float, checksum: bool,
                  prefill_runner: PrefillRunner, default_ttft_slo_ms: float = 2000.0,
-                 max_prefill_wait_s: float = 30.0):
+                 max_prefill_wait_s: float = 30.0, send_group_bytes: int = 0):
         self.engine = engine
         self.agents = agents
         self.clock = clock
@@ -62,7 +62,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.requests = RequestLifecycle(engine, self._run, clock, lease_s, on_release=self._wakeup.set)
         self.prefill = PrefillSide(prefill_runner, engine, agents, clock, transfer_timeout_s=transfer_timeout_s,
                                    checksum=checksum, default_ttft_slo_ms=default_ttft_slo_ms,
-                                   max_prefill_wait_s=max_prefill_wait_s, run_compute=self._run)
+                                   max_prefill_wait_s=max_prefill_wait_s, run_compute=self._run,
+                                   send_group_bytes=send_group_bytes)
         self._streams: dict[str, asyncio.Queue] = {}
         # Random start so transfer ids from a restarted worker do not collide with stale ones.
         # Random, not sequential: a transfer id is the capability a KV sender must present, so
