@@ -25,19 +25,45 @@ _flash_with_lse = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_f
 
 def attend_after_past(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_past: int,
                       scale: float | None = None, merge: bool | None = None) -> torch.Tensor:
-    """q [1, H, N, D]; k, v [1, H, P + N, D] (heads already expanded), the first `num_past` of
-    them earlier than every query. Returns [1, H, N, D]. `merge` forces a path (tests, bench)."""
-    n = q.shape[2]
+    """q [1, H, N, D]; k, v [1, KV, P + N, D] with H a multiple of KV (grouped-query attention:
+    query head h reads KV head h // (H / KV)), the first `num_past` keys earlier than every
+    query. Returns [1, H, N, D]. `merge` forces a path (tests, bench)."""
+    n, group = q.shape[2], q.shape[1] // k.shape[1]
     if num_past == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, _expand(k, group), _expand(v, group), is_causal=True, scale=scale)
     if merge is None:
         merge = n >= MERGE_MIN_TOKENS and q.device.type == "cpu" and _flash_with_lse is not None
     if not merge:
         mask = torch.ones(n, k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=num_past)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    over_past, lse_past = _flash_with_lse(q, k[:, :, :num_past], v[:, :, :num_past], 0.0, False, scale=scale)[:2]
-    over_self, lse_self = _flash_with_lse(q, k[:, :, num_past:], v[:, :, num_past:], 0.0, True, scale=scale)[:2]
-    return merge_states(over_past, lse_past, over_self, lse_self)
+        out = F.scaled_dot_product_attention(_fold(q, group), k, v, attn_mask=mask.repeat(group, 1), scale=scale)
+        return _unfold(out, group)
+    over_past, lse_past = _flash_with_lse(_fold(q, group), k[:, :, :num_past], v[:, :, :num_past], 0.0, False,
+                                          scale=scale)[:2]
+    over_self, lse_self = _flash_with_lse(q, _expand(k[:, :, num_past:], group), _expand(v[:, :, num_past:], group),
+                                          0.0, True, scale=scale)[:2]
+    return merge_states(_unfold(over_past, group), _unfold(lse_past[..., None], group)[..., 0], over_self, lse_self)
+
+
+# Queries of the heads that share a KV head are stacked into one longer query sequence of that
+# head, so keys and values over a long past are read as they are instead of being copied once per
+# query head (repeat_interleave). Causality is then a row-wise mask, which is why the causal
+# kernel (no past, or a chunk's own keys) still takes expanded heads.
+def _fold(q: torch.Tensor, group: int) -> torch.Tensor:
+    """[1, H, N, D] -> [1, KV, group * N, D]."""
+    b, h, n, d = q.shape
+    return q if group == 1 else q.reshape(b, h // group, group * n, d)
+
+
+def _unfold(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[1, KV, group * N, D] -> [1, H, N, D]."""
+    b, kv, gn, d = x.shape
+    return x if group == 1 else x.reshape(b, kv * group, gn // group, d)
+
+
+def _expand(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[1, KV, T, D] -> [1, H, T, D]. On CPU, SDPA's fused kernels need equal head counts
+    (enable_gqa falls back to a path ~2x slower)."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
 def merge_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:

@@ -86,22 +86,17 @@ class Gemma3Model(LlamaModel):
         out = attn.reshape(attn.shape[0], -1) @ w.wo.T
         return hidden + rms_norm(out, w.post_attn_norm, self.config.rms_norm_eps)
 
-    def prefill_attention(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor,
-                          past_k: torch.Tensor | None = None, past_v: torch.Tensor | None = None):
-        q, k, v = self.qkv(layer, hidden, positions)
-        full_k = k if past_k is None else torch.cat([past_k, k], dim=0)
-        full_v = v if past_v is None else torch.cat([past_v, v], dim=0)
-        num_past = full_k.shape[0] - k.shape[0]
-        query_pos = torch.arange(num_past, full_k.shape[0])[:, None]
-        key_pos = torch.arange(full_k.shape[0])[None, :]
+    def attend_prompt(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      num_past: int) -> torch.Tensor:
+        query_pos = torch.arange(num_past, k.shape[0])[:, None]
+        key_pos = torch.arange(k.shape[0])[None, :]
         mask = key_pos <= query_pos
         if window := self.config.layer_windows[layer]:
             mask &= query_pos - key_pos < window
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], self._expand_kv(full_k.transpose(0, 1)[None]),
-            self._expand_kv(full_v.transpose(0, 1)[None]), attn_mask=mask, scale=self.config.attn_scale,
+        return F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], self._expand_kv(k.transpose(0, 1)[None]),
+            self._expand_kv(v.transpose(0, 1)[None]), attn_mask=mask, scale=self.config.attn_scale,
         )[0].transpose(0, 1)
-        return self.attention_output(layer, hidden, out), k, v
 
     def mlp(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         w, eps = self.weights.layers[layer], self.config.rms_norm_eps

@@ -124,11 +124,28 @@ class LlamaModel:
         q, k, v = self.qkv(layer, hidden, positions)
         full_k = k if past_k is None else torch.cat([past_k, k], dim=0)
         full_v = v if past_v is None else torch.cat([past_v, v], dim=0)
-        out = attend_after_past(
-            q.transpose(0, 1)[None], self._expand_kv(full_k.transpose(0, 1)[None]),
-            self._expand_kv(full_v.transpose(0, 1)[None]), num_past=full_k.shape[0] - k.shape[0],
-        )[0].transpose(0, 1)
+        out = self.attend_prompt(layer, q, full_k, full_v, num_past=full_k.shape[0] - k.shape[0])
         return self.attention_output(layer, hidden, out), k, v
+
+    def prefill_attention_into(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor, state,
+                               start: int) -> torch.Tensor:
+        """ATTENTION operator for the chunk of `state`'s prompt (a JobState) from token `start` on:
+        its K/V are written into the prompt's layer buffer, whose first `start` positions hold the
+        earlier chunks (or a cached prefix), and the chunk attends over the buffer in place."""
+        q, k, v = self.qkv(layer, hidden, positions)
+        kv = state.layer_buffer(layer, k)
+        end = start + k.shape[0]
+        kv[0, start:end] = k
+        kv[1, start:end] = v
+        out = self.attend_prompt(layer, q, kv[0, :end], kv[1, :end], num_past=start)
+        return self.attention_output(layer, hidden, out)
+
+    def attend_prompt(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      num_past: int) -> torch.Tensor:
+        """q [N, H, D] of a prompt chunk over k, v [num_past + N, KV, D]; returns [N, H, D]."""
+        out = attend_after_past(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                num_past=num_past)
+        return out[0].transpose(0, 1)
 
     def mlp(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """MLP operator (SwiGLU) with its residual add."""
@@ -149,9 +166,12 @@ class LlamaModel:
         hidden [B, hidden]; q [B, H, D] from `qkv`; k_ctx/v_ctx [B, C, KV, D] already hold the new
         token's KV; ctx_mask [B, C] is True where a context slot is real.
         """
+        # The query heads of a KV head attend as one group ([B, KV, G, D] queries), so the gathered
+        # context is read once instead of copied per query head.
+        b, kv_heads = q.shape[0], self.config.num_kv_heads
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),                      # [B, H, 1, D]
-            self._expand_kv(k_ctx.permute(0, 2, 1, 3)), self._expand_kv(v_ctx.permute(0, 2, 1, 3)),
+            q.reshape(b, kv_heads, -1, q.shape[-1]),
+            k_ctx.permute(0, 2, 1, 3), v_ctx.permute(0, 2, 1, 3),
             attn_mask=ctx_mask[:, None, None, :],
-        ).squeeze(2)
-        return self.attention_output(layer, hidden, out)
+        )
+        return self.attention_output(layer, hidden, out.reshape(b, -1, q.shape[-1]))

@@ -8,10 +8,10 @@ from pdserve.workers.model import attention
 from pdserve.workers.model.attention import MERGE_MIN_TOKENS, attend_after_past, merge_states
 
 
-def _inputs(new: int, past: int, heads: int = 8, dim: int = 32, seed: int = 0):
+def _inputs(new: int, past: int, heads: int = 8, dim: int = 32, seed: int = 0, kv_heads: int | None = None):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(1, heads, new, dim, generator=gen)
-    k, v = torch.randn(2, 1, heads, past + new, dim, generator=gen)
+    k, v = torch.randn(2, 1, kv_heads or heads, past + new, dim, generator=gen)
     return q, k, v
 
 
@@ -29,6 +29,20 @@ def test_both_paths_equal_plain_softmax_attention(new, past, merge):
     q, k, v = _inputs(new, past, seed=new + past)
     got = attend_after_past(q, k, v, past, merge=merge)
     torch.testing.assert_close(got, _reference(q, k, v, past), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("new,past", [(1, 1), (7, 50), (600, 1), (600, 700)])
+@pytest.mark.parametrize("merge", [False, True])
+def test_grouped_query_heads_read_their_kv_head(new, past, merge):
+    """Query head h of 8 sees KV head h // 2 of 4, on every path (the past path stacks each
+    group's queries instead of copying the KV per query head)."""
+    q, k, v = _inputs(new, past, seed=new + past, kv_heads=4)
+    got = attend_after_past(q, k, v, past, merge=merge)
+    expanded = [x.repeat_interleave(2, dim=1) for x in (k, v)]
+    torch.testing.assert_close(got, _reference(q, *expanded, past), rtol=1e-4, atol=1e-5)
+    if past:    # the queries of head 1 differ from head 0's: swapping KV heads must show
+        swapped = [x[:, [1, 0, 2, 3]] for x in (k, v)]
+        assert not torch.allclose(attend_after_past(q, *swapped, past, merge=merge), got, atol=1e-3)
 
 
 def test_an_explicit_scale_is_honoured_on_the_merged_path():

@@ -1,0 +1,166 @@
+"""The model's operators against the ones they replaced, side by side in one run.
+
+    python benchmarks/model_ops.py [--json] [--repeats N] [--model tiny|smollm2-135m]
+
+`before` is the attention as it was until 2026-12-05, kept here as the baseline: every KV head
+copied once per query head (repeat_interleave) before attention, in prefill and in decode, and a
+prompt's KV concatenated from its chunks (or its cached prefix) at every layer, and once more to
+report the layer. `now` is pdserve's LlamaModel and UnitExecution: a prompt's KV is one buffer
+per layer written in place, and the query heads that share a KV head attend as one group.
+Both run the same weights on the same inputs, alternating, one torch thread (a worker's share on
+a small host); the report gives p50 milliseconds of each and now / before.
+
+Cases: a cold 5-token prefill (nothing to gain: the control); 12 new tokens after a cached prefix
+of 288 or 1,888 tokens (the prefill worker's path for a prefix-cache hit); and one decode step
+(projections, attention over the context, MLP, logits) for a batch of sequences.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.policy.prefill_scheduler import Piece, PrefillJob, WorkUnit
+from pdserve.workers.model.attention import attend_after_past
+from pdserve.workers.model.llama import LlamaModel
+from pdserve.workers.model.loader import load_model
+from pdserve.workers.model.unit_execution import JobState, UnitExecution
+
+
+class Before(LlamaModel):
+    """The attention before 2026-12-05 (the rest of the model is shared)."""
+
+    def attend_prompt(self, layer, q, k, v, num_past):
+        return attend_after_past(q.transpose(0, 1)[None], self._expand_kv(k.transpose(0, 1)[None]),
+                                 self._expand_kv(v.transpose(0, 1)[None]), num_past=num_past)[0].transpose(0, 1)
+
+    def decode_attention(self, layer, hidden, q, k_ctx, v_ctx, ctx_mask):
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), self._expand_kv(k_ctx.permute(0, 2, 1, 3)), self._expand_kv(v_ctx.permute(0, 2, 1, 3)),
+            attn_mask=ctx_mask[:, None, None, :]).squeeze(2)
+        return self.attention_output(layer, hidden, out)
+
+
+def _before_prefill(model: Before, ids: list[int], prefix: list[torch.Tensor] | None) -> torch.Tensor:
+    """The old UnitExecution for one piece: KV kept as chunks, concatenated at every use."""
+    cached = 0 if prefix is None else prefix[0].shape[1]
+    k_chunks = [[kv[0]] if prefix else [] for kv in (prefix or [None] * model.config.num_layers)]
+    v_chunks = [[kv[1]] if prefix else [] for kv in (prefix or [None] * model.config.num_layers)]
+    positions = torch.arange(cached, len(ids))
+    hidden = model.embed(torch.tensor(ids[cached:]))
+    layers = []
+    for layer in range(model.config.num_layers):
+        past_k = torch.cat(k_chunks[layer]) if k_chunks[layer] else None
+        past_v = torch.cat(v_chunks[layer]) if v_chunks[layer] else None
+        hidden, k, v = model.prefill_attention(layer, hidden, positions, past_k, past_v)
+        k_chunks[layer].append(k)
+        v_chunks[layer].append(v)
+        layers.append(torch.stack([torch.cat(k_chunks[layer]), torch.cat(v_chunks[layer])]).contiguous())
+        hidden = torch.split(model.mlp(layer, torch.cat([hidden])), [hidden.shape[0]])[0]   # as UnitExecution
+    return model.logits(hidden[-1])
+
+
+def _now_prefill(model: LlamaModel, ids: list[int], prefix: list[torch.Tensor] | None) -> torch.Tensor:
+    cached = 0 if prefix is None else prefix[0].shape[1]
+    state = JobState("bench", ids)
+    if prefix is not None:
+        state.seed(prefix)
+    unit = WorkUnit([Piece(PrefillJob("bench", len(ids), 0.0, 1.0, cached_tokens=cached), cached, len(ids) - cached)],
+                    model.config.num_layers)
+    execution = UnitExecution(model, unit, {"bench": state})
+    while not unit.finished:
+        execution.run_operator()
+        unit.next_op += 1
+    return state.logits
+
+
+def _decode(model: LlamaModel, batch: int, context: int):
+    cfg = model.config
+    gen = torch.Generator().manual_seed(batch * 31 + context)
+    hidden = torch.randn(batch, cfg.hidden_size, generator=gen)
+    k, v = torch.randn(2, batch, context, cfg.num_kv_heads, cfg.head_dim, generator=gen)
+    mask = torch.ones(batch, context, dtype=torch.bool)
+    mask[::2, context // 2:] = False     # half the sequences are half as long (padding)
+    positions = torch.full((batch,), context - 1)
+
+    def step() -> torch.Tensor:
+        h = hidden
+        for layer in range(cfg.num_layers):
+            q, _, _ = model.qkv(layer, h, positions)
+            h = model.mlp(layer, model.decode_attention(layer, h, q, k, v, mask))
+        return model.logits(h)
+    return step
+
+
+def _cases(model: LlamaModel, before: Before) -> list[tuple[str, callable, callable]]:
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    cases = [("prefill 5 tokens", lambda m, f: lambda: f(m, list(range(3, 8)), None))]
+    for cached in (288, 1888):
+        ids = torch.randint(3, cfg.vocab_size, (cached + 12,), generator=gen).tolist()
+        prefix = [torch.randn(2, cached, cfg.num_kv_heads, cfg.head_dim, generator=gen) for _ in range(cfg.num_layers)]
+        cases.append((f"prefill 12 after {cached} cached", lambda m, f, i=ids, p=prefix: lambda: f(m, i, p)))
+    rows = [(name, make(before, _before_prefill), make(model, _now_prefill)) for name, make in cases]
+    for batch, context in ((1, 300), (8, 300), (8, 1500), (32, 1000)):
+        rows.append((f"decode step, {batch} x {context} context", _decode(before, batch, context),
+                     _decode(model, batch, context)))
+    return rows
+
+
+def _p50_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1e3, 3)
+
+
+def measure(model: LlamaModel, repeats: int) -> list[dict]:
+    before = Before(model.config, model.weights)
+    rows = []
+    for name, old, new in _cases(model, before):
+        difference = (old() - new()).abs().max().item()
+        for _ in range(3):
+            old(), new()
+        times = {"before": [], "now": []}
+        pair = [("before", old), ("now", new)]
+        for i in range(repeats):        # alternating, so a shared host's drift hits both alike
+            for key, fn in pair if i % 2 else pair[::-1]:
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+        row = {"case": name, "before_p50_ms": _p50_ms(times["before"]), "now_p50_ms": _p50_ms(times["now"]),
+               "max_abs_logit_difference": float(f"{difference:.2e}")}
+        row["now_vs_before"] = round(row["now_p50_ms"] / row["before_p50_ms"], 3)
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--cache-dir", default=str(pathlib.Path.home() / ".cache" / "pdserve"))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
+    model = load_model(args.model, pathlib.Path(args.cache_dir)).model
+    if type(model) is not LlamaModel:
+        parser.error(f"{args.model} is not a Llama-family model (its operators are its own)")
+    with torch.inference_mode():
+        rows = measure(model, args.repeats)
+    report = {"model": args.model, "torch_threads": args.torch_threads, "repeats": args.repeats, "results": rows}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for r in rows:
+            print(f"{r['case']:<34} before {r['before_p50_ms']:8.2f} ms  now {r['now_p50_ms']:8.2f} ms  "
+                  f"x{r['now_vs_before']:.2f}  (logits differ by {r['max_abs_logit_difference']:.1e})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
