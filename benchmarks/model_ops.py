@@ -2,7 +2,7 @@
 
     python benchmarks/model_ops.py [--json] [--repeats N] [--model tiny|smollm2-135m]
 
-`before` is the attention as it was until 2026-12-05, kept here as the baseline: every KV head
+`before` is the attention as it was until 2026-12-05 (edbd917), kept here as the baseline: every KV head
 copied once per query head (repeat_interleave) before attention, in prefill and in decode, and a
 prompt's KV concatenated from its chunks (or its cached prefix) at every layer, and once more to
 report the layer. `now` is pdserve's LlamaModel and UnitExecution: a prompt's KV is one buffer
@@ -12,7 +12,8 @@ a small host); the report gives p50 milliseconds of each and now / before.
 
 Cases: a cold 5-token prefill (nothing to gain: the control); 12 new tokens after a cached prefix
 of 288 or 1,888 tokens (the prefill worker's path for a prefix-cache hit); and one decode step
-(projections, attention over the context, MLP, logits) for a batch of sequences.
+of the engine (`decode_step`: gather from the paged pool, projections, attention over the
+context, MLP, logits) for a batch of sequences.
 """
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.policy.prefill_scheduler import Piece, PrefillJob, WorkUnit
+from pdserve.workers.kv_cache import BlockAllocator, PagedKVCache
 from pdserve.workers.model.attention import attend_after_past
+from pdserve.workers.model.execution import decode_step
 from pdserve.workers.model.llama import LlamaModel
 from pdserve.workers.model.loader import load_model
-from pdserve.workers.model.unit_execution import JobState, UnitExecution
+from pdserve.workers.model.unit_execution import JobState, LayerReady, UnitExecution
 
 
 class Before(LlamaModel):
@@ -47,55 +50,91 @@ class Before(LlamaModel):
         return self.attention_output(layer, hidden, out)
 
 
-def _before_prefill(model: Before, ids: list[int], prefix: list[torch.Tensor] | None) -> torch.Tensor:
-    """The old UnitExecution for one piece: KV kept as chunks, concatenated at every use."""
-    cached = 0 if prefix is None else prefix[0].shape[1]
-    k_chunks = [[kv[0]] if prefix else [] for kv in (prefix or [None] * model.config.num_layers)]
-    v_chunks = [[kv[1]] if prefix else [] for kv in (prefix or [None] * model.config.num_layers)]
-    positions = torch.arange(cached, len(ids))
-    hidden = model.embed(torch.tensor(ids[cached:]))
-    layers = []
-    for layer in range(model.config.num_layers):
-        past_k = torch.cat(k_chunks[layer]) if k_chunks[layer] else None
-        past_v = torch.cat(v_chunks[layer]) if v_chunks[layer] else None
-        hidden, k, v = model.prefill_attention(layer, hidden, positions, past_k, past_v)
-        k_chunks[layer].append(k)
-        v_chunks[layer].append(v)
-        layers.append(torch.stack([torch.cat(k_chunks[layer]), torch.cat(v_chunks[layer])]).contiguous())
-        hidden = torch.split(model.mlp(layer, torch.cat([hidden])), [hidden.shape[0]])[0]   # as UnitExecution
-    return model.logits(hidden[-1])
+class _ChunkState(JobState):
+    """The old JobState: per layer, the K and V chunks computed so far, concatenated on use."""
+
+    def init_layers(self, num_layers: int) -> None:
+        if not hasattr(self, "k_chunks"):
+            self.k_chunks = [[] for _ in range(num_layers)]
+            self.v_chunks = [[] for _ in range(num_layers)]
+
+    def seed(self, prefix_kv: list[torch.Tensor]) -> None:
+        self.k_chunks = [[kv[0]] for kv in prefix_kv]
+        self.v_chunks = [[kv[1]] for kv in prefix_kv]
+
+    def past(self, layer: int):
+        if not self.k_chunks[layer]:
+            return None, None
+        return torch.cat(self.k_chunks[layer]), torch.cat(self.v_chunks[layer])
 
 
-def _now_prefill(model: LlamaModel, ids: list[int], prefix: list[torch.Tensor] | None) -> torch.Tensor:
+class _BeforeUnit(UnitExecution):
+    """The old UnitExecution's operator step (prompt logprobs left out: not benchmarked)."""
+
+    def run_operator(self) -> list[LayerReady]:
+        layer, is_mlp = divmod(self.unit.next_op, 2)
+        ready: list[LayerReady] = []
+        with torch.inference_mode():
+            if is_mlp:
+                merged = self.model.mlp(layer, torch.cat(self._hidden))
+                self._hidden = list(torch.split(merged, [h.shape[0] for h in self._hidden]))
+            else:
+                for i, (st, piece) in enumerate(zip(self._states, self.unit.pieces)):
+                    past_k, past_v = st.past(layer)
+                    self._hidden[i], k, v = self.model.prefill_attention(
+                        layer, self._hidden[i], self._positions[i], past_k, past_v)
+                    st.k_chunks[layer].append(k)
+                    st.v_chunks[layer].append(v)
+                    if piece.start_token + piece.num_tokens == len(st.token_ids):
+                        full_k, full_v = st.past(layer)
+                        ready.append(LayerReady(st.req_id, layer, torch.stack([full_k, full_v]).contiguous()))
+            if self.unit.next_op == self.unit.num_ops - 1:
+                for st, piece, h in zip(self._states, self.unit.pieces, self._hidden):
+                    if piece.start_token + piece.num_tokens == len(st.token_ids):
+                        st.logits = self.model.logits(h[-1])
+        return ready
+
+
+def _prefill(model: LlamaModel, ids: list[int], prefix: list[torch.Tensor] | None, state_type=JobState,
+             execution_type=UnitExecution) -> torch.Tensor:
+    """One prompt through a work unit, as the prefill worker's runner steps it."""
     cached = 0 if prefix is None else prefix[0].shape[1]
-    state = JobState("bench", ids)
+    state = state_type("bench", ids)
     if prefix is not None:
         state.seed(prefix)
     unit = WorkUnit([Piece(PrefillJob("bench", len(ids), 0.0, 1.0, cached_tokens=cached), cached, len(ids) - cached)],
                     model.config.num_layers)
-    execution = UnitExecution(model, unit, {"bench": state})
+    execution = execution_type(model, unit, {"bench": state})
     while not unit.finished:
         execution.run_operator()
         unit.next_op += 1
     return state.logits
 
 
-def _decode(model: LlamaModel, batch: int, context: int):
-    cfg = model.config
-    gen = torch.Generator().manual_seed(batch * 31 + context)
-    hidden = torch.randn(batch, cfg.hidden_size, generator=gen)
-    k, v = torch.randn(2, batch, context, cfg.num_kv_heads, cfg.head_dim, generator=gen)
-    mask = torch.ones(batch, context, dtype=torch.bool)
-    mask[::2, context // 2:] = False     # half the sequences are half as long (padding)
-    positions = torch.full((batch,), context - 1)
+def _before_prefill(model: Before, ids: list[int], prefix: list[torch.Tensor] | None) -> torch.Tensor:
+    return _prefill(model, ids, prefix, _ChunkState, _BeforeUnit)
 
-    def step() -> torch.Tensor:
-        h = hidden
-        for layer in range(cfg.num_layers):
-            q, _, _ = model.qkv(layer, h, positions)
-            h = model.mlp(layer, model.decode_attention(layer, h, q, k, v, mask))
-        return model.logits(h)
-    return step
+
+def _now_prefill(model: LlamaModel, ids: list[int], prefix: list[torch.Tensor] | None) -> torch.Tensor:
+    return _prefill(model, ids, prefix)
+
+
+def _decode(model: LlamaModel, batch: int, context: int):
+    """One decode_step of the engine over a paged pool of random KV; every other sequence is half
+    as long, so the batch's context is padded and masked."""
+    cfg = model.config
+    lengths = [context if i % 2 == 0 else context // 2 for i in range(batch)]
+    allocator = BlockAllocator(sum(n // 16 + 2 for n in lengths), 16)
+    cache = PagedKVCache(cfg, allocator)
+    gen = torch.Generator().manual_seed(batch * 31 + context)
+    cache.k.normal_(generator=gen)
+    cache.v.normal_(generator=gen)
+    req_ids = [f"r{i}" for i in range(batch)]
+    for req_id, n in zip(req_ids, lengths):
+        allocator.allocate(req_id, n)
+        allocator.append_token(req_id)      # the new token's slot, rewritten at every step
+    tokens = [(7 * i) % cfg.vocab_size for i in range(batch)]
+    return lambda: decode_step(model, cache, req_ids, tokens)
 
 
 def _cases(model: LlamaModel, before: Before) -> list[tuple[str, callable, callable]]:
