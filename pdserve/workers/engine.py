@@ -133,27 +133,37 @@ class Engine:
         cfg = self.config
         return torch.empty(cfg.num_layers, 2, num_prompt_tokens, cfg.num_kv_heads, cfg.head_dim)
 
-    def start(self, req_id: str, kv_token_ids: list[int], layers: Seq[torch.Tensor], params: SamplingConfig,
-              first_token_id: int, resume_output_ids: Seq[int] = (), layers_start_tokens: int = 0) -> Delta:
-        """Import a prefilled prompt's KV into the blocks `admit()` took and join the batch.
+    def first_output(self, kv_token_ids: Seq[int], params: SamplingConfig, first_token_id: int,
+                     resume_output_ids: Seq[int] = ()) -> tuple[OutputProcessor, Delta]:
+        """The output state and the first delta of a prefilled prompt. It needs no KV, so a worker
+        can stream the prefill's token before the import (`start(first=...)`) is done.
 
         `kv_token_ids` are the tokens the KV covers: the prompt, then (after a migration) the
         `resume_output_ids` a client already received; those are replayed into the output state
-        without being emitted again, so stop sequences, max_tokens and seeded sampling carry on.
+        without being emitted again, so stop sequences, max_tokens and seeded sampling carry on."""
+        num_prompt_tokens = len(kv_token_ids) - len(resume_output_ids)
+        output = OutputProcessor(self.loaded.tokenizer, params, num_prompt_tokens, self.config.max_position_tokens)
+        for token in resume_output_ids:
+            output.add(token)
+        return output, output.add(first_token_id)
+
+    def start(self, req_id: str, kv_token_ids: list[int], layers: Seq[torch.Tensor], params: SamplingConfig,
+              first_token_id: int, resume_output_ids: Seq[int] = (), layers_start_tokens: int = 0,
+              first: tuple[OutputProcessor, Delta] | None = None) -> Delta:
+        """Import a prefilled prompt's KV into the blocks `admit()` took and join the batch.
+
         `layers` hold the tokens from `layers_start_tokens` on; the cached prefix admit() linked
-        is skipped (shared blocks are read-only). The prompt's full blocks then become reusable."""
+        is skipped (shared blocks are read-only). The prompt's full blocks then become reusable.
+        `first`: what `first_output()` gave for this prompt, if it was called already."""
         cached = self.allocator.num_cached_tokens(req_id)
         if layers_start_tokens > cached:
             raise ValueError(f"KV from token {layers_start_tokens} leaves a gap after {cached} cached tokens")
         for layer, kv in enumerate(layers):
             self.cache.import_layer(req_id, layer, kv[:, cached - layers_start_tokens:], start=cached)
         self.allocator.register(req_id, self.prompt_hashes(kv_token_ids, reusable_only=False))
-        prompt_ids = list(kv_token_ids[:len(kv_token_ids) - len(resume_output_ids)])
-        output = OutputProcessor(self.loaded.tokenizer, params, len(prompt_ids), self.config.max_position_tokens)
-        for token in resume_output_ids:
-            output.add(token)
-        delta = output.add(first_token_id)
+        output, delta = first or self.first_output(kv_token_ids, params, first_token_id, resume_output_ids)
         if delta.finish is None:
+            prompt_ids = list(kv_token_ids[:len(kv_token_ids) - len(resume_output_ids)])
             self.running[req_id] = Sequence(req_id, prompt_ids, params, output, first_token_id)
         return delta
 

@@ -143,10 +143,12 @@ class RequestLifecycle:
         return req
 
     async def start(self, req: WorkerRequest, kv_token_ids: list[int], layers, params: SamplingConfig,
-                    first_token_id: int, resume_output_ids: list[int], layers_start_tokens: int = 0) -> Delta:
-        """KV imported into the pool and the sequence in the batch; the staging copy goes at once."""
+                    first_token_id: int, resume_output_ids: list[int], layers_start_tokens: int = 0,
+                    first=None) -> Delta:
+        """KV imported into the pool and the sequence in the batch; the staging copy goes at once.
+        `first`: the engine's `first_output()` for this prompt, if taken already."""
         delta = await self._run(self.engine.start, req.req_id, kv_token_ids, layers, params, first_token_id,
-                                resume_output_ids, layers_start_tokens)
+                                resume_output_ids, layers_start_tokens, first)
         req.stage, req.staging, req.receiver = Stage.DECODING, None, None
         return delta
 

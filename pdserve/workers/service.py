@@ -188,8 +188,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if any(t >= vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be < vocab size {vocab}")
 
-    async def _receive(self, req, prompt_ids: list[int], resume: list[int], params, context) -> Delta:
-        """Wait for a claimed reservation's KV, then start decoding it."""
+    async def _receive(self, req, prompt_ids: list[int], resume: list[int], params,
+                       context) -> tuple[Delta, asyncio.Future]:
+        """Wait for a claimed reservation's KV; return the first delta and the import of the KV into
+        the pool, under way on the compute thread. The first token came with the KV (the trailer)
+        and needs none of it, so it is streamed without waiting for the import, or for the decode
+        step the compute thread may be running when the KV arrives."""
         rx = req.receiver
         if req.num_prompt_tokens != len(prompt_ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt has {len(prompt_ids)} tokens, "
@@ -206,11 +210,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if trailer.req_id != req.req_id:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"KV transfer carried request {trailer.req_id!r}, expected {req.req_id!r}")
-        delta = await self.requests.start(req, prompt_ids, req.staging, params, trailer.first_token_id, resume,
-                                          layers_start_tokens=req.cached_tokens)
-        timeline.mark("decode.kv_imported", req.req_id)
+        output, delta = self.engine.first_output(prompt_ids, params, trailer.first_token_id, resume)
+        importing = asyncio.ensure_future(self._import(req, prompt_ids, params, trailer.first_token_id, resume,
+                                                       (output, delta)))
         first = logprob_from_proto(trailer.first_token_logprob) if trailer.HasField("first_token_logprob") else None
-        return _with_logprobs(delta, first, [logprob_from_proto(p) for p in trailer.prompt_logprobs])
+        return _with_logprobs(delta, first, [logprob_from_proto(p) for p in trailer.prompt_logprobs]), importing
+
+    async def _import(self, req, prompt_ids: list[int], params, first_token_id: int, resume: list[int], first) -> None:
+        await self.requests.start(req, prompt_ids, req.staging, params, first_token_id, resume,
+                                  layers_start_tokens=req.cached_tokens, first=first)
+        timeline.mark("decode.kv_imported", req.req_id)
 
     async def _prefill_local(self, req, prompt_ids: list[int], resume: list[int], params, ttft_slo_ms: float,
                              context) -> Delta:
@@ -238,22 +247,29 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         queue = self._streams[req_id] = asyncio.Queue()
         timeline.mark("decode.generate_received", req_id)
         held, reason = None, "request ended"     # held: the request this call owns and must release
+        importing = None        # a remote prefill's KV import, finished after its first chunk went out
         try:
             params = await self._params_or_drop(request, prompt_ids, context)
             if request.remote_prefill:
                 held = self.requests.claim(req_id)
                 if held is None:
                     await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown request id {req_id!r}: call ReserveKV first")
-                delta = await self._receive(held, prompt_ids, resume, params, context)
+                delta, importing = await self._receive(held, prompt_ids, resume, params, context)
             else:
                 held = await self._admit_local(req_id, prompt_ids, context)
                 delta = await self._prefill_local(held, prompt_ids, resume, params, request.ttft_slo_ms, context)
-            self._wakeup.set()
+                self._wakeup.set()
             num_generated, num_prompt_tokens = len(resume), len(prompt_ids) - len(resume)
             while True:
                 num_generated += len(delta.token_ids)
                 timeline.mark("decode.chunk", req_id)
                 yield self._chunk(req_id, delta, num_prompt_tokens, num_generated)
+                if importing is not None:
+                    # Also when this was the last token: the prompt's blocks are kept for reuse
+                    # only once imported, and the release below must come after the import.
+                    await importing
+                    importing = None
+                    self._wakeup.set()
                 if delta.finish is not None:
                     reason = f"finished ({delta.finish.value}, {num_generated} tokens)"
                     return
@@ -266,6 +282,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             raise
         finally:
             self._streams.pop(req_id, None)
+            if importing is not None:
+                # Not started: it never will be. Running on the compute thread: the release
+                # below is queued behind it there, so it frees what the import linked.
+                importing.cancel()
             if held is not None:
                 await self.requests.release(req_id, reason)
 

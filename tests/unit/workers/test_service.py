@@ -3,6 +3,7 @@ and that KV is always freed. The same flows over real ucx/tcp between processes 
 tests/integration and tests/faults."""
 import asyncio
 import contextlib
+import threading
 
 import grpc
 import pytest
@@ -150,6 +151,49 @@ def test_client_cancel_mid_stream_frees_kv(model_cache_dir):
                 if chunk.num_generated_tokens >= 3:
                     stream.cancel()             # client gone mid-stream
                     break
+            await _assert_clean(services)
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("client_stays", [True, False])
+def test_the_first_token_streams_before_the_kv_is_imported(model_cache_dir, client_stays):
+    """The prefill's token came with the KV and needs none of it: the decode worker streams it
+    while its compute thread is busy (held here, as by a long decode step), then imports the KV
+    and generates the rest, the same tokens as without the hold, and frees everything; also when
+    the client goes away between the first token and the import."""
+    async def body():
+        async with cluster(model_cache_dir) as (services, (p, d, a)):
+            params = sampling(max_tokens=6, ignore_eos=True)
+            ref = await route([p, d], "ref", PROMPT, params, backend="fake")
+            decode = services[1]
+            reservation = await d.ReserveKV(worker_pb2.ReserveKVRequest(
+                req_id="h", num_prompt_tokens=len(PROMPT), prompt_token_ids=PROMPT, backend="fake"))
+            call = d.Generate(worker_pb2.GenerateRequest(req_id="h", prompt_token_ids=PROMPT, remote_prefill=True,
+                                                         sampling=params))
+            gate = threading.Event()
+            hold = asyncio.ensure_future(decode._run(gate.wait))
+            try:
+                await p.Prefill(worker_pb2.PrefillRequest(
+                    req_id="h", prompt_token_ids=PROMPT, sampling=params, target=reservation.endpoint,
+                    transfer_id=reservation.transfer_id, transfer_token=reservation.transfer_token,
+                    skip_kv_tokens=reservation.num_cached_tokens))
+                first = await asyncio.wait_for(call.read(), 60)
+                assert list(first.token_ids) == ref.token_ids[:1]
+                assert decode.requests.get("h").stage is Stage.RECEIVING     # not imported yet
+                if not client_stays:
+                    call.cancel()
+            finally:
+                gate.set()
+                await hold
+            if not client_stays:
+                await _assert_clean(services)
+                assert decode.engine.allocator.num_free_blocks == decode.engine.allocator.num_blocks
+                return
+            chunks = [first]
+            while (chunk := await call.read()) is not grpc.aio.EOF:
+                chunks.append(chunk)
+            assert [t for c in chunks for t in c.token_ids] == ref.token_ids
+            assert chunks[-1].finish_reason == worker_pb2.FINISH_REASON_LENGTH
             await _assert_clean(services)
     asyncio.run(body())
 
