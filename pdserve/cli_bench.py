@@ -53,7 +53,8 @@ def _bench_prefix(args: argparse.Namespace) -> int:
 def _bench_timeline(args: argparse.Namespace) -> int:
     from pdserve.bench import timeline
 
-    report = timeline.run(args.requests, args.prompt_tokens, args.prefill, args.decode, args.kv_backend)
+    report = timeline.run(args.requests, args.prompt_tokens, args.prefill, args.decode, args.kv_backend,
+                          args.stream_tokens)
     print(json.dumps(report) if args.json else timeline.format_report(report))
     return 0
 
@@ -209,6 +210,8 @@ def add_bench_parser(sub) -> None:
     tl.add_argument("--prefill", type=int, default=2, help="prefill workers")
     tl.add_argument("--decode", type=int, default=2, help="decode workers")
     tl.add_argument("--kv-backend", choices=("ucx", "tcp"), default="ucx")
+    tl.add_argument("--stream-tokens", type=int, default=0,
+                    help="stream completions of this many tokens (time to first token) instead of max_tokens=1")
     tl.add_argument("--json", action="store_true")
     tl.set_defaults(fn=_bench_timeline)
     ic = bench.add_parser("iccache", help="IC-Cache vs always-large/small, random examples and semantic caches, "

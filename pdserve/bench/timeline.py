@@ -4,12 +4,16 @@ Starts a `tiny` cluster (2 prefill + 2 decode by default, one torch thread each,
 `bench prefix` runs) with `diagnostics.timeline_file` set, so every component appends the stages
 a request passes (pdserve/timeline.py). Then sends requests one at a time, so nothing queues:
 `cached` ones repeat one prompt whose prefix the workers hold, `cold` ones are fresh prompts,
-interleaved so drift hits both alike. Per kind: the client's end-to-end latency and, per stage
-in the order requests pass them, the median time since the client sent the request and since
-the previous stage (medians of per-request differences, so the columns need not add up).
+interleaved so drift hits both alike. Requests are max_tokens=1 completions, or with
+`--stream-tokens N` streamed completions of N tokens (the first token then is not the last,
+as in chat traffic). Per kind: the client's time to the first token and to the end of the
+answer and, per stage in the order requests pass them, the median time since the client sent
+the request and since the previous stage (medians of per-request differences, so the columns
+need not add up).
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import statistics
@@ -24,12 +28,29 @@ from pdserve.launch import LocalCluster
 KINDS = ("cached", "cold")
 
 
-def _ask(http: httpx.Client, ids: list[int]) -> tuple[str, float, float, int]:
+def _ask(http: httpx.Client, ids: list[int], stream_tokens: int = 0) -> tuple[str, float, float, float, int]:
+    """(request id, sent, first token received, answer received, cached tokens), wall seconds.
+    Without `stream_tokens` a max_tokens=1 completion, whose answer is its first token."""
     sent = time.time()
-    r = http.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1})
-    r.raise_for_status()
-    cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
-    return r.headers["x-request-id"], sent, time.time(), cached
+    if not stream_tokens:
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1})
+        r.raise_for_status()
+        got = time.time()
+        return r.headers["x-request-id"], sent, got, got, r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    body = {"model": "tiny", "prompt": ids, "max_tokens": stream_tokens, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    first, cached = None, 0
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if first is None and chunk["choices"]:
+                first = time.time()
+            if chunk.get("usage"):
+                cached = chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
+    return r.headers["x-request-id"], sent, first, time.time(), cached
 
 
 def _summary(samples: list[tuple[dict[str, float], float, float]]) -> list[dict]:
@@ -47,7 +68,7 @@ def _summary(samples: list[tuple[dict[str, float], float, float]]) -> list[dict]
 
 
 def run(num_requests: int = 20, prompt_tokens: int = 293, num_prefill: int = 2, num_decode: int = 2,
-        backend: str = "ucx") -> dict:
+        backend: str = "ucx", stream_tokens: int = 0) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/timeline.log"
@@ -56,7 +77,7 @@ def run(num_requests: int = 20, prompt_tokens: int = 293, num_prefill: int = 2, 
                "PDSERVE_ROUTER__KV_BACKEND_PREFERENCE": f'["{backend}"]'}
         cluster = LocalCluster(model="tiny", num_prefill=num_prefill, num_decode=num_decode, env=env).start()
         try:
-            raw = _replay(cluster.url, num_requests, prompt_tokens, num_prefill)
+            raw = _replay(cluster.url, num_requests, prompt_tokens, num_prefill, stream_tokens)
         finally:
             cluster.stop()
         stages = timeline.read(path)
@@ -66,33 +87,35 @@ def run(num_requests: int = 20, prompt_tokens: int = 293, num_prefill: int = 2, 
         kinds[kind] = {
             "requests": len(done),
             "cached_tokens_p50": statistics.median(c for *_, c in done),
-            "end_to_end_ms_p50": round(1e3 * statistics.median(got - sent for _, sent, got, _ in done), 2),
-            "stages": _summary([(stages.get(rid, {}), sent, got) for rid, sent, got, _ in done])}
+            "ttft_ms_p50": round(1e3 * statistics.median(first - sent for _, sent, first, _, _ in done), 2),
+            "end_to_end_ms_p50": round(1e3 * statistics.median(got - sent for _, sent, _, got, _ in done), 2),
+            "stages": _summary([(stages.get(rid, {}), sent, got) for rid, sent, _, got, _ in done])}
     return {"model": "tiny", "cluster": f"{num_prefill} prefill + {num_decode} decode", "kv_backend": backend,
-            "prompt_tokens": prompt_tokens, "kinds": kinds}
+            "prompt_tokens": prompt_tokens, "output_tokens": stream_tokens or 1, "streamed": bool(stream_tokens),
+            "kinds": kinds}
 
 
-def _replay(url: str, num_requests: int, prompt_tokens: int, num_prefill: int) -> dict[str, list]:
+def _replay(url: str, num_requests: int, prompt_tokens: int, num_prefill: int, stream_tokens: int) -> dict[str, list]:
     rng = random.Random(1)
     fresh = lambda: [rng.randrange(256) for _ in range(prompt_tokens)]  # noqa: E731
     cached = fresh()
     raw: dict[str, list] = {kind: [] for kind in KINDS}
     with httpx.Client(base_url=url, timeout=60) as http:
         for _ in range(2 * num_prefill):     # every prefill worker may be chosen at first
-            _ask(http, cached)
-            _ask(http, fresh())
+            _ask(http, cached, stream_tokens)
+            _ask(http, fresh(), stream_tokens)
         for _ in range(num_requests):
-            raw["cached"].append(_ask(http, cached))
-            raw["cold"].append(_ask(http, fresh()))
+            raw["cached"].append(_ask(http, cached, stream_tokens))
+            raw["cold"].append(_ask(http, fresh(), stream_tokens))
     return raw
 
 
 def format_report(r: dict) -> str:
-    lines = [f"{r['model']}, {r['cluster']}, {r['prompt_tokens']}-token prompts, KV over {r['kv_backend']}; "
-             "medians, one request at a time"]
+    lines = [f"{r['model']}, {r['cluster']}, {r['prompt_tokens']}-token prompts, {r['output_tokens']} output tokens"
+             f"{' streamed' if r['streamed'] else ''}, KV over {r['kv_backend']}; medians, one request at a time"]
     for kind, k in r["kinds"].items():
         lines.append(f"{kind}: {k['requests']} requests, {k['cached_tokens_p50']} tokens cached, "
-                     f"end to end {k['end_to_end_ms_p50']} ms")
+                     f"first token {k['ttft_ms_p50']} ms, end to end {k['end_to_end_ms_p50']} ms")
         lines.append(f"  {'stage':<28}{'at ms':>9}{'since previous':>16}")
         for s in k["stages"]:
             since = "" if s["since_previous_ms_p50"] is None else f"{s['since_previous_ms_p50']:.2f}"
