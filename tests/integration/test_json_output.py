@@ -54,21 +54,29 @@ def test_bench_auth_json_compares_the_channel_kinds():
         assert report["results"][kind]["bare"]["p50_ratio_to_bare"] == 1.0
 
 
-def test_bench_timeline_json_has_every_stage_in_order():
+@pytest.mark.parametrize("stream_tokens", [0, 3])
+def test_bench_timeline_json_has_every_stage_in_order(stream_tokens):
     out = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "timeline", "--json", "--requests", "2",
-                          "--prefill", "1", "--decode", "1", "--kv-backend", "tcp"],
+                          "--prefill", "1", "--decode", "1", "--kv-backend", "tcp", "--stream-tokens", str(stream_tokens)],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     report = json.loads(out)
+    assert report["output_tokens"] == max(1, stream_tokens) and report["streamed"] == bool(stream_tokens)
     # Causally ordered in every request, so in their medians too (prefill.trailer_sent is not:
     # the backend's thread may deliver the trailer before the handler marks it sent; nor is
     # decode.kv_imported: the first chunk goes out while the KV is imported).
+    # A streamed answer's first chunk goes on while the rest is generated: the gateway's stages
+    # follow the first chunk, not the last.
+    ending = ["router.last_chunk"] if stream_tokens else ["router.last_chunk", "gateway.first_chunk", "gateway.answered"]
     expected = ["client.sent", "gateway.received", "router.received", "decode.reserve_received", "router.reserved",
-                "prefill.received", "prefill.computed", "decode.kv_arrived", "decode.chunk",
-                "router.last_chunk", "gateway.first_chunk", "gateway.answered", "client.received"]
+                "prefill.received", "prefill.computed", "decode.kv_arrived", "decode.chunk", *ending, "client.received"]
     unordered = {"prefill.trailer_sent", "prefill.acked", "decode.kv_imported"}
     for kind, k in report["kinds"].items():
         at = {s["stage"]: s["at_ms_p50"] for s in k["stages"]}
         assert set(expected) | unordered <= set(at), (kind, sorted(at))
         assert at["decode.kv_imported"] > at["decode.kv_arrived"], (kind, at)
+        assert 0 < k["ttft_ms_p50"] <= k["end_to_end_ms_p50"]
+        if stream_tokens:
+            assert at["decode.chunk"] < at["gateway.first_chunk"] <= at["gateway.answered"] < at["client.received"]
+            assert k["ttft_ms_p50"] < k["end_to_end_ms_p50"]
         assert [at[s] for s in expected] == sorted(at[s] for s in expected), (kind, at)
     assert report["kinds"]["cached"]["cached_tokens_p50"] > 0 == report["kinds"]["cold"]["cached_tokens_p50"]
