@@ -69,30 +69,18 @@ class _ChunkState(JobState):
 
 
 class _BeforeUnit(UnitExecution):
-    """The old UnitExecution's operator step (prompt logprobs left out: not benchmarked)."""
+    """The old UnitExecution's attention step: concatenate the chunks, attend, append, and
+    concatenate and stack them again to report a finished layer."""
 
-    def run_operator(self) -> list[LayerReady]:
-        layer, is_mlp = divmod(self.unit.next_op, 2)
-        ready: list[LayerReady] = []
-        with torch.inference_mode():
-            if is_mlp:
-                merged = self.model.mlp(layer, torch.cat(self._hidden))
-                self._hidden = list(torch.split(merged, [h.shape[0] for h in self._hidden]))
-            else:
-                for i, (st, piece) in enumerate(zip(self._states, self.unit.pieces)):
-                    past_k, past_v = st.past(layer)
-                    self._hidden[i], k, v = self.model.prefill_attention(
-                        layer, self._hidden[i], self._positions[i], past_k, past_v)
-                    st.k_chunks[layer].append(k)
-                    st.v_chunks[layer].append(v)
-                    if piece.start_token + piece.num_tokens == len(st.token_ids):
-                        full_k, full_v = st.past(layer)
-                        ready.append(LayerReady(st.req_id, layer, torch.stack([full_k, full_v]).contiguous()))
-            if self.unit.next_op == self.unit.num_ops - 1:
-                for st, piece, h in zip(self._states, self.unit.pieces, self._hidden):
-                    if piece.start_token + piece.num_tokens == len(st.token_ids):
-                        st.logits = self.model.logits(h[-1])
-        return ready
+    def _attend(self, i, st, piece, layer):
+        past_k, past_v = st.past(layer)
+        self._hidden[i], k, v = self.model.prefill_attention(layer, self._hidden[i], self._positions[i], past_k, past_v)
+        st.k_chunks[layer].append(k)
+        st.v_chunks[layer].append(v)
+        if piece.start_token + piece.num_tokens != len(st.token_ids):
+            return None
+        full_k, full_v = st.past(layer)
+        return LayerReady(st.req_id, layer, torch.stack([full_k, full_v]).contiguous())
 
 
 def _prefill(model: LlamaModel, ids: list[int], prefix: list[torch.Tensor] | None, state_type=JobState,

@@ -90,14 +90,8 @@ class UnitExecution:
                 self._hidden = list(torch.split(merged, [h.shape[0] for h in self._hidden]))
             else:
                 for i, (st, piece) in enumerate(zip(self._states, self.unit.pieces)):
-                    if st.filled[layer] != piece.start_token:
-                        raise RuntimeError(f"{st.req_id}: layer {layer} holds {st.filled[layer]} tokens, the piece "
-                                           f"starts at {piece.start_token}")
-                    self._hidden[i] = self.model.prefill_attention_into(
-                        layer, self._hidden[i], self._positions[i], st, piece.start_token)
-                    st.filled[layer] = piece.start_token + piece.num_tokens
-                    if st.filled[layer] == len(st.token_ids):
-                        ready.append(LayerReady(st.req_id, layer, st.kv[layer]))
+                    if (done := self._attend(i, st, piece, layer)) is not None:
+                        ready.append(done)
             if self.unit.next_op == self.unit.num_ops - 1:
                 for st, piece, h in zip(self._states, self.unit.pieces, self._hidden):
                     end = piece.start_token + piece.num_tokens
@@ -107,3 +101,13 @@ class UnitExecution:
                     if end == len(st.token_ids):
                         st.logits = self.model.logits(h[-1])
         return ready
+
+    def _attend(self, i: int, st: JobState, piece, layer: int) -> LayerReady | None:
+        """One piece's attention at `layer`; the layer's KV once the piece completes the prompt."""
+        if st.filled[layer] != piece.start_token:
+            raise RuntimeError(f"{st.req_id}: layer {layer} holds {st.filled[layer]} tokens, the piece "
+                               f"starts at {piece.start_token}")
+        self._hidden[i] = self.model.prefill_attention_into(layer, self._hidden[i], self._positions[i], st,
+                                                            piece.start_token)
+        st.filled[layer] = piece.start_token + piece.num_tokens
+        return LayerReady(st.req_id, layer, st.kv[layer]) if st.filled[layer] == len(st.token_ids) else None
