@@ -284,8 +284,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self._streams.pop(req_id, None)
             if importing is not None:
                 # Not started: it never will be. Running on the compute thread: the release
-                # below is queued behind it there, so it frees what the import linked.
+                # below is queued behind it there, so it frees what the import linked. Its
+                # failure, if any, went with the stream: nothing is left to report.
                 importing.cancel()
+                importing.add_done_callback(lambda task: task.cancelled() or task.exception())
             if held is not None:
                 await self.requests.release(req_id, reason)
 
