@@ -26,7 +26,7 @@ class JobState:
     # filled part in place and the finished buffer is the layer's transfer: a prompt's KV is not
     # concatenated again at every chunk and every layer (with a cached 1,888-token prefix that
     # made a 12-token prefill of tiny take 3.5x its cold time).
-    kv: list[torch.Tensor] = field(default_factory=list)
+    kv: list[torch.Tensor | None] = field(default_factory=list)
     filled: list[int] = field(default_factory=list)
     logits: torch.Tensor | None = None
     # Set to a number of alternatives to collect every prompt token's logprob (completions' echo).
@@ -55,10 +55,6 @@ class JobState:
         for layer, kv in enumerate(prefix_kv):
             self.layer_buffer(layer, kv[0])[:, :cached] = kv
             self.filled[layer] = cached
-
-    def full_kv(self) -> list[torch.Tensor]:
-        """Per layer, the whole prompt's KV [2, T, KV, D] (after the prefill finished)."""
-        return list(self.kv)
 
 
 @dataclass(frozen=True)
