@@ -227,13 +227,13 @@ def _observe(chunk, out: Outcome, metrics: GatewayMetrics, last_s: float) -> flo
     out.prompt_logprobs += chunk.prompt_logprobs
     out.num_generated = chunk.num_generated_tokens
     out.num_cached_tokens = max(out.num_cached_tokens, chunk.num_cached_tokens)
+    if chunk.prefill_ms:    # a disaggregated request's first chunk: the prefill's figures
+        metrics.kv_bytes.inc(chunk.kv_transfer_bytes)
+        metrics.prefill.observe(chunk.prefill_ms / 1e3)
     if chunk.finish_reason != worker_pb2.FINISH_REASON_UNSPECIFIED:
         out.finish_reason = _FINISH.get(chunk.finish_reason)
         if out.finish_reason is None:
             out.error = OpenAIError(500, "the request was aborted by a worker", "server_error")
-        metrics.kv_bytes.inc(chunk.kv_transfer_bytes)
-        if chunk.prefill_ms:
-            metrics.prefill.observe(chunk.prefill_ms / 1e3)
     return now
 
 

@@ -9,8 +9,10 @@ Lifecycle (each step names the policy object that decides it):
    `Dispatcher.forwarding_order` one after another (on-demand forwarding), concurrently with the
    decode worker's `Generate(remote_prefill)` stream -> WAITING_FOR_KV -> DECODING;
    aggregated: one `Generate` stream -> DECODING;
-4. relay tokens as they come; on any exit the decode stream is cancelled and `Abort`ed, which
-   frees its KV, and the dispatcher's load accounting is settled.
+4. relay tokens as they come (the decode worker's first chunk carries the prefill's figures, from
+   the KV's trailer); on any exit the decode stream is cancelled and `Abort`ed, which frees its
+   KV, and the dispatcher's load accounting is settled; a prefill still running is cancelled,
+   unless the answer is complete (its reply, after the transfer's acknowledgement, is not waited for).
 Failures surface as `RouteFailed(grpc status, message)`.
 """
 from __future__ import annotations
@@ -39,9 +41,6 @@ _HEALTH_CHECK_TIMEOUT_S = 1.0
 # Backstop only: a worker refuses a prompt it predicts to finish later than its wait budget (30 s
 # by default) and a transfer stalls out after 10 s; keepalive finds a vanished worker in ~15 s.
 _PREFILL_CALL_TIMEOUT_S = 120.0
-# The decode worker can finish a short request before the prefill worker's reply (sent once its
-# transfer completes) arrives; the reply is then moments away and carries the usage figures.
-_PREFILL_REPLY_WAIT_S = 2.0
 _ROOM_WAIT_FIRST_S = 0.1           # a migrated request waiting for a full cluster retries this soon,
 _ROOM_WAIT_MAX_S = 1.0             # backing off to this, for up to decode_stall_timeout_s in all
 # Codes that say a worker (or the transfer between two) failed, not the request itself.
@@ -60,17 +59,6 @@ class RouteFailed(Exception):
         self.code = code
         self.details = details
         self.worker_ids = worker_ids
-
-
-async def _settle(prefill: asyncio.Future, last: worker_pb2.TokenChunk) -> None:
-    """Let a prefill whose KV already arrived finish (rather than cancel it as the request ends)
-    and copy its figures onto the last chunk."""
-    if not prefill.done():
-        await asyncio.wait({prefill}, timeout=_PREFILL_REPLY_WAIT_S)
-    if prefill.done() and not prefill.cancelled() and prefill.exception() is None:
-        last.kv_transfer_bytes = prefill.result().kv_bytes
-        last.prefill_ms = prefill.result().prefill_ms
-        last.num_cached_tokens = prefill.result().num_cached_tokens
 
 
 def _attempt_request(request: router_pb2.RouteRequest, attempt: int, streamed: list[int]) -> router_pb2.RouteRequest:
@@ -240,7 +228,7 @@ class RequestFlow:
     async def _disaggregated(self, request, placement: Placement, reservation, tracker: RequestTracker):
         tracker.to(RequestState.WAITING_FOR_KV, self.clock.now_s())
         prefill = asyncio.ensure_future(self._forward_prefill(request, placement, reservation))
-        call = None
+        call, finished = None, False
         try:
             # The prefill is the critical path (compute, then KV); the decode stream need only be
             # open when the KV is in. One loop turn lets the prefill's call go out first.
@@ -255,7 +243,7 @@ class RequestFlow:
                 raise prefill.exception()
             async for chunk in self._relay(call, placement.decode_id, request.req_id, tracker, first):
                 if chunk.finish_reason != worker_pb2.FINISH_REASON_UNSPECIFIED:
-                    await _settle(prefill, chunk)
+                    finished = True
                     timeline.mark("router.last_chunk", request.req_id)
                 yield chunk
         except RouteFailed:
@@ -264,7 +252,9 @@ class RequestFlow:
                 raise prefill.exception() from None
             raise
         finally:
-            if not prefill.done():
+            if finished and not prefill.done():
+                self._let_finish(prefill, request.req_id)
+            elif not prefill.done():
                 prefill.cancel()
             if call is None:        # cancelled before the stream opened: the reservation is unclaimed
                 await self._abort(placement.decode_id, request.req_id)
@@ -297,6 +287,18 @@ class RequestFlow:
                               "every prefill worker offered refused: " + "; ".join(reasons))
         finally:
             self.dispatcher.on_prefill_done(current, placement.prefill_tokens)
+
+    def _let_finish(self, prefill: asyncio.Future, req_id: str) -> None:
+        """The answer is complete, so the KV arrived, but the prefill worker's reply (sent once its
+        transfer is acknowledged) may not have: the figures it carries came with the KV (the decode
+        worker's first chunk), so nothing waits for it, and it is not cancelled either (that would
+        end the prefill worker's handler as it finishes the transfer)."""
+        def ended(task: asyncio.Future) -> None:
+            self._background.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.info("request %s: the prefill's reply after its answer failed: %s", req_id, task.exception())
+        self._background.add(prefill)
+        prefill.add_done_callback(ended)
 
     def _abort_in_background(self, decode_id: str, req_id: str) -> None:
         task = asyncio.ensure_future(self._abort(decode_id, req_id))

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import logprobs_pb2 as pdserve_dot_v1_dot_logprobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/v1/kvtransfer.proto\x12\npdserve.v1\x1a\x19pdserve/v1/logprobs.proto\"\xb8\x02\n\x07KVFrame\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.pdserve.v1.KVFrameKind\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\x13\n\x0blayer_index\x18\x03 \x01(\r\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x13\n\x0blayer_bytes\x18\x07 \x03(\x04\x12*\n\x08\x63hecksum\x18\x08 \x01(\x0e\x32\x18.pdserve.v1.ChecksumKind\x12\x0f\n\x07trailer\x18\t \x01(\x0c\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x15\n\rreply_address\x18\x0b \x01(\x0c\x12\x16\n\x0etransfer_token\x18\x0c \x01(\x0c\x12\x11\n\tframeless\x18\r \x01(\x08\"\xbd\x01\n\x0ePrefillTrailer\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x35\n\x13\x66irst_token_logprob\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob*\xc3\x01\n\x0bKVFrameKind\x12\x1d\n\x19KV_FRAME_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14KV_FRAME_KIND_HEADER\x10\x01\x12\x17\n\x13KV_FRAME_KIND_LAYER\x10\x02\x12\x19\n\x15KV_FRAME_KIND_TRAILER\x10\x03\x12\x17\n\x13KV_FRAME_KIND_ABORT\x10\x04\x12\x15\n\x11KV_FRAME_KIND_ACK\x10\x05\x12\x17\n\x13KV_FRAME_KIND_ERROR\x10\x06*?\n\x0c\x43hecksumKind\x12\x16\n\x12\x43HECKSUM_KIND_NONE\x10\x00\x12\x17\n\x13\x43HECKSUM_KIND_CRC32\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/v1/kvtransfer.proto\x12\npdserve.v1\x1a\x19pdserve/v1/logprobs.proto\"\xb8\x02\n\x07KVFrame\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.pdserve.v1.KVFrameKind\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\x13\n\x0blayer_index\x18\x03 \x01(\r\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\x12\x12\n\nnum_layers\x18\x06 \x01(\r\x12\x13\n\x0blayer_bytes\x18\x07 \x03(\x04\x12*\n\x08\x63hecksum\x18\x08 \x01(\x0e\x32\x18.pdserve.v1.ChecksumKind\x12\x0f\n\x07trailer\x18\t \x01(\x0c\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x15\n\rreply_address\x18\x0b \x01(\x0c\x12\x16\n\x0etransfer_token\x18\x0c \x01(\x0c\x12\x11\n\tframeless\x18\r \x01(\x08\"\xfe\x01\n\x0ePrefillTrailer\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x35\n\x13\x66irst_token_logprob\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x12\n\nprefill_ms\x18\x06 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x07 \x01(\x04\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r*\xc3\x01\n\x0bKVFrameKind\x12\x1d\n\x19KV_FRAME_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14KV_FRAME_KIND_HEADER\x10\x01\x12\x17\n\x13KV_FRAME_KIND_LAYER\x10\x02\x12\x19\n\x15KV_FRAME_KIND_TRAILER\x10\x03\x12\x17\n\x13KV_FRAME_KIND_ABORT\x10\x04\x12\x15\n\x11KV_FRAME_KIND_ACK\x10\x05\x12\x17\n\x13KV_FRAME_KIND_ERROR\x10\x06*?\n\x0c\x43hecksumKind\x12\x16\n\x12\x43HECKSUM_KIND_NONE\x10\x00\x12\x17\n\x13\x43HECKSUM_KIND_CRC32\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.kvtransfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVFRAMEKIND']._serialized_start=578
-  _globals['_KVFRAMEKIND']._serialized_end=773
-  _globals['_CHECKSUMKIND']._serialized_start=775
-  _globals['_CHECKSUMKIND']._serialized_end=838
+  _globals['_KVFRAMEKIND']._serialized_start=643
+  _globals['_KVFRAMEKIND']._serialized_end=838
+  _globals['_CHECKSUMKIND']._serialized_start=840
+  _globals['_CHECKSUMKIND']._serialized_end=903
   _globals['_KVFRAME']._serialized_start=71
   _globals['_KVFRAME']._serialized_end=383
   _globals['_PREFILLTRAILER']._serialized_start=386
-  _globals['_PREFILLTRAILER']._serialized_end=575
+  _globals['_PREFILLTRAILER']._serialized_end=640
 # @@protoc_insertion_point(module_scope)

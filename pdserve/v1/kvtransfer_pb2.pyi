@@ -63,15 +63,21 @@ class KVFrame(_message.Message):
     def __init__(self, kind: _Optional[_Union[KVFrameKind, str]] = ..., transfer_id: _Optional[int] = ..., layer_index: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., num_layers: _Optional[int] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., checksum: _Optional[_Union[ChecksumKind, str]] = ..., trailer: _Optional[bytes] = ..., reason: _Optional[str] = ..., reply_address: _Optional[bytes] = ..., transfer_token: _Optional[bytes] = ..., frameless: _Optional[bool] = ...) -> None: ...
 
 class PrefillTrailer(_message.Message):
-    __slots__ = ("req_id", "first_token_id", "num_prompt_tokens", "first_token_logprob", "prompt_logprobs")
+    __slots__ = ("req_id", "first_token_id", "num_prompt_tokens", "first_token_logprob", "prompt_logprobs", "prefill_ms", "kv_bytes", "num_cached_tokens")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     first_token_id: int
     num_prompt_tokens: int
     first_token_logprob: _logprobs_pb2.TokenLogprob
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_logprobs_pb2.TokenLogprob]
-    def __init__(self, req_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., first_token_logprob: _Optional[_Union[_logprobs_pb2.TokenLogprob, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_logprobs_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
+    prefill_ms: float
+    kv_bytes: int
+    num_cached_tokens: int
+    def __init__(self, req_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., first_token_logprob: _Optional[_Union[_logprobs_pb2.TokenLogprob, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_logprobs_pb2.TokenLogprob, _Mapping]]] = ..., prefill_ms: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...

@@ -217,10 +217,16 @@ class PrefillSide:
                 log.info("request %s: rejected for on-demand forwarding: %s", request.req_id, exc)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill rejected: {exc}")
             timeline.mark("prefill.computed", request.req_id)
+            if self.engine.allocator.prefix_caching:
+                # Queued on the compute thread before the trailer goes: the request can end at
+                # the client before this reply does, and the client's next prompt must find these
+                # blocks (its lookup queues behind the store).
+                self._store_later(ids, layers)
             link.flush()
             sender = link.get()
             trailer = kvtransfer_pb2.PrefillTrailer(req_id=request.req_id, first_token_id=result.first_token_id,
-                                                    num_prompt_tokens=len(ids))
+                                                    num_prompt_tokens=len(ids), prefill_ms=result.compute_s * 1e3,
+                                                    kv_bytes=link.kv_bytes, num_cached_tokens=result.cached_tokens)
             if result.first_logprob is not None:
                 trailer.first_token_logprob.CopyFrom(logprob_to_proto(result.first_logprob))
             trailer.prompt_logprobs.extend(logprob_to_proto(lp) for lp in result.prompt_logprobs or ())
@@ -232,8 +238,6 @@ class PrefillSide:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {sender.failure()}")
             tail_ms = (self.clock.now_s() - tail_start) * 1e3
             timeline.mark("prefill.acked", request.req_id)
-            if self.engine.allocator.prefix_caching:
-                self._store_later(ids, layers)
             log.info("request %s: prefilled %d tokens (%d cached) in %.1f ms, sent %d KV bytes (%d tokens held "
                      "by the receiver)", request.req_id, len(ids), result.cached_tokens, result.compute_s * 1e3,
                      link.kv_bytes, skip)
@@ -245,8 +249,8 @@ class PrefillSide:
 
 
     def _store_later(self, ids: list[int], layers: list) -> None:
-        """Keep the prompt's blocks for later prompts, after this one is answered: the reply (which
-        the router waits for to finish the request) does not wait for the copy."""
+        """Keep the prompt's blocks for later prompts; neither the trailer nor the reply waits for
+        the copy. A prompt whose transfer then fails is kept too: its KV is computed and correct."""
         async def store() -> None:
             try:
                 await self._run(self.engine.store_prefix, ids, layers)

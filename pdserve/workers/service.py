@@ -189,11 +189,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             raise ValueError(f"prompt token ids must be < vocab size {vocab}")
 
     async def _receive(self, req, prompt_ids: list[int], resume: list[int], params,
-                       context) -> tuple[Delta, asyncio.Future]:
-        """Wait for a claimed reservation's KV; return the first delta and the import of the KV into
-        the pool, under way on the compute thread. The first token came with the KV (the trailer)
-        and needs none of it, so it is streamed without waiting for the import, or for the decode
-        step the compute thread may be running when the KV arrives."""
+                       context) -> tuple[Delta, asyncio.Future, kvtransfer_pb2.PrefillTrailer]:
+        """Wait for a claimed reservation's KV; return the first delta, the import of the KV into
+        the pool, under way on the compute thread, and the transfer's trailer. The first token came
+        with the KV (the trailer) and needs none of it, so it is streamed without waiting for the
+        import, or for the decode step the compute thread may be running when the KV arrives."""
         rx = req.receiver
         if req.num_prompt_tokens != len(prompt_ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt has {len(prompt_ids)} tokens, "
@@ -214,7 +214,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         importing = asyncio.ensure_future(self._import(req, prompt_ids, params, trailer.first_token_id, resume,
                                                        (output, delta)))
         first = logprob_from_proto(trailer.first_token_logprob) if trailer.HasField("first_token_logprob") else None
-        return _with_logprobs(delta, first, [logprob_from_proto(p) for p in trailer.prompt_logprobs]), importing
+        delta = _with_logprobs(delta, first, [logprob_from_proto(p) for p in trailer.prompt_logprobs])
+        return delta, importing, trailer
 
     async def _import(self, req, prompt_ids: list[int], params, first_token_id: int, resume: list[int], first) -> None:
         await self.requests.start(req, prompt_ids, req.staging, params, first_token_id, resume,
@@ -248,13 +249,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         timeline.mark("decode.generate_received", req_id)
         held, reason = None, "request ended"     # held: the request this call owns and must release
         importing = None        # a remote prefill's KV import, finished after its first chunk went out
+        trailer = None          # a remote prefill's figures, for its first chunk
         try:
             params = await self._params_or_drop(request, prompt_ids, context)
             if request.remote_prefill:
                 held = self.requests.claim(req_id)
                 if held is None:
                     await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown request id {req_id!r}: call ReserveKV first")
-                delta, importing = await self._receive(held, prompt_ids, resume, params, context)
+                delta, importing, trailer = await self._receive(held, prompt_ids, resume, params, context)
             else:
                 held = await self._admit_local(req_id, prompt_ids, context)
                 delta = await self._prefill_local(held, prompt_ids, resume, params, request.ttft_slo_ms, context)
@@ -263,7 +265,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             while True:
                 num_generated += len(delta.token_ids)
                 timeline.mark("decode.chunk", req_id)
-                yield self._chunk(req_id, delta, num_prompt_tokens, num_generated)
+                chunk = self._chunk(req_id, delta, num_prompt_tokens, num_generated)
+                if trailer is not None:
+                    _with_prefill_figures(chunk, trailer)
+                    trailer = None
+                yield chunk
                 if importing is not None:
                     # Also when this was the last token: the prompt's blocks are kept for reuse
                     # only once imported, and the release below must come after the import.
@@ -401,3 +407,11 @@ def _with_logprobs(first: Delta, first_logprob: TokenLogprob | None, prompt: lis
         first.logprobs = [first_logprob]
     first.prompt_logprobs = prompt
     return first
+
+
+def _with_prefill_figures(chunk: worker_pb2.TokenChunk, trailer: kvtransfer_pb2.PrefillTrailer) -> None:
+    """A remote prefill's figures (usage, metrics) on the request's first chunk: they come with the
+    KV, so nobody waits for the prefill worker's reply to report them."""
+    chunk.kv_transfer_bytes = trailer.kv_bytes
+    chunk.prefill_ms = trailer.prefill_ms
+    chunk.num_cached_tokens = trailer.num_cached_tokens

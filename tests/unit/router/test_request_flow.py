@@ -115,17 +115,16 @@ def test_a_migrated_request_waits_for_a_worker_to_come_back():
     assert tokens == [1, 2, 3] and list(back.requests[-1].resume_output_token_ids) == [1, 2]
 
 class _PrefillStub:
-    """Replies only after the decode stream has ended: the order a short request sees when the
-    decode worker finishes before the prefill worker's transfer acknowledgement comes back."""
+    """Replies only when the test lets it: the order a short request sees when the decode worker
+    finishes before the prefill worker's transfer acknowledgement comes back."""
 
-    def __init__(self, decode_done: asyncio.Event):
-        self.decode_done, self.cancelled = decode_done, False
+    def __init__(self):
+        self.reply, self.cancelled, self.replied = asyncio.Event(), False, False
 
     async def Prefill(self, request, timeout=None):
         try:
-            await self.decode_done.wait()
-            for _ in range(20):     # the reply is still a few event-loop turns away
-                await asyncio.sleep(0)
+            await self.reply.wait()
+            self.replied = True
             return worker_pb2.PrefillResponse(req_id=request.req_id, kv_bytes=4096, prefill_ms=7.0)
         except asyncio.CancelledError:
             self.cancelled = True
@@ -133,29 +132,18 @@ class _PrefillStub:
 
 
 class _DecodeStub(_Stub):
-    def __init__(self, decode_done: asyncio.Event):
-        super().__init__([])
-        self.decode_done = decode_done
-
     async def ReserveKV(self, request, timeout=None):
         return worker_pb2.ReserveKVResponse(endpoint=worker_pb2.KVEndpoint(backend="tcp"), transfer_id=1)
 
     def Generate(self, request):
-        done = self.decode_done
-
-        class _Finishing(_Call):
-            async def read(self):
-                chunk = await super().read()
-                if chunk is not grpc.aio.EOF and chunk.finish_reason:
-                    done.set()
-                return chunk
-        return _Finishing([_chunk([1]), _chunk([2], worker_pb2.FINISH_REASON_LENGTH)])
+        # The first chunk carries the prefill's figures, which came with the KV (its trailer).
+        first = worker_pb2.TokenChunk(token_ids=[1], kv_transfer_bytes=4096, prefill_ms=7.0, num_cached_tokens=16)
+        return _Call([first, _chunk([2], worker_pb2.FINISH_REASON_LENGTH)])
 
 
-def test_a_prefill_reply_after_the_last_token_is_awaited_not_cancelled():
+def test_an_answer_ends_without_the_prefill_reply_which_is_left_to_finish():
     async def run():
-        decode_done = asyncio.Event()
-        prefill, decode = _PrefillStub(decode_done), _DecodeStub(decode_done)
+        prefill, decode = _PrefillStub(), _DecodeStub([])
         reg = WorkerRegistry(lease_s=60.0)
         for wid, role in (("p", Role.PREFILL), ("d", Role.DECODE)):
             reg.register(WorkerRecord(worker_id=wid, role=role, model="m", grpc_address=f"h:{wid}",
@@ -165,12 +153,22 @@ def test_a_prefill_reply_after_the_last_token_is_awaited_not_cancelled():
                            ScenarioClassifier())
         request = router_pb2.RouteRequest(req_id="r", model="m", prompt_token_ids=[5, 6, 7],
                                           sampling=worker_pb2.SamplingParams(max_tokens=2))
-        chunks = [c async for c in flow.run(request, RequestTracker("r", 0.0))]
-        return chunks, prefill
-    chunks, prefill = asyncio.run(run())
+        # The guard only turns a wait for the reply (the old behaviour) into a failure.
+        chunks = await asyncio.wait_for(_chunks(flow, request), 30.0)
+        left_running = not prefill.replied and not prefill.cancelled and len(flow._background) == 1
+        busy = reg.get("p").num_inflight
+        prefill.reply.set()
+        await asyncio.gather(*flow._background)
+        return chunks, prefill, left_running, busy, reg.get("p").num_inflight
+    chunks, prefill, left_running, busy, idle = asyncio.run(run())
     assert [t for c in chunks for t in c.token_ids] == [1, 2]
-    assert not prefill.cancelled
-    assert (chunks[-1].kv_transfer_bytes, chunks[-1].prefill_ms) == (4096, 7.0)
+    assert (chunks[0].kv_transfer_bytes, chunks[0].prefill_ms, chunks[0].num_cached_tokens) == (4096, 7.0, 16)
+    assert left_running and (busy, idle) == (1, 0)     # counted on its prefill worker until it replies
+    assert prefill.replied and not prefill.cancelled
+
+
+async def _chunks(flow, request):
+    return [c async for c in flow.run(request, RequestTracker(request.req_id, 0.0))]
 
 
 class _HeldReserveStub(_Stub):
