@@ -70,6 +70,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         # nobody can guess another request's (48 bits: what the UCX tag layout leaves).
         self._new_transfer_id = lambda: secrets.randbelow(MAX_TRANSFER_ID) + 1
         self._tasks: list[asyncio.Task] = []
+        self._closing: set[asyncio.Task] = set()     # answered streams still importing or releasing
         self._compute_stopped = asyncio.Event()
         self._stopping = False
 
@@ -80,6 +81,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         for task in self._tasks:
             task.cancel()
         self.prefill.runner.stop()
+        await self.settled()
         self._stopping = True
         await asyncio.to_thread(self._compute.shutdown, True, cancel_futures=True)
         self._compute_stopped.set()
@@ -111,6 +113,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     # ---- info ----
     async def GetInfo(self, request, context):
+        # An answered stream's release is not waited for by its caller, but is by anyone looking.
+        await self.settled()
         alloc = self.engine.allocator
         return worker_pb2.WorkerInfo(
             worker_id=self.worker_id, role=ROLE_TO_PROTO[self.role], model=self.engine.loaded.name,
@@ -248,6 +252,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         queue = self._streams[req_id] = asyncio.Queue()
         timeline.mark("decode.generate_received", req_id)
         held, reason = None, "request ended"     # held: the request this call owns and must release
+        answered = False
         importing = None        # a remote prefill's KV import, finished after its first chunk went out
         trailer = None          # a remote prefill's figures, for its first chunk
         try:
@@ -270,15 +275,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     _with_prefill_figures(chunk, trailer)
                     trailer = None
                 yield chunk
+                if delta.finish is not None:
+                    reason, answered = f"finished ({delta.finish.value}, {num_generated} tokens)", True
+                    return
                 if importing is not None:
-                    # Also when this was the last token: the prompt's blocks are kept for reuse
-                    # only once imported, and the release below must come after the import.
                     await importing
                     importing = None
                     self._wakeup.set()
-                if delta.finish is not None:
-                    reason = f"finished ({delta.finish.value}, {num_generated} tokens)"
-                    return
                 delta = await queue.get()
         except asyncio.CancelledError:
             reason = "cancelled by the caller"
@@ -288,6 +291,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             raise
         finally:
             self._streams.pop(req_id, None)
+            if answered and held is not None:
+                self._close_later(importing, req_id, reason)
+                importing = held = None
             if importing is not None:
                 # Not started: it never will be. Running on the compute thread: the release
                 # below is queued behind it there, so it frees what the import linked. Its
@@ -296,6 +302,26 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 importing.add_done_callback(lambda task: task.cancelled() or task.exception())
             if held is not None:
                 await self.requests.release(req_id, reason)
+
+    def _close_later(self, importing: asyncio.Future | None, req_id: str, reason: str) -> None:
+        """An answered request's stream ends at once; its import (a one-token answer's, which keeps
+        the prompt's blocks for reuse) and its release, which queue on the compute thread behind any
+        decode step, finish here, in that order."""
+        async def close() -> None:
+            if importing is not None:
+                try:
+                    await importing
+                except Exception:
+                    log.exception("request %s: importing the KV of an answered request failed", req_id)
+            await self.requests.release(req_id, reason)
+        task = asyncio.ensure_future(close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def settled(self) -> None:
+        """Wait for answered requests' imports and releases (GetInfo, tests, shutdown)."""
+        while self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
 
     async def _params_or_drop(self, request, prompt_ids: list[int], context):
         try:

@@ -198,6 +198,44 @@ def test_the_first_token_streams_before_the_kv_is_imported(model_cache_dir, clie
     asyncio.run(body())
 
 
+def test_an_answered_stream_ends_while_the_compute_thread_is_busy(model_cache_dir):
+    """A one-token answer (the prefill's token, with the prefill's figures) and the end of its
+    stream reach the caller while the decode worker's compute thread is held (as by a long decode
+    step); the KV import, which keeps the prompt's blocks for reuse, and the release follow once it
+    is free, and GetInfo reports the worker only after them."""
+    async def body():
+        async with cluster(model_cache_dir, roles=("prefill", "decode"), prefix_caching=True) as (services, (p, d)):
+            params = sampling(max_tokens=1)
+            ref = await route([p, d], "ref", PROMPT, params, backend="fake")
+            await _assert_clean(services)
+            decode = services[1]
+            cached_before = decode.engine.allocator.num_cached_blocks
+            prompt = PROMPT[::-1]        # shares no block with the reference's prompt
+            reservation = await d.ReserveKV(worker_pb2.ReserveKVRequest(
+                req_id="h", num_prompt_tokens=len(prompt), prompt_token_ids=prompt, backend="fake"))
+            call = d.Generate(worker_pb2.GenerateRequest(req_id="h", prompt_token_ids=prompt, remote_prefill=True,
+                                                         sampling=params))
+            gate = threading.Event()
+            hold = asyncio.ensure_future(decode._run(gate.wait))
+            try:
+                await p.Prefill(worker_pb2.PrefillRequest(
+                    req_id="h", prompt_token_ids=prompt, sampling=params, target=reservation.endpoint,
+                    transfer_id=reservation.transfer_id, transfer_token=reservation.transfer_token))
+                only = await asyncio.wait_for(call.read(), 60)
+                end = await asyncio.wait_for(call.read(), 60)
+                assert len(decode.requests) == 1          # its import and release wait for the thread
+            finally:
+                gate.set()
+                await hold
+            assert only.finish_reason == worker_pb2.FINISH_REASON_LENGTH and end is grpc.aio.EOF
+            assert only.kv_transfer_bytes == ref.kv_transfer_bytes > 0 and only.prefill_ms > 0
+            info = await d.GetInfo(worker_pb2.GetInfoRequest())
+            assert info.num_active_requests == 0 and info.num_free_kv_blocks == info.num_total_kv_blocks
+            assert decode.engine.allocator.num_cached_blocks == cached_before + len(prompt) // 16
+            await _assert_clean(services)
+    asyncio.run(body())
+
+
 def test_a_full_pool_preempts_instead_of_failing_clients(model_cache_dir):
     """Two requests on a 5-block pool need 8 blocks between them: one is preempted and resumed;
     both clients get every token, the same tokens as when each ran alone."""
