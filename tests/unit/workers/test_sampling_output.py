@@ -1,3 +1,5 @@
+from collections import Counter
+
 import torch
 
 from pdserve.workers.model.sampling import SamplingConfig, sample_token
@@ -14,6 +16,26 @@ def test_greedy_and_seeded_sampling_are_reproducible():
     assert len(set(draws)) > 1
     # A tiny nucleus keeps only the most likely token.
     assert sample_token(logits, SamplingConfig(temperature=1.0, top_p=1e-6, seed=1), 0) == int(logits.argmax())
+
+
+def test_sampled_tokens_follow_the_distribution_and_its_nucleus():
+    """Frequencies over 20,000 seeded draws (deterministic) match the probabilities; a token of
+    probability 0 or outside the top_p nucleus is never drawn."""
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0, 0.0])
+    for top_p, expected in ((1.0, probs), (0.8, torch.tensor([0.5, 0.25, 0.15, 0, 0, 0]) / 0.9)):
+        params = SamplingConfig(temperature=1.0, top_p=top_p, seed=11)
+        draws = Counter(sample_token(probs.log(), params, i) for i in range(20_000))
+        assert set(draws) == {int(t) for t in torch.nonzero(expected)}
+        assert max(abs(draws[t] / 20_000 - float(p)) for t, p in enumerate(expected)) < 0.015, draws
+
+
+def test_a_nucleus_wider_than_the_partial_sort_is_found_whole():
+    # 1,000 nearly equal tokens: top_p 0.9 keeps the first 900 (more than the first try's 256).
+    logits = -torch.arange(1000, dtype=torch.float32) * 1e-4
+    probs = torch.softmax(logits, -1)
+    nucleus = int(torch.count_nonzero(torch.cumsum(probs, 0) - probs < 0.9))
+    draws = {sample_token(logits, SamplingConfig(temperature=1.0, top_p=0.9, seed=2), i) for i in range(5_000)}
+    assert 880 < nucleus < 920 and max(draws) < nucleus and max(draws) > 256
 
 
 def _feed(text: str, **params) -> tuple[str, Finish | None, int]:
