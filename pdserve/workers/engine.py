@@ -28,6 +28,7 @@ from pdserve.workers.kv_cache import BlockAllocator, OutOfKVBlocks, PagedKVCache
 from pdserve.workers.model.execution import OperatorKind, PrefillExecution, decode_step
 from pdserve.workers.model.loader import LoadedModel
 from pdserve.workers.model.sampling import SamplingConfig, sample_token, token_logprob
+from pdserve.workers.model.unit_execution import CachedPrefix
 from pdserve.workers.output import Delta, Finish, OutputProcessor
 
 
@@ -111,15 +112,20 @@ class Engine:
         return cached
 
     # ---- prefix cache reads and writes (prefill side) ----
-    def cached_prefix(self, req_id: str) -> list[torch.Tensor] | None:
-        """Per layer, the KV of the cached blocks an admitted request linked (None: none)."""
+    def cached_prefix(self, req_id: str, num_prompt_tokens: int) -> CachedPrefix | None:
+        """The cached blocks an admitted request linked, in buffers for its prompt (None: none)."""
         num_blocks = self.allocator.num_cached_tokens(req_id) // self.allocator.block_size_tokens
-        return self.cache.gather_blocks(self.allocator.table(req_id)[:num_blocks]) if num_blocks else None
+        return self._prefix(self.allocator.table(req_id)[:num_blocks], num_prompt_tokens)
 
-    def lookup_prefix(self, token_ids: Seq[int]) -> list[torch.Tensor] | None:
-        """A prefill worker's cache read: per layer, the KV of the longest cached prefix."""
-        blocks = self.allocator.lookup(self.prompt_hashes(token_ids), len(token_ids))
-        return self.cache.gather_blocks(blocks) if blocks else None
+    def lookup_prefix(self, token_ids: Seq[int]) -> CachedPrefix | None:
+        """A prefill worker's cache read: the longest cached prefix, in buffers for the prompt."""
+        return self._prefix(self.allocator.lookup(self.prompt_hashes(token_ids), len(token_ids)), len(token_ids))
+
+    def _prefix(self, blocks: list[int], num_prompt_tokens: int) -> CachedPrefix | None:
+        if not blocks:
+            return None
+        return CachedPrefix(self.cache.gather_blocks(blocks, num_prompt_tokens),
+                            len(blocks) * self.allocator.block_size_tokens)
 
     def store_prefix(self, token_ids: Seq[int], layers: Seq[torch.Tensor]) -> int:
         """Keep a prefilled prompt's full blocks for reuse (cache-only, evictable at once);

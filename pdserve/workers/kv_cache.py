@@ -49,11 +49,22 @@ class PagedKVCache:
         bs = self.allocator.block_size_tokens
         return (torch.tensor(blocks, dtype=torch.long)[:, None] * bs + torch.arange(bs)).reshape(-1)
 
-    def gather_blocks(self, blocks: list[int]) -> list[torch.Tensor]:
-        """Per layer, the KV held in `blocks` (in order) as one contiguous [2, T, KV, D] buffer."""
-        slots = self._block_slots(blocks)
-        k, v = self.k[:, slots], self.v[:, slots]
-        return [torch.stack([k[layer], v[layer]]) for layer in range(self.config.num_layers)]
+    def gather_blocks(self, blocks: list[int], num_tokens: int) -> list[torch.Tensor]:
+        """Per layer, a new [2, num_tokens, KV, D] buffer whose first positions hold the KV of
+        `blocks` (in order), copied block by block (one copy; a gather by token slot was two)."""
+        bs, n = self.allocator.block_size_tokens, len(blocks)
+        index = torch.tensor(blocks, dtype=torch.long)
+        layers = []
+        for layer in range(self.config.num_layers):
+            buf = self.k.new_empty((2, num_tokens, *self.k.shape[2:]))
+            for side, pool in ((0, self.k), (1, self.v)):
+                torch.index_select(self._blocks(pool, layer), 0, index, out=buf[side, :n * bs].view(n, bs, *pool.shape[2:]))
+            layers.append(buf)
+        return layers
+
+    def _blocks(self, pool: torch.Tensor, layer: int) -> torch.Tensor:
+        """One layer of the pool as [blocks, block size, KV, D] (a view)."""
+        return pool[layer].view(self.allocator.num_blocks, self.allocator.block_size_tokens, *pool.shape[2:])
 
     def fill_blocks(self, placed: list[tuple[int, int]], layers: list[torch.Tensor]) -> None:
         """Copy prompt blocks into the pool: (block index in the prompt, pool block) pairs, from

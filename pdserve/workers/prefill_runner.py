@@ -21,7 +21,7 @@ from pdserve.clock import Clock
 from pdserve.policy.cost_model import CalibratedCostModel
 from pdserve.policy.prefill_scheduler import BasePrefillScheduler, PrefillJob, WorkUnit
 from pdserve.workers.model.llama import LlamaModel
-from pdserve.workers.model.unit_execution import JobState, UnitExecution
+from pdserve.workers.model.unit_execution import CachedPrefix, JobState, UnitExecution
 
 log = logging.getLogger("pdserve.prefill")
 
@@ -73,11 +73,11 @@ class PrefillRunner:
 
     def submit(self, req_id: str, token_ids: list[int], deadline_s: float, on_layer: LayerCallback,
                admission_deadline_s: float | None = None, prompt_top: int | None = None,
-               prefix_kv: list[torch.Tensor] | None = None) -> concurrent.futures.Future:
+               prefix: CachedPrefix | None = None) -> concurrent.futures.Future:
         """Queue a prompt; the future resolves to its JobState (`logits`: the last position's;
-        `prompt_logprobs` when `prompt_top` asks for them). `prefix_kv`: per layer, the cached KV
-        [2, C, KV, D] of the prompt's first C tokens; only the rest is computed (and costed, with
-        its attention over the prefix).
+        `prompt_logprobs` when `prompt_top` asks for them). `prefix`: buffers holding the KV of the
+        prompt's first C tokens; only the rest is computed (and costed, with its attention over
+        the prefix).
 
         Refuses at once (Rejected) when `max_pending` prompts are already here, and, given an
         `admission_deadline_s`, a prompt the policy predicts cannot finish by then: the router
@@ -91,13 +91,13 @@ class PrefillRunner:
                 self.stats.num_rejected += 1
                 raise Rejected(f"{len(self._pending)} prompts are already queued here, the limit")
             now = self.clock.now_s()
-            cached = 0 if prefix_kv is None else prefix_kv[0].shape[1]
+            cached = 0 if prefix is None else prefix.num_tokens
             job = PrefillJob(req_id, len(token_ids), now, deadline_s, cached_tokens=cached)
             if admission_deadline_s is not None:
                 self._admit(PrefillJob(req_id, len(token_ids), now, admission_deadline_s, cached_tokens=cached), now)
             state = JobState(req_id, list(token_ids), prompt_top=prompt_top)
-            if prefix_kv is not None:
-                state.seed(prefix_kv)
+            if prefix is not None:
+                state.seed(prefix)
             self._pending[req_id] = _Pending(state, on_layer, future)
             preempt = self.scheduler.add(job, now)
             if preempt and self._running is not None and self._preempt_requested_s is None:

@@ -24,6 +24,7 @@ from pdserve.kvtransfer import BaseKVAgent, TransferLayout, TransferState, as_by
 from pdserve.v1 import kvtransfer_pb2, logprobs_pb2, worker_pb2
 from pdserve.workers.engine import Engine
 from pdserve.workers.model.sampling import SamplingConfig, TokenLogprob, sample_token, token_logprob
+from pdserve.workers.model.unit_execution import CachedPrefix
 from pdserve.workers.prefill_runner import LayerCallback, PrefillRunner, Rejected
 
 log = logging.getLogger("pdserve.worker")
@@ -151,19 +152,19 @@ class PrefillSide:
 
     async def compute(self, req_id: str, prompt_ids: list[int], params: SamplingConfig, ttft_slo_ms: float,
                       on_layer: LayerCallback, admission_budget_s: float, first_output_index: int = 0,
-                      prefix_kv=None) -> Prefilled:
+                      prefix: CachedPrefix | None = None) -> Prefilled:
         """Raises Rejected when the queue is full or the scheduler predicts the prompt cannot
         finish within `admission_budget_s`. `first_output_index`: which output token the sampled
-        one is (non-zero after a migration). `prefix_kv`: per layer, the KV of a cached prefix;
-        ignored when the request wants prompt logprobs (they need every position computed)."""
+        one is (non-zero after a migration). `prefix`: a cached prefix's KV, in buffers for the
+        prompt; ignored when the request wants prompt logprobs (they need every position computed)."""
         started = self.clock.now_s()
         deadline_s = started + (ttft_slo_ms or self.default_ttft_slo_ms) / 1e3
         if params.prompt_logprobs:
-            prefix_kv = None
+            prefix = None
         future = self.runner.submit(req_id, prompt_ids, deadline_s, on_layer,
                                     admission_deadline_s=started + admission_budget_s,
                                     prompt_top=params.logprobs if params.prompt_logprobs else None,
-                                    prefix_kv=prefix_kv)
+                                    prefix=prefix)
         try:
             state = await asyncio.shield(asyncio.wrap_future(future))
         except asyncio.CancelledError:
@@ -174,7 +175,7 @@ class PrefillSide:
         first_logprob = None if params.logprobs is None else token_logprob(state.logits, token, params.logprobs)
         return Prefilled(token, self.clock.now_s() - started, first_logprob,
                          state.prompt_logprobs if params.prompt_logprobs else None,
-                         0 if prefix_kv is None else prefix_kv[0].shape[1])
+                         0 if prefix is None else prefix.num_tokens)
 
     def admission_budget_s(self, ttft_slo_ms: float) -> float:
         """A request with a TTFT SLO must be able to meet it here (else on-demand forwarding
@@ -205,13 +206,13 @@ class PrefillSide:
             link.send_layer(layer, kv)
         try:
             try:
-                prefix_kv = (await self._run(self.engine.lookup_prefix, ids)
-                             if self.engine.allocator.prefix_caching else None)
+                prefix = (await self._run(self.engine.lookup_prefix, ids)
+                          if self.engine.allocator.prefix_caching else None)
                 timeline.mark("prefill.prefix_looked_up", request.req_id)
                 result = await self.compute(request.req_id, ids, params, request.ttft_slo_ms, on_layer,
                                             admission_budget_s=self.admission_budget_s(request.ttft_slo_ms),
                                             first_output_index=len(request.resume_output_token_ids),
-                                            prefix_kv=prefix_kv)
+                                            prefix=prefix)
             except Rejected as exc:
                 # Nothing was sent: the decode worker's receiver stays armed for another prefill worker.
                 log.info("request %s: rejected for on-demand forwarding: %s", request.req_id, exc)

@@ -16,7 +16,7 @@ import torch
 from pdserve.policy.cost_model import OperatorCostModel
 from pdserve.policy.prefill_scheduler import Piece, PrefillJob, WorkUnit
 from pdserve.workers.model.llama import LlamaModel
-from pdserve.workers.model.unit_execution import JobState, UnitExecution
+from pdserve.workers.model.unit_execution import CachedPrefix, JobState, UnitExecution
 
 DEFAULT_TOKEN_COUNTS = (8, 32, 128, 512, 1024, 2048)
 # (piece tokens, earlier tokens): both attention paths (attention.py: the dense mask below 512
@@ -56,7 +56,8 @@ def operator_times_s(model: LlamaModel, new_tokens: int, past_tokens: int = 0, s
     unit = WorkUnit([Piece(job, past_tokens, new_tokens)], cfg.num_layers)
     state = JobState(job.req_id, ids)
     if past_tokens:
-        state.seed([torch.randn(2, past_tokens, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)])
+        state.seed(CachedPrefix.of([torch.randn(2, past_tokens, cfg.num_kv_heads, cfg.head_dim)
+                                    for _ in range(cfg.num_layers)], len(ids)))
     execution = UnitExecution(model, unit, {job.req_id: state})
     times = []
     while not unit.finished:

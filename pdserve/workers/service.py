@@ -230,11 +230,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                              context) -> Delta:
         layers: list = [None] * self.engine.config.num_layers
         # No other worker to forward to: FlowPrefill orders by the SLO but refuses only overload.
-        prefix_kv = await self._run(self.engine.cached_prefix, req.req_id) if req.cached_tokens else None
+        prefix = (await self._run(self.engine.cached_prefix, req.req_id, len(prompt_ids))
+                  if req.cached_tokens else None)
         try:
             result = await self.prefill.compute(req.req_id, prompt_ids, params, ttft_slo_ms, layers.__setitem__,
                                                 admission_budget_s=self.prefill.max_prefill_wait_s,
-                                                first_output_index=len(resume), prefix_kv=prefix_kv)
+                                                first_output_index=len(resume), prefix=prefix)
         except Rejected as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill refused: {exc}")
         delta = await self.requests.start(req, prompt_ids, layers, params, result.first_token_id, resume)

@@ -44,17 +44,36 @@ class JobState:
             self.kv[layer] = like.new_empty((2, len(self.token_ids), *like.shape[1:]))
         return self.kv[layer]
 
-    def seed(self, prefix_kv: list[torch.Tensor]) -> None:
-        """Start from a cached prefix: per layer, its [2, C, KV, D] KV."""
-        cached = prefix_kv[0].shape[1]
-        if cached >= len(self.token_ids):
+    def seed(self, prefix: "CachedPrefix") -> None:
+        """Start from a cached prefix: its buffers become this prompt's, nothing is copied."""
+        if prefix.num_tokens >= len(self.token_ids):
             raise ValueError("a cached prefix must leave at least the last prompt token to compute")
+        if any(kv.shape[1] != len(self.token_ids) for kv in prefix.layers):
+            raise ValueError(f"a cached prefix's buffers must hold the whole {len(self.token_ids)}-token prompt")
         if self.prompt_top is not None:
             raise ValueError("prompt logprobs need every prompt position computed")
-        self.init_layers(len(prefix_kv))
-        for layer, kv in enumerate(prefix_kv):
-            self.layer_buffer(layer, kv[0])[:, :cached] = kv
-            self.filled[layer] = cached
+        self.kv = list(prefix.layers)
+        self.filled = [prefix.num_tokens] * len(prefix.layers)
+
+
+@dataclass(frozen=True)
+class CachedPrefix:
+    """A prompt's KV buffers ([2, T, KV, D] per layer, T its length) whose first `num_tokens`
+    positions hold a cached prefix: the prefix cache gathers into them and the prefill fills the
+    rest in place, so the prefix is copied once, from the pool."""
+    layers: list[torch.Tensor]
+    num_tokens: int
+
+    @classmethod
+    def of(cls, prefix_layers: list[torch.Tensor], num_prompt_tokens: int) -> "CachedPrefix":
+        """From per-layer [2, C, KV, D] KV of a prompt's first C tokens (tests, profiling)."""
+        cached = prefix_layers[0].shape[1]
+        layers = []
+        for kv in prefix_layers:
+            buf = kv.new_empty((2, num_prompt_tokens, *kv.shape[2:]))
+            buf[:, :cached] = kv
+            layers.append(buf)
+        return cls(layers, cached)
 
 
 @dataclass(frozen=True)

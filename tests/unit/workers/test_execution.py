@@ -8,7 +8,7 @@ from pdserve.workers.model.execution import OperatorKind, PrefillExecution
 from pdserve.workers.model.llama import LlamaModel, random_weights
 from pdserve.workers.model.loader import LoadedModel
 from pdserve.workers.model.tokenizer import ByteTokenizer
-from pdserve.workers.model.unit_execution import JobState, UnitExecution
+from pdserve.workers.model.unit_execution import CachedPrefix, JobState, UnitExecution
 
 
 def _tiny() -> LoadedModel:
@@ -104,7 +104,7 @@ def test_a_prompt_in_chunks_after_a_cached_prefix_fills_one_buffer_per_layer():
     ref = PrefillExecution(m, ids)
     ref_logits = ref.run_to_end()
     state = JobState("r", ids)
-    state.seed([kv[:, :30] for kv in ref.layer_kv])
+    state.seed(CachedPrefix.of([kv[:, :30] for kv in ref.layer_kv], len(ids)))
     assert _run_piece(m, state, 30, 40) == []
     ready = _run_piece(m, state, 70, 20)
     assert [r.layer for r in ready] == list(range(m.config.num_layers))

@@ -33,3 +33,19 @@ def test_import_export_roundtrip_through_scattered_blocks():
     assert torch.equal(cache.export_layer("x", 2), kv)
     slots, mask = cache.context_slots(["x", "other"])
     assert mask.sum().item() == 15
+
+
+def test_blocks_gathered_into_a_longer_prompt_buffer_hold_their_kv_in_order():
+    cfg = tiny_config()
+    alloc = BlockAllocator(num_blocks=8, block_size_tokens=4)
+    cache = PagedKVCache(cfg, alloc)
+    alloc.allocate("other", 5)
+    alloc.allocate("x", 12)
+    layers = [torch.randn(2, 12, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]
+    for layer, kv in enumerate(layers):
+        cache.import_layer("x", layer, kv)
+    table = alloc.table("x")
+    got = cache.gather_blocks([table[2], table[0]], num_tokens=11)     # out of order, into 11 positions
+    for layer, kv in enumerate(layers):
+        assert got[layer].shape == (2, 11, cfg.num_kv_heads, cfg.head_dim) and got[layer].is_contiguous()
+        assert torch.equal(got[layer][:, :4], kv[:, 8:12]) and torch.equal(got[layer][:, 4:8], kv[:, :4])

@@ -11,6 +11,7 @@ from pdserve.policy.prefill_scheduler import FlowPrefillScheduler, make_schedule
 from pdserve.workers.model.config import tiny_config
 from pdserve.workers.model.execution import PrefillExecution
 from pdserve.workers.model.llama import LlamaModel, random_weights
+from pdserve.workers.model.unit_execution import CachedPrefix
 from pdserve.workers.prefill_runner import PrefillRunner, Rejected
 
 
@@ -60,15 +61,15 @@ def test_a_prefill_from_a_cached_prefix_matches_a_whole_one(model, mode):
                                                  OperatorCostModel(4, (1e-4, 1e-6, 1e-10), (1e-4, 1e-6)),
                                                  chunk_tokens=64), clock)
     layers = {}
-    prefix = [kv[:, :160] for kv in ref.layer_kv]
-    state = runner.submit("p", ids, clock.now_s() + 30, layers.__setitem__, prefix_kv=prefix).result(60)
+    prefix = CachedPrefix.of([kv[:, :160] for kv in ref.layer_kv], len(ids))
+    state = runner.submit("p", ids, clock.now_s() + 30, layers.__setitem__, prefix=prefix).result(60)
     runner.stop()
     torch.testing.assert_close(state.logits, ref_logits, rtol=1e-4, atol=1e-4)
     for layer, kv in layers.items():
         torch.testing.assert_close(kv, ref.layer_kv[layer], rtol=1e-5, atol=1e-5)
     assert sorted(layers) == list(range(model.config.num_layers))
     with pytest.raises(ValueError):          # the last token is never taken from a cache
-        runner.submit("q", ids[:160], clock.now_s() + 30, layers.__setitem__, prefix_kv=prefix)
+        runner.submit("q", ids[:160], clock.now_s() + 30, layers.__setitem__, prefix=prefix)
 
 
 def test_preempted_prefill_is_bit_exact():
