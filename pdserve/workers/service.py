@@ -320,9 +320,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         task.add_done_callback(self._closing.discard)
 
     async def settled(self) -> None:
-        """Wait for answered requests' imports and releases (GetInfo, tests, shutdown)."""
-        while self._closing:
-            await asyncio.gather(*list(self._closing), return_exceptions=True)
+        """Wait for the imports and releases of the requests answered so far (GetInfo, shutdown),
+        not for later ones: under load those never stop coming."""
+        if self._closing:
+            await asyncio.wait(list(self._closing))
 
     async def _params_or_drop(self, request, prompt_ids: list[int], context):
         try:
