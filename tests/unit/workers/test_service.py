@@ -155,6 +155,27 @@ def test_client_cancel_mid_stream_frees_kv(model_cache_dir):
     asyncio.run(body())
 
 
+@contextlib.asynccontextmanager
+async def _compute_held(decode, p, d, prompt: list[int], params):
+    """Request "h" prefilled on `p` for decode worker `d` while the decode worker's compute thread
+    is held (as by a long decode step): yields the decode stream; the thread is let go on exit."""
+    reservation = await d.ReserveKV(worker_pb2.ReserveKVRequest(
+        req_id="h", num_prompt_tokens=len(prompt), prompt_token_ids=prompt, backend="fake"))
+    call = d.Generate(worker_pb2.GenerateRequest(req_id="h", prompt_token_ids=prompt, remote_prefill=True,
+                                                 sampling=params))
+    gate = threading.Event()
+    hold = asyncio.ensure_future(decode._run(gate.wait))
+    try:
+        await p.Prefill(worker_pb2.PrefillRequest(
+            req_id="h", prompt_token_ids=prompt, sampling=params, target=reservation.endpoint,
+            transfer_id=reservation.transfer_id, transfer_token=reservation.transfer_token,
+            skip_kv_tokens=reservation.num_cached_tokens))
+        yield call
+    finally:
+        gate.set()
+        await hold
+
+
 @pytest.mark.parametrize("client_stays", [True, False])
 def test_the_first_token_streams_before_the_kv_is_imported(model_cache_dir, client_stays):
     """The prefill's token came with the KV and needs none of it: the decode worker streams it
@@ -166,25 +187,12 @@ def test_the_first_token_streams_before_the_kv_is_imported(model_cache_dir, clie
             params = sampling(max_tokens=6, ignore_eos=True)
             ref = await route([p, d], "ref", PROMPT, params, backend="fake")
             decode = services[1]
-            reservation = await d.ReserveKV(worker_pb2.ReserveKVRequest(
-                req_id="h", num_prompt_tokens=len(PROMPT), prompt_token_ids=PROMPT, backend="fake"))
-            call = d.Generate(worker_pb2.GenerateRequest(req_id="h", prompt_token_ids=PROMPT, remote_prefill=True,
-                                                         sampling=params))
-            gate = threading.Event()
-            hold = asyncio.ensure_future(decode._run(gate.wait))
-            try:
-                await p.Prefill(worker_pb2.PrefillRequest(
-                    req_id="h", prompt_token_ids=PROMPT, sampling=params, target=reservation.endpoint,
-                    transfer_id=reservation.transfer_id, transfer_token=reservation.transfer_token,
-                    skip_kv_tokens=reservation.num_cached_tokens))
+            async with _compute_held(decode, p, d, PROMPT, params) as call:
                 first = await asyncio.wait_for(call.read(), 60)
                 assert list(first.token_ids) == ref.token_ids[:1]
                 assert decode.requests.get("h").stage is Stage.RECEIVING     # not imported yet
                 if not client_stays:
                     call.cancel()
-            finally:
-                gate.set()
-                await hold
             if not client_stays:
                 await _assert_clean(services)
                 assert decode.engine.allocator.num_free_blocks == decode.engine.allocator.num_blocks
@@ -211,22 +219,10 @@ def test_an_answered_stream_ends_while_the_compute_thread_is_busy(model_cache_di
             decode = services[1]
             cached_before = decode.engine.allocator.num_cached_blocks
             prompt = PROMPT[::-1]        # shares no block with the reference's prompt
-            reservation = await d.ReserveKV(worker_pb2.ReserveKVRequest(
-                req_id="h", num_prompt_tokens=len(prompt), prompt_token_ids=prompt, backend="fake"))
-            call = d.Generate(worker_pb2.GenerateRequest(req_id="h", prompt_token_ids=prompt, remote_prefill=True,
-                                                         sampling=params))
-            gate = threading.Event()
-            hold = asyncio.ensure_future(decode._run(gate.wait))
-            try:
-                await p.Prefill(worker_pb2.PrefillRequest(
-                    req_id="h", prompt_token_ids=prompt, sampling=params, target=reservation.endpoint,
-                    transfer_id=reservation.transfer_id, transfer_token=reservation.transfer_token))
+            async with _compute_held(decode, p, d, prompt, params) as call:
                 only = await asyncio.wait_for(call.read(), 60)
                 end = await asyncio.wait_for(call.read(), 60)
                 assert len(decode.requests) == 1          # its import and release wait for the thread
-            finally:
-                gate.set()
-                await hold
             assert only.finish_reason == worker_pb2.FINISH_REASON_LENGTH and end is grpc.aio.EOF
             assert only.kv_transfer_bytes == ref.kv_transfer_bytes > 0 and only.prefill_ms > 0
             info = await d.GetInfo(worker_pb2.GetInfoRequest())
