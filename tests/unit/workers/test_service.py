@@ -232,6 +232,28 @@ def test_an_answered_stream_ends_while_the_compute_thread_is_busy(model_cache_di
     asyncio.run(body())
 
 
+def test_settling_waits_only_for_requests_answered_before_it(model_cache_dir):
+    """Under steady load answered requests keep closing; GetInfo (through settled()) must not wait
+    for those that close after it was called, or it, and the heartbeat, could wait without end."""
+    async def body():
+        async with cluster(model_cache_dir, roles=("decode",)) as (services, _):
+            decode, loop = services[0], asyncio.get_running_loop()
+            earlier, later = loop.create_future(), loop.create_future()
+            decode._closing.add(earlier)
+            try:
+                waiting = asyncio.ensure_future(decode.settled())
+                await asyncio.sleep(0)          # settled() has taken its snapshot and waits on it
+                decode._closing.add(later)      # answered after the call
+                assert not waiting.done()
+                earlier.set_result(None)
+                decode._closing.discard(earlier)
+                await asyncio.wait_for(waiting, 30)
+                assert not later.done()
+            finally:
+                decode._closing.clear()         # the worker's stop() settles what is left
+    asyncio.run(body())
+
+
 def test_a_full_pool_preempts_instead_of_failing_clients(model_cache_dir):
     """Two requests on a 5-block pool need 8 blocks between them: one is preempted and resumed;
     both clients get every token, the same tokens as when each ran alone."""
