@@ -20,16 +20,15 @@ context, MLP, logits) for a batch of sequences.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from pdserve.bench.side_by_side import alternate, model_bench_parser
 from pdserve.policy.prefill_scheduler import Piece, PrefillJob, WorkUnit
 from pdserve.workers.kv_cache import BlockAllocator, PagedKVCache
 from pdserve.workers.model.attention import attend_after_past
@@ -184,13 +183,7 @@ def measure(model: LlamaModel, repeats: int) -> list[dict]:
         difference = (old() - new()).abs().max().item()
         for _ in range(3):
             old(), new()
-        times = {"before": [], "now": []}
-        pair = [("before", old), ("now", new)]
-        for i in range(repeats):        # alternating, so a shared host's drift hits both alike
-            for key, fn in pair if i % 2 else pair[::-1]:
-                start = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - start)
+        times = alternate(old, new, repeats)
         row = {"case": name, "before_p50_ms": _p50_ms(times["before"]), "now_p50_ms": _p50_ms(times["now"]),
                "max_abs_output_difference": float(f"{difference:.2e}")}
         row["now_vs_before"] = round(row["now_p50_ms"] / row["before_p50_ms"], 3)
@@ -199,12 +192,7 @@ def measure(model: LlamaModel, repeats: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--repeats", type=int, default=60)
-    parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--cache-dir", default=str(pathlib.Path.home() / ".cache" / "pdserve"))
-    parser.add_argument("--json", action="store_true")
+    parser = model_bench_parser(__doc__.splitlines()[0], default_repeats=60)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     model = load_model(args.model, pathlib.Path(args.cache_dir)).model

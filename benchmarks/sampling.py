@@ -11,21 +11,20 @@ Timings alternate between the two; `--json` prints one document.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import statistics
 import sys
-import time
 from unittest import mock
 
 import torch
 
+from pdserve.bench.side_by_side import alternate, model_bench_parser
 from pdserve.workers import engine as engine_module
 from pdserve.workers.engine import Engine
 from pdserve.workers.model.execution import PrefillExecution
 from pdserve.workers.model.loader import load_model
-from pdserve.workers.model.sampling import _SEED_MASK, _STEP_MIX, SamplingConfig, sample_token
+from pdserve.workers.model.sampling import _SEED_MASK, _STEP_MIX, SamplingConfig, sample_token, suppress_eos
 
 TEXT = ("The history of the Roman Empire spans many centuries. It began when Augustus became the first "
         "emperor, and in the west it ended when the last emperor was deposed in the year 476. Its roads, "
@@ -35,9 +34,7 @@ TEXT = ("The history of the Roman Empire spans many centuries. It began when Aug
 def baseline_sample_token(logits: torch.Tensor, params: SamplingConfig, step_index: int,
                           eos_token_ids: tuple[int, ...] = ()) -> int:
     """The sampler before 2026-12-05, kept as the benchmark's baseline."""
-    if step_index < params.min_tokens and eos_token_ids and not params.ignore_eos:
-        logits = logits.clone()
-        logits[list(eos_token_ids)] = float("-inf")
+    logits = suppress_eos(logits, params, step_index, eos_token_ids)
     if params.temperature == 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
@@ -66,17 +63,6 @@ def text_logits(loaded, ids: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _alternate(old, new, repeats: int) -> dict[str, list[float]]:
-    times = {"before": [], "now": []}
-    pair = [("before", old), ("now", new)]
-    for i in range(repeats):        # alternating, so a shared host's drift hits both alike
-        for key, fn in pair if i % 2 else pair[::-1]:
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return times
-
-
 def _row(case: str, times: dict[str, list[float]], unit_scale: float, unit: str) -> dict:
     before, now = (statistics.median(times[k]) * unit_scale for k in ("before", "now"))
     return {"case": case, f"before_p50_{unit}": round(before, 2), f"now_p50_{unit}": round(now, 2),
@@ -95,7 +81,7 @@ def sampling_rows(all_logits: list[torch.Tensor], repeats: int) -> list[dict]:
                     fn(logits, params, step + state["i"])
                 state["i"] += 1
             return run
-        times = _alternate(each(baseline_sample_token), each(sample_token), repeats)
+        times = alternate(each(baseline_sample_token), each(sample_token), repeats)
         per_token = {k: [t / len(all_logits) for t in v] for k, v in times.items()}
         rows.append(_row(f"one token, temperature 1, top_p {top_p}", per_token, 1e6, "us"))
     return rows
@@ -105,8 +91,8 @@ def decode_step_row(loaded, repeats: int, batch: int = 8, prompt_tokens: int = 6
     """Engine.step over `batch` sequences sampled at temperature 1, top_p 0.9; the baseline swaps
     in the old sampler for the same engine, step by step."""
     cfg = loaded.model.config
-    engine = Engine(loaded, num_kv_blocks=batch * (prompt_tokens + 2 * repeats + 40) // 16 + batch, block_size_tokens=16,
-                    max_batch_size=batch)
+    num_blocks = batch * (prompt_tokens + 2 * repeats + 40) // 16 + batch
+    engine = Engine(loaded, num_kv_blocks=num_blocks, block_size_tokens=16, max_batch_size=batch)
     params = SamplingConfig(max_tokens=4 * repeats + 20, temperature=1.0, top_p=0.9, seed=1, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
     for i in range(batch):
@@ -119,17 +105,12 @@ def decode_step_row(loaded, repeats: int, batch: int = 8, prompt_tokens: int = 6
     def old():
         with mock.patch.object(engine_module, "sample_token", baseline_sample_token):
             engine.step()
-    times = _alternate(old, engine.step, repeats)
+    times = alternate(old, engine.step, repeats)
     return _row(f"decode step, {batch} sequences, temperature 1, top_p 0.9", times, 1e3, "ms")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--cache-dir", default=str(pathlib.Path.home() / ".cache" / "pdserve"))
-    parser.add_argument("--json", action="store_true")
+    parser = model_bench_parser(__doc__.splitlines()[0], default_repeats=30)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
     loaded = load_model(args.model, pathlib.Path(args.cache_dir))

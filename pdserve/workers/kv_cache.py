@@ -58,7 +58,8 @@ class PagedKVCache:
         for layer in range(self.config.num_layers):
             buf = self.k.new_empty((2, num_tokens, *self.k.shape[2:]))
             for side, pool in ((0, self.k), (1, self.v)):
-                torch.index_select(self._blocks(pool, layer), 0, index, out=buf[side, :n * bs].view(n, bs, *pool.shape[2:]))
+                out = buf[side, :n * bs].view(n, bs, *pool.shape[2:])
+                torch.index_select(self._blocks(pool, layer), 0, index, out=out)
             layers.append(buf)
         return layers
 

@@ -80,9 +80,7 @@ class SamplingConfig:
 def sample_token(logits: torch.Tensor, params: SamplingConfig, step_index: int,
                  eos_token_ids: tuple[int, ...] = ()) -> int:
     """`step_index`: which output token this is (counting tokens from before a migration)."""
-    if step_index < params.min_tokens and eos_token_ids and not params.ignore_eos:
-        logits = logits.clone()
-        logits[list(eos_token_ids)] = float("-inf")
+    logits = suppress_eos(logits, params, step_index, eos_token_ids)
     if params.temperature == 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
@@ -95,6 +93,15 @@ def sample_token(logits: torch.Tensor, params: SamplingConfig, step_index: int,
         return _draw(probs, gen)
     nucleus, ids = _nucleus(probs, params.top_p)
     return int(ids[_draw(nucleus, gen)])
+
+
+def suppress_eos(logits: torch.Tensor, params: SamplingConfig, step_index: int,
+                 eos_token_ids: tuple[int, ...]) -> torch.Tensor:
+    """The logits with end-of-sequence tokens ruled out while fewer than min_tokens are out."""
+    if step_index < params.min_tokens and eos_token_ids and not params.ignore_eos:
+        logits = logits.clone()
+        logits[list(eos_token_ids)] = float("-inf")
+    return logits
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
