@@ -54,7 +54,7 @@ def _bench_timeline(args: argparse.Namespace) -> int:
     from pdserve.bench import timeline
 
     report = timeline.run(args.requests, args.prompt_tokens, args.prefill, args.decode, args.kv_backend,
-                          args.stream_tokens)
+                          args.stream_tokens, args.model, args.decode_load, args.load_context_tokens)
     print(json.dumps(report) if args.json else timeline.format_report(report))
     return 0
 
@@ -212,6 +212,10 @@ def add_bench_parser(sub) -> None:
     tl.add_argument("--kv-backend", choices=("ucx", "tcp"), default="ucx")
     tl.add_argument("--stream-tokens", type=int, default=0,
                     help="stream completions of this many tokens (time to first token) instead of max_tokens=1")
+    tl.add_argument("--model", choices=("tiny", "smollm2-135m"), default="tiny")
+    tl.add_argument("--decode-load", type=int, default=0, metavar="N",
+                    help="keep N long streamed completions decoding throughout (busy decode workers)")
+    tl.add_argument("--load-context-tokens", type=int, default=1500, help="prompt length of the decode-load streams")
     tl.add_argument("--json", action="store_true")
     tl.set_defaults(fn=_bench_timeline)
     ic = bench.add_parser("iccache", help="IC-Cache vs always-large/small, random examples and semantic caches, "

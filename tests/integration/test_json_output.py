@@ -54,13 +54,19 @@ def test_bench_auth_json_compares_the_channel_kinds():
         assert report["results"][kind]["bare"]["p50_ratio_to_bare"] == 1.0
 
 
-@pytest.mark.parametrize("stream_tokens", [0, 3])
-def test_bench_timeline_json_has_every_stage_in_order(stream_tokens):
+@pytest.mark.parametrize("stream_tokens,decode_load", [(0, 0), (3, 0), (0, 1)])
+def test_bench_timeline_json_has_every_stage_in_order(stream_tokens, decode_load):
     out = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "timeline", "--json", "--requests", "2",
-                          "--prefill", "1", "--decode", "1", "--kv-backend", "tcp", "--stream-tokens", str(stream_tokens)],
+                          "--prefill", "1", "--decode", "1", "--kv-backend", "tcp", "--stream-tokens", str(stream_tokens),
+                          "--decode-load", str(decode_load), "--load-context-tokens", "64"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     report = json.loads(out)
     assert report["output_tokens"] == max(1, stream_tokens) and report["streamed"] == bool(stream_tokens)
+    if decode_load:     # the load streamed throughout, without errors
+        load = report["decode_load"]
+        assert load["streams"] == 1 and load["chunks_per_s"] > 0 and load["errors"] == {}, load
+    else:
+        assert report["decode_load"] is None
     # Causally ordered in every request, so in their medians too (prefill.trailer_sent is not:
     # the backend's thread may deliver the trailer before the handler marks it sent; nor is
     # decode.kv_imported: the first chunk goes out while the KV is imported).
