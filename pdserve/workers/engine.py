@@ -1,4 +1,4 @@
-"""Synchronous decode engine of one worker; every method runs on the worker's compute thread.
+"""Synchronous decode engine of one worker, run by the worker's compute thread (see Threads below).
 
 It owns the paged KV pool and the sequences that hold it. Prefill itself is not computed here:
 every prompt goes through the prefill scheduler (prefill_runner.py), locally or on a prefill
@@ -13,9 +13,17 @@ worker, and arrives as one contiguous [2, T, kv_heads, head_dim] buffer per laye
 - `release()` frees a request's blocks; the worker's request lifecycle calls it exactly once per
   request (workers/lifecycle.py). The engine never releases a request on its own (a finished
   sequence keeps its blocks until then); preemption only lends blocks back until the resume.
+
+Threads: every method runs on the worker's compute thread except `admit()` and
+`drain_prefix_events()`, which may run on any thread at any time, so that a KV reservation or a
+heartbeat does not wait for a decode step. They only touch block bookkeeping, never KV data, so
+`books` (a lock) guards every change of the bookkeeping, not the model's compute: a step plans
+and takes its slots under it, then runs the model without it. KV data is read and written on the
+compute thread only, so a block's contents are always written before anything reads them.
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence as Seq
@@ -69,6 +77,7 @@ class Engine:
         self.preempted: OrderedDict[str, Sequence] = OrderedDict()  # in preemption order
         self.admitted: set[str] = set()     # admit() .. release(): what counts against max_batch_size
         self.stats = EngineStats()
+        self.books = threading.Lock()       # block bookkeeping, `admitted` and the batch's membership
 
     @property
     def has_work(self) -> bool:
@@ -96,20 +105,26 @@ class Engine:
 
     def admit(self, req_id: str, num_prompt_tokens: int, prompt_ids: Seq[int] | None = None) -> int:
         """Blocks for the prompt, linking its cached prefix when `prompt_ids` are given; returns
-        how many leading tokens are cached (their KV must not be imported again)."""
-        # One extra token so the first decode step never finds the pool exhausted.
-        # Every admitted request counts, also those still waiting for their KV (a remote prefill):
-        # all of them join the batch, so admitting more than it holds would overfill it.
-        num_active = len(self.admitted)
+        how many leading tokens are cached (their KV must not be imported again). Any thread."""
         hashes = self.prompt_hashes(prompt_ids) if prompt_ids is not None else []
-        if (num_active >= self.max_batch_size or not self.scheduler.admits_new(len(self.preempted))
-                or not self.allocator.can_allocate(num_prompt_tokens + 1, hashes)):
-            raise OutOfKVBlocks(f"no room for {num_prompt_tokens} more tokens: {self.allocator.num_free_blocks} "
-                                f"free KV blocks, {num_active}/{self.max_batch_size} sequences, "
-                                f"{len(self.preempted)} preempted waiting")
-        cached = self.allocator.allocate(req_id, num_prompt_tokens, hashes)
-        self.admitted.add(req_id)
+        with self.books:
+            # One extra token so the first decode step never finds the pool exhausted.
+            # Every admitted request counts, also those still waiting for their KV (a remote prefill):
+            # all of them join the batch, so admitting more than it holds would overfill it.
+            num_active = len(self.admitted)
+            if (num_active >= self.max_batch_size or not self.scheduler.admits_new(len(self.preempted))
+                    or not self.allocator.can_allocate(num_prompt_tokens + 1, hashes)):
+                raise OutOfKVBlocks(f"no room for {num_prompt_tokens} more tokens: {self.allocator.num_free_blocks} "
+                                    f"free KV blocks, {num_active}/{self.max_batch_size} sequences, "
+                                    f"{len(self.preempted)} preempted waiting")
+            cached = self.allocator.allocate(req_id, num_prompt_tokens, hashes)
+            self.admitted.add(req_id)
         return cached
+
+    def drain_prefix_events(self, snapshot: bool = False) -> tuple[list[int], list[int], bool]:
+        """Prefix blocks named and evicted since the last call (BlockAllocator.drain_events). Any thread."""
+        with self.books:
+            return self.allocator.drain_events(snapshot)
 
     # ---- prefix cache reads and writes (prefill side) ----
     def cached_prefix(self, req_id: str, num_prompt_tokens: int) -> CachedPrefix | None:
@@ -119,7 +134,12 @@ class Engine:
 
     def lookup_prefix(self, token_ids: Seq[int]) -> CachedPrefix | None:
         """A prefill worker's cache read: the longest cached prefix, in buffers for the prompt."""
-        return self._prefix(self.allocator.lookup(self.prompt_hashes(token_ids), len(token_ids)), len(token_ids))
+        hashes = self.prompt_hashes(token_ids)
+        with self.books:
+            # An admission may evict these blocks once the lock is left, but only the compute
+            # thread (this one) writes KV, so they still hold the prefix while they are copied.
+            blocks = self.allocator.lookup(hashes, len(token_ids))
+        return self._prefix(blocks, len(token_ids))
 
     def _prefix(self, blocks: list[int], num_prompt_tokens: int) -> CachedPrefix | None:
         if not blocks:
@@ -130,7 +150,11 @@ class Engine:
     def store_prefix(self, token_ids: Seq[int], layers: Seq[torch.Tensor]) -> int:
         """Keep a prefilled prompt's full blocks for reuse (cache-only, evictable at once);
         returns how many blocks were added."""
-        placed = self.allocator.store(self.prompt_hashes(token_ids, reusable_only=False))
+        hashes = self.prompt_hashes(token_ids, reusable_only=False)
+        with self.books:
+            placed = self.allocator.store(hashes)
+        # An admission may link these blocks before they are filled; nothing reads them before
+        # this call returns, since only the compute thread reads KV.
         self.cache.fill_blocks(placed, list(layers))
         return len(placed)
 
@@ -166,36 +190,41 @@ class Engine:
             raise ValueError(f"KV from token {layers_start_tokens} leaves a gap after {cached} cached tokens")
         for layer, kv in enumerate(layers):
             self.cache.import_layer(req_id, layer, kv[:, cached - layers_start_tokens:], start=cached)
-        self.allocator.register(req_id, self.prompt_hashes(kv_token_ids, reusable_only=False))
+        hashes = self.prompt_hashes(kv_token_ids, reusable_only=False)
+        with self.books:
+            self.allocator.register(req_id, hashes)
         output, delta = first or self.first_output(kv_token_ids, params, first_token_id, resume_output_ids)
         if delta.finish is None:
             prompt_ids = list(kv_token_ids[:len(kv_token_ids) - len(resume_output_ids)])
-            self.running[req_id] = Sequence(req_id, prompt_ids, params, output, first_token_id)
+            with self.books:
+                self.running[req_id] = Sequence(req_id, prompt_ids, params, output, first_token_id)
         return delta
 
     # ---- one decode step: schedule -> run -> postprocess ----
     def step(self) -> dict[str, Delta]:
-        plan = self._schedule()
-        deltas = {rid: Delta([], "", Finish.LENGTH) for rid in plan.stop_ids}
-        for rid in plan.stop_ids:
-            self._drop(rid)
-        for rid in plan.preempt_ids:
-            self._preempt(rid)
-        for rid in plan.resume_ids:
-            self._resume(rid)
-        if plan.run_ids:
+        with self.books:
+            # The plan counts free blocks, so it and the blocks it takes are one locked section.
+            plan = self._schedule()
+            for rid in plan.stop_ids:
+                self._drop(rid)
+            for rid in plan.preempt_ids:
+                self._preempt(rid)
+            for rid in plan.resume_ids:
+                self._take_back(rid)
             batch = [self.running[rid] for rid in plan.run_ids]
-            deltas.update(self._postprocess(batch, self._run(batch)))
+            for seq in batch:
+                self.allocator.append_token(seq.req_id)
+        deltas = {rid: Delta([], "", Finish.LENGTH) for rid in plan.stop_ids}
+        for rid in plan.resume_ids:
+            self._recompute(rid)
+        if batch:
+            logits = decode_step(self.model, self.cache, [s.req_id for s in batch], [s.last_token_id for s in batch])
+            deltas.update(self._postprocess(batch, logits))
         return deltas
 
     def _schedule(self) -> DecodeStepPlan:
         view = lambda seqs: [SeqView(s.req_id, s.num_kv_tokens) for s in seqs.values()]  # noqa: E731
         return self.scheduler.schedule(view(self.running), view(self.preempted), self.allocator.num_free_blocks)
-
-    def _run(self, batch: list[Sequence]) -> torch.Tensor:
-        for seq in batch:
-            self.allocator.append_token(seq.req_id)     # the plan counted the blocks this takes
-        return decode_step(self.model, self.cache, [s.req_id for s in batch], [s.last_token_id for s in batch])
 
     def _postprocess(self, batch: list[Sequence], logits: torch.Tensor) -> dict[str, Delta]:
         deltas = {}
@@ -209,8 +238,10 @@ class Engine:
             if delta.finish is not None:
                 # Its generated full blocks become reusable too: a chat's next turn repeats this
                 # answer in its prompt. Every token of kv_token_ids has its KV written by now.
-                self.allocator.register(seq.req_id, self.prompt_hashes(seq.kv_token_ids(), reusable_only=False))
-                self.running.pop(seq.req_id)            # blocks stay until release()
+                hashes = self.prompt_hashes(seq.kv_token_ids(), reusable_only=False)
+                with self.books:
+                    self.allocator.register(seq.req_id, hashes)
+                    self.running.pop(seq.req_id)            # blocks stay until release()
         return deltas
 
     def _preempt(self, req_id: str) -> None:
@@ -219,19 +250,21 @@ class Engine:
         self.preempted[req_id] = seq
         self.stats.num_preemptions += 1
 
-    def _resume(self, req_id: str) -> None:
+    def _take_back(self, req_id: str) -> None:
+        """A preempted sequence's blocks, again (under `books`); `_recompute` fills them."""
+        seq = self.preempted.pop(req_id)
+        self.allocator.allocate(req_id, len(seq.kv_token_ids()))
+        self.running[req_id] = seq
+        self.stats.num_resumes += 1
+
+    def _recompute(self, req_id: str) -> None:
         """Recompute the KV a preempted sequence gave back. Not a client prefill: its first token
         was sampled long ago, so this only rebuilds cache state on the decode worker."""
-        seq = self.preempted.pop(req_id)
-        tokens = seq.kv_token_ids()
-        self.allocator.allocate(req_id, len(tokens))
-        execution = PrefillExecution(self.model, tokens)
+        execution = PrefillExecution(self.model, self.running[req_id].kv_token_ids())
         while not execution.done:
             op = execution.step()
             if op.kind is OperatorKind.ATTENTION:
                 self.cache.import_layer(req_id, op.layer, op.layer_kv)
-        self.running[req_id] = seq
-        self.stats.num_resumes += 1
 
     def _drop(self, req_id: str) -> None:
         self.running.pop(req_id, None)
@@ -239,13 +272,15 @@ class Engine:
 
     def stop_all(self) -> list[str]:
         """Take every sequence out of the batch after a failed step (blocks stay until release)."""
-        ids = [*self.running, *self.preempted]
-        self.running.clear()
-        self.preempted.clear()
+        with self.books:
+            ids = [*self.running, *self.preempted]
+            self.running.clear()
+            self.preempted.clear()
         return ids
 
     def release(self, req_id: str) -> None:
         """Free a request's KV and drop it from the batch; safe to call more than once."""
-        self._drop(req_id)
-        self.allocator.free(req_id)
-        self.admitted.discard(req_id)
+        with self.books:
+            self._drop(req_id)
+            self.allocator.free(req_id)
+            self.admitted.discard(req_id)

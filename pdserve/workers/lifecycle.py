@@ -10,7 +10,8 @@ Stages (after SGLang's decode prealloc/transfer queues, in one table):
 `release()` is the only way out and runs at most once per request, whatever the exit: finish,
 client cancel, `Abort`, deadline, transfer failure, or lease expiry (`expired()`, checked by the
 worker's reaper task on its own timer, so expiry does not wait for the decode loop to go idle).
-All engine calls go through `run_compute` (the worker's single compute thread).
+Engine calls go through `run_compute` (the worker's single compute thread), except admission,
+which is bookkeeping only (see workers/engine.py).
 """
 from __future__ import annotations
 
@@ -31,10 +32,6 @@ from pdserve.workers.output import Delta
 log = logging.getLogger("pdserve.worker")
 
 RunCompute = Callable[..., Awaitable]
-
-
-class RequestGone(Exception):
-    """The request was aborted (or its caller left) while it was being admitted."""
 
 
 class Stage(enum.Enum):
@@ -91,7 +88,7 @@ class RequestLifecycle:
                       prompt_ids: list[int] | None = None) -> WorkerRequest:
         """Decode role: blocks (the cached prefix linked when `prompt_ids` are given) + staging
         for the tokens after it + armed receiver. Raises OutOfKVBlocks."""
-        req = await self._admit(req_id, num_prompt_tokens, Stage.RESERVED, prompt_ids)
+        req = self._admit(req_id, num_prompt_tokens, Stage.RESERVED, prompt_ids)
         try:
             req.staging = self.engine.new_staging(num_prompt_tokens - req.cached_tokens)
             req.receiver = arm_receiver(req)
@@ -100,38 +97,22 @@ class RequestLifecycle:
             raise
         return req
 
-    async def admit_local(self, req_id: str, prompt_ids: list[int]) -> WorkerRequest:
+    def admit_local(self, req_id: str, prompt_ids: list[int]) -> WorkerRequest:
         """Local prompt: blocks for it (its cached prefix linked) while the prefill scheduler
         computes the rest. Raises OutOfKVBlocks."""
-        return await self._admit(req_id, len(prompt_ids), Stage.PREFILLING, prompt_ids)
+        return self._admit(req_id, len(prompt_ids), Stage.PREFILLING, prompt_ids)
 
-    async def _admit(self, req_id: str, num_prompt_tokens: int, stage: Stage,
+    def _admit(self, req_id: str, num_prompt_tokens: int, stage: Stage,
                      prompt_ids: list[int] | None = None) -> WorkerRequest:
         if req_id in self._requests:
             raise ValueError(f"request {req_id!r} is already on this worker")
-        # Registered before the compute call so a concurrent duplicate is refused, then removed
-        # again if the engine has no room.
-        req = self._requests[req_id] = WorkerRequest(req_id, num_prompt_tokens, self._clock.now_s(), stage)
-        req.prompt_ids = prompt_ids
-        admit = asyncio.ensure_future(self._run(self.engine.admit, req_id, num_prompt_tokens, prompt_ids))
-        try:
-            await asyncio.shield(admit)
-        except asyncio.CancelledError:
-            # The caller left, but the compute thread may still take the blocks: wait for it,
-            # then give them back (release() of a request not admitted is harmless).
-            await asyncio.wait({admit})
-            if self._requests.get(req_id) is req:
-                await self.release(req_id, "cancelled during admission")
-            raise
-        except BaseException:
-            self._requests.pop(req_id, None)
-            raise
-        if self._requests.get(req_id) is not req:
-            # Aborted while admission ran: the abort's release followed the admit on the compute
-            # thread, so the blocks are back already; nothing may be attached to it any more.
-            raise RequestGone(f"request {req_id!r} was aborted during admission")
-        req.admitted = True
-        req.cached_tokens = admit.result()
+        # Called here, not queued on the compute thread: admission is bookkeeping under the
+        # engine's lock, so it need not wait for a decode step to end (it used to, on the
+        # time to first token of every request). No await between the check and the entry, so
+        # a duplicate or an abort cannot come in between.
+        cached = self.engine.admit(req_id, num_prompt_tokens, prompt_ids)
+        req = self._requests[req_id] = WorkerRequest(req_id, num_prompt_tokens, self._clock.now_s(), stage,
+                                                     admitted=True, cached_tokens=cached, prompt_ids=prompt_ids)
         return req
 
     def claim(self, req_id: str) -> WorkerRequest | None:

@@ -30,7 +30,7 @@ from pdserve.proto_maps import ROLE_FROM_PROTO, ROLE_TO_PROTO
 from pdserve.v1 import kvtransfer_pb2, worker_pb2, worker_pb2_grpc
 from pdserve.workers.engine import Engine
 from pdserve.workers.kv_cache import OutOfKVBlocks
-from pdserve.workers.lifecycle import RequestGone, RequestLifecycle, Stage
+from pdserve.workers.lifecycle import RequestLifecycle, Stage
 from pdserve.workers.model.sampling import SamplingConfig, TokenLogprob
 from pdserve.workers.output import Delta, Finish
 from pdserve.workers.prefill_runner import PrefillRunner, Rejected
@@ -130,7 +130,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         """Prefix blocks stored and evicted since the last call (for the router's index)."""
         if not self.engine.allocator.prefix_caching:
             return [], [], False
-        return await self._run(self.engine.allocator.drain_events, snapshot)
+        return self.engine.drain_prefix_events(snapshot)
 
     def prefix_cache_stats(self) -> worker_pb2.PrefixCacheStats:
         alloc = self.engine.allocator
@@ -178,8 +178,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except OutOfKVBlocks as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except RequestGone as exc:
-            await context.abort(grpc.StatusCode.ABORTED, str(exc))
         timeline.mark("decode.reserve_answered", request.req_id)
         return worker_pb2.ReserveKVResponse(
             endpoint=worker_pb2.KVEndpoint(backend=request.backend, address=agent.address()),
@@ -339,13 +337,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def _admit_local(self, req_id: str, prompt_ids: list[int], context):
         try:
-            return await self.requests.admit_local(req_id, prompt_ids)
+            return self.requests.admit_local(req_id, prompt_ids)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except OutOfKVBlocks as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except RequestGone as exc:
-            await context.abort(grpc.StatusCode.ABORTED, str(exc))
 
     @staticmethod
     def _chunk(req_id: str, delta: Delta, num_prompt: int, num_generated: int) -> worker_pb2.TokenChunk:

@@ -232,6 +232,36 @@ def test_an_answered_stream_ends_while_the_compute_thread_is_busy(model_cache_di
     asyncio.run(body())
 
 
+def test_a_reservation_is_answered_while_the_compute_thread_is_busy(model_cache_dir):
+    """ReserveKV is bookkeeping (blocks, the cached prefix linked, an armed receiver): it is answered
+    while the decode worker's compute thread is held, as by a long decode step (it used to wait for
+    the step, on every disaggregated request's time to first token); the request then completes
+    with the reference's tokens."""
+    async def body():
+        async with cluster(model_cache_dir, roles=("prefill", "decode"), prefix_caching=True) as (services, (p, d)):
+            params = sampling(max_tokens=4, ignore_eos=True)
+            ref = await route([p, d], "ref", PROMPT, params, backend="fake")
+            await _assert_clean(services)
+            decode, gate = services[1], threading.Event()
+            hold = asyncio.ensure_future(decode._run(gate.wait))
+            try:
+                reservation = await asyncio.wait_for(d.ReserveKV(worker_pb2.ReserveKVRequest(
+                    req_id="h", num_prompt_tokens=len(PROMPT), prompt_token_ids=PROMPT, backend="fake")), 30)
+                assert reservation.num_cached_tokens > 0 and decode.requests.get("h").stage is Stage.RESERVED
+            finally:
+                gate.set()
+                await hold
+            call = d.Generate(worker_pb2.GenerateRequest(req_id="h", prompt_token_ids=PROMPT, remote_prefill=True,
+                                                         sampling=params))
+            await p.Prefill(worker_pb2.PrefillRequest(
+                req_id="h", prompt_token_ids=PROMPT, sampling=params, target=reservation.endpoint,
+                transfer_id=reservation.transfer_id, transfer_token=reservation.transfer_token,
+                skip_kv_tokens=reservation.num_cached_tokens))
+            assert (await collect(call)).token_ids == ref.token_ids
+            await _assert_clean(services)
+    asyncio.run(body())
+
+
 def test_settling_waits_only_for_requests_answered_before_it(model_cache_dir):
     """Under steady load answered requests keep closing; GetInfo (through settled()) must not wait
     for those that close after it was called, or it, and the heartbeat, could wait without end."""
