@@ -215,7 +215,8 @@ def add_bench_parser(sub) -> None:
     tl.add_argument("--model", choices=("tiny", "smollm2-135m"), default="tiny")
     tl.add_argument("--decode-load", type=int, default=0, metavar="N",
                     help="keep N long streamed completions decoding throughout (busy decode workers)")
-    tl.add_argument("--load-context-tokens", type=int, default=1500, help="prompt length of the decode-load streams")
+    tl.add_argument("--load-context-tokens", type=int, default=1024, help="prompt length of the decode-load streams "
+                    "(each streams 1,024 tokens, then starts again)")
     tl.add_argument("--json", action="store_true")
     tl.set_defaults(fn=_bench_timeline)
     ic = bench.add_parser("iccache", help="IC-Cache vs always-large/small, random examples and semantic caches, "

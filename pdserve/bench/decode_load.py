@@ -17,8 +17,8 @@ import httpx
 
 
 class DecodeLoad:
-    def __init__(self, url: str, model: str, num_streams: int, context_tokens: int = 1500,
-                 output_tokens: int = 2000, seed: int = 7):
+    def __init__(self, url: str, model: str, num_streams: int, context_tokens: int = 1024,
+                 output_tokens: int = 1024, seed: int = 7):
         self.url, self.model = url, model
         self.num_streams = num_streams
         self.context_tokens, self.output_tokens = context_tokens, output_tokens

@@ -72,7 +72,7 @@ def _summary(samples: list[tuple[dict[str, float], float, float]]) -> list[dict]
 
 def run(num_requests: int = 20, prompt_tokens: int = 293, num_prefill: int = 2, num_decode: int = 2,
         backend: str = "ucx", stream_tokens: int = 0, model: str = "tiny", decode_load: int = 0,
-        load_context_tokens: int = 1500) -> dict:
+        load_context_tokens: int = 1024) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/timeline.log"
@@ -82,13 +82,18 @@ def run(num_requests: int = 20, prompt_tokens: int = 293, num_prefill: int = 2, 
         cluster = LocalCluster(model=model, num_prefill=num_prefill, num_decode=num_decode, env=env).start()
         try:
             load = DecodeLoad(cluster.url, model, decode_load, load_context_tokens) if decode_load else None
-            raw = _replay(cluster.url, model, num_requests, prompt_tokens, num_prefill, stream_tokens, load)
+            errors: dict[str, int] = {}
+            raw = _replay(cluster.url, model, num_requests, prompt_tokens, num_prefill, stream_tokens, load, errors)
         finally:
             cluster.stop()
         stages = timeline.read(path)
     kinds = {}
     for kind in KINDS:
         done = raw[kind]
+        if not done:            # every one failed (see errors)
+            kinds[kind] = {"requests": 0, "cached_tokens_p50": None, "ttft_ms_p50": None,
+                           "end_to_end_ms_p50": None, "stages": []}
+            continue
         kinds[kind] = {
             "requests": len(done),
             "cached_tokens_p50": statistics.median(c for *_, c in done),
@@ -97,11 +102,11 @@ def run(num_requests: int = 20, prompt_tokens: int = 293, num_prefill: int = 2, 
             "stages": _summary([(stages.get(rid, {}), sent, got) for rid, sent, _, got, _ in done])}
     return {"model": model, "cluster": f"{num_prefill} prefill + {num_decode} decode", "kv_backend": backend,
             "prompt_tokens": prompt_tokens, "output_tokens": stream_tokens or 1, "streamed": bool(stream_tokens),
-            "decode_load": load.report() if load else None, "kinds": kinds}
+            "decode_load": load.report() if load else None, "errors": errors, "kinds": kinds}
 
 
 def _replay(url: str, model: str, num_requests: int, prompt_tokens: int, num_prefill: int, stream_tokens: int,
-            load: DecodeLoad | None) -> dict[str, list]:
+            load: DecodeLoad | None, errors: dict[str, int]) -> dict[str, list]:
     rng = random.Random(1)
     fresh = lambda: [rng.randrange(256) for _ in range(prompt_tokens)]  # noqa: E731
     cached = fresh()
@@ -112,8 +117,11 @@ def _replay(url: str, model: str, num_requests: int, prompt_tokens: int, num_pre
             _ask(http, model, fresh(), stream_tokens)
         with load or contextlib.nullcontext():
             for _ in range(num_requests):
-                raw["cached"].append(_ask(http, model, cached, stream_tokens))
-                raw["cold"].append(_ask(http, model, fresh(), stream_tokens))
+                for kind, ids in (("cached", cached), ("cold", fresh())):
+                    try:
+                        raw[kind].append(_ask(http, model, ids, stream_tokens))
+                    except httpx.HTTPStatusError as exc:     # counted (a full cluster's 429), not fatal
+                        errors[str(exc.response.status_code)] = errors.get(str(exc.response.status_code), 0) + 1
     return raw
 
 
@@ -124,6 +132,8 @@ def format_report(r: dict) -> str:
         d = r["decode_load"]
         lines.append(f"decode load: {d['streams']} streams of {d['context_tokens']}-token contexts, "
                      f"{d['chunks_per_s']} chunks/s, errors {d['errors'] or 'none'}")
+    if r["errors"]:
+        lines.append(f"measured requests that failed (HTTP status: count): {r['errors']}")
     for kind, k in r["kinds"].items():
         lines.append(f"{kind}: {k['requests']} requests, {k['cached_tokens_p50']} tokens cached, "
                      f"first token {k['ttft_ms_p50']} ms, end to end {k['end_to_end_ms_p50']} ms")

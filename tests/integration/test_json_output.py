@@ -62,6 +62,7 @@ def test_bench_timeline_json_has_every_stage_in_order(stream_tokens, decode_load
                          capture_output=True, text=True, timeout=300, check=True).stdout
     report = json.loads(out)
     assert report["output_tokens"] == max(1, stream_tokens) and report["streamed"] == bool(stream_tokens)
+    assert report["errors"] == {}
     if decode_load:     # the load streamed throughout, without errors
         load = report["decode_load"]
         assert load["streams"] == 1 and load["chunks_per_s"] > 0 and load["errors"] == {}, load
