@@ -14,9 +14,9 @@ worker, and arrives as one contiguous [2, T, kv_heads, head_dim] buffer per laye
   request (workers/lifecycle.py). The engine never releases a request on its own (a finished
   sequence keeps its blocks until then); preemption only lends blocks back until the resume.
 
-Threads: every method runs on the worker's compute thread except `admit()` and
-`drain_prefix_events()`, which may run on any thread at any time, so that a KV reservation or a
-heartbeat does not wait for a decode step. They only touch block bookkeeping, never KV data, so
+Threads: every method runs on the worker's compute thread except `admit()`,
+`release_if_idle()` and `drain_prefix_events()`, which may run on any thread at any time, so that
+a KV reservation, a finished request's release or a heartbeat does not wait for a decode step. They only touch block bookkeeping, never KV data, so
 `books` (a lock) guards every change of the bookkeeping, not the model's compute: a step plans
 and takes its slots under it, then runs the model without it. KV data is read and written on the
 compute thread only, so a block's contents are always written before anything reads them.
@@ -281,6 +281,19 @@ class Engine:
     def release(self, req_id: str) -> None:
         """Free a request's KV and drop it from the batch; safe to call more than once."""
         with self.books:
-            self._drop(req_id)
-            self.allocator.free(req_id)
-            self.admitted.discard(req_id)
+            self._release(req_id)
+
+    def release_if_idle(self, req_id: str) -> bool:
+        """Free a request that is neither in the batch nor preempted, from any thread; False (and
+        nothing done) when it is in either: then only the compute thread may free it, since a
+        step may be using its blocks. The caller must know that no import is under way for it."""
+        with self.books:
+            if req_id in self.running or req_id in self.preempted:
+                return False
+            self._release(req_id)
+            return True
+
+    def _release(self, req_id: str) -> None:
+        self._drop(req_id)
+        self.allocator.free(req_id)
+        self.admitted.discard(req_id)

@@ -10,8 +10,9 @@ Stages (after SGLang's decode prealloc/transfer queues, in one table):
 `release()` is the only way out and runs at most once per request, whatever the exit: finish,
 client cancel, `Abort`, deadline, transfer failure, or lease expiry (`expired()`, checked by the
 worker's reaper task on its own timer, so expiry does not wait for the decode loop to go idle).
-Engine calls go through `run_compute` (the worker's single compute thread), except admission,
-which is bookkeeping only (see workers/engine.py).
+Engine calls go through `run_compute` (the worker's single compute thread), except admission and
+the release of a request no step or import can be using, which are bookkeeping only (see
+workers/engine.py): neither waits for a decode step.
 """
 from __future__ import annotations
 
@@ -139,13 +140,18 @@ class RequestLifecycle:
         req = self._requests.pop(req_id, None)
         if req is None:
             return False
+        # RESERVED: no import ever started; DECODING: its import is done. Either is freed here and
+        # now unless a step may be using its blocks (it is in the batch); RECEIVING and PREFILLING
+        # may have an import queued or running, which the compute thread's FIFO puts first.
+        idle = req.stage in (Stage.RESERVED, Stage.DECODING)
         req.stage = Stage.RELEASED
         if req.receiver is not None:
             req.receiver.abort(reason)     # idempotent; forgets the transfer on the agent
         req.staging, req.receiver = None, None
-        # Shielded: a cancelled executor job that has not started yet would never run, and the
-        # request is already out of the table, so its blocks would be lost.
-        await asyncio.shield(self._run(self.engine.release, req_id))
+        if not (idle and self.engine.release_if_idle(req_id)):
+            # Shielded: a cancelled executor job that has not started yet would never run, and the
+            # request is already out of the table, so its blocks would be lost.
+            await asyncio.shield(self._run(self.engine.release, req_id))
         self.num_released += 1
         if self._on_release is not None:
             self._on_release()

@@ -304,8 +304,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def _close_later(self, importing: asyncio.Future | None, req_id: str, reason: str) -> None:
         """An answered request's stream ends at once; its import (a one-token answer's, which keeps
-        the prompt's blocks for reuse) and its release, which queue on the compute thread behind any
-        decode step, finish here, in that order."""
+        the prompt's blocks for reuse; it queues on the compute thread behind any decode step) and
+        then its release finish here."""
         async def close() -> None:
             if importing is not None:
                 try:

@@ -124,3 +124,15 @@ def test_an_admission_during_a_step_cannot_take_the_blocks_the_step_planned():
     engine.release("r1")
     _check_books(engine)
     assert_no_leaks(allocator=engine.allocator)
+
+
+def test_only_a_request_outside_the_batch_is_released_off_the_compute_thread():
+    engine = Engine(_tiny(), num_kv_blocks=16, block_size_tokens=4, max_batch_size=4)
+    start_local(engine, "running", list(b"a prompt"), make_sampling(max_tokens=20, ignore_eos=True))
+    engine.admit("waiting", 6)
+    assert not engine.release_if_idle("running")       # a step may be using its blocks
+    assert engine.allocator.holds("running")
+    assert engine.release_if_idle("waiting") and not engine.allocator.holds("waiting")
+    engine.release("running")
+    _check_books(engine)
+    assert_no_leaks(allocator=engine.allocator)

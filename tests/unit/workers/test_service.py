@@ -235,8 +235,8 @@ def test_an_answered_stream_ends_while_the_compute_thread_is_busy(model_cache_di
 def test_a_reservation_is_answered_while_the_compute_thread_is_busy(model_cache_dir):
     """ReserveKV is bookkeeping (blocks, the cached prefix linked, an armed receiver): it is answered
     while the decode worker's compute thread is held, as by a long decode step (it used to wait for
-    the step, on every disaggregated request's time to first token); the request then completes
-    with the reference's tokens."""
+    the step, on every disaggregated request's time to first token), and an aborted reservation's
+    blocks come back as promptly; the request then completes with the reference's tokens."""
     async def body():
         async with cluster(model_cache_dir, roles=("prefill", "decode"), prefix_caching=True) as (services, (p, d)):
             params = sampling(max_tokens=4, ignore_eos=True)
@@ -248,6 +248,13 @@ def test_a_reservation_is_answered_while_the_compute_thread_is_busy(model_cache_
                 reservation = await asyncio.wait_for(d.ReserveKV(worker_pb2.ReserveKVRequest(
                     req_id="h", num_prompt_tokens=len(PROMPT), prompt_token_ids=PROMPT, backend="fake")), 30)
                 assert reservation.num_cached_tokens > 0 and decode.requests.get("h").stage is Stage.RESERVED
+                # A reservation's release is bookkeeping too: freed while the thread is still held.
+                free_blocks = decode.engine.allocator.num_free_blocks
+                await asyncio.wait_for(d.ReserveKV(worker_pb2.ReserveKVRequest(
+                    req_id="gone", num_prompt_tokens=len(PROMPT), backend="fake")), 30)
+                assert decode.engine.allocator.num_free_blocks < free_blocks
+                await asyncio.wait_for(d.Abort(worker_pb2.AbortRequest(req_id="gone")), 30)
+                assert decode.engine.allocator.num_free_blocks == free_blocks and "gone" not in decode.requests
             finally:
                 gate.set()
                 await hold
