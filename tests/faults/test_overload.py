@@ -2,9 +2,12 @@
 excess gets 429 with Retry-After at once (while the admitted ones are still held, so "at once" is
 an order of events, not a timing), nothing waits out a timeout, and the admitted requests finish.
 
-The admitted requests are held deterministically: each has streamed its first token when the
-decode worker is stopped (SIGSTOP, with the router's stall timeout out of the way) and they
-resume when it continues."""
+The admitted requests are held: each has streamed its first token when the decode worker is
+stopped (SIGSTOP, with the router's stall timeout out of the way) and they resume when it
+continues. Each asks for HELD_TOKENS tokens, as many as the decode worker's pool lets all of them
+reserve, so that none can finish before the last one's first token arrives: one that did (with 64
+tokens each, 2 runs in 14 after admission stopped waiting for decode steps) left the gateway room
+for a request that then waited on the stopped worker."""
 import asyncio
 import json
 import os
@@ -21,6 +24,9 @@ from tests.conftest import wait_until
 
 LIMIT = 16
 MAX_TOKENS = 64
+# 16 x (prompt + 480 tokens) needs 496 of the decode worker's 512 KV blocks (the router reserves
+# prompt + max_tokens); they finish within seconds once the worker continues.
+HELD_TOKENS = 480
 
 
 @pytest.fixture()
@@ -35,7 +41,7 @@ def cluster(tmp_path):
 
 
 async def _held_stream(http: httpx.AsyncClient, url: str, first_token: asyncio.Event) -> tuple[int, int]:
-    body = {"model": "tiny", "prompt": "held", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
+    body = {"model": "tiny", "prompt": "held", "max_tokens": HELD_TOKENS, "ignore_eos": True, "stream": True}
     num_events, done = 0, False
     async with http.stream("POST", url, json=body) as resp:
         async for line in resp.aiter_lines():
@@ -78,6 +84,7 @@ async def _overload(cluster, decode_pid: int):
         await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in firsts)), 120)
         os.kill(decode_pid, signal.SIGSTOP)          # every admitted request now stays in flight
         try:
+            assert not any(t.done() for t in held), "a held stream ended before the decode worker stopped"
             refused = await asyncio.gather(*(_timed_post(http, url) for _ in range(LIMIT * 9)))
             direct = await _router_refusals(cluster, 5)
             assert not any(t.done() for t in held)   # refused while the admitted ones were held
