@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -33,6 +34,12 @@ from pdserve.workers.output import Delta
 log = logging.getLogger("pdserve.worker")
 
 RunCompute = Callable[..., Awaitable]
+# Abort calls for requests not (yet) here that are remembered; past the bound, the oldest go.
+_MAX_ABORTED_REMEMBERED = 65536
+
+
+class RequestGone(Exception):
+    """An Abort for this request id came before the request itself (it overtook its ReserveKV)."""
 
 
 class Stage(enum.Enum):
@@ -65,6 +72,9 @@ class RequestLifecycle:
         self._clock = clock
         self.lease_s = lease_s
         self._requests: dict[str, WorkerRequest] = {}
+        # Abort of a request id not here yet -> when: the caller cancelled a ReserveKV that has
+        # not arrived, and its Abort overtook it; that request must not be admitted after it.
+        self._aborted: OrderedDict[str, float] = OrderedDict()
         self.num_released = 0
 
     def __contains__(self, req_id: str) -> bool:
@@ -107,6 +117,8 @@ class RequestLifecycle:
                      prompt_ids: list[int] | None = None) -> WorkerRequest:
         if req_id in self._requests:
             raise ValueError(f"request {req_id!r} is already on this worker")
+        if self._aborted.pop(req_id, None) is not None:
+            raise RequestGone(f"request {req_id!r} was aborted before it arrived")
         # Called here, not queued on the compute thread: admission is bookkeeping under the
         # engine's lock, so it need not wait for a decode step to end (it used to, on the
         # time to first token of every request). No await between the check and the entry, so
@@ -157,6 +169,16 @@ class RequestLifecycle:
             self._on_release()
         log.info("request %s: released its KV (%s)", req_id, reason)
         return True
+
+    def remember_abort(self, req_id: str) -> None:
+        """An Abort found no request `req_id`: refuse it if it still comes (within the lease; a
+        reservation arriving later than that would expire like any unclaimed one)."""
+        now_s = self._clock.now_s()
+        self._aborted[req_id] = now_s
+        self._aborted.move_to_end(req_id)
+        while self._aborted and (len(self._aborted) > _MAX_ABORTED_REMEMBERED
+                                 or now_s - next(iter(self._aborted.values())) > self.lease_s):
+            self._aborted.popitem(last=False)
 
     async def drop_unclaimed(self, req_id: str, reason: str) -> bool:
         """Release a reservation only if no decode stream has claimed it yet."""

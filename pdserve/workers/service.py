@@ -30,7 +30,7 @@ from pdserve.proto_maps import ROLE_FROM_PROTO, ROLE_TO_PROTO
 from pdserve.v1 import kvtransfer_pb2, worker_pb2, worker_pb2_grpc
 from pdserve.workers.engine import Engine
 from pdserve.workers.kv_cache import OutOfKVBlocks
-from pdserve.workers.lifecycle import RequestLifecycle, Stage
+from pdserve.workers.lifecycle import RequestGone, RequestLifecycle, Stage
 from pdserve.workers.model.sampling import SamplingConfig, TokenLogprob
 from pdserve.workers.output import Delta, Finish
 from pdserve.workers.prefill_runner import PrefillRunner, Rejected
@@ -178,6 +178,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except OutOfKVBlocks as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except RequestGone as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
         timeline.mark("decode.reserve_answered", request.req_id)
         return worker_pb2.ReserveKVResponse(
             endpoint=worker_pb2.KVEndpoint(backend=request.backend, address=agent.address()),
@@ -342,6 +344,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except OutOfKVBlocks as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except RequestGone as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
 
     @staticmethod
     def _chunk(req_id: str, delta: Delta, num_prompt: int, num_generated: int) -> worker_pb2.TokenChunk:
@@ -417,7 +421,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         found = request.req_id in self.requests
         stream = self._streams.get(request.req_id)
         if stream is None:
-            await self.requests.release(request.req_id, reason)
+            if not await self.requests.release(request.req_id, reason):
+                self.requests.remember_abort(request.req_id)
         else:   # its Generate ends (a KV wait fails at once) and releases in its own `finally`
             self.requests.abort_transfer(request.req_id, reason)
             stream.put_nowait(Delta([], "", Finish.ABORT))

@@ -11,7 +11,8 @@ import pytest
 from pdserve.kvtransfer.faults import Faults
 from pdserve.router.request_flow import RouteFailed
 from pdserve.v1 import worker_pb2
-from pdserve.workers.lifecycle import Stage
+from pdserve.clock import VirtualClock
+from pdserve.workers.lifecycle import RequestLifecycle, Stage
 from tests.conftest import assert_no_leaks_async, eventually
 from tests.inprocess import worker_cluster
 from tests.routing import collect, route
@@ -83,6 +84,32 @@ def test_unknown_request_id_and_bad_input_are_rejected(model_cache_dir):
             assert len((await route([a], "ok", PROMPT, sampling())).token_ids) == 8
             await _assert_clean(services)
     asyncio.run(body())
+
+
+def test_an_abort_that_overtakes_its_reservation_refuses_it(model_cache_dir):
+    """A router that gives up on a ReserveKV cancels it and sends Abort; the Abort may arrive first
+    (reservations no longer wait on the compute thread, where cancelling the call used to stop
+    them). The reservation is then refused, not held until its lease ends; the ids of requests
+    that were here are not remembered as aborted, and others are served as usual."""
+    async def body():
+        async with cluster(model_cache_dir) as (services, (p, d, a)):
+            assert not (await d.Abort(worker_pb2.AbortRequest(req_id="early"))).found
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await d.ReserveKV(worker_pb2.ReserveKVRequest(req_id="early", num_prompt_tokens=5, backend="fake"))
+            assert err.value.code() is grpc.StatusCode.ABORTED and "before it arrived" in err.value.details()
+            assert len((await route([p, d], "served", PROMPT, sampling(), backend="fake")).token_ids) == 8
+            await _assert_clean(services)
+            assert "served" not in services[1].requests._aborted
+    asyncio.run(body())
+
+
+def test_aborted_ids_are_remembered_for_a_lease():
+    clock = VirtualClock()
+    lifecycle = RequestLifecycle(engine=None, run_compute=None, clock=clock, lease_s=30.0)
+    lifecycle.remember_abort("old")
+    clock.advance(31.0)
+    lifecycle.remember_abort("new")
+    assert list(lifecycle._aborted) == ["new"]
 
 
 @pytest.mark.parametrize("faults", [Faults(truncate_layers=frozenset({1})), Faults(corrupt_layers=frozenset({0})),
