@@ -68,7 +68,7 @@ def test_pinned_ratio_is_respected_and_unpin_resumes_control():
 
 
 def test_bounds_and_no_data():
-    clock, ctrl = VirtualClock(), RatioController(CFG)
+    ctrl = RatioController(CFG)
     bounded = ScenarioSpec("chat", tpot_slo_ms=50, min_decode=3, max_prefill=5)
     assert ctrl.decide("chat", bounded, members((4, 4)), PERF, 0.0) is None     # no traffic yet
     ratio = (4, 4)
