@@ -47,6 +47,10 @@ _ROOM_WAIT_MAX_S = 1.0             # backing off to this, for up to decode_stall
 _WORKER_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
                               grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED})
 
+# ReserveKV answers that say nothing was reserved; after any other error the router aborts.
+_REFUSED_BEFORE_RESERVING = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT,
+                                       grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.ABORTED})
+
 StubFor = Callable[[str], worker_pb2_grpc.WorkerStub]
 
 
@@ -202,6 +206,10 @@ class RequestFlow:
             self._abort_in_background(placement.decode_id, request.req_id)
             raise
         except grpc.aio.AioRpcError as exc:
+            if exc.code() not in _REFUSED_BEFORE_RESERVING:
+                # A deadline, a lost connection or a worker error: the worker may have reserved
+                # anyway (its handler does not wait, so it finishes even after the caller gave up).
+                self._abort_in_background(placement.decode_id, request.req_id)
             if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and not last_try:
                 return None
             raise RouteFailed(exc.code(), f"decode worker refused: {exc.details()}",

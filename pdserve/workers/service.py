@@ -180,6 +180,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except RequestGone as exc:
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        remaining_s = context.time_remaining()
+        if remaining_s is not None and remaining_s <= 0:
+            # Handled after the caller's deadline: nobody will claim it (the caller also aborts).
+            await self.requests.drop_unclaimed(request.req_id, "ReserveKV past its deadline")
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "reservation made after the call's deadline")
         timeline.mark("decode.reserve_answered", request.req_id)
         return worker_pb2.ReserveKVResponse(
             endpoint=worker_pb2.KVEndpoint(backend=request.backend, address=agent.address()),

@@ -221,3 +221,43 @@ def test_requests_placed_while_a_reservation_is_in_flight_see_its_load():
     during, after = asyncio.run(run())
     assert during == {"p1": 1, "p2": 1, "p3": 1, "d": 3}
     assert set(after.values()) == {(0, 0)}          # a failed reservation gives its placement back
+
+
+class _AbortCountingStub(_HeldReserveStub):
+    def __init__(self, release, error):
+        super().__init__(release, error)
+        self.aborted: list[str] = []
+        self.reserved: list[str] = []
+
+    async def ReserveKV(self, request, timeout=None):
+        self.reserved.append(request.req_id)
+        return await super().ReserveKV(request, timeout)
+
+    async def Abort(self, request, timeout=None):
+        self.aborted.append(request.req_id)
+        return worker_pb2.AbortResponse()
+
+
+@pytest.mark.parametrize("code,aborted", [(grpc.StatusCode.DEADLINE_EXCEEDED, True),
+                                          (grpc.StatusCode.UNAVAILABLE, True),
+                                          (grpc.StatusCode.INVALID_ARGUMENT, False),
+                                          (grpc.StatusCode.ABORTED, False)])
+def test_a_reservation_whose_outcome_is_unknown_is_aborted(code, aborted):
+    """A decode worker's ReserveKV handler does not wait, so it may reserve after the caller's
+    deadline or while the connection fails: after such an error the router aborts the request
+    there (each attempt's: a worker that answers its health check is tried again); after a
+    refusal that reserved nothing it does not."""
+    async def run():
+        release = asyncio.Event()
+        release.set()
+        decode = _AbortCountingStub(release, _error(code))
+        flow = RequestFlow(Dispatcher(_disaggregated_registry(["p"], ["d"])), {"d": decode}.__getitem__,
+                           VirtualClock(), ScenarioClassifier())
+        request = router_pb2.RouteRequest(req_id="r", model="m", prompt_token_ids=[5, 6, 7],
+                                          sampling=worker_pb2.SamplingParams(max_tokens=2))
+        with pytest.raises(RouteFailed):
+            await _chunks(flow, request)
+        await asyncio.gather(*flow._background)
+        return decode.reserved, decode.aborted
+    reserved, got = asyncio.run(run())
+    assert reserved[0] == "r" and got == (reserved if aborted else [])

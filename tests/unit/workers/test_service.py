@@ -103,6 +103,28 @@ def test_an_abort_that_overtakes_its_reservation_refuses_it(model_cache_dir):
     asyncio.run(body())
 
 
+class _LateContext:
+    """A ServicerContext whose caller's deadline has passed by the time the handler runs."""
+
+    def time_remaining(self):
+        return -0.1
+
+    async def abort(self, code, details):
+        raise grpc.RpcError(code, details)
+
+
+def test_a_reservation_handled_after_its_deadline_is_dropped(model_cache_dir):
+    async def body():
+        async with cluster(model_cache_dir, roles=("decode",)) as (services, _):
+            decode = services[0]
+            with pytest.raises(grpc.RpcError) as err:
+                await decode.ReserveKV(worker_pb2.ReserveKVRequest(req_id="late", num_prompt_tokens=5, backend="fake"),
+                                       _LateContext())
+            assert err.value.args[0] is grpc.StatusCode.DEADLINE_EXCEEDED
+            await _assert_clean(services)
+    asyncio.run(body())
+
+
 def test_aborted_ids_are_remembered_for_a_lease():
     clock = VirtualClock()
     lifecycle = RequestLifecycle(engine=None, run_compute=None, clock=clock, lease_s=30.0)
