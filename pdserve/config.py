@@ -209,6 +209,9 @@ class DatabaseSettings(_Section):
 class DiagnosticsSettings(_Section):
     timeline_file: str = Field("", description="Append each request's stages (wall time, process, stage, id) "
                                                "here; for latency work (`pdserve bench timeline`), off when empty")
+    decode_pause_file: str = Field("", description="Fault hook for tests: while this file exists a worker's decode "
+                                                   "loop takes no step (requests stay in flight after their first "
+                                                   "token); off when empty")
 
 
 class PDServeConfig(_Section):

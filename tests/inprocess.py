@@ -27,7 +27,8 @@ def fcfs(model):
 @contextlib.asynccontextmanager
 async def worker_cluster(model_cache_dir, roles=("prefill", "decode", "aggregated"),
                          prefill_faults: Faults | None = None, lease_s: float = 30.0, num_kv_blocks: int = 64,
-                         scheduler: Callable = fcfs, prefix_caching: bool = False):
+                         scheduler: Callable = fcfs, prefix_caching: bool = False,
+                         decode_pause_file: str = ""):
     """Yields (services, stubs) in the order of `roles`; worker ids are '<role>-<index>'."""
     fabric, clock = FakeFabric(), WallClock()
     loaded = load_model("tiny", model_cache_dir)
@@ -40,7 +41,7 @@ async def worker_cluster(model_cache_dir, roles=("prefill", "decode", "aggregate
             runner = PrefillRunner(loaded.model, scheduler(loaded.model), clock)
             svc = WorkerService(Engine(loaded, num_kv_blocks, 16, 8, prefix_caching), {"fake": agent}, clock,
                                 worker_id=f"{role}-{i}", role=role, transfer_timeout_s=2.0, lease_s=lease_s,
-                                checksum=True, prefill_runner=runner)
+                                checksum=True, prefill_runner=runner, decode_pause_file=decode_pause_file)
             server = grpc.aio.server()
             port = server.add_insecure_port("127.0.0.1:0")
             worker_pb2_grpc.add_WorkerServicer_to_server(svc, server)

@@ -143,7 +143,8 @@ async def serve(cfg: PDServeConfig) -> None:
                             lease_s=w.reservation_lease_s, checksum=cfg.kvtransfer.checksum,
                             prefill_runner=runner, default_ttft_slo_ms=w.default_ttft_slo_ms,
                             max_prefill_wait_s=w.max_prefill_wait_s,
-                            send_group_bytes=cfg.kvtransfer.send_group_bytes)
+                            send_group_bytes=cfg.kvtransfer.send_group_bytes,
+                            decode_pause_file=cfg.diagnostics.decode_pause_file)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -7,8 +7,9 @@ A request's path through one worker:
   transfer -> import (staging dropped) -> join the batch -> stream;
 - Prefill: prompt through the prefill scheduler, each layer's KV sent as it is ready.
 Every request's KV is owned by `RequestLifecycle` (lifecycle.py), which releases it exactly once
-whatever the exit. Engine work runs on one compute thread; the decode loop steps the engine while
-it has work, and a separate reaper frees reservations whose lease ran out, busy or not.
+whatever the exit. Engine work runs on one compute thread; the decode loop (decode_loop.py) steps
+the engine while it has work, and a separate reaper frees reservations whose lease ran out, busy
+or not.
 """
 from __future__ import annotations
 
@@ -24,31 +25,28 @@ from pdserve.clock import Clock
 from pdserve.kvtransfer import (MAX_TRANSFER_ID, BaseKVAgent, TransferLayout, TransferState, as_bytes_view,
                                new_token)
 from pdserve.policy.cost_model import CalibratedCostModel
-from pdserve.policy.online_fit import OnlineLinearFit
 from pdserve.policy.registry import Role
 from pdserve.proto_maps import ROLE_FROM_PROTO, ROLE_TO_PROTO
 from pdserve.v1 import kvtransfer_pb2, worker_pb2, worker_pb2_grpc
+from pdserve.workers.chunks import token_chunk, with_logprobs, with_prefill_figures
+from pdserve.workers.decode_loop import IDLE_WAIT_S, DecodeLoop
 from pdserve.workers.engine import Engine
 from pdserve.workers.kv_cache import OutOfKVBlocks
 from pdserve.workers.lifecycle import RequestGone, RequestLifecycle, Stage
-from pdserve.workers.model.sampling import SamplingConfig, TokenLogprob
+from pdserve.workers.model.sampling import SamplingConfig
 from pdserve.workers.output import Delta, Finish
 from pdserve.workers.prefill_runner import PrefillRunner, Rejected
-from pdserve.workers.prefill_side import (PrefillSide, checked_params, logprob_from_proto, logprob_to_proto,
-                                          wait_transfer)
+from pdserve.workers.prefill_side import PrefillSide, checked_params, logprob_from_proto, wait_transfer
 
 log = logging.getLogger("pdserve.worker")
 
-_FINISH = {None: worker_pb2.FINISH_REASON_UNSPECIFIED, Finish.STOP: worker_pb2.FINISH_REASON_STOP,
-           Finish.LENGTH: worker_pb2.FINISH_REASON_LENGTH, Finish.ABORT: worker_pb2.FINISH_REASON_ABORT}
-_IDLE_WAIT_S = 0.5      # the decode loop re-checks for work at least this often
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: Engine, agents: dict[str, BaseKVAgent], clock: Clock, *, worker_id: str,
                  role: str, transfer_timeout_s: float, lease_s: float, checksum: bool,
                  prefill_runner: PrefillRunner, default_ttft_slo_ms: float = 2000.0,
-                 max_prefill_wait_s: float = 30.0, send_group_bytes: int = 0):
+                 max_prefill_wait_s: float = 30.0, send_group_bytes: int = 0, decode_pause_file: str = ""):
         self.engine = engine
         self.agents = agents
         self.clock = clock
@@ -56,15 +54,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.instance_id = secrets.token_hex(16)    # this process: the router binds worker_id to it
         self.role = Role(role)
         self._lease_s = lease_s
-        self.decode_fit = OnlineLinearFit()
         self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
-        self._wakeup = asyncio.Event()
-        self.requests = RequestLifecycle(engine, self._run, clock, lease_s, on_release=self._wakeup.set)
+        self._streams: dict[str, asyncio.Queue] = {}
+        self.decode_loop = DecodeLoop(engine, self._run, clock, self._to_stream, decode_pause_file)
+        self.requests = RequestLifecycle(engine, self._run, clock, lease_s, on_release=self.decode_loop.wake)
         self.prefill = PrefillSide(prefill_runner, engine, agents, clock, transfer_timeout_s=transfer_timeout_s,
                                    checksum=checksum, default_ttft_slo_ms=default_ttft_slo_ms,
                                    max_prefill_wait_s=max_prefill_wait_s, run_compute=self._run,
                                    send_group_bytes=send_group_bytes)
-        self._streams: dict[str, asyncio.Queue] = {}
         # Random start so transfer ids from a restarted worker do not collide with stale ones.
         # Random, not sequential: a transfer id is the capability a KV sender must present, so
         # nobody can guess another request's (48 bits: what the UCX tag layout leaves).
@@ -75,7 +72,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._stopping = False
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._decode_loop()), asyncio.create_task(self._reap_loop())]
+        self._tasks = [asyncio.create_task(self.decode_loop.run()), asyncio.create_task(self._reap_loop())]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -141,8 +138,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             num_cached_blocks=alloc.num_cached_blocks)
 
     def _measured(self) -> dict:
-        fit = self.decode_fit.fit()
-        out = {"num_decode_steps": self.decode_fit.n}
+        fit = self.decode_loop.fit.fit()
+        out = {"num_decode_steps": self.decode_loop.fit.n}
         if fit is not None:
             out.update(measured_decode_step_base_s=fit[0], measured_decode_step_per_seq_s=fit[1])
         cost = self.prefill.runner.scheduler.cost_model
@@ -223,7 +220,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         importing = asyncio.ensure_future(self._import(req, prompt_ids, params, trailer.first_token_id, resume,
                                                        (output, delta)))
         first = logprob_from_proto(trailer.first_token_logprob) if trailer.HasField("first_token_logprob") else None
-        delta = _with_logprobs(delta, first, [logprob_from_proto(p) for p in trailer.prompt_logprobs])
+        delta = with_logprobs(delta, first, [logprob_from_proto(p) for p in trailer.prompt_logprobs])
         return delta, importing, trailer
 
     async def _import(self, req, prompt_ids: list[int], params, first_token_id: int, resume: list[int], first) -> None:
@@ -245,7 +242,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill refused: {exc}")
         delta = await self.requests.start(req, prompt_ids, layers, params, result.first_token_id, resume)
         delta.num_cached_tokens = result.cached_tokens
-        return _with_logprobs(delta, result.first_logprob, result.prompt_logprobs or [])
+        return with_logprobs(delta, result.first_logprob, result.prompt_logprobs or [])
 
     # ---- generation ----
     async def Generate(self, request, context):
@@ -271,14 +268,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             else:
                 held = await self._admit_local(req_id, prompt_ids, context)
                 delta = await self._prefill_local(held, prompt_ids, resume, params, request.ttft_slo_ms, context)
-                self._wakeup.set()
+                self.decode_loop.wake()
             num_generated, num_prompt_tokens = len(resume), len(prompt_ids) - len(resume)
             while True:
                 num_generated += len(delta.token_ids)
                 timeline.mark("decode.chunk", req_id)
-                chunk = self._chunk(req_id, delta, num_prompt_tokens, num_generated)
+                chunk = token_chunk(req_id, delta, num_prompt_tokens, num_generated)
                 if trailer is not None:
-                    _with_prefill_figures(chunk, trailer)
+                    with_prefill_figures(chunk, trailer)
                     trailer = None
                 yield chunk
                 if delta.finish is not None:
@@ -287,7 +284,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 if importing is not None:
                     await importing
                     importing = None
-                    self._wakeup.set()
+                    self.decode_loop.wake()
                 delta = await queue.get()
         except asyncio.CancelledError:
             reason = "cancelled by the caller"
@@ -352,56 +349,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except RequestGone as exc:
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
 
-    @staticmethod
-    def _chunk(req_id: str, delta: Delta, num_prompt: int, num_generated: int) -> worker_pb2.TokenChunk:
-        return worker_pb2.TokenChunk(req_id=req_id, token_ids=delta.token_ids, text=delta.text,
-                                     finish_reason=_FINISH[delta.finish], num_prompt_tokens=num_prompt,
-                                     num_generated_tokens=num_generated,
-                                     logprobs=[logprob_to_proto(lp) for lp in delta.logprobs],
-                                     prompt_logprobs=[logprob_to_proto(lp) for lp in delta.prompt_logprobs],
-                                     num_cached_tokens=delta.num_cached_tokens)
-
-    async def _idle_wait(self) -> None:
-        self._wakeup.clear()
-        try:
-            await asyncio.wait_for(self._wakeup.wait(), _IDLE_WAIT_S)
-        except asyncio.TimeoutError:
-            pass
-
-    async def _decode_loop(self) -> None:
-        last = None   # (start time, batch size) of the previous step while the loop stayed busy
-        while True:
-            if not self.engine.has_work:
-                last = None
-                await self._idle_wait()
-                continue
-            now = self.clock.now_s()
-            if last is not None:
-                # The interval between step starts is what a token costs in service: compute plus
-                # streaming the previous step's tokens out.
-                self.decode_fit.add(last[1], now - last[0])
-            last = (now, len(self.engine.running))
-            try:
-                deltas = await self._run(self.engine.step)
-            except Exception:
-                # A model failure (not a full pool: the scheduler preempts instead) ends this batch;
-                # each stream's release frees its KV.
-                log.exception("decode step failed; aborting the batch")
-                deltas = {r: Delta([], "", Finish.ABORT) for r in await self._run(self.engine.stop_all)}
-            for req_id, delta in deltas.items():
-                stream = self._streams.get(req_id)
-                if stream is not None:
-                    stream.put_nowait(delta)
-            if not self.engine.running:
-                # Only preempted sequences are left and none fit yet: wait for a release (or a new
-                # sequence) instead of spinning on empty steps.
-                last = None
-                await self._idle_wait()
+    def _to_stream(self, req_id: str, delta: Delta) -> None:
+        stream = self._streams.get(req_id)
+        if stream is not None:
+            stream.put_nowait(delta)
 
     async def _reap_loop(self) -> None:
         """Reservations nobody claims are freed within the lease plus one interval, however busy
         the decode loop is (it runs on its own timer, not between decode steps)."""
-        interval_s = min(_IDLE_WAIT_S, self._lease_s / 4)
+        interval_s = min(IDLE_WAIT_S, self._lease_s / 4)
         while True:
             await asyncio.sleep(interval_s)
             try:
@@ -433,19 +389,3 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             stream.put_nowait(Delta([], "", Finish.ABORT))
         return worker_pb2.AbortResponse(found=found)
 
-
-def _with_logprobs(first: Delta, first_logprob: TokenLogprob | None, prompt: list[TokenLogprob]) -> Delta:
-    """The first token's delta, with the logprobs the prefill computed (the decode loop adds the
-    rest as it samples)."""
-    if first_logprob is not None and first.token_ids:
-        first.logprobs = [first_logprob]
-    first.prompt_logprobs = prompt
-    return first
-
-
-def _with_prefill_figures(chunk: worker_pb2.TokenChunk, trailer: kvtransfer_pb2.PrefillTrailer) -> None:
-    """A remote prefill's figures (usage, metrics) on the request's first chunk: they come with the
-    KV, so nobody waits for the prefill worker's reply to report them."""
-    chunk.kv_transfer_bytes = trailer.kv_bytes
-    chunk.prefill_ms = trailer.prefill_ms
-    chunk.num_cached_tokens = trailer.num_cached_tokens
