@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import grpc
 import httpx
 
+from pdserve.aio import within
 from pdserve.launch import LocalCluster
 from pdserve.traces import load_azure, load_file
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -219,7 +220,7 @@ async def _drive(cluster: LocalCluster, rate_per_s: float, gap_s: float, stop_s:
             tasks = []
             for i, (t, n_in, n_out) in enumerate(arrivals):
                 try:
-                    await asyncio.wait_for(done_sending.wait(), max(0.0, t - (time.monotonic() - clock0)))
+                    await within(done_sending.wait(), max(0.0, t - (time.monotonic() - clock0)))
                     break
                 except TimeoutError:
                     pass

@@ -24,6 +24,7 @@ from typing import AsyncIterator, Callable
 import grpc
 
 from pdserve import timeline
+from pdserve.aio import within
 from pdserve.clock import Clock
 from pdserve.policy.dispatch import Dispatcher, Placement
 from pdserve.policy.ratio_controller import RatioController
@@ -351,7 +352,7 @@ class RequestFlow:
 
     async def _next_or_stall(self, call, decode_id: str):
         try:
-            return await asyncio.wait_for(call.read(), self.decode_stall_timeout_s)
+            return await within(call.read(), self.decode_stall_timeout_s)
         except TimeoutError:
             raise RouteFailed(grpc.StatusCode.UNAVAILABLE, f"worker {decode_id} sent no token for "
                               f"{self.decode_stall_timeout_s:.0f} s") from None

@@ -16,6 +16,7 @@ import logging
 import os
 from typing import Awaitable, Callable
 
+from pdserve.aio import within
 from pdserve.clock import Clock
 from pdserve.policy.online_fit import OnlineLinearFit
 from pdserve.workers.engine import Engine
@@ -81,6 +82,6 @@ class DecodeLoop:
     async def _idle_wait(self) -> None:
         self._wakeup.clear()
         try:
-            await asyncio.wait_for(self._wakeup.wait(), IDLE_WAIT_S)
+            await within(self._wakeup.wait(), IDLE_WAIT_S)
         except asyncio.TimeoutError:
             pass

@@ -261,3 +261,40 @@ def test_a_reservation_whose_outcome_is_unknown_is_aborted(code, aborted):
         return decode.reserved, decode.aborted
     reserved, got = asyncio.run(run())
     assert reserved[0] == "r" and got == (reserved if aborted else [])
+
+
+class _GatedCall(_Call):
+    """A stream whose chunks arrive when the test resolves them."""
+    def __init__(self):
+        super().__init__([])
+        self.pending: list[asyncio.Future] = []
+        self.cancelled = False
+
+    def read(self):
+        self.pending.append(asyncio.get_running_loop().create_future())
+        return self.pending[-1]
+
+    def cancel(self):
+        self.cancelled = self._done = True
+
+
+def test_a_cancellation_that_arrives_with_a_token_ends_the_request():
+    """The client leaves (the router's handler is cancelled) just as the next token arrives: the
+    request ends there, its stream cancelled, instead of decoding on to max_tokens (Python 3.11's
+    asyncio.wait_for returned the token and dropped the cancellation)."""
+    async def body():
+        call = _GatedCall()
+        flow = _flow({"a": _Stub([call])}, {"a": 100})
+        tracker = RequestTracker("r", 0.0)
+        task = asyncio.ensure_future(_collect(flow, tracker))
+        while not call.pending:
+            await asyncio.sleep(0)
+        call.pending[0].set_result(_chunk([1]))
+        while len(call.pending) < 2:      # the first token relayed: the relay now waits with a stall limit
+            await asyncio.sleep(0)
+        call.pending[1].set_result(_chunk([2]))
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+        assert task.cancelled(), "the request went on after its cancellation"
+        assert call.cancelled
+    asyncio.run(body())
