@@ -29,6 +29,7 @@ import grpc
 import httpx
 
 from pdserve.aio import within
+from pdserve.bench import FIXED_ROLES_ENV
 from pdserve.launch import LocalCluster
 from pdserve.traces import load_azure, load_file
 from pdserve.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -307,7 +308,7 @@ def run(rate_per_s: float = 3.0, gap_s: float = 10.0, stop_s: float = 20.0, seed
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         cluster = LocalCluster(model="tiny", num_prefill=2, num_decode=2, env={
-            "PDSERVE_DATABASE__URL": f"sqlite:///{tmp}/chaos.db", "PDSERVE_ROUTER__CONTROL_INTERVAL_S": "3600"})
+            "PDSERVE_DATABASE__URL": f"sqlite:///{tmp}/chaos.db", **FIXED_ROLES_ENV})
         cluster.start()
         try:
             if missing := asyncio.run(_full_capacity(cluster, 4)):

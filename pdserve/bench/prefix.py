@@ -48,6 +48,7 @@ import time
 
 import httpx
 
+from pdserve.bench import FIXED_ROLES_ENV
 from pdserve.launch import LocalCluster
 from pdserve.policy.prefix_cache import block_hashes, infinite_cache_hit_rate, infinite_cache_hits
 from pdserve.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest, load_named_or_file
@@ -263,7 +264,8 @@ def run_mode(mode: str, requests, speedup: float, slo_s: float, num_kv_blocks: i
              floor: tuple[int, float] | None = None) -> dict:
     db_dir = tempfile.TemporaryDirectory()
     env = {**MODES[mode], "PDSERVE_DATABASE__URL": f"sqlite:///{db_dir.name}/bench.db",
-           "PDSERVE_WORKER__NUM_KV_BLOCKS": str(num_kv_blocks), "PDSERVE_MODEL__TORCH_NUM_THREADS": "1"}
+           "PDSERVE_WORKER__NUM_KV_BLOCKS": str(num_kv_blocks), "PDSERVE_MODEL__TORCH_NUM_THREADS": "1",
+           **FIXED_ROLES_ENV}
     cluster = LocalCluster(model="tiny", num_prefill=2, num_decode=2, env=env).start()
     try:
         _wait_for_workers(cluster, 2)

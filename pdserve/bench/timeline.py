@@ -26,6 +26,7 @@ import httpx
 
 from pdserve import timeline
 from pdserve.bench.decode_load import DecodeLoad
+from pdserve.bench import FIXED_ROLES_ENV
 from pdserve.launch import LocalCluster
 
 KINDS = ("cached", "cold")
@@ -78,7 +79,7 @@ def run(num_requests: int = 20, prompt_tokens: int = 293, num_prefill: int = 2, 
         path = f"{tmp}/timeline.log"
         env = {"PDSERVE_DATABASE__URL": f"sqlite:///{tmp}/bench.db", "PDSERVE_MODEL__TORCH_NUM_THREADS": "1",
                "PDSERVE_DIAGNOSTICS__TIMELINE_FILE": path,
-               "PDSERVE_ROUTER__KV_BACKEND_PREFERENCE": f'["{backend}"]'}
+               "PDSERVE_ROUTER__KV_BACKEND_PREFERENCE": f'["{backend}"]', **FIXED_ROLES_ENV}
         cluster = LocalCluster(model=model, num_prefill=num_prefill, num_decode=num_decode, env=env).start()
         try:
             load = DecodeLoad(cluster.url, model, decode_load, load_context_tokens) if decode_load else None
