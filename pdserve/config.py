@@ -110,6 +110,9 @@ class RouterSettings(_Section):
     ratio_cooldown_s: float = Field(30.0, ge=0, description="Least time between two ratio changes")
     ratio_hysteresis: float = Field(0.2, ge=0, lt=1,
                                     description="Relative utilisation gap below which the ratio stays put")
+    ratio_min_utilisation: float = Field(
+        0.05, ge=0, lt=1, description="No ratio change while both roles are less busy than this (modelled demand "
+        "over the role's workers): the split does not matter then, and the estimates are mostly noise")
 
 
 class GatewaySettings(_Section):

@@ -13,8 +13,12 @@ Demand model, from a sliding window of observed requests and the workers' profil
     few decode workers and requests are refused for KV while prefill workers idle.
 Target prefill count = round(N x prefill load / (prefill + decode load)), clamped to the
 scenario's bounds. Stability: no change while utilisations differ by less than `hysteresis`
-(relative), none within `cooldown_s` of the previous change, at most `max_step` workers per
-change, and a pinned ratio overrides everything. Pure: the caller passes `now_s`.
+(relative) or while neither role is busier than `min_utilisation` (at such loads the split does
+not matter, and a relative gap between two near-zero estimates is noise: a 2 + 2 cluster serving
+one-token answers at a few requests a second became 3 + 1 within seconds, leaving long answers
+that came next one decode worker's KV), none within `cooldown_s` of the previous change, at
+most `max_step` workers per change, and a pinned ratio overrides everything. Pure: the caller
+passes `now_s`.
 
 `decide()` returns the whole effect as a `RatioPlan`: the new split, which workers change role
 (`plan_role_changes`, the least busy ones), typed demand inputs and a typed reason. Whoever runs
@@ -36,6 +40,7 @@ class ControllerConfig:
     cooldown_s: float = 30.0
     hysteresis: float = 0.2
     max_step: int = 1
+    min_utilisation: float = 0.05
 
 
 class RatioReason(enum.Enum):
@@ -212,7 +217,7 @@ class RatioController:
         util_p = d.prefill_load / max(current[0], 1e-9)
         util_d = d.decode_load / max(current[1], 1e-9)
         imbalance = abs(util_p - util_d) / max(util_p, util_d)
-        if imbalance < self.config.hysteresis:
+        if imbalance < self.config.hysteresis or max(util_p, util_d) < self.config.min_utilisation:
             return None
         step = max(-self.config.max_step, min(self.config.max_step, target_p - current[0]))
         new = (current[0] + step, total - current[0] - step)

@@ -60,7 +60,8 @@ async def start(cfg: PDServeConfig) -> RouterRuntime:
     store = Store(cfg.database_url)
     await asyncio.to_thread(store.migrate)
     controller = RatioController(ControllerConfig(window_s=rc.ratio_window_s, cooldown_s=rc.ratio_cooldown_s,
-                                                  hysteresis=rc.ratio_hysteresis))
+                                                  hysteresis=rc.ratio_hysteresis,
+                                                  min_utilisation=rc.ratio_min_utilisation))
     scenarios = ScenarioClassifier(await asyncio.to_thread(load_scenarios, store))
     clock = WallClock()
     operator_state = await asyncio.to_thread(load_operator_state, store)

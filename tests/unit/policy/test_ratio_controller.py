@@ -80,6 +80,19 @@ def test_bounds_and_no_data():
     assert ratio == (5, 3)
 
 
+def test_a_scenario_whose_roles_are_both_nearly_idle_keeps_its_split():
+    """One-token answers at a couple of requests a second: prefill-heavy, but neither role is 5%
+    busy, so the split stays (it used to become 3 + 1, leaving the long answers that came next one
+    decode worker's KV); the same shape at a load that keeps the prefill workers busy moves it."""
+    idle, _ = drive(RatioController(CFG), VirtualClock(), (2, 2), 200, 1, 200, 1, random.Random(4))
+    assert idle == (2, 2)
+    unguarded, _ = drive(RatioController(ControllerConfig(window_s=30, cooldown_s=20, min_utilisation=0.0)),
+                         VirtualClock(), (2, 2), 200, 1, 200, 1, random.Random(4))
+    assert unguarded[0] > 2          # the relative gap alone would have moved it
+    busy, _ = drive(RatioController(CFG), VirtualClock(), (2, 2), 200, 20, 2000, 1, random.Random(4))
+    assert busy[0] > 2
+
+
 def test_plan_moves_the_least_busy_workers_and_skips_draining_ones():
     ws = members((3, 1), inflight={"w0": 5, "w1": 0, "w2": 2})
     assert plan_role_changes(ws, (1, 3)) == (RoleChange("w1", Role.PREFILL, Role.DECODE),
