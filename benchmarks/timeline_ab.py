@@ -67,7 +67,7 @@ def main() -> int:
     ap.add_argument("timeline_args", nargs="*", help="arguments for pdserve bench timeline (after --)")
     a = ap.parse_args()
     roots = {"this": HERE, "baseline": a.baseline.resolve()}
-    rounds, extra = [], {}
+    rounds, extra, errors = [], {}, {}
     for i in range(a.rounds):
         order = ["this", "baseline"] if i % 2 == 0 else ["baseline", "this"]
         got = {}
@@ -75,12 +75,18 @@ def main() -> int:
             report = run_timeline(roots[name], a.timeline_args)
             got[name] = figures(report)
             extra.setdefault(name, []).append(report.get("decode_load"))
+            errors.setdefault(name, []).append(report.get("errors") or {})
             print(f"round {i + 1}: {name} done", file=sys.stderr)
         rounds.append(got)
-    result = {"timeline_args": a.timeline_args, "rounds": a.rounds, "decode_load": extra, "kinds": compare(rounds)}
+    # Measured requests that failed, per checkout and round: a metric some round has no value for
+    # (every request of its kind failed) is left out of the comparison.
+    result = {"timeline_args": a.timeline_args, "rounds": a.rounds, "decode_load": extra, "errors": errors,
+              "kinds": compare(rounds)}
     if a.json:
         print(json.dumps(result))
         return 0
+    if any(e for per_round in errors.values() for e in per_round):
+        print(f"measured requests that failed (HTTP status: count, per round): {errors}")
     for kind, metrics in result["kinds"].items():
         print(f"{kind}: {'metric':<44}{'this (ms, per round)':>30}{'baseline':>30}{'ratio':>8}")
         for metric, m in metrics.items():
