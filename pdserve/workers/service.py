@@ -42,6 +42,17 @@ log = logging.getLogger("pdserve.worker")
 
 
 
+# Why a request could not be admitted (a reservation or a local prompt): the status that says so.
+# ValueError: the id is taken.
+_ADMISSION_CODES = ((RequestGone, grpc.StatusCode.ABORTED), (OutOfKVBlocks, grpc.StatusCode.RESOURCE_EXHAUSTED),
+                    (ValueError, grpc.StatusCode.ALREADY_EXISTS))
+_ADMISSION_REFUSALS = tuple(kind for kind, _ in _ADMISSION_CODES)
+
+
+async def _refuse_admission(context, exc: Exception) -> None:
+    await context.abort(next(code for kind, code in _ADMISSION_CODES if isinstance(exc, kind)), str(exc))
+
+
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: Engine, agents: dict[str, BaseKVAgent], clock: Clock, *, worker_id: str,
                  role: str, transfer_timeout_s: float, lease_s: float, checksum: bool,
@@ -171,12 +182,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             return agent.create_receiver(layout, as_bytes_view(req.staging.numpy()), self._lease_s)
         try:
             req = await self.requests.reserve(request.req_id, request.num_prompt_tokens, arm, prompt_ids)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        except OutOfKVBlocks as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except RequestGone as exc:
-            await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except _ADMISSION_REFUSALS as exc:
+            await _refuse_admission(context, exc)
         remaining_s = context.time_remaining()
         if remaining_s is not None and remaining_s <= 0:
             # Handled after the caller's deadline: nobody will claim it (the caller also aborts).
@@ -342,12 +349,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def _admit_local(self, req_id: str, prompt_ids: list[int], context):
         try:
             return self.requests.admit_local(req_id, prompt_ids)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        except OutOfKVBlocks as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except RequestGone as exc:
-            await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except _ADMISSION_REFUSALS as exc:
+            await _refuse_admission(context, exc)
 
     def _to_stream(self, req_id: str, delta: Delta) -> None:
         stream = self._streams.get(req_id)
