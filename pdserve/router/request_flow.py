@@ -144,7 +144,8 @@ class RequestFlow:
         gone = set()
         for worker_id in worker_ids:
             try:
-                await self._stub(worker_id).GetInfo(worker_pb2.GetInfoRequest(), timeout=_HEALTH_CHECK_TIMEOUT_S)
+                await self._stub(worker_id).GetInfo(worker_pb2.GetInfoRequest(liveness_only=True),
+                                                    timeout=_HEALTH_CHECK_TIMEOUT_S)
             except grpc.aio.AioRpcError:
                 self.dispatcher.registry.mark_suspect(worker_id)
                 gone.add(worker_id)

@@ -153,7 +153,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if old is None or old.instance_id == new.instance_id:
             return False
         try:
-            info = await self._stub(old.worker_id).GetInfo(worker_pb2.GetInfoRequest(), timeout=_LIVENESS_TIMEOUT_S)
+            info = await self._stub(old.worker_id).GetInfo(worker_pb2.GetInfoRequest(liveness_only=True),
+                                                           timeout=_LIVENESS_TIMEOUT_S)
             if info.instance_id == old.instance_id:
                 return True
         except grpc.aio.AioRpcError:

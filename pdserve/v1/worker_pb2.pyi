@@ -181,8 +181,10 @@ class AbortResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("liveness_only",)
+    LIVENESS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    liveness_only: bool
+    def __init__(self, liveness_only: _Optional[bool] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "model", "kv_endpoints", "num_free_kv_blocks", "num_total_kv_blocks", "num_active_requests", "kv_block_size_tokens", "max_model_len_tokens", "num_pending_transfers", "measured_decode_step_base_s", "measured_decode_step_per_seq_s", "num_decode_steps", "prefill_cost_scale", "instance_id", "prefix_cache", "num_preemptions")

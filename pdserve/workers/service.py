@@ -121,8 +121,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     # ---- info ----
     async def GetInfo(self, request, context):
-        # An answered stream's release is not waited for by its caller, but is by anyone looking.
-        await self.settled()
+        # An answered stream's release is not waited for by its caller, but is by anyone looking
+        # at the pool; a health check is not, and must not wait behind a long decode step.
+        if not request.liveness_only:
+            await self.settled()
         alloc = self.engine.allocator
         return worker_pb2.WorkerInfo(
             worker_id=self.worker_id, role=ROLE_TO_PROTO[self.role], model=self.engine.loaded.name,

@@ -1,7 +1,8 @@
 """RequestFlow's retry decisions with scripted worker stubs (the same paths run against real worker
 processes in tests/faults/test_migration.py and test_overload.py): a migrated request that finds
 the remaining worker full waits for room and continues after the tokens already streamed; a new
-request at capacity is refused at once."""
+request at capacity is refused at once; the health check before a migration does not wait for a
+busy worker's bookkeeping."""
 import asyncio
 
 import grpc
@@ -297,4 +298,32 @@ def test_a_cancellation_that_arrives_with_a_token_ends_the_request():
         await asyncio.wait({task}, timeout=5)
         assert task.cancelled(), "the request went on after its cancellation"
         assert call.cancelled
+    asyncio.run(body())
+
+
+def test_the_health_check_after_a_failure_does_not_wait_behind_decode_steps(model_cache_dir, monkeypatch):
+    """Before migrating, the router health-checks the failed attempt's workers. A real decode worker
+    whose answered requests' releases are still queued (behind a long decode step, held here for
+    good) answers that check at once and is not marked suspect; GetInfo for the pool's figures still
+    waits for them."""
+    from pdserve.router import request_flow
+    from tests.inprocess import worker_cluster
+
+    monkeypatch.setattr(request_flow, "_HEALTH_CHECK_TIMEOUT_S", 60.0)   # a wait, not a slow host, fails it
+
+    async def body():
+        async with worker_cluster(model_cache_dir, roles=("decode",)) as (services, (d,)):
+            decode = services[0]
+            held = asyncio.get_running_loop().create_future()
+            decode._closing.add(held)
+            try:
+                figures = asyncio.ensure_future(d.GetInfo(worker_pb2.GetInfoRequest()))
+                flow = _flow({"d": d}, {"d": 90})
+                assert await flow._suspects(("d",)) == set()
+                assert not flow.dispatcher.registry.get("d").suspect
+                assert not figures.done()
+            finally:
+                held.set_result(None)
+                decode._closing.discard(held)
+            assert (await asyncio.wait_for(figures, 60)).num_total_kv_blocks > 0
     asyncio.run(body())
