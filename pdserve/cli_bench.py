@@ -45,7 +45,8 @@ def _bench_prefix(args: argparse.Namespace) -> int:
     from pdserve.bench import prefix
 
     report = prefix.run(args.requests, args.tokens_per_trace_block, args.speedup, args.ttft_slo_ms,
-                        args.kv_blocks, args.trace_file, tuple(args.modes.split(",")), args.sample_every)
+                        args.kv_blocks, args.trace_file, tuple(args.modes.split(",")), args.sample_every,
+                        args.model)
     print(json.dumps(report) if args.json else prefix.format_report(report))
     return 0
 
@@ -201,6 +202,8 @@ def add_bench_parser(sub) -> None:
     px.add_argument("--ttft-slo-ms", type=float, default=1000.0, help="TTFT that counts towards goodput")
     px.add_argument("--kv-blocks", type=int, default=4096, help="KV pool blocks per worker")
     px.add_argument("--modes", default="no_cache,cache_load_routing,cache_aware_routing,cache_aware_local_prefill")
+    px.add_argument("--model", choices=("tiny", "smollm2-135m"), default="tiny",
+                    help="smollm2-135m: a model whose compute dominates the request's fixed path (lower the load)")
     px.add_argument("--json", action="store_true")
     trace_file_option(px)
     px.set_defaults(fn=_bench_prefix)

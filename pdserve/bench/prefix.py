@@ -1,4 +1,4 @@
-"""`pdserve bench prefix`: prefix caching and cache-aware routing on a real `tiny` cluster.
+"""`pdserve bench prefix`: prefix caching and cache-aware routing on a real `tiny` (or `--model`) cluster.
 
 Workload: the Mooncake conversation trace (FAST'25), downscaled by conversation: every
 `sample_every`-th conversation (keyed by its first block after the one every request shares) is
@@ -128,10 +128,11 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _first_token(http: httpx.AsyncClient, ids: list[int], errors: dict[str, int]) -> httpx.Response | None:
+async def _first_token(http: httpx.AsyncClient, model: str, ids: list[int], errors: dict[str, int]
+                       ) -> httpx.Response | None:
     """A max_tokens=1 completion; None, counted in `errors` by kind, unless it answered 200."""
     try:
-        r = await http.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1})
+        r = await http.post("/v1/completions", json={"model": model, "prompt": ids, "max_tokens": 1})
     except httpx.HTTPError as exc:
         errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
         return None
@@ -161,7 +162,7 @@ def ttft_by_tokens_computed(records: list[tuple[float, int, float]]) -> dict:
     return {"sent_while_none_in_flight": round(alone / len(records), 3) if records else None, "by_range": rows}
 
 
-async def _replay(url: str, requests: list[tuple[float, list[int]]], speedup: float, slo_s: float) -> dict:
+async def _replay(url: str, model: str, requests: list[tuple[float, list[int]]], speedup: float, slo_s: float) -> dict:
     ttfts, cached, errors, records = [], 0, {}, []
     prompt_tokens = 0
     # Idle connections are dropped before the server would close them (uvicorn: 5 s), so a request
@@ -172,7 +173,7 @@ async def _replay(url: str, requests: list[tuple[float, list[int]]], speedup: fl
             nonlocal cached, prompt_tokens
             await asyncio.sleep(max(0.0, at_s - (time.perf_counter() - t0)))
             started = time.perf_counter()
-            if (r := await _first_token(http, ids, errors)) is None:
+            if (r := await _first_token(http, model, ids, errors)) is None:
                 return
             ttfts.append(time.perf_counter() - started)
             usage = r.json()["usage"]
@@ -202,7 +203,7 @@ def floor_prompts(num_tokens: int, reuse: float, num_samples: int, seed: int = 1
             "cached": [whole] * num_samples}
 
 
-async def idle_floor(url: str, num_tokens: int, reuse: float, num_samples: int = 20) -> dict:
+async def idle_floor(url: str, model: str, num_tokens: int, reuse: float, num_samples: int = 20) -> dict:
     prompts = floor_prompts(num_tokens, reuse, num_samples)
     ttfts: dict[str, list[float]] = {k: [] for k in ("cold", "partial", "cached")}
     cached: dict[str, int] = {k: 0 for k in ttfts}
@@ -210,7 +211,7 @@ async def idle_floor(url: str, num_tokens: int, reuse: float, num_samples: int =
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         async def ask(ids: list[int]) -> tuple[float, int] | None:
             started = time.perf_counter()
-            if (r := await _first_token(http, ids, errors)) is None:
+            if (r := await _first_token(http, model, ids, errors)) is None:
                 return None
             return time.perf_counter() - started, r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
         for _ in range(2):     # both prefill workers may be chosen: each gets the prefixes
@@ -260,19 +261,19 @@ def _wait_for_workers(cluster: LocalCluster, num_each: int, timeout_s: float = 1
     raise TimeoutError("workers did not all register")
 
 
-def run_mode(mode: str, requests, speedup: float, slo_s: float, num_kv_blocks: int,
+def run_mode(mode: str, model: str, requests, speedup: float, slo_s: float, num_kv_blocks: int,
              floor: tuple[int, float] | None = None) -> dict:
     db_dir = tempfile.TemporaryDirectory()
     env = {**MODES[mode], "PDSERVE_DATABASE__URL": f"sqlite:///{db_dir.name}/bench.db",
            "PDSERVE_WORKER__NUM_KV_BLOCKS": str(num_kv_blocks), "PDSERVE_MODEL__TORCH_NUM_THREADS": "1",
            **FIXED_ROLES_ENV}
-    cluster = LocalCluster(model="tiny", num_prefill=2, num_decode=2, env=env).start()
+    cluster = LocalCluster(model=model, num_prefill=2, num_decode=2, env=env).start()
     try:
         _wait_for_workers(cluster, 2)
         log.info("bench prefix: replaying %d requests in mode %s", len(requests), mode)
-        res = asyncio.run(_replay(cluster.url, requests, speedup, slo_s))
+        res = asyncio.run(_replay(cluster.url, model, requests, speedup, slo_s))
         metrics = httpx.get(f"{cluster.url}/metrics", timeout=5).text
-        idle = asyncio.run(idle_floor(cluster.url, *floor)) if floor is not None else None
+        idle = asyncio.run(idle_floor(cluster.url, model, *floor)) if floor is not None else None
     finally:
         cluster.stop()
         db_dir.cleanup()
@@ -293,7 +294,7 @@ def run_mode(mode: str, requests, speedup: float, slo_s: float, num_kv_blocks: i
 
 def run(num_requests: int | None = None, tokens_per_trace_block: int = 16, speedup: float | None = None,
         ttft_slo_ms: float = 1000.0, num_kv_blocks: int = 4096, trace_file=None,
-        modes: tuple[str, ...] = tuple(MODES), sample_every: int = 20) -> dict:
+        modes: tuple[str, ...] = tuple(MODES), sample_every: int = 20, model: str = "tiny") -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     speedup = float(sample_every) if speedup is None else speedup
     trace = sample_conversations(load_named_or_file("mooncake-conversation", trace_file), sample_every)
@@ -301,10 +302,10 @@ def run(num_requests: int | None = None, tokens_per_trace_block: int = 16, speed
     bound = upper_bound_hit_rate([ids for _, ids in requests])
     compute_only = compute_only_ttft_p50_ratio([ids for _, ids in requests])
     median_tokens = _percentile([len(ids) for _, ids in requests], 0.5)
-    results = {mode: run_mode(mode, requests, speedup, ttft_slo_ms / 1e3, num_kv_blocks,
+    results = {mode: run_mode(mode, model, requests, speedup, ttft_slo_ms / 1e3, num_kv_blocks,
                               (median_tokens, bound) if mode in _FLOOR_MODES else None)
                for mode in modes}
-    report = {"model": "tiny", "cluster": "2 prefill + 2 decode", "requests": len(requests),
+    report = {"model": model, "cluster": "2 prefill + 2 decode", "requests": len(requests),
               "skipped_too_long": skipped, "conversations_sampled_every": sample_every,
               "tokens_per_trace_block": tokens_per_trace_block, "speedup": speedup,
               "ttft_slo_ms": ttft_slo_ms, "prompt_tokens": sum(len(ids) for _, ids in requests),
