@@ -2,8 +2,11 @@
 offered (on-demand forwarding).
 
 Pure: no I/O, no clock reads. Placement for a request:
-1. decode side: the live decode worker with the most free KV blocks that fit prompt + output
-   (free blocks = last heartbeat's count minus placements that heartbeat did not show yet);
+1. decode side: the live decode worker with the most free KV blocks that fit the prompt and one
+   token more, what the worker's admission takes (free blocks = last heartbeat's count minus
+   placements that heartbeat did not show yet, counted the same way). The answer's KV is not
+   counted up front: it grows as the request decodes, a full worker preempts, and its next
+   heartbeat shows what it holds;
 2. prefill side: the live prefill worker with the fewest requests in flight (ties by id);
 3. with no prefill/decode pair available, a live aggregated worker, by the same KV rule.
 With cache-aware routing (a `PrefixIndex` given and the prompt's token ids passed), steps 1 and
@@ -101,15 +104,18 @@ class Dispatcher:
         """Place on the scenario's workers; a scenario with no workers of its own uses every worker.
         O(log n) in the number of workers (plus skipped, excluded or unreachable ones, and those
         holding the prompt's prefix). `prompt_ids`, or `prompt_hashes` (tokens per block, the
-        prompt's block names), enable cache-aware placement."""
+        prompt's block names), enable cache-aware placement. `max_tokens` is not reserved: counted
+        until a heartbeat showed the request, it made a worker look full that had room (a chat
+        request without max_tokens counts as its whole context), so a burst got 429s that the same
+        requests a few seconds apart did not."""
         if scenario is not None and not self.registry.has_placeable(model, scenario):
             scenario = None
-        total_tokens = num_prompt_tokens + max_tokens
+        admit_tokens = num_prompt_tokens + 1     # as Engine.admit: the first decode step's slot
         prompt = _Prompt(self.prefix_index, prompt_ids, prompt_hashes)
-        decode = self._best_kv(model, Role.DECODE, scenario, total_tokens, exclude_ids, prompt)
+        decode = self._best_kv(model, Role.DECODE, scenario, admit_tokens, exclude_ids, prompt)
         local_tokens = self._local_prefill_tokens(decode, prompt, num_prompt_tokens) if decode is not None else None
         if local_tokens is not None:
-            return Placement(decode.worker_id, None, None, decode.blocks_needed(total_tokens), req_id,
+            return Placement(decode.worker_id, None, None, decode.blocks_needed(admit_tokens), req_id,
                              local_tokens, local_prefill=True)
         if decode is not None:
             reachable = lambda w: self._common_backend(w, decode) is not None  # noqa: E731
@@ -119,11 +125,11 @@ class Dispatcher:
                                      reachable)
             if prefill is not None:
                 backend = self._common_backend(prefill, decode)
-                return Placement(decode.worker_id, prefill.worker_id, backend, decode.blocks_needed(total_tokens),
+                return Placement(decode.worker_id, prefill.worker_id, backend, decode.blocks_needed(admit_tokens),
                                  req_id, num_prompt_tokens - prompt.cached_tokens(prefill))
-        agg = self._best_kv(model, Role.AGGREGATED, scenario, total_tokens, exclude_ids, prompt)
+        agg = self._best_kv(model, Role.AGGREGATED, scenario, admit_tokens, exclude_ids, prompt)
         if agg is not None:
-            return Placement(agg.worker_id, None, None, agg.blocks_needed(total_tokens), req_id)
+            return Placement(agg.worker_id, None, None, agg.blocks_needed(admit_tokens), req_id)
         if not self._can_serve(model):
             raise NoWorkers(f"no live worker can serve model {model!r} now (it needs an aggregated worker, "
                             f"or a prefill and a decode worker)")

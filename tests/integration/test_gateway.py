@@ -2,6 +2,7 @@
 workers over UCX, gateway), plus the raw HTTP error paths and cancellation."""
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -362,3 +363,17 @@ def test_chat_logprobs_streamed_and_not(cluster, oai):
     assert [e.token for e in entries] == [c.token for c in content]
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         oai.chat.completions.create(model="tiny", messages=msgs, max_tokens=1, top_logprobs=2)
+
+
+def test_a_burst_of_long_answer_requests_is_admitted_while_the_pool_has_room(oai):
+    """Each request may answer 4,000 tokens, half the decode worker's default pool, but stops after
+    a few. The worker admits a request by its prompt; the router used to count max_tokens too for
+    every placement a heartbeat had not shown yet, so the third of a burst got 429."""
+    base = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
+    stop = base[2:4]
+
+    def ask(_):
+        return oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=4000, temperature=0, stop=[stop])
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, range(6)))
+    assert [a.choices[0].text for a in answers] == [base[:base.index(stop)]] * 6

@@ -37,11 +37,27 @@ def test_placement_prefers_most_free_kv_and_least_loaded_prefill(clock):
     disp = Dispatcher(reg)
     first = disp.place("m", 100, 100)
     assert (first.decode_id, first.prefill_id, first.kv_backend) == ("d2", "p1", "ucx")
-    assert first.num_blocks == 13                       # ceil(200 / 16)
+    assert first.num_blocks == 7                        # ceil(101 / 16): the prompt and one slot, as the worker admits
     disp.on_start(first)
     second = disp.place("m", 100, 100)
     assert second.prefill_id == "p2"                    # p1 has one in flight
-    assert reg.get("d2").est_free_blocks == 90 - 13
+    assert reg.get("d2").est_free_blocks == 90 - 7
+
+
+def test_the_answer_is_not_reserved_up_front(clock):
+    """A decode worker admits a request by its prompt and grows its KV as it decodes (preempting
+    when full): the router counts placements the same way, or a burst of requests that may answer
+    at length (a chat request without max_tokens may answer its whole context) looks like a full
+    worker until the next heartbeat, and gets 429s the worker would not have given."""
+    reg = WorkerRegistry(3.0)
+    for w in (make_worker("d", Role.DECODE, 100), make_worker("p", Role.PREFILL)):
+        reg.register(w, clock.now_s())
+    disp = Dispatcher(reg)
+    for i in range(14):                                  # 7 blocks each, no heartbeat in between
+        disp.on_start(disp.place("m", 100, 3996, req_id=f"r{i}"))
+    assert reg.get("d").est_free_blocks == 2
+    with pytest.raises(NoCapacity):
+        disp.place("m", 100, 1, req_id="r14")
 
 
 def test_router_accounting_spreads_a_burst_until_the_next_heartbeat(clock):
@@ -51,14 +67,14 @@ def test_router_accounting_spreads_a_burst_until_the_next_heartbeat(clock):
     disp = Dispatcher(reg)
     placed = []
     for _ in range(2):
-        p = disp.place("m", 200, 200)                   # 25 blocks each
+        p = disp.place("m", 400, 400)                   # 26 blocks each
         disp.on_start(p)
         placed.append(p.decode_id)
     assert sorted(placed) == ["d1", "d2"]
     with pytest.raises(NoCapacity):
-        disp.place("m", 200, 200)
+        disp.place("m", 400, 400)
     reg.heartbeat("d1", 30, 0, clock.now_s())           # d1 finished its request
-    assert disp.place("m", 200, 200).decode_id == "d1"
+    assert disp.place("m", 400, 400).decode_id == "d1"
 
 
 def test_short_requests_faster_than_heartbeats_are_never_refused(clock):
@@ -79,15 +95,15 @@ def test_a_heartbeat_keeps_placements_the_worker_has_not_seen(clock):
     reg.register(make_worker("d", Role.DECODE, 100), clock.now_s())
     reg.register(make_worker("p", Role.PREFILL), clock.now_s())
     disp = Dispatcher(reg)
-    p = disp.place("m", 100, 100, req_id="r")              # 13 blocks
+    p = disp.place("m", 100, 100, req_id="r")              # 7 blocks
     disp.on_start(p)
     d = reg.get("d")
     reg.heartbeat("d", 100, 0, clock.now_s(), held_req_ids=frozenset())   # sent before the worker admitted it
-    assert d.est_free_blocks == 87
-    reg.heartbeat("d", 87, 1, clock.now_s(), held_req_ids=frozenset({"r"}))
-    assert d.est_free_blocks == 87                        # counted once, by the worker now
+    assert d.est_free_blocks == 93
+    reg.heartbeat("d", 93, 1, clock.now_s(), held_req_ids=frozenset({"r"}))
+    assert d.est_free_blocks == 93                        # counted once, by the worker now
     disp.on_finish(p)
-    assert d.est_free_blocks == 87                        # the worker still held it at its last count
+    assert d.est_free_blocks == 93                        # the worker still held it at its last count
     reg.heartbeat("d", 100, 0, clock.now_s(), held_req_ids=frozenset())
     assert d.est_free_blocks == 100
 
