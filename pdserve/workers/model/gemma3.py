@@ -19,8 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pdserve.workers.model.attention import attend_after_past
 from pdserve.workers.model.config import ModelConfig
 from pdserve.workers.model.llama import LlamaModel, rms_norm
+
+# A sliding layer's queries attend in blocks of this many, so its mask and scores are at most
+# this by this plus the window, however long the prompt.
+SLIDING_QUERY_BLOCK_TOKENS = 512
 
 
 @dataclass
@@ -88,14 +93,29 @@ class Gemma3Model(LlamaModel):
 
     def attend_prompt(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       num_past: int) -> torch.Tensor:
-        query_pos = torch.arange(num_past, k.shape[0])[:, None]
-        key_pos = torch.arange(k.shape[0])[None, :]
-        mask = key_pos <= query_pos
-        if window := self.config.layer_windows[layer]:
-            mask &= query_pos - key_pos < window
+        """q [N, H, D] over k, v [num_past + N, KV, D]. A full layer attends as Llama's do (the
+        causal kernel, merged with any past); a sliding layer in blocks of queries, each over its
+        window's keys only. One dense mask over the whole prompt, as before, held a T x T mask and
+        a score matrix per head: 16 GB at Gemma 3's 32k context, for any prompt that long."""
+        window = self.config.layer_windows[layer]
+        if not window:
+            return attend_after_past(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                     num_past=num_past, scale=self.config.attn_scale)[0].transpose(0, 1)
+        end, step = k.shape[0], SLIDING_QUERY_BLOCK_TOKENS
+        blocks = [self._attend_window(q[start - num_past:min(start + step, end) - num_past], k, v, start,
+                                      min(start + step, end), window) for start in range(num_past, end, step)]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+    def _attend_window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, end: int,
+                       window: int) -> torch.Tensor:
+        """Queries at positions [start, end) over the keys their window reaches."""
+        first_key = max(0, start - window + 1)
+        query_pos = torch.arange(start, end)[:, None]
+        key_pos = torch.arange(first_key, end)[None, :]
+        mask = (key_pos <= query_pos) & (query_pos - key_pos < window)
         return F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], self._expand_kv(k.transpose(0, 1)[None]),
-            self._expand_kv(v.transpose(0, 1)[None]), attn_mask=mask, scale=self.config.attn_scale,
+            q.transpose(0, 1)[None], self._expand_kv(k[first_key:end].transpose(0, 1)[None]),
+            self._expand_kv(v[first_key:end].transpose(0, 1)[None]), attn_mask=mask, scale=self.config.attn_scale,
         )[0].transpose(0, 1)
 
     def mlp(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:

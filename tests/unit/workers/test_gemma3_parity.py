@@ -6,9 +6,11 @@ and full layers with their own RoPE bases (one linearly scaled), a window shorte
 four query heads, GELU-tanh, and a final logit soft cap."""
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from pdserve.workers.engine import Engine
+from pdserve.workers.model import gemma3
 from pdserve.workers.model.execution import PrefillExecution
 from pdserve.workers.model.gemma3 import Gemma3Model, config_from_hf, weights_from_state_dict
 from pdserve.workers.model.loader import LoadedModel
@@ -65,6 +67,27 @@ def test_a_prefill_resumed_from_cached_prefix_kv_matches():
         out, _, _ = ours.prefill_attention(layer, out, positions[cut:], past_k, past_v)
         out = ours.mlp(layer, out)
     torch.testing.assert_close(ours.logits(out[-1]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_sliding_layers_attend_in_blocks_and_no_mask_grows_with_the_prompt(monkeypatch):
+    """Query blocks shorter than the prompt (4 tokens here; 512 by default): the logits still match
+    transformers, cold and resumed from a cached prefix, and no attention call of a cold prefill
+    holds a mask larger than a block by a block plus the window (it was prompt by prompt)."""
+    monkeypatch.setattr(gemma3, "SLIDING_QUERY_BLOCK_TOKENS", 4)
+    masks, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kw):
+        masks.append(None if attn_mask is None else attn_mask.numel())
+        return sdpa(*args, attn_mask=attn_mask, **kw)
+    ours, hf = _pair()
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    got = PrefillExecution(ours, IDS).run_to_end()
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    torch.testing.assert_close(got, _hf_logits(hf, IDS)[-1], rtol=1e-4, atol=1e-4)
+    sized = [n for n in masks if n is not None]
+    assert len(sized) == 2 * -(-len(IDS) // 4) and max(sized) <= 4 * (4 + WINDOW - 1)
+    assert masks.count(None) == 2          # the full layers: the causal kernel, no mask
+    test_a_prefill_resumed_from_cached_prefix_kv_matches()
 
 
 def test_paged_decode_steps_match_transformers():
