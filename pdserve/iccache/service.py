@@ -109,8 +109,7 @@ class ICCacheService:
         rows = await asyncio.to_thread(self.repo.examples)
         for row in rows:
             ex = _from_row(row)
-            self.cache.examples[ex.example_id] = ex
-            self.cache.num_bytes += ex.num_bytes
+            self.cache.restore(ex)
             self._add_to_index(ex.example_id, ex.embedding, ex.tenant)
         states = await asyncio.to_thread(self.repo.policy_states)
         if "bandit" in states:

@@ -194,6 +194,39 @@ def test_a_bigger_example_needs_more_value_to_stay():
     assert cache.add(make_example(3, "x" * 150), 0.0) == [2]  # small keeps 0.5 over ~37 bytes
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_eviction_picks_what_a_scan_of_every_example_picks(seed):
+    """The heap's victims are the scan's (lowest decayed value per byte, then lowest id) through
+    random adds, rewarded offloads that raise values, replays that change sizes, and restores."""
+    rng = np.random.default_rng(seed)
+    cache = ExampleCache(CacheConfig(capacity_bytes=2_000, value_half_life_s=DAY_S))
+    now_s = 1.8e9                                     # unix seconds: the keys must not overflow
+
+    def scan_victim() -> int:
+        return min(cache.examples.values(),
+                   key=lambda e: (cache.value_now(e, now_s) / e.num_bytes, e.example_id)).example_id
+    for example_id in range(400):
+        now_s += float(rng.exponential(3600.0))
+        if cache.examples and rng.random() < 0.3:
+            cache.record_offload([int(rng.choice(list(cache.examples)))], success=True, now_s=now_s)
+        if cache.examples and rng.random() < 0.1:
+            cache.apply_replay(int(rng.choice(list(cache.examples))), "r" * int(rng.integers(1, 80)), 0.9)
+        ex = make_example(example_id, "q" * int(rng.integers(1, 60)), "a" * int(rng.integers(1, 120)), now_s)
+        expected = []
+        while cache.examples and cache.num_bytes - sum(cache.examples[i].num_bytes for i in expected) \
+                + ex.num_bytes > cache.config.capacity_bytes:
+            expected.append(min((e for e in cache.examples.values() if e.example_id not in expected),
+                                key=lambda e: (cache.value_now(e, now_s) / e.num_bytes, e.example_id)).example_id)
+        assert cache.add(ex, now_s) == expected
+        assert cache.num_bytes <= cache.config.capacity_bytes
+    assert cache.num_evictions > 100
+    restored = ExampleCache(cache.config)
+    for ex in cache.examples.values():
+        restored.restore(ex)
+    first = scan_victim()
+    assert restored.add(make_example(999, "q" * 900, "a" * 900, now_s), now_s)[0] == first
+
+
 def test_replay_targets_used_poor_answers_keeps_the_better_and_drops_hopeless_ones():
     cache = ExampleCache(CacheConfig(max_replays=5))
     poor_popular, poor_unused, good = make_example(1), make_example(2), make_example(3)
