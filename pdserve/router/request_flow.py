@@ -173,16 +173,23 @@ class RequestFlow:
             self.dispatcher.on_finish(placement)
 
     async def _place_and_reserve(self, request, max_tokens: int, scenario: str, excluded: set[str]):
-        excluded = set(excluded)
+        excluded, refusals = set(excluded), []
         for attempt in range(_MAX_PLACEMENT_TRIES):
-            placement = self._place(request, max_tokens, frozenset(excluded), scenario)
+            try:
+                placement = self._place(request, max_tokens, frozenset(excluded), scenario)
+            except RouteFailed as exc:
+                # No other worker to try: the client learns why the one tried refused (its batch
+                # full, say), not only that no worker looked free.
+                if refusals and exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise RouteFailed(exc.code, f"{exc.details}; {'; '.join(refusals)}") from exc
+                raise
             # Counted before the first await: requests placed while this one's reservation is in
             # flight see its load (else a burst herds onto the same worker).
             self.dispatcher.on_start(placement)
             if not placement.disaggregated:
                 return placement, None
             try:
-                reservation = await self._reserve(request, placement, last_try=attempt + 1 == _MAX_PLACEMENT_TRIES)
+                reservation = await self._reserve(request, placement, attempt + 1 == _MAX_PLACEMENT_TRIES, refusals)
             except BaseException:
                 self._unplace(placement)
                 raise
@@ -196,8 +203,9 @@ class RequestFlow:
         self.dispatcher.on_prefill_done(placement.prefill_id, placement.prefill_tokens)
         self.dispatcher.on_finish(placement)
 
-    async def _reserve(self, request, placement: Placement, last_try: bool):
-        """ReserveKV on the placement's decode worker; None: it is full, try another one."""
+    async def _reserve(self, request, placement: Placement, last_try: bool, refusals: list[str]):
+        """ReserveKV on the placement's decode worker; None: it is full (why: added to `refusals`),
+        try another one."""
         try:
             return await self._stub(placement.decode_id).ReserveKV(worker_pb2.ReserveKVRequest(
                 req_id=request.req_id, num_prompt_tokens=len(request.prompt_token_ids),
@@ -213,6 +221,7 @@ class RequestFlow:
                 # anyway (its handler does not wait, so it finishes even after the caller gave up).
                 self._abort_in_background(placement.decode_id, request.req_id)
             if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and not last_try:
+                refusals.append(f"a decode worker refused: {exc.details()}")
                 return None
             raise RouteFailed(exc.code(), f"decode worker refused: {exc.details()}",
                               (placement.decode_id,)) from exc

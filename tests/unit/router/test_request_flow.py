@@ -224,6 +224,26 @@ def test_requests_placed_while_a_reservation_is_in_flight_see_its_load():
     assert set(after.values()) == {(0, 0)}          # a failed reservation gives its placement back
 
 
+def test_a_refusal_with_no_other_worker_to_try_says_why():
+    """The only decode worker refuses (its batch is full): the client's error says so, not only
+    that no worker looked free, which is all a burst above the batch size used to be told."""
+    async def run():
+        release = asyncio.Event()
+        release.set()
+        full = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                    details="no room for 3 more tokens: 90 free KV blocks, 32/32 sequences")
+        flow = RequestFlow(Dispatcher(_disaggregated_registry(["p"], ["d"])),
+                           {"d": _HeldReserveStub(release, full)}.__getitem__, VirtualClock(), ScenarioClassifier())
+        request = router_pb2.RouteRequest(req_id="r", model="m", prompt_token_ids=[5, 6, 7],
+                                          sampling=worker_pb2.SamplingParams(max_tokens=2))
+        with pytest.raises(RouteFailed) as failed:
+            await _chunks(flow, request)
+        return failed.value
+    exc = asyncio.run(run())
+    assert exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert exc.details.endswith("a decode worker refused: no room for 3 more tokens: 90 free KV blocks, 32/32 sequences")
+
+
 class _AbortCountingStub(_HeldReserveStub):
     def __init__(self, release, error):
         super().__init__(release, error)
