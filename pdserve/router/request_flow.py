@@ -181,7 +181,7 @@ class RequestFlow:
                 # No other worker to try: the client learns why the one tried refused (its batch
                 # full, say), not only that no worker looked free.
                 if refusals and exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise RouteFailed(exc.code, f"{exc.details}; {'; '.join(refusals)}") from exc
+                    raise RouteFailed(exc.code, f"{'; '.join(refusals)}, and no other could take it") from exc
                 raise
             # Counted before the first await: requests placed while this one's reservation is in
             # flight see its load (else a burst herds onto the same worker).

@@ -112,11 +112,13 @@ class Engine:
             # Every admitted request counts, also those still waiting for their KV (a remote prefill):
             # all of them join the batch, so admitting more than it holds would overfill it.
             num_active = len(self.admitted)
-            if (num_active >= self.max_batch_size or not self.scheduler.admits_new(len(self.preempted))
-                    or not self.allocator.can_allocate(num_prompt_tokens + 1, hashes)):
-                raise OutOfKVBlocks(f"no room for {num_prompt_tokens} more tokens: {self.allocator.num_free_blocks} "
-                                    f"free KV blocks, {num_active}/{self.max_batch_size} sequences, "
-                                    f"{len(self.preempted)} preempted waiting")
+            if num_active >= self.max_batch_size:
+                raise OutOfKVBlocks(f"its batch is full ({num_active}/{self.max_batch_size} sequences)")
+            if not self.scheduler.admits_new(len(self.preempted)):
+                raise OutOfKVBlocks(f"{len(self.preempted)} preempted sequences wait for KV before new ones")
+            if not self.allocator.can_allocate(num_prompt_tokens + 1, hashes):
+                raise OutOfKVBlocks(f"no room for {num_prompt_tokens} more tokens' KV "
+                                    f"({self.allocator.num_free_blocks} free blocks)")
             cached = self.allocator.allocate(req_id, num_prompt_tokens, hashes)
             self.admitted.add(req_id)
         return cached

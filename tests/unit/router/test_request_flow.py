@@ -231,7 +231,7 @@ def test_a_refusal_with_no_other_worker_to_try_says_why():
         release = asyncio.Event()
         release.set()
         full = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                    details="no room for 3 more tokens: 90 free KV blocks, 32/32 sequences")
+                                    details="its batch is full (32/32 sequences)")
         flow = RequestFlow(Dispatcher(_disaggregated_registry(["p"], ["d"])),
                            {"d": _HeldReserveStub(release, full)}.__getitem__, VirtualClock(), ScenarioClassifier())
         request = router_pb2.RouteRequest(req_id="r", model="m", prompt_token_ids=[5, 6, 7],
@@ -241,7 +241,7 @@ def test_a_refusal_with_no_other_worker_to_try_says_why():
         return failed.value
     exc = asyncio.run(run())
     assert exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert exc.details.endswith("a decode worker refused: no room for 3 more tokens: 90 free KV blocks, 32/32 sequences")
+    assert exc.details == "a decode worker refused: its batch is full (32/32 sequences), and no other could take it"
 
 
 class _AbortCountingStub(_HeldReserveStub):

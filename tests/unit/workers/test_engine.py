@@ -3,6 +3,7 @@ runs out at a block boundary preempts the newest sequence instead of failing the
 import pytest
 
 from pdserve.workers.engine import Engine
+from pdserve.workers.kv_cache import OutOfKVBlocks
 from pdserve.workers.model.config import tiny_config
 from pdserve.workers.model.execution import OperatorKind, PrefillExecution
 from pdserve.workers.model.llama import LlamaModel, random_weights
@@ -133,3 +134,17 @@ def _prefill_layers(loaded: LoadedModel, ids: list[int]) -> list:
         if op.kind is OperatorKind.ATTENTION:
             layers.append(op.layer_kv)
     return layers
+
+
+def test_admission_refusals_name_the_limit_reached():
+    """A refused admission says which limit it hit: the router passes the reason on to the client."""
+    engine = Engine(_tiny(), num_kv_blocks=4, block_size_tokens=16, max_batch_size=2)
+    engine.admit("a", 10)
+    with pytest.raises(OutOfKVBlocks, match=r"no room for 60 more tokens' KV \(3 free blocks\)"):
+        engine.admit("big", 60)
+    engine.admit("b", 10)
+    with pytest.raises(OutOfKVBlocks, match=r"its batch is full \(2/2 sequences\)"):
+        engine.admit("c", 10)
+    for req_id in ("a", "b"):
+        engine.release(req_id)
+    assert engine.allocator.num_free_blocks == 4
