@@ -6,7 +6,8 @@ Pure: no I/O, no clock reads. Placement for a request:
    token more, what the worker's admission takes (free blocks = last heartbeat's count minus
    placements that heartbeat did not show yet, counted the same way). The answer's KV is not
    counted up front: it grows as the request decodes, a full worker preempts, and its next
-   heartbeat shows what it holds;
+   heartbeat shows what it holds. A worker whose batch is full (as many requests placed there
+   and not yet done as the `max_batch_size` it registered with) would refuse: it ranks last;
 2. prefill side: the live prefill worker with the fewest requests in flight (ties by id);
 3. with no prefill/decode pair available, a live aggregated worker, by the same KV rule.
 With cache-aware routing (a `PrefixIndex` given and the prompt's token ids passed), steps 1 and
@@ -133,7 +134,7 @@ class Dispatcher:
         if not self._can_serve(model):
             raise NoWorkers(f"no live worker can serve model {model!r} now (it needs an aggregated worker, "
                             f"or a prefill and a decode worker)")
-        raise NoCapacity("no worker has free KV capacity for this request now")
+        raise NoCapacity("no worker has room for this request now (a free batch slot and the KV it needs)")
 
     def _local_prefill_tokens(self, decode: WorkerRecord, prompt: _Prompt, num_prompt_tokens: int) -> int | None:
         """Tokens the decode worker would compute itself, or None: a prefill worker does it.
@@ -178,10 +179,11 @@ class Dispatcher:
 
     def _best_kv(self, model: str, role: Role, scenario: str | None, num_tokens: int,
                  exclude_ids: frozenset[str], prompt: _Prompt) -> WorkerRecord | None:
-        # Ranked by free KV: if the best-placed worker cannot fit the request, none can.
-        fits = lambda w: True if w.est_free_blocks >= w.blocks_needed(num_tokens) else None  # noqa: E731
-        found = self.registry.ranked(model, role, scenario, self._k(prompt), exclude_ids, fits)
-        fits_here = lambda w: w.est_free_blocks >= w.blocks_needed(num_tokens)  # noqa: E731
+        # Ranked with a free batch slot first, then by free KV: if the best-placed worker has no
+        # slot or cannot fit the request, none can.
+        fits_here = lambda w: w.has_batch_slot and w.est_free_blocks >= w.blocks_needed(num_tokens)  # noqa: E731
+        found = self.registry.ranked(model, role, scenario, self._k(prompt), exclude_ids,
+                                     lambda w: True if fits_here(w) else None)
         return self._cheapest(found, model, role, scenario, exclude_ids, prompt, num_tokens, fits_here)
 
     def _cheapest(self, ranked: list[WorkerRecord], model: str, role: Role, scenario: str | None,

@@ -68,6 +68,7 @@ class WorkerRecord:
     max_model_len_tokens: int
     num_free_kv_blocks: int = 0
     num_active_requests: int = 0
+    max_batch_size: int = 0            # most sequences it admits at once (0: not said)
     last_heartbeat_s: float = 0.0
     alive: bool = True
     # Router-side accounting between heartbeats, so a burst does not pile onto one worker.
@@ -93,6 +94,11 @@ class WorkerRecord:
         return -(-num_tokens // self.block_size_tokens)
 
     @property
+    def has_batch_slot(self) -> bool:
+        """Whether it can admit one more sequence, by the router's count of what it placed here."""
+        return not self.max_batch_size or self.num_inflight < self.max_batch_size
+
+    @property
     def est_free_blocks(self) -> int:
         return self.num_free_kv_blocks - self.num_unseen_blocks
 
@@ -106,10 +112,11 @@ class NoCapacity(Exception):
 
 
 def _rank_key(rec: WorkerRecord) -> tuple:
-    # Prefill: fewest in flight first. Decode/aggregated: most free KV first, then fewest in flight.
+    # Prefill: fewest in flight first. Decode/aggregated: those with a free batch slot first, then
+    # most free KV, then fewest in flight.
     if rec.role is Role.PREFILL:
         return (rec.num_inflight, rec.worker_id)
-    return (-rec.est_free_blocks, rec.num_inflight, rec.worker_id)
+    return (not rec.has_batch_slot, -rec.est_free_blocks, rec.num_inflight, rec.worker_id)
 
 
 class WorkerRegistry:

@@ -130,6 +130,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             kv_addresses={e.backend: e.address for e in request.kv_endpoints},
             num_total_kv_blocks=request.num_total_kv_blocks, block_size_tokens=request.kv_block_size_tokens or 16,
             max_model_len_tokens=request.max_model_len_tokens, scenario=request.scenario or DEFAULT_SCENARIO,
+            max_batch_size=request.max_batch_size,
             perf=WorkerPerf(request.prefill_tokens_per_s, request.decode_step_base_s, request.decode_step_per_seq_s,
                             request.max_batch_size or DEFAULT_MAX_BATCH)
             if request.prefill_tokens_per_s > 0 else None, instance_id=request.instance_id)

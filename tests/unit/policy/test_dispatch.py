@@ -261,3 +261,26 @@ def test_a_model_with_a_pool_of_its_own_runs_in_that_pools_scenario(clock):
     assert disp.scenario_for("small", "default") == "default"    # two pools: no single answer
     assert disp.scenario_for("unknown", "default") == "default"
     assert disp.scenario_for("large", "code") == "code"         # no pool of its own: it borrows every worker
+
+
+def test_a_worker_whose_batch_is_full_is_passed_over(clock):
+    """A decode worker admits at most the max_batch_size it registered with. The router counts what
+    it placed there: a full one, however much KV it has free, would refuse, so the request goes to
+    one with a slot; with none left it is refused at once; a finished request frees a slot."""
+    reg = WorkerRegistry(3.0)
+    for wid, free in (("d1", 90), ("d2", 40)):
+        w = make_worker(wid, Role.DECODE, free)
+        w.max_batch_size = 1
+        reg.register(w, clock.now_s())
+    reg.register(make_worker("p", Role.PREFILL), clock.now_s())
+    disp = Dispatcher(reg)
+    first = disp.place("m", 20, 20, req_id="r1")
+    disp.on_start(first)
+    second = disp.place("m", 20, 20, req_id="r2")
+    disp.on_start(second)
+    assert (first.decode_id, second.decode_id) == ("d1", "d2")
+    with pytest.raises(NoCapacity):
+        disp.place("m", 20, 20, req_id="r3")
+    disp.on_prefill_done(first.prefill_id, first.prefill_tokens)
+    disp.on_finish(first)
+    assert disp.place("m", 20, 20, req_id="r3").decode_id == "d1"
