@@ -101,9 +101,10 @@ class Gemma3Model(LlamaModel):
         if not window:
             return attend_after_past(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                      num_past=num_past, scale=self.config.attn_scale)[0].transpose(0, 1)
-        end, step = k.shape[0], SLIDING_QUERY_BLOCK_TOKENS
-        blocks = [self._attend_window(q[start - num_past:min(start + step, end) - num_past], k, v, start,
-                                      min(start + step, end), window) for start in range(num_past, end, step)]
+        blocks = []
+        for start in range(num_past, k.shape[0], SLIDING_QUERY_BLOCK_TOKENS):
+            stop = min(start + SLIDING_QUERY_BLOCK_TOKENS, k.shape[0])
+            blocks.append(self._attend_window(q[start - num_past:stop - num_past], k, v, start, stop, window))
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def _attend_window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, end: int,
